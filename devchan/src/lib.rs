@@ -13,3 +13,9 @@
 
 pub mod grant;
 pub mod platform;
+pub mod evtchn;
+pub mod ring;
+pub mod netif;
+pub mod blkif;
+pub mod xenstore;
+pub mod xenbus;

@@ -3,3 +3,4 @@
 //! emulated chipset.
 //!
 //! Planned in issue 3 (I/O Spaces and the block path); nothing here yet.
+pub mod iommu;

@@ -1,0 +1,1 @@
+//! Software IOMMU (being written)
