@@ -88,3 +88,43 @@ pub mod status {
 
 /// Size of a page, and so of a grant, in bytes.
 pub const PAGE_SIZE: usize = 4096;
+
+/// What this module claims about Xen's `grant_table.h`.
+pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
+    use crate::abi::AbiCheck;
+    let mut v = crate::abi_layout!("grant_entry_v1_t", GrantEntryV1 { flags, domid, frame });
+    for (name, ours) in [
+        ("GTF_invalid", GTF_INVALID),
+        ("GTF_permit_access", GTF_PERMIT_ACCESS),
+        ("GTF_accept_transfer", GTF_ACCEPT_TRANSFER),
+        ("GTF_transitive", GTF_TRANSITIVE),
+        ("GTF_type_mask", GTF_TYPE_MASK),
+        ("GTF_readonly", GTF_READONLY),
+        ("GTF_reading", GTF_READING),
+        ("GTF_writing", GTF_WRITING),
+        ("GTF_transfer_committed", GTF_TRANSFER_COMMITTED),
+        ("GTF_transfer_completed", GTF_TRANSFER_COMPLETED),
+    ] {
+        v.push(AbiCheck::new(name, ours));
+    }
+    for (name, ours) in [
+        ("GNTST_okay", status::OKAY),
+        ("GNTST_general_error", status::GENERAL_ERROR),
+        ("GNTST_bad_domain", status::BAD_DOMAIN),
+        ("GNTST_bad_gntref", status::BAD_GNTREF),
+        ("GNTST_bad_handle", status::BAD_HANDLE),
+        ("GNTST_bad_virt_addr", status::BAD_VIRT_ADDR),
+        ("GNTST_bad_dev_addr", status::BAD_DEV_ADDR),
+        ("GNTST_no_device_space", status::NO_DEVICE_SPACE),
+        ("GNTST_permission_denied", status::PERMISSION_DENIED),
+        ("GNTST_bad_page", status::BAD_PAGE),
+        ("GNTST_bad_copy_arg", status::BAD_COPY_ARG),
+        ("GNTST_address_too_big", status::ADDRESS_TOO_BIG),
+        ("GNTST_eagain", status::EAGAIN),
+        ("GNTST_no_space", status::NO_SPACE),
+    ] {
+        v.push(AbiCheck::new(name, ours));
+    }
+    v.push(AbiCheck::new("DOMID_SELF", DOMID_SELF));
+    v
+}

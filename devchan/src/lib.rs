@@ -11,6 +11,7 @@
 //! grant, copying through one, sending an event) are the [`platform::Platform`] trait, which the
 //! process-domain hypervisor, an in-process test platform and the Xen platform implement.
 
+pub mod abi;
 pub mod grant;
 pub mod platform;
 pub mod evtchn;
