@@ -142,7 +142,7 @@ pub enum ArgRule {
 #[derive(Clone, Copy, Debug)]
 pub struct SyscallRule {
     /// The system call number on this architecture.
-    pub nr: i64,
+    pub nr: libc::c_long,
     /// Its name, for reports.
     pub name: &'static str,
     /// Why a domain needs it.
@@ -152,7 +152,7 @@ pub struct SyscallRule {
 }
 
 const fn rule(nr: libc::c_long, name: &'static str, reason: &'static str) -> SyscallRule {
-    SyscallRule { nr: nr as i64, name, reason, args: ArgRule::Any }
+    SyscallRule { nr, name, reason, args: ArgRule::Any }
 }
 
 const fn rule_if(
@@ -161,7 +161,7 @@ const fn rule_if(
     reason: &'static str,
     args: ArgRule,
 ) -> SyscallRule {
-    SyscallRule { nr: nr as i64, name, reason, args }
+    SyscallRule { nr, name, reason, args }
 }
 
 /// `PROT_EXEC` as a 64-bit mask: no new executable mappings after start.
@@ -278,7 +278,7 @@ pub fn build_filter(deny: DenyAction, own_pid: u32) -> Result<BpfProgram, Sandbo
                 u64::from(own_pid),
             )),
         };
-        let entry = rules.entry(r.nr).or_default();
+        let entry = rules.entry(i64::from(r.nr)).or_default();
         if let Some(cond) = cond {
             entry.push(SeccompRule::new(vec![cond.map_err(SandboxError::Filter)?])
                 .map_err(SandboxError::Filter)?);
@@ -394,7 +394,7 @@ mod tests {
     fn forbidden_calls_are_not_allowed() {
         for &(nr, name) in FORBIDDEN_SYSCALLS {
             assert!(
-                !ALLOWED_SYSCALLS.iter().any(|r| r.nr == i64::from(nr)),
+                !ALLOWED_SYSCALLS.iter().any(|r| r.nr == nr),
                 "{name} must not be allowed"
             );
         }
