@@ -95,6 +95,16 @@ pub struct GrantCopyOp {
     pub len: u16,
 }
 
+/// How a page transfer (`GNTTABOP_transfer`, the exchange path) moved the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferMode {
+    /// The platform swapped the two pages: no byte was copied, and the sender got the
+    /// receiver's old page in exchange.
+    Remapped,
+    /// The platform copied the page's bytes (the fallback when it cannot remap).
+    Copied,
+}
+
 /// What a domain needs from its hypervisor to run a device channel.
 pub trait Platform: Send + Sync {
     /// A page of our own memory that peers may map.
@@ -117,11 +127,27 @@ pub trait Platform: Send + Sync {
 
     // --- Using side ----------------------------------------------------------------------
 
-    /// Map the page `peer` granted us as `gref`.
+    /// Offer to receive a page from `peer` into our `frame` (an accept-transfer grant);
+    /// returns the grant reference to post to the peer.
+    fn accept_transfer(&self, peer: DomId, frame: Frame) -> Result<GrantRef>;
+    /// Withdraw or complete an accept-transfer grant: `Some(frame)` if a page arrived (its
+    /// content is now at `frame`), `None` if none did (the grant is withdrawn). Fails with
+    /// [`PlatformError::GrantInUse`] while a transfer is under way; try again.
+    fn end_transfer(&self, gref: GrantRef) -> Result<Option<Frame>>;
+
+    /// Map the page `peer` granted us as `gref`. Dropping the mapping unmaps it.
     fn map_grant(&self, peer: DomId, gref: GrantRef, readonly: bool) -> Result<Self::Mapping>;
     /// Run a batch of grant copies; one `GNTST_*` status per operation, in order. The batch
     /// itself fails only if the hypervisor could not be reached.
     fn grant_copy(&self, ops: &[GrantCopyOp]) -> Result<Vec<i16>>;
+    /// Pin the page `peer` granted us as `gref` for our device's DMA: the device's IOMMU
+    /// translates the returned IOVA (page-aligned) to that page until [`Platform::unpin_grant`].
+    fn pin_grant(&self, peer: DomId, gref: GrantRef, writable: bool) -> Result<u64>;
+    /// Remove a pin made by [`Platform::pin_grant`].
+    fn unpin_grant(&self, iova: u64) -> Result<()>;
+    /// Give our `frame` to `peer` through its accept-transfer grant `gref` (the exchange path);
+    /// says whether the platform swapped pages or copied.
+    fn transfer(&self, frame: Frame, peer: DomId, gref: GrantRef) -> Result<TransferMode>;
     /// Read `buf.len()` bytes of our own memory at `frame`/`offset` (not crossing the page).
     fn read_local(&self, frame: Frame, offset: usize, buf: &mut [u8]) -> Result<()>;
     /// Write `data` into our own memory at `frame`/`offset` (not crossing the page).

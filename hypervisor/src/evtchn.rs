@@ -1,1 +1,5 @@
-//! (being written)
+//! Event-channel routing (being written).
+
+/// A domain's port table.
+#[derive(Default)]
+pub struct PortTable {}

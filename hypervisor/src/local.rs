@@ -1,1 +1,1 @@
-//! (being written)
+//! In-process platform (being written).

@@ -1,1 +1,240 @@
-//! (being written)
+//! `System`: the trusted core's entry points, one per hypercall, shared as `Arc<System>`.
+//!
+//! Every method that performs a domain's hypercall takes the *calling* domain first and treats
+//! every other argument as untrusted: a bad reference, port, frame or domain id becomes a
+//! [`SystemError`] (or a per-operation `GNTST_*` status for grant copies), never a panic and
+//! never an access to memory the caller was not granted.
+//!
+//! # Locking
+//!
+//! The domain table is an `RwLock` taken for reading on every call (lookups only); each domain
+//! has its own locks (event-channel table, active grant table, holdings). No call holds two
+//! domains' grant locks at once; the event-channel code locks two port tables in domain-id
+//! order. The grant-copy hot path takes the granter's active-table lock twice (acquire, release)
+//! and copies with no lock held.
+
+use crate::domain::{Domain, DomainConfig};
+use crate::grant_table::{MapHandle, Revocation, TransferMode};
+use devchan::grant::{DomId, GrantRef};
+use devchan::platform::{Frame, GrantCopyOp, PlatformError, Port};
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+/// Why a hypercall failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemError {
+    /// No such domain, or the domain may not be named here.
+    #[error("No such domain {0}")]
+    NoSuchDomain(DomId),
+    /// The domain is being destroyed.
+    #[error("Domain {0} is dying")]
+    Dying(DomId),
+    /// A grant operation failed with this `GNTST_*` status.
+    #[error("Grant operation failed with status {0}")]
+    Grant(i16),
+    /// The grant is still mapped, pinned or copied by its peer.
+    #[error("Grant {0} is in use")]
+    GrantInUse(GrantRef),
+    /// No such port, or the port is not in a state that allows the operation.
+    #[error("Bad event-channel port {0}")]
+    BadPort(Port),
+    /// A frame outside the domain's memory or unusable for the operation.
+    #[error("Bad frame {0}")]
+    BadFrame(Frame),
+    /// A table or pool is full.
+    #[error("Out of {0}")]
+    Exhausted(&'static str),
+    /// Creating or mapping domain memory failed.
+    #[error("Domain memory")]
+    Memory(#[from] crate::memory::MemoryError),
+    /// Signalling or another OS operation failed.
+    #[error("System call failed")]
+    Io(#[from] std::io::Error),
+}
+
+/// Result of `System` calls.
+pub type Result<T> = std::result::Result<T, SystemError>;
+
+impl From<SystemError> for PlatformError {
+    fn from(e: SystemError) -> Self {
+        match e {
+            SystemError::NoSuchDomain(d) | SystemError::Dying(d) => PlatformError::BadDomain(d),
+            SystemError::Grant(s) => PlatformError::Grant(s),
+            SystemError::GrantInUse(r) => PlatformError::GrantInUse(r),
+            SystemError::BadPort(p) => PlatformError::BadPort(p),
+            SystemError::BadFrame(f) => PlatformError::BadFrame(f),
+            SystemError::Exhausted(w) => PlatformError::Exhausted(w),
+            SystemError::Memory(m) => PlatformError::Link(m.to_string()),
+            SystemError::Io(e) => PlatformError::Link(e.to_string()),
+        }
+    }
+}
+
+/// The trusted core: all domains and the operations between them.
+pub struct System {
+    domains: RwLock<HashMap<DomId, Arc<Domain>>>,
+}
+
+impl System {
+    /// An empty system. Domain 0 is created by the first `create_domain` call.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { domains: RwLock::new(HashMap::new()) })
+    }
+
+    /// Create a domain with zeroed memory; the first domain created gets id 0.
+    pub fn create_domain(&self, cfg: DomainConfig) -> Result<DomId> {
+        let _ = cfg;
+        todo!()
+    }
+
+    /// Destroy `dom`: close its ports, drop everything it holds (maps, pins, copies) and every
+    /// use others hold of its grants (pins are removed from their IOMMUs; mappings of its
+    /// shareable pages stay valid for the mapper, who keeps the page alive).
+    pub fn destroy_domain(&self, dom: DomId) -> Result<()> {
+        let _ = dom;
+        todo!()
+    }
+
+    /// Mark `dom` paused (the process layer stops serving its hypercalls).
+    pub fn pause(&self, dom: DomId) -> Result<()> {
+        let _ = dom;
+        todo!()
+    }
+
+    /// Mark `dom` running again.
+    pub fn unpause(&self, dom: DomId) -> Result<()> {
+        let _ = dom;
+        todo!()
+    }
+
+    /// The live domain `dom`.
+    pub fn domain(&self, dom: DomId) -> Result<Arc<Domain>> {
+        let _ = dom;
+        todo!()
+    }
+
+    /// Allocate a zeroed shareable page for `caller`: returns its frame (`>= nr_frames`) and
+    /// the page's own memfd (for the caller's process to map).
+    pub fn alloc_shared_page(&self, caller: DomId) -> Result<(Frame, File)> {
+        let _ = caller;
+        todo!()
+    }
+
+    /// Map `granter`'s grant `gref` for `caller`. Only shareable pages can be mapped
+    /// (`GNTST_bad_page` otherwise). Returns a handle for `unmap_grant` and the page's memfd,
+    /// opened read-only when `readonly` (a read-only mapper cannot map it writable).
+    pub fn map_grant(
+        &self,
+        caller: DomId,
+        granter: DomId,
+        gref: GrantRef,
+        readonly: bool,
+    ) -> Result<(MapHandle, File)> {
+        let _ = (caller, granter, gref, readonly);
+        todo!()
+    }
+
+    /// Drop a mapping made by `map_grant`.
+    pub fn unmap_grant(&self, caller: DomId, handle: MapHandle) -> Result<()> {
+        let _ = (caller, handle);
+        todo!()
+    }
+
+    /// `GNTTABOP_copy`: run each op in order, one `GNTST_*` status per op. An op that fails
+    /// does not stop the batch.
+    pub fn grant_copy(&self, caller: DomId, ops: &[GrantCopyOp]) -> Vec<i16> {
+        let _ = (caller, ops);
+        todo!()
+    }
+
+    /// Pin `granter`'s grant `gref` for device DMA by `caller`'s device: adds an entry to
+    /// `caller`'s IOMMU and returns its IOVA.
+    pub fn pin_grant(
+        &self,
+        caller: DomId,
+        granter: DomId,
+        gref: GrantRef,
+        writable: bool,
+    ) -> Result<u64> {
+        let _ = (caller, granter, gref, writable);
+        todo!()
+    }
+
+    /// Undo a `pin_grant`.
+    pub fn unpin_grant(&self, caller: DomId, iova: u64) -> Result<()> {
+        let _ = (caller, iova);
+        todo!()
+    }
+
+    /// `GNTTABOP_transfer`: give `caller`'s `frame` to `receiver` through `receiver`'s
+    /// accept-transfer grant `gref`, whose `frame` field names the receiving frame. Swaps the
+    /// two pages where both are shareable and unused (the caller gets the receiver's old page),
+    /// copies the page otherwise; says which happened.
+    pub fn transfer(
+        &self,
+        caller: DomId,
+        frame: Frame,
+        receiver: DomId,
+        gref: GrantRef,
+    ) -> Result<TransferMode> {
+        let _ = (caller, frame, receiver, gref);
+        todo!()
+    }
+
+    /// Allocate a port of `caller` that `remote` may bind to.
+    pub fn evtchn_alloc_unbound(&self, caller: DomId, remote: DomId) -> Result<Port> {
+        let _ = (caller, remote);
+        todo!()
+    }
+
+    /// Bind a new port of `caller` to `remote`'s unbound `remote_port` (which must have been
+    /// allocated for `caller`).
+    pub fn evtchn_bind_interdomain(
+        &self,
+        caller: DomId,
+        remote: DomId,
+        remote_port: Port,
+    ) -> Result<Port> {
+        let _ = (caller, remote, remote_port);
+        todo!()
+    }
+
+    /// Notify the other end of `caller`'s `port`: sets it pending in the peer's `shared_info`
+    /// page and signals the peer's upcall eventfd if that raised an upcall.
+    pub fn evtchn_send(&self, caller: DomId, port: Port) -> Result<()> {
+        let _ = (caller, port);
+        todo!()
+    }
+
+    /// Unmask `caller`'s `port`; if it was pending, raise the upcall again.
+    pub fn evtchn_unmask(&self, caller: DomId, port: Port) -> Result<()> {
+        let _ = (caller, port);
+        todo!()
+    }
+
+    /// Close `caller`'s `port`; the peer's port becomes unbound (bindable by `caller` again).
+    pub fn evtchn_close(&self, caller: DomId, port: Port) -> Result<()> {
+        let _ = (caller, port);
+        todo!()
+    }
+
+    /// Manager: every use of `granter`'s `gref` must end by `deadline`.
+    pub fn set_grant_deadline(&self, granter: DomId, gref: GrantRef, deadline: Instant) -> Result<()> {
+        let _ = (granter, gref, deadline);
+        todo!()
+    }
+
+    /// Manager: every grant `holder` uses must be released by `deadline`.
+    pub fn set_holder_deadline(&self, holder: DomId, deadline: Instant) -> Result<()> {
+        let _ = (holder, deadline);
+        todo!()
+    }
+
+    /// Enforce the deadlines that have passed: drop overdue pins and copies, and report
+    /// overdue mappings, which cannot be forced back (the manager destroys their holder).
+    pub fn revoke_overdue(&self) -> Vec<Revocation> {
+        todo!()
+    }
+}

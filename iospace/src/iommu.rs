@@ -1,1 +1,5 @@
-//! Software IOMMU (being written)
+//! Software IOMMU (being written).
+
+/// A device's IOMMU.
+#[derive(Default)]
+pub struct Iommu {}
