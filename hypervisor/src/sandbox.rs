@@ -278,7 +278,7 @@ pub fn build_filter(deny: DenyAction, own_pid: u32) -> Result<BpfProgram, Sandbo
                 u64::from(own_pid),
             )),
         };
-        let entry = rules.entry(i64::from(r.nr)).or_default();
+        let entry = rules.entry(r.nr).or_default();
         if let Some(cond) = cond {
             entry.push(SeccompRule::new(vec![cond.map_err(SandboxError::Filter)?])
                 .map_err(SandboxError::Filter)?);
