@@ -70,12 +70,17 @@
 //! | 2 | map grant | granter, gref, readonly | map handle, granter's frame (0 if unknown) | one-page memfd |
 //! | 3 | unmap grant | map handle | | |
 
+use crate::grant_table::{MapHandle, TransferMode};
+use crate::system::{System, SystemError};
 use devchan::grant::{status as gntst, DomId, GrantRef, DOMID_SELF, PAGE_SIZE};
 use devchan::platform::{CopyPtr, Frame, GrantCopyOp, Port};
+use rustix::event::EventfdFlags;
+use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 /// The frame of a domain's memory that holds its hypercall page.
 pub const HYPERCALL_FRAME: Frame = 5;
@@ -238,12 +243,20 @@ fn bool_of(v: u64, op: u32) -> Result<bool, HypercallError> {
 
 fn encode_side(p: CopyPtr) -> (bool, u64, u64) {
     match p {
-        CopyPtr::Grant { domid, gref, offset } => {
-            (true, u64::from(domid) | u64::from(offset) << 16, u64::from(gref))
-        }
-        CopyPtr::Local { frame, offset } => {
-            (false, u64::from(DOMID_SELF) | u64::from(offset) << 16, frame)
-        }
+        CopyPtr::Grant {
+            domid,
+            gref,
+            offset,
+        } => (
+            true,
+            u64::from(domid) | u64::from(offset) << 16,
+            u64::from(gref),
+        ),
+        CopyPtr::Local { frame, offset } => (
+            false,
+            u64::from(DOMID_SELF) | u64::from(offset) << 16,
+            frame,
+        ),
     }
 }
 
@@ -257,9 +270,16 @@ fn decode_side(is_gref: bool, word: u64, target: u64, op: u32) -> Result<CopyPtr
         return Err(HypercallError::BadArgs(op));
     }
     if is_gref {
-        Ok(CopyPtr::Grant { domid, gref: u32_of(target, op)?, offset })
+        Ok(CopyPtr::Grant {
+            domid,
+            gref: u32_of(target, op)?,
+            offset,
+        })
     } else if domid == DOMID_SELF {
-        Ok(CopyPtr::Local { frame: target, offset })
+        Ok(CopyPtr::Local {
+            frame: target,
+            offset,
+        })
     } else {
         // A frame of another domain's memory is never named directly.
         Err(HypercallError::BadArgs(op))
@@ -279,7 +299,11 @@ impl Op {
                     | if dg { GNTCOPY_DEST_GREF } else { 0 };
                 r.args = [flags | u64::from(c.len) << 16, s1, s2, d1, d2, 0];
             }
-            Op::Pin { granter, gref, writable } => {
+            Op::Pin {
+                granter,
+                gref,
+                writable,
+            } => {
                 r.op = opcode::PIN;
                 r.args[..3].copy_from_slice(&[granter.into(), gref.into(), writable.into()]);
             }
@@ -289,7 +313,9 @@ impl Op {
             }
             Op::EvtchnSend(p) => (r.op, r.args[0]) = (opcode::EVTCHN_SEND, p.into()),
             Op::EvtchnUnmask(p) => (r.op, r.args[0]) = (opcode::EVTCHN_UNMASK, p.into()),
-            Op::EvtchnAllocUnbound(d) => (r.op, r.args[0]) = (opcode::EVTCHN_ALLOC_UNBOUND, d.into()),
+            Op::EvtchnAllocUnbound(d) => {
+                (r.op, r.args[0]) = (opcode::EVTCHN_ALLOC_UNBOUND, d.into())
+            }
             Op::EvtchnBindInterdomain { remote, port } => {
                 r.op = opcode::EVTCHN_BIND_INTERDOMAIN;
                 r.args[..2].copy_from_slice(&[remote.into(), port.into()]);
@@ -354,11 +380,18 @@ impl Op {
             }
             opcode::EVTCHN_BIND_INTERDOMAIN => {
                 unused_zero(2)?;
-                Ok(Op::EvtchnBindInterdomain { remote: u16_of(a[0], op)?, port: u32_of(a[1], op)? })
+                Ok(Op::EvtchnBindInterdomain {
+                    remote: u16_of(a[0], op)?,
+                    port: u32_of(a[1], op)?,
+                })
             }
             opcode::TRANSFER => {
                 unused_zero(3)?;
-                Ok(Op::Transfer { frame: a[0], peer: u16_of(a[1], op)?, gref: u32_of(a[2], op)? })
+                Ok(Op::Transfer {
+                    frame: a[0],
+                    peer: u16_of(a[1], op)?,
+                    gref: u32_of(a[2], op)?,
+                })
             }
             other => Err(HypercallError::UnknownOp(other)),
         }
@@ -366,7 +399,10 @@ impl Op {
 
     /// Whether this op reports a `GNTST_*` status (else 0 / negative errno).
     pub fn is_grant_op(op: u32) -> bool {
-        matches!(op, opcode::GRANT_COPY | opcode::PIN | opcode::UNPIN | opcode::TRANSFER)
+        matches!(
+            op,
+            opcode::GRANT_COPY | opcode::PIN | opcode::UNPIN | opcode::TRANSFER
+        )
     }
 }
 
@@ -413,7 +449,11 @@ impl HypercallPage {
     fn record_ptr(&self, i: usize) -> *mut OpRecord {
         assert!(i < MAX_OPS, "record index out of the page");
         // SAFETY: i < MAX_OPS keeps the record inside the page (checked at compile time above).
-        unsafe { self.base.add(HEADER_SIZE + i * RECORD_SIZE).cast::<OpRecord>() }
+        unsafe {
+            self.base
+                .add(HEADER_SIZE + i * RECORD_SIZE)
+                .cast::<OpRecord>()
+        }
     }
 
     fn read_record(&self, i: usize) -> OpRecord {
@@ -433,7 +473,10 @@ impl HypercallPage {
 
     /// Domain: write `records` (at most [`MAX_OPS`]) and publish them as batch `seq`.
     pub fn publish(&self, seq: u32, records: &[OpRecord]) {
-        assert!(!records.is_empty() && records.len() <= MAX_OPS, "batch size out of range");
+        assert!(
+            !records.is_empty() && records.len() <= MAX_OPS,
+            "batch size out of range"
+        );
         for (i, r) in records.iter().enumerate() {
             self.write_record(i, *r);
         }
@@ -453,7 +496,10 @@ impl HypercallPage {
     /// Domain: the batch status and the records `0..n` with their statuses.
     pub fn results(&self, n: usize) -> (i32, Vec<OpRecord>) {
         let batch = i32::from_ne_bytes(self.header_u32(12).load(Ordering::Relaxed).to_ne_bytes());
-        (batch, (0..n.min(MAX_OPS)).map(|i| self.read_record(i)).collect())
+        (
+            batch,
+            (0..n.min(MAX_OPS)).map(|i| self.read_record(i)).collect(),
+        )
     }
 
     // --- Hypervisor side -------------------------------------------------------------------
@@ -480,7 +526,10 @@ impl HypercallPage {
         for (i, r) in records.iter().take(MAX_OPS).enumerate() {
             self.write_record(i, *r);
         }
-        self.header_u32(12).store(u32::from_ne_bytes(batch_status.to_ne_bytes()), Ordering::Relaxed);
+        self.header_u32(12).store(
+            u32::from_ne_bytes(batch_status.to_ne_bytes()),
+            Ordering::Relaxed,
+        );
         // Release: statuses and batch_status are visible before the completion sequence.
         self.header_u32(8).store(seq, Ordering::Release);
     }
@@ -628,7 +677,10 @@ pub fn recv_msg(
             }
         }
     }
-    if msg.flags.intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC) {
+    if msg
+        .flags
+        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
+    {
         return Err(HypercallError::BadMessage);
     }
     if msg.bytes == 0 && first.is_none() {
@@ -640,8 +692,13 @@ pub fn recv_msg(
 /// A connected `SOCK_SEQPACKET` pair (close-on-exec): (hypervisor end, domain end).
 pub fn control_pair() -> Result<(OwnedFd, OwnedFd), HypercallError> {
     use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
-    socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
-        .map_err(|e| HypercallError::Io(e.into()))
+    socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| HypercallError::Io(e.into()))
 }
 
 /// Write 1 to an eventfd without blocking (a full counter means the reader is far behind and
@@ -656,6 +713,303 @@ pub fn drain_eventfd(fd: impl AsFd) {
     let _ = rustix::io::read(fd, &mut b);
 }
 
+// --- The hypervisor's per-domain server -----------------------------------------------------
+
+/// The `GNTST_*` status for a failed grant operation.
+pub fn grant_status(e: &SystemError) -> i32 {
+    i32::from(match e {
+        SystemError::Grant(s) => *s,
+        SystemError::NoSuchDomain(_) | SystemError::Dying(_) => gntst::BAD_DOMAIN,
+        SystemError::GrantInUse(_) => gntst::EAGAIN,
+        SystemError::BadFrame(_) => gntst::BAD_PAGE,
+        SystemError::Exhausted(_) => gntst::NO_SPACE,
+        _ => gntst::GENERAL_ERROR,
+    })
+}
+
+/// The negative errno for a failed event-channel or control operation.
+pub fn errno_status(e: &SystemError) -> i32 {
+    -match e {
+        SystemError::NoSuchDomain(_) | SystemError::Dying(_) => libc::ESRCH,
+        SystemError::BadPort(_) | SystemError::BadFrame(_) | SystemError::Grant(_) => libc::EINVAL,
+        SystemError::GrantInUse(_) => libc::EBUSY,
+        SystemError::Exhausted(_) => libc::ENOSPC,
+        SystemError::Memory(_) | SystemError::Io(_) => libc::EIO,
+    }
+}
+
+/// Execute one decoded op for `caller`: (status, result).
+fn execute(sys: &System, caller: DomId, op: Op) -> (i32, u64) {
+    let errno = |r: Result<u64, SystemError>| match r {
+        Ok(v) => (0, v),
+        Err(e) => (errno_status(&e), 0),
+    };
+    let gnt = |r: Result<u64, SystemError>| match r {
+        Ok(v) => (0, v),
+        Err(e) => (grant_status(&e), 0),
+    };
+    match op {
+        Op::GrantCopy(c) => (
+            i32::from(
+                sys.grant_copy(caller, &[c])
+                    .first()
+                    .copied()
+                    .unwrap_or(gntst::GENERAL_ERROR),
+            ),
+            0,
+        ),
+        Op::Pin {
+            granter,
+            gref,
+            writable,
+        } => gnt(sys.pin_grant(caller, granter, gref, writable)),
+        Op::Unpin { iova } => gnt(sys.unpin_grant(caller, iova).map(|()| 0)),
+        Op::Transfer { frame, peer, gref } => gnt(sys
+            .transfer(caller, frame, peer, gref)
+            .map(|m| u64::from(m == TransferMode::Copied))),
+        Op::EvtchnSend(p) => errno(sys.evtchn_send(caller, p).map(|()| 0)),
+        Op::EvtchnUnmask(p) => errno(sys.evtchn_unmask(caller, p).map(|()| 0)),
+        Op::EvtchnClose(p) => errno(sys.evtchn_close(caller, p).map(|()| 0)),
+        Op::EvtchnAllocUnbound(remote) => {
+            errno(sys.evtchn_alloc_unbound(caller, remote).map(u64::from))
+        }
+        Op::EvtchnBindInterdomain { remote, port } => errno(
+            sys.evtchn_bind_interdomain(caller, remote, port)
+                .map(u64::from),
+        ),
+    }
+}
+
+/// Execute a batch copied out of a domain's page; returns the records with statuses.
+/// Runs of consecutive grant copies go to the core as one batch, in order.
+pub fn execute_batch(sys: &System, caller: DomId, mut records: Vec<OpRecord>) -> Vec<OpRecord> {
+    let decoded: Vec<Result<Op, HypercallError>> = records.iter().map(Op::decode).collect();
+    let mut i = 0;
+    while i < records.len() {
+        match &decoded[i] {
+            Ok(Op::GrantCopy(_)) => {
+                let mut copies = Vec::new();
+                let mut j = i;
+                while let Some(Ok(Op::GrantCopy(c))) = decoded.get(j) {
+                    copies.push(*c);
+                    j += 1;
+                }
+                let st = sys.grant_copy(caller, &copies);
+                for (k, r) in records[i..j].iter_mut().enumerate() {
+                    r.status = i32::from(st.get(k).copied().unwrap_or(gntst::GENERAL_ERROR));
+                    r.result = 0;
+                }
+                i = j;
+            }
+            Ok(op) => {
+                (records[i].status, records[i].result) = execute(sys, caller, *op);
+                i += 1;
+            }
+            Err(e) => {
+                records[i].status = decode_error_status(records[i].op, e);
+                records[i].result = 0;
+                i += 1;
+            }
+        }
+    }
+    records
+}
+
+/// Execute one control request for `caller`: the reply and the descriptor to pass.
+pub fn execute_ctl(sys: &System, caller: DomId, bytes: &[u8]) -> (CtlReply, Option<File>) {
+    let fail = |status| {
+        (
+            CtlReply {
+                status,
+                result: [0; 2],
+            },
+            None,
+        )
+    };
+    let Ok(req) = CtlRequest::from_bytes(bytes) else {
+        return fail(-libc::EINVAL);
+    };
+    let a = req.args;
+    match req.op {
+        ctl::ALLOC_SHARED_PAGE if a == [0; 3] => match sys.alloc_shared_page(caller) {
+            Ok((frame, file)) => (
+                CtlReply {
+                    status: 0,
+                    result: [frame, 0],
+                },
+                Some(file),
+            ),
+            Err(e) => fail(errno_status(&e)),
+        },
+        ctl::MAP_GRANT if a[2] <= 1 => {
+            let (Ok(granter), Ok(gref)) = (DomId::try_from(a[0]), GrantRef::try_from(a[1])) else {
+                return fail(i32::from(gntst::GENERAL_ERROR));
+            };
+            match sys.map_grant(caller, granter, gref, a[2] == 1) {
+                Ok((handle, file)) => (
+                    CtlReply {
+                        status: 0,
+                        result: [handle.0, 0],
+                    },
+                    Some(file),
+                ),
+                Err(e) => fail(grant_status(&e)),
+            }
+        }
+        ctl::UNMAP_GRANT if a[1] == 0 && a[2] == 0 => {
+            match sys.unmap_grant(caller, MapHandle(a[0])) {
+                Ok(()) => (CtlReply::default(), None),
+                Err(e) => fail(grant_status(&e)),
+            }
+        }
+        ctl::ALLOC_SHARED_PAGE | ctl::MAP_GRANT | ctl::UNMAP_GRANT => fail(-libc::EINVAL),
+        _ => fail(-libc::ENOSYS),
+    }
+}
+
+/// The hypervisor's ends of a domain's hypercall channels.
+pub struct ServerFds {
+    /// Doorbell eventfd (non-blocking): the domain signals a published batch.
+    pub doorbell: OwnedFd,
+    /// Completion eventfd: the server signals a completed batch.
+    pub completion: OwnedFd,
+    /// The hypervisor's end of the control socket.
+    pub control: OwnedFd,
+}
+
+/// Why a domain's server stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerExit {
+    /// Asked to stop.
+    Stopped,
+    /// The domain closed its control socket (it exited or crashed).
+    DomainGone,
+    /// The domain did not read its replies (its socket buffer is full) or sent junk that
+    /// could not be received; the server dropped the connection.
+    Misbehaved,
+}
+
+/// A running per-domain server thread.
+pub struct Server {
+    stop: OwnedFd,
+    thread: Option<std::thread::JoinHandle<ServerExit>>,
+}
+
+impl Server {
+    /// Serve domain `dom`'s hypercall page and control socket on a new thread.
+    pub fn spawn(sys: Arc<System>, dom: DomId, fds: ServerFds) -> Result<Self, HypercallError> {
+        let domain = sys
+            .domain(dom)
+            .map_err(|e| HypercallError::Io(std::io::Error::other(e)))?;
+        let ptr = domain
+            .memory()
+            .ram_frame_ptr(HYPERCALL_FRAME)
+            .map_err(|e| HypercallError::Io(std::io::Error::other(e)))?;
+        // SAFETY: the pointer is frame 5 of the domain's RAM mapping, page-aligned; the thread
+        // below keeps `domain` (and so its memory mapping) alive as long as it uses the page.
+        let page = unsafe { HypercallPage::new(ptr) };
+        let stop = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| HypercallError::Io(e.into()))?;
+        let stop2 = stop.try_clone().map_err(HypercallError::Io)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("hypercall-d{dom}"))
+            .spawn(move || {
+                let _keep = domain;
+                serve(&sys, dom, &page, &fds, &stop2)
+            })
+            .map_err(HypercallError::Io)?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop the server and wait for it.
+    pub fn stop(mut self) -> ServerExit {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> ServerExit {
+        signal_eventfd(&self.stop);
+        self.thread.take().map_or(ServerExit::Stopped, |t| {
+            t.join().unwrap_or(ServerExit::Misbehaved)
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+fn serve(
+    sys: &System,
+    dom: DomId,
+    page: &HypercallPage,
+    fds: &ServerFds,
+    stop: &OwnedFd,
+) -> ServerExit {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut last_seq = INITIAL_SEQ;
+    let mut buf = [0u8; CTL_REQUEST_SIZE + 1];
+    loop {
+        let mut pfds = [
+            PollFd::new(&fds.doorbell, PollFlags::IN),
+            PollFd::new(&fds.control, PollFlags::IN),
+            PollFd::new(stop, PollFlags::IN),
+        ];
+        if let Err(e) = poll(&mut pfds, None) {
+            if e == rustix::io::Errno::INTR {
+                continue;
+            }
+            return ServerExit::Misbehaved;
+        }
+        let (bell, ctl_ev, stopped) = (pfds[0].revents(), pfds[1].revents(), pfds[2].revents());
+        if !stopped.is_empty() {
+            return ServerExit::Stopped;
+        }
+        if !bell.is_empty() {
+            drain_eventfd(&fds.doorbell);
+            if let Some((seq, batch)) = page.take_batch(last_seq) {
+                last_seq = seq;
+                match batch {
+                    Ok(records) => page.complete(seq, 0, &execute_batch(sys, dom, records)),
+                    Err(()) => page.complete(seq, -libc::EINVAL, &[]),
+                }
+                signal_eventfd(&fds.completion);
+            }
+        }
+        if ctl_ev.contains(PollFlags::IN) {
+            match recv_msg(fds.control.as_fd(), &mut buf, true) {
+                Ok((n, _junk_fd)) => {
+                    let (reply, file) = execute_ctl(sys, dom, &buf[..n]);
+                    let fd = file.as_ref().map(AsFd::as_fd);
+                    if send_msg(fds.control.as_fd(), &reply.to_bytes(), fd, true).is_err() {
+                        tracing::warn!(dom, "domain does not read its control replies");
+                        return ServerExit::Misbehaved;
+                    }
+                }
+                Err(HypercallError::Closed) => return ServerExit::DomainGone,
+                Err(HypercallError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(HypercallError::BadMessage) => {
+                    // Truncated or junk: answer with an error so the domain does not wait.
+                    let reply = CtlReply {
+                        status: -libc::EINVAL,
+                        result: [0; 2],
+                    };
+                    if send_msg(fds.control.as_fd(), &reply.to_bytes(), None, true).is_err() {
+                        return ServerExit::Misbehaved;
+                    }
+                }
+                Err(_) => return ServerExit::Misbehaved,
+            }
+        } else if ctl_ev.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
+            return ServerExit::DomainGone;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -663,8 +1017,13 @@ mod tests {
 
     fn any_ptr() -> impl Strategy<Value = CopyPtr> {
         prop_oneof![
-            (any::<u16>(), any::<u32>(), 0u16..4096)
-                .prop_map(|(domid, gref, offset)| CopyPtr::Grant { domid, gref, offset }),
+            (any::<u16>(), any::<u32>(), 0u16..4096).prop_map(|(domid, gref, offset)| {
+                CopyPtr::Grant {
+                    domid,
+                    gref,
+                    offset,
+                }
+            }),
             (any::<u64>(), 0u16..4096).prop_map(|(frame, offset)| CopyPtr::Local { frame, offset }),
         ]
     }
@@ -673,8 +1032,13 @@ mod tests {
         prop_oneof![
             (any_ptr(), any_ptr(), any::<u16>())
                 .prop_map(|(src, dst, len)| Op::GrantCopy(GrantCopyOp { src, dst, len })),
-            (any::<u16>(), any::<u32>(), any::<bool>())
-                .prop_map(|(granter, gref, writable)| Op::Pin { granter, gref, writable }),
+            (any::<u16>(), any::<u32>(), any::<bool>()).prop_map(|(granter, gref, writable)| {
+                Op::Pin {
+                    granter,
+                    gref,
+                    writable,
+                }
+            }),
             any::<u64>().prop_map(|iova| Op::Unpin { iova }),
             any::<u32>().prop_map(Op::EvtchnSend),
             any::<u32>().prop_map(Op::EvtchnUnmask),
@@ -722,20 +1086,43 @@ mod tests {
     fn unused_args_must_be_zero() {
         let mut r = Op::EvtchnSend(3).encode();
         r.args[1] = 1;
-        assert!(matches!(Op::decode(&r), Err(HypercallError::BadArgs(opcode::EVTCHN_SEND))));
-        let mut r = Op::Pin { granter: 1, gref: 2, writable: true }.encode();
+        assert!(matches!(
+            Op::decode(&r),
+            Err(HypercallError::BadArgs(opcode::EVTCHN_SEND))
+        ));
+        let mut r = Op::Pin {
+            granter: 1,
+            gref: 2,
+            writable: true,
+        }
+        .encode();
         r.args[2] = 2;
         assert!(Op::decode(&r).is_err());
-        assert_eq!(decode_error_status(opcode::PIN, &Op::decode(&r).unwrap_err()), -1);
-        let r = OpRecord { op: 77, ..Default::default() };
-        assert_eq!(decode_error_status(77, &Op::decode(&r).unwrap_err()), -libc::ENOSYS);
+        assert_eq!(
+            decode_error_status(opcode::PIN, &Op::decode(&r).unwrap_err()),
+            -1
+        );
+        let r = OpRecord {
+            op: 77,
+            ..Default::default()
+        };
+        assert_eq!(
+            decode_error_status(77, &Op::decode(&r).unwrap_err()),
+            -libc::ENOSYS
+        );
     }
 
     #[test]
     fn copy_offsets_past_the_page_are_refused() {
         let op = Op::GrantCopy(GrantCopyOp {
-            src: CopyPtr::Local { frame: 7, offset: 0 },
-            dst: CopyPtr::Local { frame: 8, offset: 0 },
+            src: CopyPtr::Local {
+                frame: 7,
+                offset: 0,
+            },
+            dst: CopyPtr::Local {
+                frame: 8,
+                offset: 0,
+            },
             len: 8,
         });
         let mut r = op.encode();
@@ -768,13 +1155,19 @@ mod tests {
     fn control_messages_carry_one_fd() {
         let (a, b) = control_pair().unwrap();
         let (p, _q) = rustix::pipe::pipe().unwrap();
-        let req = CtlRequest { op: ctl::MAP_GRANT, args: [1, 2, 0] };
+        let req = CtlRequest {
+            op: ctl::MAP_GRANT,
+            args: [1, 2, 0],
+        };
         send_msg(a.as_fd(), &req.to_bytes(), Some(p.as_fd()), true).unwrap();
         let mut buf = [0u8; 64];
         let (n, fd) = recv_msg(b.as_fd(), &mut buf, true).unwrap();
         assert_eq!(CtlRequest::from_bytes(&buf[..n]).unwrap(), req);
         assert!(fd.is_some());
         drop(a);
-        assert!(matches!(recv_msg(b.as_fd(), &mut buf, false), Err(HypercallError::Closed)));
+        assert!(matches!(
+            recv_msg(b.as_fd(), &mut buf, false),
+            Err(HypercallError::Closed)
+        ));
     }
 }

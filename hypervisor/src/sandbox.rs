@@ -152,7 +152,12 @@ pub struct SyscallRule {
 }
 
 const fn rule(nr: libc::c_long, name: &'static str, reason: &'static str) -> SyscallRule {
-    SyscallRule { nr, name, reason, args: ArgRule::Any }
+    SyscallRule {
+        nr,
+        name,
+        reason,
+        args: ArgRule::Any,
+    }
 }
 
 const fn rule_if(
@@ -161,7 +166,12 @@ const fn rule_if(
     reason: &'static str,
     args: ArgRule,
 ) -> SyscallRule {
-    SyscallRule { nr, name, reason, args }
+    SyscallRule {
+        nr,
+        name,
+        reason,
+        args,
+    }
 }
 
 /// `PROT_EXEC` as a 64-bit mask: no new executable mappings after start.
@@ -169,44 +179,126 @@ const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 
 /// The allow-list: every system call a sandboxed domain may make.
 pub const ALLOWED_SYSCALLS: &[SyscallRule] = &[
-    rule(libc::SYS_read, "read", "read eventfds (upcall, completion), the control socket, stdin"),
-    rule(libc::SYS_write, "write", "ring the doorbell and self-upcall eventfds; stdout/stderr"),
+    rule(
+        libc::SYS_read,
+        "read",
+        "read eventfds (upcall, completion), the control socket, stdin",
+    ),
+    rule(
+        libc::SYS_write,
+        "write",
+        "ring the doorbell and self-upcall eventfds; stdout/stderr",
+    ),
     rule(libc::SYS_readv, "readv", "buffered stdio"),
     rule(libc::SYS_writev, "writev", "buffered stdio and logging"),
-    rule(libc::SYS_close, "close", "drop fds received for mappings once they are mapped"),
-    rule(libc::SYS_recvmsg, "recvmsg", "control-socket replies with SCM_RIGHTS fds"),
-    rule(libc::SYS_sendmsg, "sendmsg", "control-socket requests on the connected socket"),
+    rule(
+        libc::SYS_close,
+        "close",
+        "drop fds received for mappings once they are mapped",
+    ),
+    rule(
+        libc::SYS_recvmsg,
+        "recvmsg",
+        "control-socket replies with SCM_RIGHTS fds",
+    ),
+    rule(
+        libc::SYS_sendmsg,
+        "sendmsg",
+        "control-socket requests on the connected socket",
+    ),
     rule_if(
         libc::SYS_mmap,
         "mmap",
         "map own memory, received grant pages, heap; never executable",
-        ArgRule::NoBits { arg: 2, mask: PROT_EXEC },
+        ArgRule::NoBits {
+            arg: 2,
+            mask: PROT_EXEC,
+        },
     ),
     rule_if(
         libc::SYS_mprotect,
         "mprotect",
         "allocator guard pages; never executable",
-        ArgRule::NoBits { arg: 2, mask: PROT_EXEC },
+        ArgRule::NoBits {
+            arg: 2,
+            mask: PROT_EXEC,
+        },
     ),
-    rule(libc::SYS_munmap, "munmap", "unmap grant mappings and freed heap"),
-    rule(libc::SYS_madvise, "madvise", "the allocator returns memory to the kernel"),
-    rule(libc::SYS_mremap, "mremap", "the allocator grows large buffers"),
+    rule(
+        libc::SYS_munmap,
+        "munmap",
+        "unmap grant mappings and freed heap",
+    ),
+    rule(
+        libc::SYS_madvise,
+        "madvise",
+        "the allocator returns memory to the kernel",
+    ),
+    rule(
+        libc::SYS_mremap,
+        "mremap",
+        "the allocator grows large buffers",
+    ),
     rule(libc::SYS_brk, "brk", "heap growth"),
     rule(libc::SYS_futex, "futex", "mutexes and condition variables"),
-    rule(libc::SYS_ppoll, "ppoll", "wait for the upcall or completion eventfd with a timeout"),
+    rule(
+        libc::SYS_ppoll,
+        "ppoll",
+        "wait for the upcall or completion eventfd with a timeout",
+    ),
     #[cfg(target_arch = "x86_64")]
-    rule(libc::SYS_poll, "poll", "wait for an eventfd (libc's poll on x86-64)"),
-    rule(libc::SYS_clock_gettime, "clock_gettime", "Instant::now when the vDSO is unavailable"),
-    rule(libc::SYS_clock_nanosleep, "clock_nanosleep", "thread::sleep"),
-    rule(libc::SYS_nanosleep, "nanosleep", "thread::sleep on older libcs"),
-    rule(libc::SYS_sched_yield, "sched_yield", "back off in spin loops"),
+    rule(
+        libc::SYS_poll,
+        "poll",
+        "wait for an eventfd (libc's poll on x86-64)",
+    ),
+    rule(
+        libc::SYS_clock_gettime,
+        "clock_gettime",
+        "Instant::now when the vDSO is unavailable",
+    ),
+    rule(
+        libc::SYS_clock_nanosleep,
+        "clock_nanosleep",
+        "thread::sleep",
+    ),
+    rule(
+        libc::SYS_nanosleep,
+        "nanosleep",
+        "thread::sleep on older libcs",
+    ),
+    rule(
+        libc::SYS_sched_yield,
+        "sched_yield",
+        "back off in spin loops",
+    ),
     rule(libc::SYS_getrandom, "getrandom", "HashMap seeds"),
-    rule(libc::SYS_rt_sigreturn, "rt_sigreturn", "return from a signal handler"),
-    rule(libc::SYS_rt_sigprocmask, "rt_sigprocmask", "libc masks signals around abort"),
-    rule(libc::SYS_rt_sigaction, "rt_sigaction", "abort() resets the SIGABRT handler"),
-    rule(libc::SYS_sigaltstack, "sigaltstack", "std's stack-overflow handler"),
+    rule(
+        libc::SYS_rt_sigreturn,
+        "rt_sigreturn",
+        "return from a signal handler",
+    ),
+    rule(
+        libc::SYS_rt_sigprocmask,
+        "rt_sigprocmask",
+        "libc masks signals around abort",
+    ),
+    rule(
+        libc::SYS_rt_sigaction,
+        "rt_sigaction",
+        "abort() resets the SIGABRT handler",
+    ),
+    rule(
+        libc::SYS_sigaltstack,
+        "sigaltstack",
+        "std's stack-overflow handler",
+    ),
     rule(libc::SYS_getpid, "getpid", "abort() finds its own process"),
-    rule(libc::SYS_gettid, "gettid", "abort() and locks find their own thread"),
+    rule(
+        libc::SYS_gettid,
+        "gettid",
+        "abort() and locks find their own thread",
+    ),
     rule_if(
         libc::SYS_tgkill,
         "tgkill",
@@ -280,8 +372,10 @@ pub fn build_filter(deny: DenyAction, own_pid: u32) -> Result<BpfProgram, Sandbo
         };
         let entry = rules.entry(r.nr).or_default();
         if let Some(cond) = cond {
-            entry.push(SeccompRule::new(vec![cond.map_err(SandboxError::Filter)?])
-                .map_err(SandboxError::Filter)?);
+            entry.push(
+                SeccompRule::new(vec![cond.map_err(SandboxError::Filter)?])
+                    .map_err(SandboxError::Filter)?,
+            );
         }
     }
     let mismatch = match deny {
@@ -331,7 +425,10 @@ fn set_limit(
     res: rustix::process::Resource,
     value: u64,
 ) -> Result<(), SandboxError> {
-    let lim = rustix::process::Rlimit { current: Some(value), maximum: Some(value) };
+    let lim = rustix::process::Rlimit {
+        current: Some(value),
+        maximum: Some(value),
+    };
     rustix::process::setrlimit(res, lim).map_err(|e| SandboxError::Rlimit(name, e.into()))
 }
 
@@ -371,7 +468,11 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     let filter = build_filter(cfg.deny, std::process::id())?;
     close_fds_except(&cfg.keep_fds)?;
     lower_limits(cfg)?;
-    let report = if cfg.namespaces { enter_namespaces() } else { SandboxReport::default() };
+    let report = if cfg.namespaces {
+        enter_namespaces()
+    } else {
+        SandboxReport::default()
+    };
     rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))?;
     seccompiler::apply_filter_all_threads(&filter).map_err(SandboxError::Install)?;
     Ok(report)
@@ -410,6 +511,9 @@ mod tests {
 
     #[test]
     fn bad_kept_fd_is_an_error_and_closes_nothing() {
-        assert!(matches!(close_fds_except(&[0, -1]), Err(SandboxError::BadFd(-1))));
+        assert!(matches!(
+            close_fds_except(&[0, -1]),
+            Err(SandboxError::BadFd(-1))
+        ));
     }
 }
