@@ -2,5 +2,6 @@
 //! may touch, computed from its device's PCI config space, plus the software IOMMU and the
 //! emulated chipset.
 //!
-//! Planned in issue 3 (I/O Spaces and the block path); nothing here yet.
+//! The software IOMMU ([`iommu`]) is here; the rest is planned in issue 3 (I/O Spaces and the
+//! block path).
 pub mod iommu;
