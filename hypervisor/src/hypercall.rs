@@ -469,6 +469,12 @@ impl HypercallPage {
         unsafe { std::ptr::write_volatile(self.record_ptr(i), r) }
     }
 
+    /// The sequence number of the last published batch (where a new client or server starts:
+    /// a batch left over by a previous process of the domain is never executed).
+    pub fn current_req_seq(&self) -> u32 {
+        self.header_u32(0).load(Ordering::Acquire)
+    }
+
     // --- Domain side -----------------------------------------------------------------------
 
     /// Domain: write `records` (at most [`MAX_OPS`]) and publish them as batch `seq`.
@@ -535,7 +541,7 @@ impl HypercallPage {
     }
 }
 
-/// Sequence of the last batch a fresh page has completed (both sides start from it).
+/// Sequence of the last batch a fresh page has completed.
 pub const INITIAL_SEQ: u32 = 0;
 
 // --- Control socket -------------------------------------------------------------------------
@@ -951,7 +957,7 @@ fn serve(
     stop: &OwnedFd,
 ) -> ServerExit {
     use rustix::event::{poll, PollFd, PollFlags};
-    let mut last_seq = INITIAL_SEQ;
+    let mut last_seq = page.current_req_seq();
     let mut buf = [0u8; CTL_REQUEST_SIZE + 1];
     loop {
         let mut pfds = [

@@ -171,6 +171,18 @@ pub fn spawn_in(
         .zip(PLATFORM_FDS)
         .collect();
 
+    // The server starts before the child, so it never mistakes the child's first batch for a
+    // stale one left in the page by a previous process of this domain.
+    let server = Server::spawn(
+        sys.clone(),
+        domid,
+        ServerFds {
+            doorbell,
+            completion,
+            control: ctl_hv,
+        },
+    )?;
+
     let mut cmd = Command::new(&cfg.program);
     cmd.args(&cfg.args)
         .env(ENV_DOMID, domid.to_string())
@@ -200,17 +212,15 @@ pub fn spawn_in(
     drop(ctl_dom);
     let pid = rustix::process::Pid::from_raw(child.id().try_into().unwrap_or(-1))
         .ok_or_else(|| LaunchError::Os("pid", std::io::Error::other("bad child pid")))?;
-    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
-        .map_err(|e| LaunchError::Os("pidfd_open", e.into()))?;
-    let server = Server::spawn(
-        sys.clone(),
-        domid,
-        ServerFds {
-            doorbell,
-            completion,
-            control: ctl_hv,
-        },
-    )?;
+    let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LaunchError::Os("pidfd_open", e.into()));
+        }
+    };
     Ok(RunningDomain {
         domid,
         child,
