@@ -9,8 +9,9 @@
 //!    (`close_range` over the gaps);
 //! 3. lowers resource limits, soft and hard, so they cannot be raised again
 //!    ([`SandboxConfig::max_fds`] for `RLIMIT_NOFILE`; 0 for `RLIMIT_CORE` (no core dump of
-//!    guest data), `RLIMIT_FSIZE`, `RLIMIT_NPROC`, `RLIMIT_MEMLOCK`, `RLIMIT_LOCKS`,
-//!    `RLIMIT_MSGQUEUE`; optionally `RLIMIT_AS`);
+//!    guest data), `RLIMIT_NPROC`, `RLIMIT_MEMLOCK`, `RLIMIT_LOCKS`, `RLIMIT_MSGQUEUE`;
+//!    optionally `RLIMIT_AS`). `RLIMIT_FSIZE` stays: the only files a domain can write are the
+//!    stdio it inherited, and a zero limit would kill it with `SIGXFSZ` when its log is a file;
 //! 4. optionally enters fresh user, network and IPC namespaces where the kernel lets it
 //!    (unprivileged user namespaces; as root it falls back to network + IPC only). Failure here
 //!    is reported in [`SandboxReport`], not an error: namespaces are defence in depth, the
@@ -436,7 +437,6 @@ fn lower_limits(cfg: &SandboxConfig) -> Result<(), SandboxError> {
     use rustix::process::Resource;
     set_limit("RLIMIT_NOFILE", Resource::Nofile, cfg.max_fds)?;
     set_limit("RLIMIT_CORE", Resource::Core, 0)?;
-    set_limit("RLIMIT_FSIZE", Resource::Fsize, 0)?;
     set_limit("RLIMIT_NPROC", Resource::Nproc, 0)?;
     set_limit("RLIMIT_MEMLOCK", Resource::Memlock, 0)?;
     set_limit("RLIMIT_LOCKS", Resource::Locks, 0)?;

@@ -47,3 +47,17 @@ fn kill_mode_kills_the_child_with_sigsys_on_the_first_denied_call() {
     assert!(out.contains("SANDBOXED"), "{out}");
     assert!(!out.contains("open"), "the open must never return: {out}");
 }
+
+#[test]
+fn sandboxed_child_may_log_to_an_inherited_file() {
+    // Regression: a zero RLIMIT_FSIZE killed domains whose stdout was a regular file.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let status = Command::new(BIN)
+        .arg("probe")
+        .stdout(log.reopen().unwrap())
+        .status()
+        .expect("spawn domain-test");
+    assert!(status.success(), "{status:?}");
+    let out = std::fs::read_to_string(log.path()).unwrap();
+    assert!(out.contains("WORK"), "{out}");
+}
