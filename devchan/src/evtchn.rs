@@ -120,7 +120,9 @@ const _: () = assert!(WC_VERSION_OFFSET <= 4096);
 /// Holds a raw pointer, not a reference: the page is written concurrently by the hypervisor
 /// and the domain, so every access goes through an atomic. Ports at or above
 /// [`EVTCHN_2L_NR_CHANNELS`] are ignored (no bit is touched, `false` is returned).
-#[derive(Clone, Copy, Debug)]
+///
+/// Deliberately neither `Clone` nor `Copy`: a borrowed view cannot outlive its owner.
+#[derive(Debug)]
 pub struct EventPage {
     base: NonNull<u8>,
 }

@@ -153,7 +153,9 @@ pub enum GrantError {
 /// Holds a raw pointer: the entries are written concurrently by the granting domain and the
 /// hypervisor, so they are only ever touched through atomics. Every method checks the
 /// reference against [`GrantEntries::len`].
-#[derive(Clone, Copy, Debug)]
+///
+/// Deliberately neither `Clone` nor `Copy`: a borrowed view cannot outlive its owner.
+#[derive(Debug)]
 pub struct GrantEntries {
     base: core::ptr::NonNull<u8>,
     len: u32,

@@ -226,12 +226,39 @@ impl DomainMemory {
         shared.get(idx).cloned()
     }
 
-    /// Put `page` at shareable `frame`, returning the page that was there.
-    pub fn replace_shared(&self, frame: u64, page: Arc<SharedPageMem>) -> Option<Arc<SharedPageMem>> {
-        let idx = usize::try_from(frame.checked_sub(self.nr_frames)?).ok()?;
-        let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
-        let slot = shared.get_mut(idx)?;
-        Some(std::mem::replace(slot, page))
+    /// Swap shareable page `fa` of `a` with shareable page `fb` of `b`, only if nobody but the
+    /// two page tables holds either page (no mapping handle, pin or copy in this process).
+    /// Returns whether the swap happened.
+    pub fn swap_shared(a: &DomainMemory, fa: u64, b: &DomainMemory, fb: u64) -> bool {
+        let idx = |m: &DomainMemory, f: u64| {
+            f.checked_sub(m.nr_frames).and_then(|i| usize::try_from(i).ok())
+        };
+        let (Some(ia), Some(ib)) = (idx(a, fa), idx(b, fb)) else { return false };
+        let lone = |p: &Arc<SharedPageMem>| Arc::strong_count(p) == 1;
+        if std::ptr::eq(a, b) {
+            let mut t = a.shared.write().unwrap_or_else(|p| p.into_inner());
+            let ok = ia != ib
+                && t.get(ia).is_some_and(lone)
+                && t.get(ib).is_some_and(lone);
+            if ok {
+                t.swap(ia, ib);
+            }
+            return ok;
+        }
+        // Both tables locked (in address order, so two swaps cannot deadlock) while the
+        // counts are checked: `shared_page` clones under the read lock, so no new holder can
+        // appear between the check and the swap.
+        let (first, second) = if (a as *const DomainMemory) < (b as *const DomainMemory) { (a, b) } else { (b, a) };
+        let mut t1 = first.shared.write().unwrap_or_else(|p| p.into_inner());
+        let mut t2 = second.shared.write().unwrap_or_else(|p| p.into_inner());
+        let (ta, tb) = if std::ptr::eq(first, a) { (&mut *t1, &mut *t2) } else { (&mut *t2, &mut *t1) };
+        match (ta.get_mut(ia), tb.get_mut(ib)) {
+            (Some(pa), Some(pb)) if lone(pa) && lone(pb) => {
+                std::mem::swap(pa, pb);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Resolve `frame` (RAM or shareable) to a page handle that keeps it alive.

@@ -13,13 +13,14 @@
 //! order. The grant-copy hot path takes the granter's active-table lock twice (acquire, release)
 //! and copies with no lock held.
 
-use crate::domain::{Domain, DomainConfig};
-use crate::grant_table::{MapHandle, Revocation, TransferMode};
-use devchan::grant::{DomId, GrantRef};
+use crate::domain::{Domain, DomainConfig, DomainState};
+use crate::grant_table::{self, MapHandle, Revocation, TransferMode};
+use crate::{evtchn, memory::layout};
+use devchan::grant::{DomId, GrantRef, DOMID_SELF};
 use devchan::platform::{Frame, GrantCopyOp, PlatformError, Port};
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 /// Why a hypercall failed.
@@ -74,52 +75,111 @@ impl From<SystemError> for PlatformError {
 
 /// The trusted core: all domains and the operations between them.
 pub struct System {
-    domains: RwLock<HashMap<DomId, Arc<Domain>>>,
+    domains: RwLock<Domains>,
+}
+
+struct Domains {
+    live: HashMap<DomId, Arc<Domain>>,
+    next_id: DomId,
 }
 
 impl System {
     /// An empty system. Domain 0 is created by the first `create_domain` call.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { domains: RwLock::new(HashMap::new()) })
+        Arc::new(Self { domains: RwLock::new(Domains { live: HashMap::new(), next_id: 0 }) })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Domains> {
+        self.domains.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Domains> {
+        self.domains.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live, not dying domain `dom`.
+    pub(crate) fn lookup(&self, dom: DomId) -> Result<Arc<Domain>> {
+        let d = self.lookup_any(dom)?;
+        if d.state() == DomainState::Dying {
+            return Err(SystemError::Dying(dom));
+        }
+        Ok(d)
+    }
+
+    /// Domain `dom` even while it is being destroyed (for releases and teardown).
+    pub(crate) fn lookup_any(&self, dom: DomId) -> Result<Arc<Domain>> {
+        self.read().live.get(&dom).cloned().ok_or(SystemError::NoSuchDomain(dom))
+    }
+
+    /// Every domain in the table (a snapshot).
+    pub(crate) fn all_domains(&self) -> Vec<Arc<Domain>> {
+        self.read().live.values().cloned().collect()
+    }
+
+    /// Ids of the live domains, ascending.
+    pub fn domain_ids(&self) -> Vec<DomId> {
+        let mut v: Vec<DomId> = self.read().live.keys().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     /// Create a domain with zeroed memory; the first domain created gets id 0.
     pub fn create_domain(&self, cfg: DomainConfig) -> Result<DomId> {
-        let _ = cfg;
-        todo!()
+        let mut t = self.write();
+        let id = t.next_id;
+        // Ids are never reused (a stale id held by a peer must not name a new domain), and
+        // the reserved range from DOMID_FIRST_RESERVED (= DOMID_SELF) up is never handed out.
+        if id >= DOMID_SELF {
+            return Err(SystemError::Exhausted("domain ids"));
+        }
+        let d = Arc::new(Domain::new(id, cfg)?);
+        t.next_id += 1;
+        t.live.insert(id, d);
+        Ok(id)
     }
 
     /// Destroy `dom`: close its ports, drop everything it holds (maps, pins, copies) and every
     /// use others hold of its grants (pins are removed from their IOMMUs; mappings of its
     /// shareable pages stay valid for the mapper, who keeps the page alive).
     pub fn destroy_domain(&self, dom: DomId) -> Result<()> {
-        let _ = dom;
-        todo!()
+        let d = self.lookup(dom)?;
+        {
+            // Under the holdings lock: `add_holding` checks the state under it.
+            let _h = d.lock_holdings();
+            d.set_state(DomainState::Dying);
+        }
+        evtchn::close_all(&d);
+        grant_table::destroy(self, &d);
+        self.write().live.remove(&dom);
+        tracing::debug!(dom, "domain destroyed");
+        Ok(())
     }
 
     /// Mark `dom` paused (the process layer stops serving its hypercalls).
     pub fn pause(&self, dom: DomId) -> Result<()> {
-        let _ = dom;
-        todo!()
+        let d = self.lookup(dom)?;
+        d.set_state(DomainState::Paused);
+        Ok(())
     }
 
     /// Mark `dom` running again.
     pub fn unpause(&self, dom: DomId) -> Result<()> {
-        let _ = dom;
-        todo!()
+        let d = self.lookup(dom)?;
+        d.set_state(DomainState::Running);
+        Ok(())
     }
 
     /// The live domain `dom`.
     pub fn domain(&self, dom: DomId) -> Result<Arc<Domain>> {
-        let _ = dom;
-        todo!()
+        self.lookup(dom)
     }
 
     /// Allocate a zeroed shareable page for `caller`: returns its frame (`>= nr_frames`) and
     /// the page's own memfd (for the caller's process to map).
     pub fn alloc_shared_page(&self, caller: DomId) -> Result<(Frame, File)> {
-        let _ = caller;
-        todo!()
+        let d = self.lookup(caller)?;
+        let (frame, page) = d.memory().alloc_shared(&format!("{}-shared", d.name()))?;
+        Ok((frame, page.reopen(false)?))
     }
 
     /// Map `granter`'s grant `gref` for `caller`. Only shareable pages can be mapped
@@ -132,21 +192,23 @@ impl System {
         gref: GrantRef,
         readonly: bool,
     ) -> Result<(MapHandle, File)> {
-        let _ = (caller, granter, gref, readonly);
-        todo!()
+        grant_table::map(self, caller, granter, gref, readonly)
+    }
+
+    /// The granter, reference and granter's frame behind `caller`'s mapping `handle`.
+    pub fn mapping_info(&self, caller: DomId, handle: MapHandle) -> Result<(DomId, GrantRef, Frame)> {
+        grant_table::mapped(self, caller, handle)
     }
 
     /// Drop a mapping made by `map_grant`.
     pub fn unmap_grant(&self, caller: DomId, handle: MapHandle) -> Result<()> {
-        let _ = (caller, handle);
-        todo!()
+        grant_table::unmap(self, caller, handle)
     }
 
     /// `GNTTABOP_copy`: run each op in order, one `GNTST_*` status per op. An op that fails
     /// does not stop the batch.
     pub fn grant_copy(&self, caller: DomId, ops: &[GrantCopyOp]) -> Vec<i16> {
-        let _ = (caller, ops);
-        todo!()
+        grant_table::copy(self, caller, ops)
     }
 
     /// Pin `granter`'s grant `gref` for device DMA by `caller`'s device: adds an entry to
@@ -158,14 +220,12 @@ impl System {
         gref: GrantRef,
         writable: bool,
     ) -> Result<u64> {
-        let _ = (caller, granter, gref, writable);
-        todo!()
+        grant_table::pin(self, caller, granter, gref, writable)
     }
 
     /// Undo a `pin_grant`.
     pub fn unpin_grant(&self, caller: DomId, iova: u64) -> Result<()> {
-        let _ = (caller, iova);
-        todo!()
+        grant_table::unpin(self, caller, iova)
     }
 
     /// `GNTTABOP_transfer`: give `caller`'s `frame` to `receiver` through `receiver`'s
@@ -179,14 +239,12 @@ impl System {
         receiver: DomId,
         gref: GrantRef,
     ) -> Result<TransferMode> {
-        let _ = (caller, frame, receiver, gref);
-        todo!()
+        grant_table::transfer(self, caller, frame, receiver, gref)
     }
 
     /// Allocate a port of `caller` that `remote` may bind to.
     pub fn evtchn_alloc_unbound(&self, caller: DomId, remote: DomId) -> Result<Port> {
-        let _ = (caller, remote);
-        todo!()
+        evtchn::alloc_unbound(self, caller, remote)
     }
 
     /// Bind a new port of `caller` to `remote`'s unbound `remote_port` (which must have been
@@ -197,44 +255,45 @@ impl System {
         remote: DomId,
         remote_port: Port,
     ) -> Result<Port> {
-        let _ = (caller, remote, remote_port);
-        todo!()
+        evtchn::bind_interdomain(self, caller, remote, remote_port)
     }
 
     /// Notify the other end of `caller`'s `port`: sets it pending in the peer's `shared_info`
     /// page and signals the peer's upcall eventfd if that raised an upcall.
     pub fn evtchn_send(&self, caller: DomId, port: Port) -> Result<()> {
-        let _ = (caller, port);
-        todo!()
+        evtchn::send(self, caller, port)
     }
 
     /// Unmask `caller`'s `port`; if it was pending, raise the upcall again.
     pub fn evtchn_unmask(&self, caller: DomId, port: Port) -> Result<()> {
-        let _ = (caller, port);
-        todo!()
+        evtchn::unmask(self, caller, port)
     }
 
     /// Close `caller`'s `port`; the peer's port becomes unbound (bindable by `caller` again).
     pub fn evtchn_close(&self, caller: DomId, port: Port) -> Result<()> {
-        let _ = (caller, port);
-        todo!()
+        evtchn::close(self, caller, port)
     }
 
     /// Manager: every use of `granter`'s `gref` must end by `deadline`.
-    pub fn set_grant_deadline(&self, granter: DomId, gref: GrantRef, deadline: Instant) -> Result<()> {
-        let _ = (granter, gref, deadline);
-        todo!()
+    /// Returns whether the reference had any use to put a deadline on.
+    pub fn set_grant_deadline(&self, granter: DomId, gref: GrantRef, deadline: Instant) -> Result<bool> {
+        let g = self.lookup_any(granter)?;
+        if gref >= layout::NR_GRANT_ENTRIES {
+            return Err(SystemError::Grant(devchan::grant::status::BAD_GNTREF));
+        }
+        Ok(grant_table::set_grant_deadline(&g, gref, deadline))
     }
 
     /// Manager: every grant `holder` uses must be released by `deadline`.
     pub fn set_holder_deadline(&self, holder: DomId, deadline: Instant) -> Result<()> {
-        let _ = (holder, deadline);
-        todo!()
+        let h = self.lookup_any(holder)?;
+        grant_table::set_holder_deadline(&h, deadline);
+        Ok(())
     }
 
     /// Enforce the deadlines that have passed: drop overdue pins and copies, and report
     /// overdue mappings, which cannot be forced back (the manager destroys their holder).
     pub fn revoke_overdue(&self) -> Vec<Revocation> {
-        todo!()
+        grant_table::revoke_overdue(self)
     }
 }
