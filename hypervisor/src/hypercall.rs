@@ -852,13 +852,16 @@ pub fn execute_ctl(sys: &System, caller: DomId, bytes: &[u8]) -> (CtlReply, Opti
                 return fail(i32::from(gntst::GENERAL_ERROR));
             };
             match sys.map_grant(caller, granter, gref, a[2] == 1) {
-                Ok((handle, file)) => (
-                    CtlReply {
-                        status: 0,
-                        result: [handle.0, 0],
-                    },
-                    Some(file),
-                ),
+                Ok((handle, file)) => {
+                    let frame = sys.mapping_info(caller, handle).map_or(0, |(_, _, f)| f);
+                    (
+                        CtlReply {
+                            status: 0,
+                            result: [handle.0, frame],
+                        },
+                        Some(file),
+                    )
+                }
                 Err(e) => fail(grant_status(&e)),
             }
         }
@@ -914,6 +917,9 @@ impl Server {
         // SAFETY: the pointer is frame 5 of the domain's RAM mapping, page-aligned; the thread
         // below keeps `domain` (and so its memory mapping) alive as long as it uses the page.
         let page = unsafe { HypercallPage::new(ptr) };
+        // Read before the thread starts, so a batch published right after `spawn` returns is
+        // new to the server (a batch left by an earlier process of the domain is not).
+        let last_seq = page.current_req_seq();
         let stop = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(|e| HypercallError::Io(e.into()))?;
         let stop2 = stop.try_clone().map_err(HypercallError::Io)?;
@@ -921,7 +927,7 @@ impl Server {
             .name(format!("hypercall-d{dom}"))
             .spawn(move || {
                 let _keep = domain;
-                serve(&sys, dom, &page, &fds, &stop2)
+                serve(last_seq, &sys, dom, &page, &fds, &stop2)
             })
             .map_err(HypercallError::Io)?;
         Ok(Self {
@@ -950,6 +956,7 @@ impl Drop for Server {
 }
 
 fn serve(
+    mut last_seq: u32,
     sys: &System,
     dom: DomId,
     page: &HypercallPage,
@@ -957,7 +964,6 @@ fn serve(
     stop: &OwnedFd,
 ) -> ServerExit {
     use rustix::event::{poll, PollFd, PollFlags};
-    let mut last_seq = page.current_req_seq();
     let mut buf = [0u8; CTL_REQUEST_SIZE + 1];
     loop {
         let mut pfds = [

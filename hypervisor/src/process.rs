@@ -210,6 +210,7 @@ impl SharedPage for ProcessPage {
 pub struct ProcessMapping {
     map: Mmap,
     handle: u64,
+    frame: Frame,
     control: Arc<Control>,
 }
 
@@ -218,7 +219,7 @@ impl SharedPage for ProcessMapping {
         self.map.ptr.as_ptr()
     }
     fn frame(&self) -> Frame {
-        0
+        self.frame
     }
 }
 
@@ -443,6 +444,7 @@ impl Platform for ProcessPlatform {
             Ok(map) => Ok(ProcessMapping {
                 map,
                 handle,
+                frame: rep.result[1],
                 control: self.control.clone(),
             }),
             Err(e) => {
