@@ -23,6 +23,7 @@
 
 use crate::domain::DomainConfig;
 use crate::hypercall::{control_pair, HypercallError, Server, ServerExit, ServerFds};
+use crate::process::ProcessFds;
 use crate::system::{System, SystemError};
 use devchan::grant::DomId;
 use rustix::event::EventfdFlags;
@@ -66,7 +67,6 @@ pub enum LaunchError {
 }
 
 /// What to run as a domain.
-#[derive(Debug)]
 pub struct LaunchConfig {
     /// Domain name.
     pub name: String,
@@ -82,6 +82,8 @@ pub struct LaunchConfig {
     pub stdout: Stdio,
     /// Where its stderr goes (inherited by default).
     pub stderr: Stdio,
+    /// The I/O Space IOMMU its pins go to (for a driver domain with a device).
+    pub iommu: Option<Arc<iospace::iommu::Iommu>>,
 }
 
 impl LaunchConfig {
@@ -95,6 +97,7 @@ impl LaunchConfig {
             env: Vec::new(),
             stdout: Stdio::piped(),
             stderr: Stdio::inherit(),
+            iommu: None,
         }
     }
 }
@@ -122,7 +125,7 @@ pub fn launch(sys: &Arc<System>, cfg: LaunchConfig) -> Result<RunningDomain, Lau
     let domid = sys.create_domain(DomainConfig {
         name: cfg.name.clone(),
         nr_frames: cfg.nr_frames,
-        iommu: None,
+        iommu: cfg.iommu.clone(),
     })?;
     match spawn_in(sys, domid, cfg) {
         Ok(d) => Ok(d),
@@ -144,35 +147,25 @@ fn dup_high(fd: BorrowedFd<'_>) -> Result<OwnedFd, LaunchError> {
     rustix::io::fcntl_dupfd_cloexec(fd, 64).map_err(|e| LaunchError::Os("dup", e.into()))
 }
 
-/// Start `cfg.program` as a process of the existing domain `domid` (a fresh start or a
-/// restart after a crash: the domain, its memory, grants and ports persist).
-pub fn spawn_in(
-    sys: &Arc<System>,
-    domid: DomId,
-    cfg: LaunchConfig,
-) -> Result<RunningDomain, LaunchError> {
+/// Make domain `domid`'s hypercall channels and start its server; returns the server and the
+/// domain's ends of the channels (all at or above fd 64, close-on-exec). [`spawn_in`] hands
+/// those to a child; a test can also give them to a `ProcessPlatform` in its own process.
+pub fn connect(sys: &Arc<System>, domid: DomId) -> Result<(Server, ProcessFds), LaunchError> {
     let domain = sys.domain(domid)?;
     let (ctl_hv, ctl_dom) = control_pair()?;
     let doorbell = eventfd()?;
     let completion = eventfd()?;
     // SAFETY: the upcall eventfd is owned by `domain`, which outlives this borrow.
     let upcall_fd = unsafe { BorrowedFd::borrow_raw(domain.upcall().as_raw_fd()) };
-    let upcall = dup_high(upcall_fd)?;
-    let sources = [
-        dup_high(domain.memory().ram_file().as_fd())?,
-        dup_high(ctl_dom.as_fd())?,
-        dup_high(doorbell.as_fd())?,
-        dup_high(completion.as_fd())?,
-        upcall,
-    ];
-    let moves: Vec<(RawFd, RawFd)> = sources
-        .iter()
-        .map(AsRawFd::as_raw_fd)
-        .zip(PLATFORM_FDS)
-        .collect();
-
-    // The server starts before the child, so it never mistakes the child's first batch for a
-    // stale one left in the page by a previous process of this domain.
+    let fds = ProcessFds {
+        memory: dup_high(domain.memory().ram_file().as_fd())?,
+        control: dup_high(ctl_dom.as_fd())?,
+        doorbell: dup_high(doorbell.as_fd())?,
+        completion: dup_high(completion.as_fd())?,
+        upcall: dup_high(upcall_fd)?,
+    };
+    // The server starts before the domain runs, so it never mistakes the domain's first batch
+    // for a stale one left in the page by a previous process of this domain.
     let server = Server::spawn(
         sys.clone(),
         domid,
@@ -182,11 +175,35 @@ pub fn spawn_in(
             control: ctl_hv,
         },
     )?;
+    Ok((server, fds))
+}
+
+/// Start `cfg.program` as a process of the existing domain `domid` (a fresh start or a
+/// restart after a crash: the domain, its memory, grants and ports persist).
+pub fn spawn_in(
+    sys: &Arc<System>,
+    domid: DomId,
+    cfg: LaunchConfig,
+) -> Result<RunningDomain, LaunchError> {
+    let nr_frames = sys.domain(domid)?.memory().nr_frames();
+    let (server, fds) = connect(sys, domid)?;
+    let sources = [
+        fds.memory,
+        fds.control,
+        fds.doorbell,
+        fds.completion,
+        fds.upcall,
+    ];
+    let moves: Vec<(RawFd, RawFd)> = sources
+        .iter()
+        .map(AsRawFd::as_raw_fd)
+        .zip(PLATFORM_FDS)
+        .collect();
 
     let mut cmd = Command::new(&cfg.program);
     cmd.args(&cfg.args)
         .env(ENV_DOMID, domid.to_string())
-        .env(ENV_NR_FRAMES, domain.memory().nr_frames().to_string())
+        .env(ENV_NR_FRAMES, nr_frames.to_string())
         .stdin(Stdio::null())
         .stdout(cfg.stdout)
         .stderr(cfg.stderr);
@@ -209,7 +226,6 @@ pub fn spawn_in(
     }
     let child = cmd.spawn().map_err(|e| LaunchError::Os("spawn", e))?;
     drop(sources);
-    drop(ctl_dom);
     let pid = rustix::process::Pid::from_raw(child.id().try_into().unwrap_or(-1))
         .ok_or_else(|| LaunchError::Os("pid", std::io::Error::other("bad child pid")))?;
     let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
