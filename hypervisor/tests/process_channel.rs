@@ -157,3 +157,27 @@ fn a_domain_killed_by_the_manager_is_reported_with_sigkill() {
     );
     assert_eq!(d.kill().unwrap(), ExitReport::Signaled(libc::SIGKILL));
 }
+
+#[test]
+fn a_restarted_process_reattaches_to_its_domain() {
+    // The domain outlives its process: a second process of the same domain picks up the
+    // hypercall page where the first left it (its sequence numbers) and works.
+    let sys = System::new();
+    let victim = new_domain(&sys, "victim");
+    let dom = new_domain(&sys, "restarted");
+    for round in 0..3 {
+        let args = ["thief", &victim.to_string(), "8", "1"];
+        let mut d = spawn_in(
+            &sys,
+            dom,
+            LaunchConfig::new("restarted", FRAMES, BIN, &args),
+        )
+        .expect("spawn");
+        assert_eq!(
+            expect_line(&mut stdout_of(&mut d), ""),
+            vec!["REFUSED".to_owned()],
+            "round {round}"
+        );
+        assert_eq!(d.wait_exit(EXIT_WAIT).unwrap(), Some(ExitReport::Exited(0)));
+    }
+}

@@ -226,6 +226,12 @@ impl Server {
         })
     }
 
+    /// Whether the server thread has ended on its own (the domain went away or misbehaved);
+    /// [`Server::stop`] then says why without waiting.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().map_or(true, std::thread::JoinHandle::is_finished)
+    }
+
     /// Stop the server and wait for it.
     pub fn stop(mut self) -> ServerExit {
         self.stop_inner()
