@@ -49,6 +49,7 @@ pub struct Domain {
     ports: Mutex<PortTable>,
     active: Mutex<ActiveGrantTable>,
     holdings: Mutex<Holdings>,
+    guest_side: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,6 +87,7 @@ impl Domain {
             ports: Mutex::new(PortTable::default()),
             active: Mutex::new(ActiveGrantTable::default()),
             holdings: Mutex::new(Holdings::default()),
+            guest_side: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -155,6 +157,12 @@ impl Domain {
 
     pub(crate) fn lock_ports(&self) -> MutexGuard<'_, PortTable> {
         lock(&self.ports)
+    }
+
+    /// Claim the domain's guest side (its grant allocator and event scan): true the first
+    /// time only.
+    pub fn claim_guest_side(&self) -> bool {
+        !self.guest_side.swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Record a holding unless the domain is dying (then false: the caller undoes the use).
