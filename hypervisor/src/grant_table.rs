@@ -270,11 +270,14 @@ fn acquire(
         if act.holder != holder {
             return Err(status::GENERAL_ERROR);
         }
-        if need_shared && !act.page.is_shared() {
-            return Err(status::BAD_PAGE);
-        }
+        let shared = act.page.is_shared();
         if write && act.writers() == 0 {
             set_status(granter, gref, holder, true)?;
+        }
+        if need_shared && !shared {
+            // Drops the GTF_writing just added, if no other write use exists.
+            settle(granter, &mut active, gref);
+            return Err(status::BAD_PAGE);
         }
     } else {
         let frame = Frame::from(set_status(granter, gref, holder, write)?);
