@@ -39,7 +39,8 @@ pub mod layout {
     /// Grant-table frames.
     pub const GRANT_TABLE_FRAMES: u64 = 4;
     /// Grant entries (v1, 8 bytes each) in the grant-table frames.
-    pub const NR_GRANT_ENTRIES: u32 = (GRANT_TABLE_FRAMES as u32) * (PAGE_SIZE as u32) / 8;
+    pub const NR_GRANT_ENTRIES: u32 = 2048;
+    const _: () = assert!(NR_GRANT_ENTRIES as u64 * 8 == GRANT_TABLE_FRAMES * PAGE_SIZE as u64);
     /// The hypercall page (batched operations + doorbell, owned by the process layer).
     pub const HYPERCALL_FRAME: u64 = 5;
     /// The XenStore ring page.

@@ -407,7 +407,7 @@ proptest! {
                 }
                 Op::Pin(i, write) if i < gs.len() => {
                     let g = &mut gs[i];
-                    let want_ok = !g.to_c && !(write && g.ro);
+                    let want_ok = !(g.to_c || (write && g.ro));
                     let r = w.b.pin_grant(a, g.gref, write);
                     prop_assert_eq!(r.is_ok(), want_ok);
                     if let Ok(iova) = r { g.pins.push(iova); }

@@ -40,7 +40,7 @@ fn run_channel(requests: u64) {
     };
     let ring_ref = front.grant_access(ba, ring_page.frame(), false).unwrap();
     for i in 0..512u64 {
-        front.write_local(DATA_FRAME, (i * 8) as usize, &data_word(i).to_le_bytes()).unwrap();
+        front.write_local(DATA_FRAME, usize::try_from(i * 8).unwrap(), &data_word(i).to_le_bytes()).unwrap();
     }
     let data_ref = front.grant_access(ba, DATA_FRAME, true).unwrap();
     let fport = front.evtchn_alloc_unbound(ba).unwrap();
