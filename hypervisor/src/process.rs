@@ -1,1 +1,607 @@
-//! (being written)
+//! The domain side of the process-domain platform: [`ProcessPlatform`] implements
+//! [`devchan::platform::Platform`] inside a domain process.
+//!
+//! The process maps its own RAM memfd (layout in `memory::layout`: `shared_info` at frame 0,
+//! the grant table at frames 1..=4, the hypercall page at frame 5) and talks to the hypervisor
+//! through the descriptors [`crate::launch`] passed:
+//!
+//! * **Granting** writes the domain's own grant-table pages (`devchan::grant::GrantAllocator`);
+//!   no hypercall is needed, as in Xen.
+//! * **Copy, pin, transfer, event channels** are records in the batched hypercall page
+//!   ([`crate::hypercall`]), one doorbell per batch of up to `MAX_OPS` records.
+//! * **Mapping and shareable pages** go over the control socket, which hands back a one-page
+//!   memfd (`SCM_RIGHTS`) that this process maps and then closes. Dropping a
+//!   [`ProcessMapping`] unmaps it and tells the hypervisor.
+//! * **Waiting for events** blocks on the upcall eventfd, then scans the domain's own
+//!   `shared_info` page, where the hypervisor sets the pending bits (`devchan::evtchn`).
+//!   Unmasking is local (clear the mask bit, re-check pending, self-signal the upcall eventfd),
+//!   as a Xen guest does with the 2-level ABI.
+//!
+//! Everything here runs inside the sandbox: it only reads and writes descriptors it already
+//! has, maps and unmaps memory, and waits.
+
+use crate::hypercall::{
+    ctl, drain_eventfd, recv_msg, send_msg, signal_eventfd, CtlReply, CtlRequest, HypercallPage,
+    Op, OpRecord, CTL_REPLY_SIZE, HYPERCALL_FRAME, MAX_OPS,
+};
+use crate::launch::{ENV_DOMID, ENV_NR_FRAMES, FD_COMPLETION, FD_CONTROL, FD_DOORBELL};
+use crate::launch::{FD_MEMORY, FD_UPCALL};
+use crate::memory::layout;
+use devchan::evtchn::EventPage;
+use devchan::grant::{status as gntst, DomId, GrantAllocator, GrantEntries, GrantError, GrantRef};
+use devchan::platform::{
+    Frame, GrantCopyOp, Platform, PlatformError, Port, Result, SharedPage, TransferMode,
+};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::mm::{MapFlags, ProtFlags};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PAGE: usize = layout::PAGE_SIZE;
+/// How long a hypercall may take before the link counts as failed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors while setting up the platform in a domain process.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// A launch environment variable is missing or malformed.
+    #[error("Launch environment variable {0} is missing or malformed")]
+    Env(&'static str),
+    /// The domain's memory size is out of range.
+    #[error("Bad memory size of {0} frames")]
+    BadSize(u64),
+    /// Mapping the domain's memory failed.
+    #[error("Mapping domain memory failed")]
+    Map(#[source] std::io::Error),
+}
+
+/// A private or shared mapping owned by this process; unmapped on drop.
+struct Mmap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; all accesses to it through the
+// platform are atomic or volatile, so it can move and be shared across threads.
+unsafe impl Send for Mmap {}
+// SAFETY: as above.
+unsafe impl Sync for Mmap {}
+
+impl Mmap {
+    fn map(fd: impl AsFd, len: usize, writable: bool) -> std::io::Result<Self> {
+        let prot = if writable {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        // SAFETY: a fresh shared mapping of `fd` at a kernel-chosen address: it aliases no Rust
+        // object. The memory is shared with other processes, which this module accounts for by
+        // accessing it only atomically or volatilely.
+        let p =
+            unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0) }?;
+        let ptr = NonNull::new(p.cast()).ok_or_else(|| std::io::Error::other("mmap at 0"))?;
+        Ok(Self { ptr, len })
+    }
+
+    fn page(&self, frame: u64) -> Option<*mut u8> {
+        let off = usize::try_from(frame).ok()?.checked_mul(PAGE)?;
+        // SAFETY: `off + PAGE <= len` is checked first, so the pointer stays in the mapping.
+        (off.checked_add(PAGE)? <= self.len).then(|| unsafe { self.ptr.as_ptr().add(off) })
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned, and nothing borrows the mapping
+        // beyond this value's lifetime (views hold this value through an Arc).
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The descriptors a domain process got from its launcher.
+pub struct ProcessFds {
+    /// The RAM memfd.
+    pub memory: OwnedFd,
+    /// The control socket.
+    pub control: OwnedFd,
+    /// The doorbell eventfd.
+    pub doorbell: OwnedFd,
+    /// The completion eventfd.
+    pub completion: OwnedFd,
+    /// The upcall eventfd.
+    pub upcall: OwnedFd,
+}
+
+struct HypercallClient {
+    page: HypercallPage,
+    doorbell: OwnedFd,
+    completion: OwnedFd,
+    seq: u32,
+}
+
+impl HypercallClient {
+    /// Run `records` in batches; returns them with statuses and results.
+    fn call(&mut self, records: &[OpRecord]) -> Result<Vec<OpRecord>> {
+        let mut out = Vec::with_capacity(records.len());
+        for chunk in records.chunks(MAX_OPS) {
+            self.seq = self.seq.wrapping_add(1);
+            let seq = self.seq;
+            self.page.publish(seq, chunk);
+            signal_eventfd(&self.doorbell);
+            let deadline = Instant::now() + CALL_TIMEOUT;
+            while !self.page.is_complete(seq) {
+                if !wait_readable(&self.completion, Some(deadline))? {
+                    return Err(PlatformError::Link("hypercall timed out".into()));
+                }
+                drain_eventfd(&self.completion);
+            }
+            let (batch, recs) = self.page.results(chunk.len());
+            if batch != 0 {
+                return Err(PlatformError::Link(format!("batch refused: {batch}")));
+            }
+            out.extend(recs);
+        }
+        Ok(out)
+    }
+
+    fn one(&mut self, op: Op) -> Result<OpRecord> {
+        self.call(&[op.encode()])?
+            .pop()
+            .ok_or_else(|| PlatformError::Link("no result".into()))
+    }
+}
+
+/// Wait until `fd` is readable or `deadline` passes; false on timeout.
+fn wait_readable(fd: &OwnedFd, deadline: Option<Instant>) -> Result<bool> {
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let ts = left.map(|l| Timespec {
+            tv_sec: l.as_secs().try_into().unwrap_or(i64::MAX),
+            tv_nsec: l.subsec_nanos().into(),
+        });
+        let mut pfd = [PollFd::new(fd, PollFlags::IN)];
+        match poll(&mut pfd, ts.as_ref()) {
+            Ok(0) if left.is_some_and(|l| l.is_zero()) => return Ok(false),
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => return Ok(true),
+            Err(e) => return Err(PlatformError::Link(format!("poll: {e}"))),
+        }
+    }
+}
+
+/// The control-socket client, shared with live mappings (which unmap through it on drop).
+struct Control(Mutex<OwnedFd>);
+
+impl Control {
+    fn request(&self, op: u32, args: [u64; 3]) -> Result<(CtlReply, Option<OwnedFd>)> {
+        let sock = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let link = |e: crate::hypercall::HypercallError| PlatformError::Link(e.to_string());
+        send_msg(
+            sock.as_fd(),
+            &CtlRequest { op, args }.to_bytes(),
+            None,
+            false,
+        )
+        .map_err(link)?;
+        let mut buf = [0u8; CTL_REPLY_SIZE + 1];
+        let (n, fd) = recv_msg(sock.as_fd(), &mut buf, false).map_err(link)?;
+        Ok((CtlReply::from_bytes(&buf[..n]).map_err(link)?, fd))
+    }
+}
+
+/// A page of our memory that peers may map (from [`Platform::alloc_shared_page`]).
+pub struct ProcessPage {
+    map: Mmap,
+    frame: Frame,
+}
+
+impl SharedPage for ProcessPage {
+    fn as_ptr(&self) -> *mut u8 {
+        self.map.ptr.as_ptr()
+    }
+    fn frame(&self) -> Frame {
+        self.frame
+    }
+}
+
+/// A peer's page mapped through a grant; dropping it unmaps it and releases the grant.
+pub struct ProcessMapping {
+    map: Mmap,
+    handle: u64,
+    control: Arc<Control>,
+}
+
+impl SharedPage for ProcessMapping {
+    fn as_ptr(&self) -> *mut u8 {
+        self.map.ptr.as_ptr()
+    }
+    fn frame(&self) -> Frame {
+        0
+    }
+}
+
+impl Drop for ProcessMapping {
+    fn drop(&mut self) {
+        // The mapping goes first (Mmap's drop runs after this body, but nothing uses it
+        // meanwhile); the hypervisor then releases the grant's use count.
+        let _ = self.control.request(ctl::UNMAP_GRANT, [self.handle, 0, 0]);
+    }
+}
+
+/// The process-domain platform, as seen from inside a domain process.
+pub struct ProcessPlatform {
+    domid: DomId,
+    nr_frames: u64,
+    events: EventPage,
+    grants: GrantAllocator,
+    hc: Mutex<HypercallClient>,
+    control: Arc<Control>,
+    upcall: OwnedFd,
+    // Declared last so the views above are dropped before the memory they point into.
+    ram: Mmap,
+}
+
+fn env_u64(name: &'static str) -> std::result::Result<u64, ProcessError> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or(ProcessError::Env(name))
+}
+
+impl ProcessPlatform {
+    /// Take the descriptors and environment [`crate::launch`] set up. Call once, early, in a
+    /// process started by the launcher (before the sandbox, which then keeps the fds).
+    pub fn from_launch_env() -> std::result::Result<Self, ProcessError> {
+        let domid =
+            DomId::try_from(env_u64(ENV_DOMID)?).map_err(|_| ProcessError::Env(ENV_DOMID))?;
+        let nr_frames = env_u64(ENV_NR_FRAMES)?;
+        let take = |fd: RawFd| {
+            // SAFETY: the launcher placed these descriptors at these numbers for this process
+            // and nothing else in it owns them; this is called once.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        };
+        Self::from_fds(
+            domid,
+            nr_frames,
+            ProcessFds {
+                memory: take(FD_MEMORY),
+                control: take(FD_CONTROL),
+                doorbell: take(FD_DOORBELL),
+                completion: take(FD_COMPLETION),
+                upcall: take(FD_UPCALL),
+            },
+        )
+    }
+
+    /// Build the platform from explicit descriptors.
+    pub fn from_fds(
+        domid: DomId,
+        nr_frames: u64,
+        fds: ProcessFds,
+    ) -> std::result::Result<Self, ProcessError> {
+        if !(layout::MIN_FRAMES..=layout::MAX_FRAMES).contains(&nr_frames) {
+            return Err(ProcessError::BadSize(nr_frames));
+        }
+        let len = usize::try_from(nr_frames).map_err(|_| ProcessError::BadSize(nr_frames))? * PAGE;
+        let ram = Mmap::map(&fds.memory, len, true).map_err(ProcessError::Map)?;
+        drop(fds.memory);
+        let page_of = |f: u64| {
+            ram.page(f)
+                .and_then(NonNull::new)
+                .ok_or(ProcessError::BadSize(nr_frames))
+        };
+        // SAFETY: the pointer is a page-aligned page of `ram`, which the platform owns and
+        // drops after the views (field order); the hypervisor and this process access the
+        // shared_info page only atomically.
+        let events = unsafe { EventPage::new(page_of(layout::SHARED_INFO_FRAME)?) };
+        // SAFETY: as above; the grant table spans GRANT_TABLE_FRAMES pages of `ram`.
+        let entries = unsafe {
+            GrantEntries::new(
+                page_of(layout::GRANT_TABLE_FRAME)?,
+                layout::NR_GRANT_ENTRIES,
+            )
+        };
+        // SAFETY: as above.
+        let page = unsafe { HypercallPage::new(page_of(HYPERCALL_FRAME)?.as_ptr()) };
+        let seq = page.current_req_seq();
+        Ok(Self {
+            domid,
+            nr_frames,
+            events,
+            grants: GrantAllocator::new(entries),
+            hc: Mutex::new(HypercallClient {
+                page,
+                doorbell: fds.doorbell,
+                completion: fds.completion,
+                seq,
+            }),
+            control: Arc::new(Control(Mutex::new(fds.control))),
+            upcall: fds.upcall,
+            ram,
+        })
+    }
+
+    fn hc(&self) -> std::sync::MutexGuard<'_, HypercallClient> {
+        self.hc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run a batch of raw ops (for callers that want several ops per doorbell).
+    pub fn hypercall_batch(&self, ops: &[Op]) -> Result<Vec<OpRecord>> {
+        let recs: Vec<OpRecord> = ops.iter().map(Op::encode).collect();
+        self.hc().call(&recs)
+    }
+
+    fn local(&self, frame: Frame, offset: usize, len: usize) -> Result<*mut u8> {
+        if frame >= self.nr_frames || !offset.checked_add(len).is_some_and(|e| e <= PAGE) {
+            return Err(PlatformError::BadFrame(frame));
+        }
+        let p = self.ram.page(frame).ok_or(PlatformError::BadFrame(frame))?;
+        // SAFETY: offset + len <= PAGE was checked, so the range stays in the frame.
+        Ok(unsafe { p.add(offset) })
+    }
+
+    fn map_fd(&self, fd: Option<OwnedFd>, writable: bool) -> Result<Mmap> {
+        let fd = fd.ok_or_else(|| PlatformError::Link("no page descriptor in reply".into()))?;
+        Mmap::map(&fd, PAGE, writable).map_err(|e| PlatformError::Link(format!("mmap: {e}")))
+    }
+}
+
+fn grant_err(e: GrantError) -> PlatformError {
+    match e {
+        GrantError::InUse(r) | GrantError::TransferInProgress(r) => PlatformError::GrantInUse(r),
+        GrantError::Exhausted => PlatformError::Exhausted("grant references"),
+        GrantError::OutOfRange(_) | GrantError::NotAllocated(_) => {
+            PlatformError::Grant(gntst::BAD_GNTREF)
+        }
+        GrantError::Unstable(_) => PlatformError::Grant(gntst::GENERAL_ERROR),
+    }
+}
+
+/// A grant-op status as a result.
+fn gnt_result(r: &OpRecord) -> Result<u64> {
+    if r.status == 0 {
+        Ok(r.result)
+    } else {
+        Err(PlatformError::Grant(
+            i16::try_from(r.status).unwrap_or(gntst::GENERAL_ERROR),
+        ))
+    }
+}
+
+/// An event-channel status as a result; `dom`/`port` name what a failure is about.
+fn evtchn_result(r: &OpRecord, dom: Option<DomId>, port: Port) -> Result<u64> {
+    match -r.status {
+        0 => Ok(r.result),
+        libc::ESRCH => Err(PlatformError::BadDomain(dom.unwrap_or(DomId::MAX))),
+        libc::EINVAL => Err(PlatformError::BadPort(port)),
+        libc::ENOSPC => Err(PlatformError::Exhausted("event-channel ports")),
+        e => Err(PlatformError::Link(format!(
+            "event-channel op failed: errno {e}"
+        ))),
+    }
+}
+
+fn port_of(v: u64) -> Result<Port> {
+    Port::try_from(v).map_err(|_| PlatformError::Link("bad port in reply".into()))
+}
+
+impl Platform for ProcessPlatform {
+    type Page = ProcessPage;
+    type Mapping = ProcessMapping;
+
+    fn domid(&self) -> DomId {
+        self.domid
+    }
+
+    fn alloc_shared_page(&self) -> Result<ProcessPage> {
+        let (rep, fd) = self.control.request(ctl::ALLOC_SHARED_PAGE, [0; 3])?;
+        if rep.status != 0 {
+            return Err(PlatformError::Exhausted("shareable pages"));
+        }
+        Ok(ProcessPage {
+            map: self.map_fd(fd, true)?,
+            frame: rep.result[0],
+        })
+    }
+
+    fn grant_access(&self, peer: DomId, frame: Frame, readonly: bool) -> Result<GrantRef> {
+        let f = u32::try_from(frame).map_err(|_| PlatformError::BadFrame(frame))?;
+        self.grants
+            .grant_access(peer, f, readonly)
+            .map_err(grant_err)
+    }
+
+    fn end_access(&self, gref: GrantRef) -> Result<()> {
+        self.grants.end_access(gref).map_err(grant_err)
+    }
+
+    fn accept_transfer(&self, peer: DomId, frame: Frame) -> Result<GrantRef> {
+        let f = u32::try_from(frame).map_err(|_| PlatformError::BadFrame(frame))?;
+        self.grants.grant_transfer(peer, f).map_err(grant_err)
+    }
+
+    fn end_transfer(&self, gref: GrantRef) -> Result<Option<Frame>> {
+        Ok(self
+            .grants
+            .end_transfer(gref)
+            .map_err(grant_err)?
+            .map(Frame::from))
+    }
+
+    fn map_grant(&self, peer: DomId, gref: GrantRef, readonly: bool) -> Result<ProcessMapping> {
+        let args = [u64::from(peer), u64::from(gref), u64::from(readonly)];
+        let (rep, fd) = self.control.request(ctl::MAP_GRANT, args)?;
+        if rep.status != 0 {
+            return Err(PlatformError::Grant(
+                i16::try_from(rep.status).unwrap_or(gntst::GENERAL_ERROR),
+            ));
+        }
+        let handle = rep.result[0];
+        match self.map_fd(fd, !readonly) {
+            Ok(map) => Ok(ProcessMapping {
+                map,
+                handle,
+                control: self.control.clone(),
+            }),
+            Err(e) => {
+                let _ = self.control.request(ctl::UNMAP_GRANT, [handle, 0, 0]);
+                Err(e)
+            }
+        }
+    }
+
+    fn grant_copy(&self, ops: &[GrantCopyOp]) -> Result<Vec<i16>> {
+        let recs: Vec<OpRecord> = ops.iter().map(|c| Op::GrantCopy(*c).encode()).collect();
+        let done = self.hc().call(&recs)?;
+        Ok(done
+            .iter()
+            .map(|r| i16::try_from(r.status).unwrap_or(gntst::GENERAL_ERROR))
+            .collect())
+    }
+
+    fn pin_grant(&self, peer: DomId, gref: GrantRef, writable: bool) -> Result<u64> {
+        gnt_result(&self.hc().one(Op::Pin {
+            granter: peer,
+            gref,
+            writable,
+        })?)
+    }
+
+    fn unpin_grant(&self, iova: u64) -> Result<()> {
+        gnt_result(&self.hc().one(Op::Unpin { iova })?).map(|_| ())
+    }
+
+    fn transfer(&self, frame: Frame, peer: DomId, gref: GrantRef) -> Result<TransferMode> {
+        let r = gnt_result(&self.hc().one(Op::Transfer { frame, peer, gref })?)?;
+        Ok(if r == 0 {
+            TransferMode::Remapped
+        } else {
+            TransferMode::Copied
+        })
+    }
+
+    fn read_local(&self, frame: Frame, offset: usize, buf: &mut [u8]) -> Result<()> {
+        let p = self.local(frame, offset, buf.len())?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `local` checked that the range is inside our RAM mapping; volatile
+            // because a peer (through the hypervisor) may write the page concurrently.
+            *b = unsafe { p.add(i).read_volatile() };
+        }
+        Ok(())
+    }
+
+    fn write_local(&self, frame: Frame, offset: usize, data: &[u8]) -> Result<()> {
+        let p = self.local(frame, offset, data.len())?;
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: as in read_local.
+            unsafe { p.add(i).write_volatile(*b) };
+        }
+        Ok(())
+    }
+
+    fn evtchn_alloc_unbound(&self, remote: DomId) -> Result<Port> {
+        let r = self.hc().one(Op::EvtchnAllocUnbound(remote))?;
+        port_of(evtchn_result(&r, Some(remote), 0)?)
+    }
+
+    fn evtchn_bind_interdomain(&self, remote: DomId, remote_port: Port) -> Result<Port> {
+        let r = self.hc().one(Op::EvtchnBindInterdomain {
+            remote,
+            port: remote_port,
+        })?;
+        port_of(evtchn_result(&r, Some(remote), remote_port)?)
+    }
+
+    fn evtchn_notify(&self, port: Port) -> Result<()> {
+        evtchn_result(&self.hc().one(Op::EvtchnSend(port))?, None, port).map(|_| ())
+    }
+
+    fn evtchn_unmask(&self, port: Port) -> Result<()> {
+        // Local, as with Xen's 2-level ABI: clear the mask bit; if the port became pending
+        // while masked, raise our own upcall so the next wait sees it.
+        if self.events.unmask(port) {
+            signal_eventfd(&self.upcall);
+        }
+        Ok(())
+    }
+
+    fn evtchn_close(&self, port: Port) -> Result<()> {
+        evtchn_result(&self.hc().one(Op::EvtchnClose(port))?, None, port).map(|_| ())
+    }
+
+    fn evtchn_wait(&self, timeout: Option<Duration>) -> Result<Vec<Port>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            // Scan before sleeping: the scan clears the upcall flag first, so an event raised
+            // after it signals the eventfd again and the poll below returns.
+            let ports = self.events.take_pending_masked();
+            if !ports.is_empty() {
+                return Ok(ports);
+            }
+            if !wait_readable(&self.upcall, deadline)? {
+                return Err(PlatformError::TimedOut);
+            }
+            drain_eventfd(&self.upcall);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmap_page_bounds() {
+        let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, 2 * PAGE as u64).unwrap();
+        let m = Mmap::map(&fd, 2 * PAGE, true).unwrap();
+        assert!(m.page(0).is_some() && m.page(1).is_some());
+        assert!(m.page(2).is_none() && m.page(u64::MAX).is_none());
+    }
+
+    #[test]
+    fn statuses_map_to_platform_errors() {
+        let rec = |status| OpRecord {
+            status,
+            ..Default::default()
+        };
+        assert_eq!(
+            evtchn_result(&rec(-libc::ESRCH), Some(4), 0),
+            Err(PlatformError::BadDomain(4))
+        );
+        assert_eq!(
+            evtchn_result(&rec(-libc::EINVAL), None, 9),
+            Err(PlatformError::BadPort(9))
+        );
+        assert_eq!(
+            gnt_result(&rec(-3)),
+            Err(PlatformError::Grant(gntst::BAD_GNTREF))
+        );
+        assert_eq!(
+            gnt_result(&rec(-100_000)),
+            Err(PlatformError::Grant(gntst::GENERAL_ERROR))
+        );
+        assert_eq!(
+            grant_err(GrantError::InUse(9)),
+            PlatformError::GrantInUse(9)
+        );
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let fd = || rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let fds = ProcessFds {
+            memory: fd(),
+            control: fd(),
+            doorbell: fd(),
+            completion: fd(),
+            upcall: fd(),
+        };
+        assert!(matches!(
+            ProcessPlatform::from_fds(1, 1, fds),
+            Err(ProcessError::BadSize(1))
+        ));
+    }
+}
