@@ -112,7 +112,12 @@ pub const EVTCHN_MASK_OFFSET: usize = EVTCHN_PENDING_OFFSET + (BITS as usize) * 
 /// `offsetof(struct shared_info, wc_version)`: end of the event-channel state.
 pub const WC_VERSION_OFFSET: usize = EVTCHN_MASK_OFFSET + (BITS as usize) * 8;
 
+/// `sizeof(struct shared_info)` on x86-64: the event state, the wall clock (4 × u32) and
+/// `arch_shared_info` (6 × u64). It fits in the page.
+pub const SHARED_INFO_SIZE: usize = WC_VERSION_OFFSET + 4 * 4 + 6 * 8;
+
 const _: () = assert!(EVTCHN_PENDING_OFFSET == 2048 && EVTCHN_MASK_OFFSET == 2560);
+const _: () = assert!(SHARED_INFO_SIZE <= 4096);
 const _: () = assert!(WC_VERSION_OFFSET <= 4096);
 
 /// A view of the event-channel state in a `shared_info` page shared with another party.
@@ -293,6 +298,8 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
     v.push(AbiCheck::new("offsetof(struct shared_info, evtchn_pending)", EVTCHN_PENDING_OFFSET));
     v.push(AbiCheck::new("offsetof(struct shared_info, evtchn_mask)", EVTCHN_MASK_OFFSET));
     v.push(AbiCheck::new("offsetof(struct shared_info, wc_version)", WC_VERSION_OFFSET));
+    v.push(AbiCheck::new("sizeof(struct shared_info)", SHARED_INFO_SIZE));
+    v.push(AbiCheck::new("offsetof(struct shared_info, vcpu_info[0].evtchn_pending_sel)", PENDING_SEL_OFFSET));
     v.push(AbiCheck::new("sizeof(((struct shared_info *)0)->evtchn_pending)", BITS * 8));
     v.push(AbiCheck::new("XEN_LEGACY_MAX_VCPUS", XEN_LEGACY_MAX_VCPUS));
     v.push(AbiCheck::new("EVTCHN_2L_NR_CHANNELS", EVTCHN_2L_NR_CHANNELS));

@@ -217,7 +217,7 @@ pub(crate) fn close_port(me: &Arc<Domain>, port: Port) -> Result<()> {
         if !same {
             continue;
         }
-        if let (PortState::Interdomain { remote_port, .. }, Some(peer)) = (&now, &peer) {
+        if let (PortState::Interdomain { remote_port, .. }, Some(_)) = (&now, &peer) {
             let table = theirs.as_mut().unwrap_or(&mut mine);
             // Only if the peer's port still points back at us.
             if matches!(table.get(*remote_port),
@@ -225,7 +225,6 @@ pub(crate) fn close_port(me: &Arc<Domain>, port: Port) -> Result<()> {
             {
                 table.set(*remote_port, PortState::Unbound { remote: me.id() });
             }
-            let _ = peer;
         }
         mine.set(port, PortState::Free);
         me.event_page().clear_pending(port);
@@ -239,5 +238,29 @@ pub(crate) fn close_all(me: &Arc<Domain>) {
     let ports = me.lock_ports().allocated();
     for (p, _) in ports {
         let _ = close_port(me, p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_is_reserved_and_ports_are_reused() {
+        let mut t = PortTable::default();
+        assert_eq!(t.alloc(PortState::Unbound { remote: 1 }).unwrap(), 1);
+        assert_eq!(t.alloc(PortState::Unbound { remote: 1 }).unwrap(), 2);
+        t.set(1, PortState::Free);
+        assert_eq!(t.alloc(PortState::Unbound { remote: 2 }).unwrap(), 1);
+        assert!(matches!(t.get(0), PortState::Free));
+        assert!(matches!(t.get(u32::MAX), PortState::Free));
+        assert_eq!(t.allocated().len(), 2);
+    }
+
+    #[test]
+    fn set_out_of_range_is_ignored() {
+        let mut t = PortTable::default();
+        t.set(5, PortState::Unbound { remote: 1 });
+        assert!(t.allocated().is_empty());
     }
 }

@@ -31,7 +31,7 @@
 //!
 //! # Revocation
 //!
-//! The manager sets a deadline on a `(granter, ref)` or on a holder. [`revoke_overdue`] then
+//! The manager sets a deadline on a `(granter, ref)` or on a holder. `System::revoke_overdue` then
 //! removes overdue pins from the holder's IOMMU (so no DMA reaches the page any more), drops
 //! overdue copies' use counts (their late release is ignored, by epoch), and reports overdue
 //! mappings, which cannot be taken back from a process: the manager destroys their holder.
@@ -734,4 +734,76 @@ pub(crate) fn destroy(sys: &System, d: &Domain) {
         active.entries.clear();
     }
     forget_pins(sys, &out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::DomainConfig;
+
+    fn setup() -> (Arc<System>, Arc<Domain>, Arc<Domain>) {
+        let sys = System::new();
+        let cfg = |n: &str| DomainConfig { name: n.into(), nr_frames: 16, iommu: None };
+        let a = sys.create_domain(cfg("a")).unwrap();
+        let b = sys.create_domain(cfg("b")).unwrap();
+        let (da, db) = (sys.domain(a).unwrap(), sys.domain(b).unwrap());
+        (sys, da, db)
+    }
+
+    #[test]
+    fn copy_in_progress_is_revoked_and_its_late_release_ignored() {
+        let (sys, a, b) = setup();
+        a.grant_entries().publish(9, b.id(), 10, GTF_PERMIT_ACCESS).unwrap();
+        // A copy that has acquired and not yet released (as if it were mid-memcpy).
+        let got = acquire(&a, 9, b.id(), true, Use::Copy, false).unwrap();
+        assert_eq!(a.grant_entries().header(9).unwrap().0, GTF_PERMIT_ACCESS | GTF_READING | GTF_WRITING);
+        assert!(set_grant_deadline(&a, 9, Instant::now()));
+        let rev = revoke_overdue(&sys);
+        assert_eq!(rev, vec![Revocation { granter: a.id(), gref: 9, holder: b.id(), kind: RevokedUse::Copy }]);
+        assert_eq!(a.grant_entries().header(9).unwrap().0, GTF_PERMIT_ACCESS);
+        // A new copy starts a new entry; the old copy's release must not end it.
+        let again = acquire(&a, 9, b.id(), false, Use::Copy, false).unwrap();
+        release_count(&a, 9, true, got.copy_epoch);
+        assert_eq!(a.lock_active().len(), 1);
+        release_count(&a, 9, false, again.copy_epoch);
+        assert!(a.lock_active().is_empty());
+        assert!(a.grant_entries().end_access(9).is_ok());
+    }
+
+    #[test]
+    fn second_writer_adds_writing_and_last_writer_clears_it() {
+        let (_sys, a, b) = setup();
+        a.grant_entries().publish(9, b.id(), 10, GTF_PERMIT_ACCESS).unwrap();
+        let r = acquire(&a, 9, b.id(), false, Use::Copy, false).unwrap();
+        assert_eq!(a.grant_entries().header(9).unwrap().0 & GTF_WRITING, 0);
+        let w = acquire(&a, 9, b.id(), true, Use::Copy, false).unwrap();
+        assert_eq!(a.grant_entries().header(9).unwrap().0 & GTF_WRITING, GTF_WRITING);
+        release_count(&a, 9, true, w.copy_epoch);
+        assert_eq!(a.grant_entries().header(9).unwrap().0, GTF_PERMIT_ACCESS | GTF_READING);
+        release_count(&a, 9, false, r.copy_epoch);
+        assert_eq!(a.grant_entries().header(9).unwrap().0, GTF_PERMIT_ACCESS);
+    }
+
+    #[test]
+    fn in_use_entry_is_bound_to_its_holder_and_frame() {
+        let (sys, a, b) = setup();
+        let c = sys.domain(sys.create_domain(DomainConfig { name: "c".into(), nr_frames: 16, iommu: None }).unwrap()).unwrap();
+        a.grant_entries().publish(9, b.id(), 10, GTF_PERMIT_ACCESS).unwrap();
+        let got = acquire(&a, 9, b.id(), false, Use::Copy, false).unwrap();
+        // The granter rewrites its entry while in use: the use keeps the frame it resolved,
+        // and another domain named in the rewritten entry still cannot use it.
+        a.grant_entries().publish(9, c.id(), 11, GTF_PERMIT_ACCESS | GTF_READING).unwrap();
+        assert_eq!(acquire(&a, 9, c.id(), false, Use::Copy, false).err(), Some(status::GENERAL_ERROR));
+        let again = acquire(&a, 9, b.id(), false, Use::Copy, false).unwrap();
+        assert_eq!((got.frame, again.frame), (10, 10));
+    }
+
+    #[test]
+    fn dying_granter_grants_nothing() {
+        let (_sys, a, b) = setup();
+        a.grant_entries().publish(9, b.id(), 10, GTF_PERMIT_ACCESS).unwrap();
+        a.set_state(DomainState::Dying);
+        assert_eq!(acquire(&a, 9, b.id(), false, Use::Copy, false).err(), Some(status::BAD_DOMAIN));
+        assert_eq!(a.grant_entries().header(9).unwrap().0, GTF_PERMIT_ACCESS);
+    }
 }
