@@ -159,6 +159,11 @@ impl Domain {
         lock(&self.ports)
     }
 
+    /// How many of its grant references others are using (mapped, pinned or being copied).
+    pub fn grants_in_use(&self) -> usize {
+        self.lock_active().len()
+    }
+
     /// Claim the domain's guest side (its grant allocator and event scan): true the first
     /// time only.
     pub fn claim_guest_side(&self) -> bool {

@@ -437,3 +437,94 @@ proptest! {
         prop_assert_eq!(w.iommu.len(), gs.iter().map(|g| g.pins.len()).sum::<usize>());
     }
 }
+
+#[test]
+#[allow(clippy::cast_possible_truncation)] // Truncating random words is the point.
+fn hostile_granter_rewriting_its_table_cannot_break_the_hypervisor() {
+    // The granter scribbles random entries (any flags, domid, frame) over its table while the
+    // holder maps, pins and copies through them. Nothing may panic, every status must be one
+    // Xen defines, the platform frames (0, 5, 6) must stay untouched, and once the holder
+    // lets go nothing stays in use.
+    let w = world();
+    let (a, b) = (w.a.domid(), w.b.domid());
+    let entries = w.a.domain().grant_entries();
+    let known = [
+        status::OKAY, status::GENERAL_ERROR, status::BAD_DOMAIN, status::BAD_GNTREF,
+        status::BAD_PAGE, status::BAD_COPY_ARG, status::NO_DEVICE_SPACE,
+    ];
+    let shared = w.a.alloc_shared_page().unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut x = 0x1234_5678_9abc_def0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let gref = 8 + (x % 8) as u32;
+                let frame = match x >> 60 {
+                    0..=5 => (x >> 8) as u32 % 8,        // platform frames
+                    6..=11 => 7 + (x >> 8) as u32 % 30,  // RAM (some past the end)
+                    12..=13 => shared.frame() as u32,     // the shareable page
+                    _ => (x >> 8) as u32,                 // anything
+                };
+                let domid = if x & 0x100 == 0 { b } else { (x >> 16) as u16 };
+                let _ = entries.publish(gref, domid, frame, (x >> 32) as u16);
+                let _ = entries.end_access(gref);
+            }
+        });
+        let mut maps = Vec::new();
+        let mut pins = Vec::new();
+        let mut y = 99u64;
+        let mut oks = 0u32;
+        for i in 0..20_000u32 {
+            y = y.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let gref = 8 + (y >> 33) as u32 % 8;
+            match i % 4 {
+                0 | 1 => {
+                    let off = (y >> 20) as u16 % 4200;
+                    let op = if i % 4 == 0 {
+                        GrantCopyOp { src: local(20, 0), dst: grant_ptr(a, gref, off), len: 64 }
+                    } else {
+                        GrantCopyOp { src: grant_ptr(a, gref, off), dst: local(20, 0), len: 64 }
+                    };
+                    let st = w.b.grant_copy(&[op]).unwrap()[0];
+                    assert!(known.contains(&st), "status {st}");
+                    if st == status::OKAY { oks += 1; }
+                }
+                2 => match w.sys.map_grant(b, a, gref, y & 1 == 0) {
+                    Ok((h, _)) => maps.push(h),
+                    Err(SystemError::Grant(st)) => assert!(known.contains(&st)),
+                    Err(e) => panic!("{e}"),
+                },
+                _ => match w.b.pin_grant(a, gref, y & 2 == 0) {
+                    Ok(iova) => pins.push(iova),
+                    Err(PlatformError::Grant(st)) => assert!(known.contains(&st)),
+                    Err(e) => panic!("{e}"),
+                },
+            }
+            if maps.len() > 4 {
+                w.sys.unmap_grant(b, maps.remove(0)).unwrap();
+            }
+            if pins.len() > 4 {
+                w.b.unpin_grant(pins.remove(0)).unwrap();
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        eprintln!("{oks} copies succeeded, {} maps and {} pins held at the end", maps.len(), pins.len());
+        assert!(oks > 0, "the test must exercise successful copies too");
+        for h in maps {
+            w.sys.unmap_grant(b, h).unwrap();
+        }
+        for iova in pins {
+            w.b.unpin_grant(iova).unwrap();
+        }
+    });
+    assert_eq!(w.a.domain().grants_in_use(), 0);
+    assert!(w.iommu.is_empty());
+    let mut page = vec![0u8; 4096];
+    for f in [0u64, 5, 6] {
+        w.a.read_local(f, 0, &mut page).unwrap();
+        assert!(page.iter().all(|b| *b == 0), "platform frame {f} was written");
+    }
+}
