@@ -378,6 +378,32 @@ mod tests {
         assert!(io.is_empty());
     }
 
+    #[test]
+    fn no_dma_lands_after_unmap_returns() {
+        let io = Iommu::new(4);
+        let dev = io.device();
+        let p = page();
+        let iova = io.map(entry(&p, 1, true)).unwrap();
+        let writes = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut v = 1u8;
+                while dev.dma_write(iova, &[v; 64]).is_ok() {
+                    writes.fetch_add(1, Ordering::Relaxed);
+                    v = v.wrapping_add(1).max(1);
+                }
+            });
+            while writes.load(Ordering::Relaxed) < 100 {
+                std::thread::yield_now();
+            }
+            io.unmap(iova).unwrap();
+            let snap = p.0.lock().unwrap().clone();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert_eq!(*p.0.lock().unwrap(), snap, "a DMA write landed after unmap");
+        });
+        assert!(dev.faults() >= 1);
+    }
+
     proptest::proptest! {
         /// Random map/unmap/DMA sequences: a DMA succeeds exactly when every page it touches
         /// is mapped (and writable for writes), and reads back what was last written.
