@@ -61,7 +61,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Domain {
     pub(crate) fn new(id: DomId, cfg: DomainConfig) -> Result<Self, crate::system::SystemError> {
         let memory = Arc::new(DomainMemory::new(&cfg.name, cfg.nr_frames)?);
-        let oob = |frame| MemoryError::OutOfRange { frame, offset: 0, len: layout::PAGE_SIZE };
+        let oob = |frame| MemoryError::OutOfRange {
+            frame,
+            offset: 0,
+            len: layout::PAGE_SIZE,
+        };
         let si = NonNull::new(memory.ram_frame_ptr(layout::SHARED_INFO_FRAME)?)
             .ok_or(oob(layout::SHARED_INFO_FRAME))?;
         let gt = NonNull::new(memory.ram_frame_ptr(layout::GRANT_TABLE_FRAME)?)
@@ -167,7 +171,9 @@ impl Domain {
     /// Claim the domain's guest side (its grant allocator and event scan): true the first
     /// time only.
     pub fn claim_guest_side(&self) -> bool {
-        !self.guest_side.swap(true, std::sync::atomic::Ordering::AcqRel)
+        !self
+            .guest_side
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Record a holding unless the domain is dying (then false: the caller undoes the use).

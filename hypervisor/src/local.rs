@@ -96,7 +96,11 @@ impl LocalPlatform {
         // of the same struct) exists; the hypervisor and the peer-facing code access it only
         // atomically.
         let entries = unsafe { GrantEntries::new(base, layout::NR_GRANT_ENTRIES) };
-        Ok(Self { sys, dom: d, grants: GrantAllocator::new(entries) })
+        Ok(Self {
+            sys,
+            dom: d,
+            grants: GrantAllocator::new(entries),
+        })
     }
 
     /// The system this platform calls.
@@ -111,7 +115,8 @@ impl LocalPlatform {
 
     fn own_frame(&self, frame: Frame) -> Result<u32> {
         let ok = frame >= layout::FIRST_FREE_FRAME
-            && (frame < self.dom.memory().nr_frames() || self.dom.memory().shared_page(frame).is_some());
+            && (frame < self.dom.memory().nr_frames()
+                || self.dom.memory().shared_page(frame).is_some());
         if !ok {
             return Err(PlatformError::BadFrame(frame));
         }
@@ -127,7 +132,11 @@ impl LocalPlatform {
                 i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
             }
         };
-        let mut pfd = libc::pollfd { fd: self.dom.upcall().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.dom.upcall().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd for the duration of the call.
         let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         if n < 0 {
@@ -160,7 +169,9 @@ impl Platform for LocalPlatform {
 
     fn grant_access(&self, peer: DomId, frame: Frame, readonly: bool) -> Result<GrantRef> {
         let f = self.own_frame(frame)?;
-        self.grants.grant_access(peer, f, readonly).map_err(grant_err)
+        self.grants
+            .grant_access(peer, f, readonly)
+            .map_err(grant_err)
     }
 
     fn end_access(&self, gref: GrantRef) -> Result<()> {
@@ -173,7 +184,11 @@ impl Platform for LocalPlatform {
     }
 
     fn end_transfer(&self, gref: GrantRef) -> Result<Option<Frame>> {
-        Ok(self.grants.end_transfer(gref).map_err(grant_err)?.map(Frame::from))
+        Ok(self
+            .grants
+            .end_transfer(gref)
+            .map_err(grant_err)?
+            .map(Frame::from))
     }
 
     fn map_grant(&self, peer: DomId, gref: GrantRef, readonly: bool) -> Result<LocalMapping> {
@@ -183,11 +198,29 @@ impl Platform for LocalPlatform {
             let _ = self.sys.unmap_grant(me, handle);
             e
         };
-        let (_, _, frame) = self.sys.mapping_info(me, handle).map_err(|e| unmap(e.into()))?;
-        let prot = if readonly { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
-        let map = MmapRegion::build(Some(FileOffset::new(file, 0)), layout::PAGE_SIZE, prot, libc::MAP_SHARED)
-            .map_err(|e| unmap(PlatformError::Link(e.to_string())))?;
-        Ok(LocalMapping { map, frame, handle, sys: self.sys.clone(), caller: me })
+        let (_, _, frame) = self
+            .sys
+            .mapping_info(me, handle)
+            .map_err(|e| unmap(e.into()))?;
+        let prot = if readonly {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        let map = MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            layout::PAGE_SIZE,
+            prot,
+            libc::MAP_SHARED,
+        )
+        .map_err(|e| unmap(PlatformError::Link(e.to_string())))?;
+        Ok(LocalMapping {
+            map,
+            frame,
+            handle,
+            sys: self.sys.clone(),
+            caller: me,
+        })
     }
 
     fn grant_copy(&self, ops: &[GrantCopyOp]) -> Result<Vec<i16>> {
@@ -207,11 +240,17 @@ impl Platform for LocalPlatform {
     }
 
     fn read_local(&self, frame: Frame, offset: usize, buf: &mut [u8]) -> Result<()> {
-        self.dom.memory().read(frame, offset, buf).map_err(|_| PlatformError::BadFrame(frame))
+        self.dom
+            .memory()
+            .read(frame, offset, buf)
+            .map_err(|_| PlatformError::BadFrame(frame))
     }
 
     fn write_local(&self, frame: Frame, offset: usize, data: &[u8]) -> Result<()> {
-        self.dom.memory().write(frame, offset, data).map_err(|_| PlatformError::BadFrame(frame))
+        self.dom
+            .memory()
+            .write(frame, offset, data)
+            .map_err(|_| PlatformError::BadFrame(frame))
     }
 
     fn evtchn_alloc_unbound(&self, remote: DomId) -> Result<Port> {
@@ -219,7 +258,9 @@ impl Platform for LocalPlatform {
     }
 
     fn evtchn_bind_interdomain(&self, remote: DomId, remote_port: Port) -> Result<Port> {
-        Ok(self.sys.evtchn_bind_interdomain(self.dom.id(), remote, remote_port)?)
+        Ok(self
+            .sys
+            .evtchn_bind_interdomain(self.dom.id(), remote, remote_port)?)
     }
 
     fn evtchn_notify(&self, port: Port) -> Result<()> {
@@ -259,10 +300,17 @@ mod tests {
 
     fn two() -> (LocalPlatform, LocalPlatform) {
         let sys = System::new();
-        let cfg = |n: &str| DomainConfig { name: n.into(), nr_frames: 16, iommu: None };
+        let cfg = |n: &str| DomainConfig {
+            name: n.into(),
+            nr_frames: 16,
+            iommu: None,
+        };
         let a = sys.create_domain(cfg("a")).unwrap();
         let b = sys.create_domain(cfg("b")).unwrap();
-        (LocalPlatform::new(sys.clone(), a).unwrap(), LocalPlatform::new(sys, b).unwrap())
+        (
+            LocalPlatform::new(sys.clone(), a).unwrap(),
+            LocalPlatform::new(sys, b).unwrap(),
+        )
     }
 
     #[test]
@@ -279,9 +327,15 @@ mod tests {
         // The bind marks b's own port pending (lost-notification fix-up, as in Xen).
         assert_eq!(b.evtchn_wait(Some(Duration::ZERO)).unwrap(), vec![pb]);
         b.evtchn_unmask(pb).unwrap();
-        assert_eq!(a.evtchn_wait(Some(Duration::from_millis(10))), Err(PlatformError::TimedOut));
+        assert_eq!(
+            a.evtchn_wait(Some(Duration::from_millis(10))),
+            Err(PlatformError::TimedOut)
+        );
         b.evtchn_notify(pb).unwrap();
-        assert_eq!(a.evtchn_wait(Some(Duration::from_secs(5))).unwrap(), vec![pa]);
+        assert_eq!(
+            a.evtchn_wait(Some(Duration::from_secs(5))).unwrap(),
+            vec![pa]
+        );
     }
 
     #[test]
@@ -300,7 +354,10 @@ mod tests {
         assert_eq!(a.end_access(g), Err(PlatformError::GrantInUse(g)));
         drop(m);
         a.end_access(g).unwrap();
-        assert!(a.grant_access(b.domid(), 3, false).is_err(), "platform frame");
+        assert!(
+            a.grant_access(b.domid(), 3, false).is_err(),
+            "platform frame"
+        );
         assert!(a.grant_access(b.domid(), 1 << 40, false).is_err());
     }
 }

@@ -86,7 +86,12 @@ struct Domains {
 impl System {
     /// An empty system. Domain 0 is created by the first `create_domain` call.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { domains: RwLock::new(Domains { live: HashMap::new(), next_id: 0 }) })
+        Arc::new(Self {
+            domains: RwLock::new(Domains {
+                live: HashMap::new(),
+                next_id: 0,
+            }),
+        })
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Domains> {
@@ -108,7 +113,11 @@ impl System {
 
     /// Domain `dom` even while it is being destroyed (for releases and teardown).
     pub(crate) fn lookup_any(&self, dom: DomId) -> Result<Arc<Domain>> {
-        self.read().live.get(&dom).cloned().ok_or(SystemError::NoSuchDomain(dom))
+        self.read()
+            .live
+            .get(&dom)
+            .cloned()
+            .ok_or(SystemError::NoSuchDomain(dom))
     }
 
     /// Every domain in the table (a snapshot).
@@ -196,7 +205,11 @@ impl System {
     }
 
     /// The granter, reference and granter's frame behind `caller`'s mapping `handle`.
-    pub fn mapping_info(&self, caller: DomId, handle: MapHandle) -> Result<(DomId, GrantRef, Frame)> {
+    pub fn mapping_info(
+        &self,
+        caller: DomId,
+        handle: MapHandle,
+    ) -> Result<(DomId, GrantRef, Frame)> {
         grant_table::mapped(self, caller, handle)
     }
 
@@ -276,7 +289,12 @@ impl System {
 
     /// Manager: every use of `granter`'s `gref` must end by `deadline`.
     /// Returns whether the reference had any use to put a deadline on.
-    pub fn set_grant_deadline(&self, granter: DomId, gref: GrantRef, deadline: Instant) -> Result<bool> {
+    pub fn set_grant_deadline(
+        &self,
+        granter: DomId,
+        gref: GrantRef,
+        deadline: Instant,
+    ) -> Result<bool> {
         let g = self.lookup_any(granter)?;
         if gref >= layout::NR_GRANT_ENTRIES {
             return Err(SystemError::Grant(devchan::grant::status::BAD_GNTREF));
@@ -303,7 +321,11 @@ mod tests {
     use super::*;
 
     fn cfg(n: &str) -> DomainConfig {
-        DomainConfig { name: n.into(), nr_frames: layout::MIN_FRAMES, iommu: None }
+        DomainConfig {
+            name: n.into(),
+            nr_frames: layout::MIN_FRAMES,
+            iommu: None,
+        }
     }
 
     #[test]
@@ -320,7 +342,11 @@ mod tests {
     #[test]
     fn bad_memory_size_is_an_error() {
         let sys = System::new();
-        let r = sys.create_domain(DomainConfig { name: "x".into(), nr_frames: 3, iommu: None });
+        let r = sys.create_domain(DomainConfig {
+            name: "x".into(),
+            nr_frames: 3,
+            iommu: None,
+        });
         assert!(matches!(r, Err(SystemError::Memory(_))));
         assert!(sys.domain_ids().is_empty());
     }
@@ -349,15 +375,28 @@ mod tests {
         assert_eq!(frame, layout::MIN_FRAMES);
         std::os::unix::fs::FileExt::write_at(&file, b"x", 0).unwrap();
         let mut b = [0u8];
-        sys.domain(d).unwrap().memory().read(frame, 0, &mut b).unwrap();
+        sys.domain(d)
+            .unwrap()
+            .memory()
+            .read(frame, 0, &mut b)
+            .unwrap();
         assert_eq!(&b, b"x");
         assert!(file.set_len(0).is_err(), "sealed");
     }
 
     #[test]
     fn errors_map_to_platform_errors() {
-        assert_eq!(PlatformError::from(SystemError::BadPort(3)), PlatformError::BadPort(3));
-        assert_eq!(PlatformError::from(SystemError::Grant(-3)), PlatformError::Grant(-3));
-        assert_eq!(PlatformError::from(SystemError::Dying(4)), PlatformError::BadDomain(4));
+        assert_eq!(
+            PlatformError::from(SystemError::BadPort(3)),
+            PlatformError::BadPort(3)
+        );
+        assert_eq!(
+            PlatformError::from(SystemError::Grant(-3)),
+            PlatformError::Grant(-3)
+        );
+        assert_eq!(
+            PlatformError::from(SystemError::Dying(4)),
+            PlatformError::BadDomain(4)
+        );
     }
 }

@@ -8,7 +8,14 @@ use std::sync::Arc;
 
 fn sys3() -> (Arc<System>, u16, u16, u16) {
     let sys = System::new();
-    let mk = |n: &str| sys.create_domain(DomainConfig { name: n.into(), nr_frames: 16, iommu: None }).unwrap();
+    let mk = |n: &str| {
+        sys.create_domain(DomainConfig {
+            name: n.into(),
+            nr_frames: 16,
+            iommu: None,
+        })
+        .unwrap()
+    };
     let (a, b, c) = (mk("a"), mk("b"), mk("c"));
     (sys, a, b, c)
 }
@@ -37,7 +44,11 @@ fn send_sets_pending_in_peer_page_and_signals_once() {
     sys.evtchn_send(b, pb).unwrap();
     let da = sys.domain(a).unwrap();
     assert!(da.event_page().is_pending(pa));
-    assert_eq!(upcalls(&sys, a), 1, "second send while pending raises nothing");
+    assert_eq!(
+        upcalls(&sys, a),
+        1,
+        "second send while pending raises nothing"
+    );
     assert_eq!(da.event_page().take_pending(), vec![pa]);
     sys.evtchn_send(a, pa).unwrap();
     assert_eq!(upcalls(&sys, b), 1);
@@ -67,14 +78,23 @@ fn close_returns_peer_port_to_unbound() {
     sys.evtchn_close(b, pb).unwrap();
     assert!(matches!(sys.evtchn_send(b, pb), Err(SystemError::BadPort(p)) if p == pb));
     // a's port is unbound again (for b): sending on it fails, b can bind again.
-    assert!(matches!(sys.evtchn_send(a, pa), Err(SystemError::BadPort(_))));
+    assert!(matches!(
+        sys.evtchn_send(a, pa),
+        Err(SystemError::BadPort(_))
+    ));
     let pb2 = sys.evtchn_bind_interdomain(b, a, pa).unwrap();
     sys.domain(b).unwrap().event_page().take_pending();
     sys.evtchn_send(a, pa).unwrap();
-    assert_eq!(sys.domain(b).unwrap().event_page().take_pending(), vec![pb2]);
+    assert_eq!(
+        sys.domain(b).unwrap().event_page().take_pending(),
+        vec![pb2]
+    );
     // Closing twice is an error.
     sys.evtchn_close(a, pa).unwrap();
-    assert!(matches!(sys.evtchn_close(a, pa), Err(SystemError::BadPort(_))));
+    assert!(matches!(
+        sys.evtchn_close(a, pa),
+        Err(SystemError::BadPort(_))
+    ));
 }
 
 #[test]
@@ -82,28 +102,67 @@ fn bad_ports_and_domains_are_errors() {
     let (sys, a, b, c) = sys3();
     let pa = sys.evtchn_alloc_unbound(a, b).unwrap();
     // Unbound port: nothing to send to.
-    assert!(matches!(sys.evtchn_send(a, pa), Err(SystemError::BadPort(_))));
+    assert!(matches!(
+        sys.evtchn_send(a, pa),
+        Err(SystemError::BadPort(_))
+    ));
     // Port 0, never-allocated and huge ports.
     for p in [0, 77, 4095, 4096, u32::MAX] {
-        assert!(matches!(sys.evtchn_send(a, p), Err(SystemError::BadPort(_))), "send {p}");
-        assert!(matches!(sys.evtchn_unmask(a, p), Err(SystemError::BadPort(_))), "unmask {p}");
-        assert!(matches!(sys.evtchn_close(a, p), Err(SystemError::BadPort(_))), "close {p}");
-        assert!(matches!(sys.evtchn_bind_interdomain(b, a, p), Err(SystemError::BadPort(_))), "bind {p}");
+        assert!(
+            matches!(sys.evtchn_send(a, p), Err(SystemError::BadPort(_))),
+            "send {p}"
+        );
+        assert!(
+            matches!(sys.evtchn_unmask(a, p), Err(SystemError::BadPort(_))),
+            "unmask {p}"
+        );
+        assert!(
+            matches!(sys.evtchn_close(a, p), Err(SystemError::BadPort(_))),
+            "close {p}"
+        );
+        assert!(
+            matches!(
+                sys.evtchn_bind_interdomain(b, a, p),
+                Err(SystemError::BadPort(_))
+            ),
+            "bind {p}"
+        );
     }
     // The port was allocated for b: c may not bind it.
-    assert!(matches!(sys.evtchn_bind_interdomain(c, a, pa), Err(SystemError::BadPort(_))));
+    assert!(matches!(
+        sys.evtchn_bind_interdomain(c, a, pa),
+        Err(SystemError::BadPort(_))
+    ));
     // Another domain's port number means nothing in ours.
     let (_, pb) = connect(&sys, a, b);
     let pc_like = pb + 100;
-    assert!(matches!(sys.evtchn_send(c, pb), Err(SystemError::BadPort(_))));
-    assert!(matches!(sys.evtchn_close(c, pc_like), Err(SystemError::BadPort(_))));
+    assert!(matches!(
+        sys.evtchn_send(c, pb),
+        Err(SystemError::BadPort(_))
+    ));
+    assert!(matches!(
+        sys.evtchn_close(c, pc_like),
+        Err(SystemError::BadPort(_))
+    ));
     // Unknown domains.
-    assert!(matches!(sys.evtchn_alloc_unbound(a, 999), Err(SystemError::NoSuchDomain(999))));
-    assert!(matches!(sys.evtchn_bind_interdomain(b, 999, pa), Err(SystemError::NoSuchDomain(999))));
-    assert!(matches!(sys.evtchn_send(999, 1), Err(SystemError::NoSuchDomain(999))));
+    assert!(matches!(
+        sys.evtchn_alloc_unbound(a, 999),
+        Err(SystemError::NoSuchDomain(999))
+    ));
+    assert!(matches!(
+        sys.evtchn_bind_interdomain(b, 999, pa),
+        Err(SystemError::NoSuchDomain(999))
+    ));
+    assert!(matches!(
+        sys.evtchn_send(999, 1),
+        Err(SystemError::NoSuchDomain(999))
+    ));
     // A bound port cannot be bound again.
     sys.evtchn_bind_interdomain(b, a, pa).unwrap();
-    assert!(matches!(sys.evtchn_bind_interdomain(b, a, pa), Err(SystemError::BadPort(_))));
+    assert!(matches!(
+        sys.evtchn_bind_interdomain(b, a, pa),
+        Err(SystemError::BadPort(_))
+    ));
 }
 
 #[test]
@@ -116,7 +175,10 @@ fn loopback_with_domid_self() {
     sys.evtchn_send(a, p2).unwrap();
     assert_eq!(da.event_page().take_pending(), vec![p1]);
     sys.evtchn_close(a, p1).unwrap();
-    assert!(matches!(sys.evtchn_send(a, p2), Err(SystemError::BadPort(_))));
+    assert!(matches!(
+        sys.evtchn_send(a, p2),
+        Err(SystemError::BadPort(_))
+    ));
 }
 
 #[test]
@@ -124,9 +186,15 @@ fn destroying_a_peer_unbinds_its_channels() {
     let (sys, a, b, _) = sys3();
     let (pa, _) = connect(&sys, a, b);
     sys.destroy_domain(b).unwrap();
-    assert!(matches!(sys.evtchn_send(a, pa), Err(SystemError::BadPort(_))));
+    assert!(matches!(
+        sys.evtchn_send(a, pa),
+        Err(SystemError::BadPort(_))
+    ));
     sys.evtchn_close(a, pa).unwrap();
-    assert!(matches!(sys.evtchn_alloc_unbound(a, b), Err(SystemError::NoSuchDomain(_))));
+    assert!(matches!(
+        sys.evtchn_alloc_unbound(a, b),
+        Err(SystemError::NoSuchDomain(_))
+    ));
 }
 
 #[test]
@@ -139,7 +207,11 @@ fn ports_run_out_cleanly() {
             Err(e) => break e,
         }
     };
-    assert_eq!(n, devchan::evtchn::EVTCHN_2L_NR_CHANNELS - 1, "port 0 is reserved");
+    assert_eq!(
+        n,
+        devchan::evtchn::EVTCHN_2L_NR_CHANNELS - 1,
+        "port 0 is reserved"
+    );
     assert!(matches!(err, SystemError::Exhausted(_)));
     sys.evtchn_close(a, 17).unwrap();
     assert_eq!(sys.evtchn_alloc_unbound(a, b).unwrap(), 17);
@@ -153,7 +225,9 @@ fn concurrent_senders_never_lose_a_wakeup() {
     let (sys, a, b, _) = sys3();
     let chans: Vec<_> = (0..8).map(|_| connect(&sys, a, b)).collect();
     let da = sys.domain(a).unwrap();
-    let seen: Vec<_> = (0..8).map(|_| std::sync::atomic::AtomicU32::new(0)).collect();
+    let seen: Vec<_> = (0..8)
+        .map(|_| std::sync::atomic::AtomicU32::new(0))
+        .collect();
     let target = 200;
     std::thread::scope(|s| {
         for (i, &(_, pb)) in chans.iter().enumerate() {
@@ -165,12 +239,22 @@ fn concurrent_senders_never_lose_a_wakeup() {
                 }
             });
         }
-        let mut fd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(da.upcall()), events: libc::POLLIN, revents: 0 };
+        let mut fd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(da.upcall()),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let start = std::time::Instant::now();
-        while seen.iter().any(|c| c.load(std::sync::atomic::Ordering::SeqCst) < target) {
+        while seen
+            .iter()
+            .any(|c| c.load(std::sync::atomic::Ordering::SeqCst) < target)
+        {
             // SAFETY: one valid pollfd for the call.
             let n = unsafe { libc::poll(&mut fd, 1, 2000) };
-            assert!(n > 0, "no upcall for 2 s while events were being sent: lost wake-up");
+            assert!(
+                n > 0,
+                "no upcall for 2 s while events were being sent: lost wake-up"
+            );
             let _ = da.upcall().read();
             for p in da.event_page().take_pending() {
                 let i = chans.iter().position(|c| c.0 == p).expect("only our ports");

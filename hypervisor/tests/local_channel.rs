@@ -25,7 +25,14 @@ fn data_word(i: u64) -> u64 {
 
 fn run_channel(requests: u64) {
     let sys = System::new();
-    let mk = |n: &str| sys.create_domain(DomainConfig { name: n.into(), nr_frames: 32, iommu: None }).unwrap();
+    let mk = |n: &str| {
+        sys.create_domain(DomainConfig {
+            name: n.into(),
+            nr_frames: 32,
+            iommu: None,
+        })
+        .unwrap()
+    };
     let (fa, ba) = (mk("front"), mk("back"));
     let front = LocalPlatform::new(sys.clone(), fa).unwrap();
     let back = LocalPlatform::new(sys.clone(), ba).unwrap();
@@ -40,7 +47,13 @@ fn run_channel(requests: u64) {
     };
     let ring_ref = front.grant_access(ba, ring_page.frame(), false).unwrap();
     for i in 0..512u64 {
-        front.write_local(DATA_FRAME, usize::try_from(i * 8).unwrap(), &data_word(i).to_le_bytes()).unwrap();
+        front
+            .write_local(
+                DATA_FRAME,
+                usize::try_from(i * 8).unwrap(),
+                &data_word(i).to_le_bytes(),
+            )
+            .unwrap();
     }
     let data_ref = front.grant_access(ba, DATA_FRAME, true).unwrap();
     let fport = front.evtchn_alloc_unbound(ba).unwrap();
@@ -60,14 +73,23 @@ fn run_channel(requests: u64) {
                     // Read the request's data word from the frontend by grant copy.
                     let slot = (n % 512) * 8;
                     let op = GrantCopyOp {
-                        src: CopyPtr::Grant { domid: fa, gref: data_ref, offset: u16::try_from(slot).unwrap() },
-                        dst: CopyPtr::Local { frame: DATA_FRAME, offset: 0 },
+                        src: CopyPtr::Grant {
+                            domid: fa,
+                            gref: data_ref,
+                            offset: u16::try_from(slot).unwrap(),
+                        },
+                        dst: CopyPtr::Local {
+                            frame: DATA_FRAME,
+                            offset: 0,
+                        },
                         len: 8,
                     };
                     assert_eq!(back.grant_copy(&[op]).unwrap(), vec![status::OKAY]);
                     let mut w = [0u8; 8];
                     back.read_local(DATA_FRAME, 0, &mut w).unwrap();
-                    bring.put_response(&answer(n, u64::from_le_bytes(w))).unwrap();
+                    bring
+                        .put_response(&answer(n, u64::from_le_bytes(w)))
+                        .unwrap();
                     served += 1;
                 }
                 if bring.push_responses() {
@@ -132,7 +154,14 @@ fn twenty_thousand_requests_with_verified_responses() {
 #[test]
 fn ring_grant_cannot_be_withdrawn_while_mapped() {
     let sys = System::new();
-    let mk = |n: &str| sys.create_domain(DomainConfig { name: n.into(), nr_frames: 16, iommu: None }).unwrap();
+    let mk = |n: &str| {
+        sys.create_domain(DomainConfig {
+            name: n.into(),
+            nr_frames: 16,
+            iommu: None,
+        })
+        .unwrap()
+    };
     let (fa, ba) = (mk("front"), mk("back"));
     let front = LocalPlatform::new(sys.clone(), fa).unwrap();
     let back = LocalPlatform::new(sys.clone(), ba).unwrap();
