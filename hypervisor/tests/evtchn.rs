@@ -264,3 +264,131 @@ fn concurrent_senders_never_lose_a_wakeup() {
         }
     });
 }
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum St {
+        Unbound(u16),
+        Inter(u16, u32),
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc(usize, usize),
+        Bind(usize, usize, u32),
+        Send(usize, u32),
+        Close(usize, u32),
+        Unmask(usize, u32),
+        Mask(usize, u32),
+        Scan(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let d = 0usize..3;
+        let p = 0u32..7;
+        prop_oneof![
+            2 => (d.clone(), d.clone()).prop_map(|(a, b)| Op::Alloc(a, b)),
+            2 => (d.clone(), d.clone(), p.clone()).prop_map(|(a, b, p)| Op::Bind(a, b, p)),
+            3 => (d.clone(), p.clone()).prop_map(|(a, p)| Op::Send(a, p)),
+            1 => (d.clone(), p.clone()).prop_map(|(a, p)| Op::Close(a, p)),
+            1 => (d.clone(), p.clone()).prop_map(|(a, p)| Op::Unmask(a, p)),
+            1 => (d.clone(), p).prop_map(|(a, p)| Op::Mask(a, p)),
+            2 => d.prop_map(Op::Scan),
+        ]
+    }
+
+    fn lowest_free(t: &BTreeMap<u32, St>) -> u32 {
+        (1..).find(|p| !t.contains_key(p)).unwrap()
+    }
+
+    proptest! {
+        /// Random alloc/bind/send/close/mask/unmask/scan sequences over three domains against
+        /// a model of Xen's port states: every call succeeds exactly when the model says so,
+        /// and each scan delivers exactly the pending, unmasked ports.
+        #[test]
+        fn routing_matches_model(ops in prop::collection::vec(op(), 1..80)) {
+            let (sys, a, b, c) = sys3();
+            let ids = [a, b, c];
+            let mut ports: Vec<BTreeMap<u32, St>> = vec![BTreeMap::new(); 3];
+            let mut pending: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); 3];
+            let mut masked: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); 3];
+            let idx = |d: u16| ids.iter().position(|x| *x == d).unwrap();
+            for op in ops {
+                match op {
+                    Op::Alloc(d, r) => {
+                        let p = sys.evtchn_alloc_unbound(ids[d], ids[r]).unwrap();
+                        prop_assert_eq!(p, lowest_free(&ports[d]));
+                        ports[d].insert(p, St::Unbound(ids[r]));
+                    }
+                    Op::Bind(d, r, rp) => {
+                        let ok = ports[r].get(&rp) == Some(&St::Unbound(ids[d]));
+                        let res = sys.evtchn_bind_interdomain(ids[d], ids[r], rp);
+                        prop_assert_eq!(res.is_ok(), ok);
+                        if let Ok(lp) = res {
+                            // Loopback: the remote port is in our own table and is taken.
+                            let want = if d == r {
+                                (1..).find(|p| *p != rp && !ports[d].contains_key(p)).unwrap()
+                            } else {
+                                lowest_free(&ports[d])
+                            };
+                            prop_assert_eq!(lp, want);
+                            ports[d].insert(lp, St::Inter(ids[r], rp));
+                            ports[r].insert(rp, St::Inter(ids[d], lp));
+                            pending[d].insert(lp);
+                        }
+                    }
+                    Op::Send(d, p) => {
+                        let res = sys.evtchn_send(ids[d], p);
+                        match ports[d].get(&p) {
+                            Some(St::Inter(r, rp)) => {
+                                prop_assert!(res.is_ok());
+                                pending[idx(*r)].insert(*rp);
+                            }
+                            _ => prop_assert!(matches!(res, Err(SystemError::BadPort(_)))),
+                        }
+                    }
+                    Op::Close(d, p) => {
+                        let res = sys.evtchn_close(ids[d], p);
+                        match ports[d].remove(&p) {
+                            None => prop_assert!(res.is_err()),
+                            Some(st) => {
+                                prop_assert!(res.is_ok());
+                                if let St::Inter(r, rp) = st {
+                                    let ri = idx(r);
+                                    if ports[ri].get(&rp) == Some(&St::Inter(ids[d], p)) {
+                                        ports[ri].insert(rp, St::Unbound(ids[d]));
+                                    }
+                                }
+                                pending[d].remove(&p);
+                            }
+                        }
+                    }
+                    Op::Unmask(d, p) => {
+                        let res = sys.evtchn_unmask(ids[d], p);
+                        prop_assert_eq!(res.is_ok(), ports[d].contains_key(&p));
+                        if res.is_ok() {
+                            masked[d].remove(&p);
+                        }
+                    }
+                    Op::Mask(d, p) => {
+                        sys.domain(ids[d]).unwrap().event_page().mask(p);
+                        masked[d].insert(p);
+                    }
+                    Op::Scan(d) => {
+                        let got: BTreeSet<u32> =
+                            sys.domain(ids[d]).unwrap().event_page().take_pending().into_iter().collect();
+                        let want: BTreeSet<u32> = pending[d].difference(&masked[d]).copied().collect();
+                        prop_assert_eq!(&got, &want);
+                        for p in got {
+                            pending[d].remove(&p);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
