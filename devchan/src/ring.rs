@@ -734,6 +734,14 @@ impl OwnedPage {
         }
     }
 
+    /// Overwrite `bytes.len()` bytes at `offset` (clipped to the page), as a hostile peer could.
+    pub fn write_at(&self, offset: usize, bytes: &[u8]) {
+        for (i, b) in (offset..PAGE_SIZE).zip(bytes) {
+            // SAFETY: i < PAGE_SIZE, inside our allocation; volatile as in `fill`.
+            unsafe { self.0.as_ptr().add(i).write_volatile(*b) };
+        }
+    }
+
     /// Copy the page out.
     pub fn snapshot(&self) -> Vec<u8> {
         // SAFETY: i < PAGE_SIZE, inside our allocation; volatile as in `fill`.
