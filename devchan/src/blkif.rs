@@ -100,7 +100,9 @@ pub const VDISK_READONLY: u32 = 0x4;
 
 /// One segment descriptor, exactly `struct blkif_request_segment` (8 bytes).
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct BlkifRequestSegment {
     /// Grant of the data page.
     pub gref: GrantRef,
@@ -114,7 +116,9 @@ pub struct BlkifRequestSegment {
 
 /// A request slot, exactly `struct blkif_request` (112 bytes); the ring's request type.
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct BlkifRequest {
     /// `BLKIF_OP_*`.
     pub operation: u8,
@@ -134,7 +138,9 @@ pub struct BlkifRequest {
 
 /// A discard request, `struct blkif_request_discard` (32 bytes), overlaid on a request slot.
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct BlkifRequestDiscard {
     /// `BLKIF_OP_DISCARD`.
     pub operation: u8,
@@ -155,7 +161,9 @@ pub struct BlkifRequestDiscard {
 /// An indirect request, `struct blkif_request_indirect` (64 bytes on x86-64), overlaid on a
 /// request slot.
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct BlkifRequestIndirect {
     /// `BLKIF_OP_INDIRECT`.
     pub operation: u8,
@@ -181,7 +189,9 @@ pub struct BlkifRequestIndirect {
 
 /// A response slot, exactly `struct blkif_response` (16 bytes); the ring's response type.
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct BlkifResponse {
     /// The request's `id`.
     pub id: u64,
@@ -274,9 +284,17 @@ impl Segment {
     /// Validate a raw descriptor; `index` is its position, for the error.
     pub fn decode(raw: &BlkifRequestSegment, index: usize) -> Result<Self, BlkifError> {
         if raw.first_sect > raw.last_sect || raw.last_sect >= SECTORS_PER_PAGE {
-            return Err(BlkifError::BadSegment { index, first: raw.first_sect, last: raw.last_sect });
+            return Err(BlkifError::BadSegment {
+                index,
+                first: raw.first_sect,
+                last: raw.last_sect,
+            });
         }
-        Ok(Self { gref: raw.gref, first_sect: raw.first_sect, last_sect: raw.last_sect })
+        Ok(Self {
+            gref: raw.gref,
+            first_sect: raw.first_sect,
+            last_sect: raw.last_sect,
+        })
     }
 
     /// The wire descriptor.
@@ -428,11 +446,16 @@ impl IndirectRequest {
     pub fn segments(&self, pages: &[u8]) -> Result<Vec<Segment>, BlkifError> {
         let n = usize::from(self.nr_segments);
         let needed = n * core::mem::size_of::<BlkifRequestSegment>();
-        let bytes = pages
-            .get(..needed)
-            .ok_or(BlkifError::IndirectPagesShort { needed, got: pages.len() })?;
-        let raw = <[BlkifRequestSegment]>::ref_from_bytes(bytes)
-            .map_err(|_| BlkifError::IndirectPagesShort { needed, got: pages.len() })?;
+        let bytes = pages.get(..needed).ok_or(BlkifError::IndirectPagesShort {
+            needed,
+            got: pages.len(),
+        })?;
+        let raw = <[BlkifRequestSegment]>::ref_from_bytes(bytes).map_err(|_| {
+            BlkifError::IndirectPagesShort {
+                needed,
+                got: pages.len(),
+            }
+        })?;
         let segs = raw
             .iter()
             .enumerate()
@@ -533,14 +556,28 @@ impl BlkRequest {
             return Err(BlkifError::NoSegments);
         }
         if usize::from(nr) > BLKIF_MAX_SEGMENTS_PER_REQUEST {
-            return Err(BlkifError::TooManySegments { nr: nr.into(), max: 11 });
+            return Err(BlkifError::TooManySegments {
+                nr: nr.into(),
+                max: 11,
+            });
         }
-        let mut segments = Segments { len: nr, ..Segments::default() };
+        let mut segments = Segments {
+            len: nr,
+            ..Segments::default()
+        };
         for (i, raw_seg) in raw.seg[..usize::from(nr)].iter().enumerate() {
             segments.segs[i] = Segment::decode(raw_seg, i)?;
         }
-        check_range(raw.sector_number, segments.iter().map(Segment::sectors).sum())?;
-        Ok(RwRequest { id: raw.id, handle: raw.handle, sector: raw.sector_number, segments })
+        check_range(
+            raw.sector_number,
+            segments.iter().map(Segment::sectors).sum(),
+        )?;
+        Ok(RwRequest {
+            id: raw.id,
+            handle: raw.handle,
+            sector: raw.sector_number,
+            segments,
+        })
     }
 
     /// The request slot a frontend puts on the ring.
@@ -664,7 +701,13 @@ impl TryFrom<i16> for BlkStatus {
 impl BlkifResponse {
     /// A response slot.
     pub fn new(id: u64, operation: u8, status: BlkStatus) -> Self {
-        Self { id, operation, _pad1: 0, status: status.into(), _pad2: 0 }
+        Self {
+            id,
+            operation,
+            _pad1: 0,
+            status: status.into(),
+            _pad2: 0,
+        }
     }
 }
 
@@ -673,15 +716,33 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
     use crate::abi::AbiCheck;
     let mut v = crate::abi_layout!(
         "struct blkif_request_segment",
-        BlkifRequestSegment { gref, first_sect, last_sect }
+        BlkifRequestSegment {
+            gref,
+            first_sect,
+            last_sect
+        }
     );
     v.extend(crate::abi_layout!(
         "struct blkif_request",
-        BlkifRequest { operation, nr_segments, handle, id, sector_number, seg }
+        BlkifRequest {
+            operation,
+            nr_segments,
+            handle,
+            id,
+            sector_number,
+            seg
+        }
     ));
     v.extend(crate::abi_layout!(
         "struct blkif_request_discard",
-        BlkifRequestDiscard { operation, flag, handle, id, sector_number, nr_sectors }
+        BlkifRequestDiscard {
+            operation,
+            flag,
+            handle,
+            id,
+            sector_number,
+            nr_sectors
+        }
     ));
     v.extend(crate::abi_layout!(
         "struct blkif_request_indirect",
@@ -695,12 +756,28 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
             indirect_grefs
         }
     ));
-    v.extend(crate::abi_layout!("struct blkif_response", BlkifResponse { id, operation, status }));
+    v.extend(crate::abi_layout!(
+        "struct blkif_response",
+        BlkifResponse {
+            id,
+            operation,
+            status
+        }
+    ));
     let entry = crate::ring::entry_size::<BlkifRequest, BlkifResponse>();
     v.push(AbiCheck::new("sizeof(union blkif_sring_entry)", entry));
-    v.push(AbiCheck::new("sizeof(struct blkif_sring)", crate::ring::RING_HEADER_SIZE + entry));
-    v.push(AbiCheck::new("offsetof(struct blkif_sring, ring)", crate::ring::RING_HEADER_SIZE));
-    v.push(AbiCheck::new("__CONST_RING_SIZE(blkif, 4096)", BLKIF_RING_SIZE));
+    v.push(AbiCheck::new(
+        "sizeof(struct blkif_sring)",
+        crate::ring::RING_HEADER_SIZE + entry,
+    ));
+    v.push(AbiCheck::new(
+        "offsetof(struct blkif_sring, ring)",
+        crate::ring::RING_HEADER_SIZE,
+    ));
+    v.push(AbiCheck::new(
+        "__CONST_RING_SIZE(blkif, 4096)",
+        BLKIF_RING_SIZE,
+    ));
     for (name, ours) in [
         ("BLKIF_OP_READ", BLKIF_OP_READ),
         ("BLKIF_OP_WRITE", BLKIF_OP_WRITE),
@@ -721,15 +798,26 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
         v.push(AbiCheck::new(name, ours));
     }
     for (name, ours) in [
-        ("BLKIF_MAX_SEGMENTS_PER_REQUEST", BLKIF_MAX_SEGMENTS_PER_REQUEST),
-        ("BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST", BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST),
-        ("4096 / sizeof(struct blkif_request_segment)", SEGS_PER_INDIRECT_FRAME),
+        (
+            "BLKIF_MAX_SEGMENTS_PER_REQUEST",
+            BLKIF_MAX_SEGMENTS_PER_REQUEST,
+        ),
+        (
+            "BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST",
+            BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
+        ),
+        (
+            "4096 / sizeof(struct blkif_request_segment)",
+            SEGS_PER_INDIRECT_FRAME,
+        ),
     ] {
         v.push(AbiCheck::new(name, ours));
     }
-    for (name, ours) in
-        [("VDISK_CDROM", VDISK_CDROM), ("VDISK_REMOVABLE", VDISK_REMOVABLE), ("VDISK_READONLY", VDISK_READONLY)]
-    {
+    for (name, ours) in [
+        ("VDISK_CDROM", VDISK_CDROM),
+        ("VDISK_REMOVABLE", VDISK_REMOVABLE),
+        ("VDISK_READONLY", VDISK_READONLY),
+    ] {
         v.push(AbiCheck::new(name, ours));
     }
     v.push(AbiCheck::new("sizeof(blkif_sector_t)", 8));
@@ -742,7 +830,12 @@ mod tests {
     use super::*;
 
     fn seg(gref: u32, first: u8, last: u8) -> BlkifRequestSegment {
-        BlkifRequestSegment { gref, first_sect: first, last_sect: last, _pad: [0; 2] }
+        BlkifRequestSegment {
+            gref,
+            first_sect: first,
+            last_sect: last,
+            _pad: [0; 2],
+        }
     }
 
     fn raw_rw(op: u8, nsegs: u8) -> BlkifRequest {
@@ -763,20 +856,38 @@ mod tests {
     #[test]
     fn read_decodes_and_round_trips() {
         let raw = raw_rw(BLKIF_OP_READ, 3);
-        let BlkRequest::Read(r) = BlkRequest::decode(&raw, 0).unwrap() else { panic!() };
-        assert_eq!((r.id, r.handle, r.sector, r.segments.len()), (77, 51712, 1000, 3));
-        assert_eq!(r.segments[2], Segment { gref: 102, first_sect: 0, last_sect: 7 });
+        let BlkRequest::Read(r) = BlkRequest::decode(&raw, 0).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (r.id, r.handle, r.sector, r.segments.len()),
+            (77, 51712, 1000, 3)
+        );
+        assert_eq!(
+            r.segments[2],
+            Segment {
+                gref: 102,
+                first_sect: 0,
+                last_sect: 7
+            }
+        );
         assert_eq!(r.segments[0].len(), 4096);
         let req = BlkRequest::Read(r);
         let back = BlkRequest::decode(&req.encode(), 0).unwrap();
         assert_eq!(back, req);
-        assert_eq!(req.response(BlkStatus::Okay), BlkifResponse::new(77, 0, BlkStatus::Okay));
+        assert_eq!(
+            req.response(BlkStatus::Okay),
+            BlkifResponse::new(77, 0, BlkStatus::Okay)
+        );
     }
 
     #[test]
     fn rejects_bad_requests() {
         let dec = |r: &BlkifRequest| BlkRequest::decode(r, 256);
-        assert_eq!(dec(&raw_rw(BLKIF_OP_RESERVED_1, 1)), Err(BlkifError::BadOperation(4)));
+        assert_eq!(
+            dec(&raw_rw(BLKIF_OP_RESERVED_1, 1)),
+            Err(BlkifError::BadOperation(4))
+        );
         assert_eq!(dec(&raw_rw(200, 1)), Err(BlkifError::BadOperation(200)));
         assert_eq!(dec(&raw_rw(BLKIF_OP_WRITE, 0)), Err(BlkifError::NoSegments));
         assert!(dec(&raw_rw(BLKIF_OP_FLUSH_DISKCACHE, 0)).is_ok());
@@ -787,14 +898,34 @@ mod tests {
         );
         let mut r = raw_rw(BLKIF_OP_READ, 2);
         r.seg[1] = seg(1, 5, 4);
-        assert_eq!(dec(&r), Err(BlkifError::BadSegment { index: 1, first: 5, last: 4 }));
+        assert_eq!(
+            dec(&r),
+            Err(BlkifError::BadSegment {
+                index: 1,
+                first: 5,
+                last: 4
+            })
+        );
         r.seg[1] = seg(1, 0, 8);
-        assert_eq!(dec(&r), Err(BlkifError::BadSegment { index: 1, first: 0, last: 8 }));
+        assert_eq!(
+            dec(&r),
+            Err(BlkifError::BadSegment {
+                index: 1,
+                first: 0,
+                last: 8
+            })
+        );
         // Segments past nr_segments are not looked at.
         r.nr_segments = 1;
         assert!(dec(&r).is_ok());
         r.sector_number = u64::MAX - 7;
-        assert_eq!(dec(&r), Err(BlkifError::SectorOverflow { sector: u64::MAX - 7, sectors: 8 }));
+        assert_eq!(
+            dec(&r),
+            Err(BlkifError::SectorOverflow {
+                sector: u64::MAX - 7,
+                sectors: 8
+            })
+        );
     }
 
     #[test]
@@ -823,7 +954,10 @@ mod tests {
         );
         assert_eq!(req.encode(), raw);
         raw.nr_segments = 0x82; // the flag byte
-        assert_eq!(BlkRequest::decode(&raw, 0), Err(BlkifError::BadDiscardFlags(0x82)));
+        assert_eq!(
+            BlkRequest::decode(&raw, 0),
+            Err(BlkifError::BadDiscardFlags(0x82))
+        );
     }
 
     #[test]
@@ -848,7 +982,10 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!((r.op, r.pages(), r.grefs()), (IndirectOp::Write, 2, &[10, 11][..]));
+        assert_eq!(
+            (r.op, r.pages(), r.grefs()),
+            (IndirectOp::Write, 2, &[10, 11][..])
+        );
         let mut pages = vec![0u8; 2 * PAGE_SIZE];
         for (i, chunk) in pages.chunks_exact_mut(8).enumerate() {
             chunk.copy_from_slice(seg(u32::try_from(i).unwrap(), 1, 2).as_bytes());
@@ -858,13 +995,23 @@ mod tests {
         assert_eq!(segs[512].gref, 512);
         assert_eq!(
             r.segments(&pages[..4096]),
-            Err(BlkifError::IndirectPagesShort { needed: 4104, got: 4096 })
+            Err(BlkifError::IndirectPagesShort {
+                needed: 4104,
+                got: 4096
+            })
         );
         pages[512 * 8 + 5] = 9; // last_sect of segment 512
-        assert_eq!(r.segments(&pages), Err(BlkifError::BadSegment { index: 512, first: 1, last: 9 }));
+        assert_eq!(
+            r.segments(&pages),
+            Err(BlkifError::BadSegment {
+                index: 512,
+                first: 1,
+                last: 9
+            })
+        );
         // Encoding keeps only the pages in use.
-        let BlkRequest::Indirect(e) = BlkRequest::decode(&BlkRequest::Indirect(r).encode(), 4096)
-            .unwrap()
+        let BlkRequest::Indirect(e) =
+            BlkRequest::decode(&BlkRequest::Indirect(r).encode(), 4096).unwrap()
         else {
             panic!()
         };
@@ -872,7 +1019,10 @@ mod tests {
         let mut bad = ind;
         bad.indirect_op = BLKIF_OP_FLUSH_DISKCACHE;
         raw.as_mut_bytes()[..64].copy_from_slice(bad.as_bytes());
-        assert_eq!(BlkRequest::decode(&raw, 4096), Err(BlkifError::BadIndirectOp(3)));
+        assert_eq!(
+            BlkRequest::decode(&raw, 4096),
+            Err(BlkifError::BadIndirectOp(3))
+        );
         bad.indirect_op = BLKIF_OP_READ;
         bad.nr_segments = 0;
         raw.as_mut_bytes()[..64].copy_from_slice(bad.as_bytes());

@@ -74,7 +74,8 @@ pub fn ring_entries(data: &[u8]) {
             },
             |_| {},
             |back| {
-                if let Ok(Some(p)) = read_tx_packet(|| back.get_request(), XEN_NETBK_LEGACY_SLOTS_MAX)
+                if let Ok(Some(p)) =
+                    read_tx_packet(|| back.get_request(), XEN_NETBK_LEGACY_SLOTS_MAX)
                 {
                     for rsp in p.responses(crate::netif::NetifStatus::Okay) {
                         if back.put_response(&rsp).is_err() {
@@ -199,17 +200,25 @@ pub fn netif_blkif(data: &[u8]) {
         let _ = BlkStatus::try_from(rsp.status);
     }
 
-    let slots: Vec<NetifTxRequest> =
-        data.chunks(12).map(|c| Input(c).msg::<NetifTxRequest>()).collect();
+    let slots: Vec<NetifTxRequest> = data
+        .chunks(12)
+        .map(|c| Input(c).msg::<NetifTxRequest>())
+        .collect();
     let mut it = slots.iter().copied();
     while let Ok(Some(p)) = read_tx_packet(|| Ok(it.next()), XEN_NETBK_LEGACY_SLOTS_MAX) {
         assert!(p.slots() >= 1 && p.fragments.len() <= XEN_NETBK_LEGACY_SLOTS_MAX);
-        assert_eq!(p.responses(crate::netif::NetifStatus::Okay).len(), p.slots());
+        assert_eq!(
+            p.responses(crate::netif::NetifStatus::Okay).len(),
+            p.slots()
+        );
         let sum: u32 = p.fragments.iter().map(|f| u32::from(f.size)).sum();
         assert_eq!(sum, u32::from(p.size));
         let again = p.encode();
         let mut it2 = again.iter().copied();
-        assert_eq!(read_tx_packet(|| Ok(it2.next()), XEN_NETBK_LEGACY_SLOTS_MAX), Ok(Some(p)));
+        assert_eq!(
+            read_tx_packet(|| Ok(it2.next()), XEN_NETBK_LEGACY_SLOTS_MAX),
+            Ok(Some(p))
+        );
     }
 
     for chunk in data.chunks(8) {

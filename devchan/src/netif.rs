@@ -127,7 +127,9 @@ pub const NETIF_RSP_NULL: i16 = 1;
 
 /// A transmit request slot, exactly `struct netif_tx_request` (12 bytes).
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct NetifTxRequest {
     /// Grant of the page holding the data.
     pub gref: GrantRef,
@@ -143,7 +145,9 @@ pub struct NetifTxRequest {
 
 /// A transmit response slot, exactly `struct netif_tx_response` (4 bytes).
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct NetifTxResponse {
     /// The request's `id`.
     pub id: u16,
@@ -153,7 +157,9 @@ pub struct NetifTxResponse {
 
 /// A receive request slot (a posted buffer), exactly `struct netif_rx_request` (8 bytes).
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct NetifRxRequest {
     /// Echoed in the response.
     pub id: u16,
@@ -165,7 +171,9 @@ pub struct NetifRxRequest {
 
 /// A receive response slot, exactly `struct netif_rx_response` (8 bytes).
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct NetifRxResponse {
     /// The request's `id`.
     pub id: u16,
@@ -180,7 +188,9 @@ pub struct NetifRxResponse {
 /// An extra-info slot, exactly `struct netif_extra_info` (8 bytes), overlaid on a transmit
 /// request or receive response. `u` is kept as bytes; [`ExtraInfo`] decodes it.
 #[repr(C, align(2))]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct NetifExtraInfo {
     /// `XEN_NETIF_EXTRA_TYPE_*` (C field `type`).
     pub type_: u8,
@@ -473,7 +483,11 @@ impl ExtraInfo {
                     XEN_NETIF_GSO_TYPE_TCPV6 if size != 0 => GsoType::TcpV6,
                     t => return Err(NetifError::BadGso { size, gso_type: t }),
                 };
-                Self::Gso { size, gso_type, features: u16_at(u_off::GSO_FEATURES) }
+                Self::Gso {
+                    size,
+                    gso_type,
+                    features: u16_at(u_off::GSO_FEATURES),
+                }
             }
             ExtraType::McastAdd => Self::McastAdd(mac()),
             ExtraType::McastDel => Self::McastDel(mac()),
@@ -513,7 +527,11 @@ impl ExtraInfo {
     pub fn encode(&self, more: bool) -> NetifExtraInfo {
         let mut u = [0u8; 6];
         match *self {
-            Self::Gso { size, gso_type, features } => {
+            Self::Gso {
+                size,
+                gso_type,
+                features,
+            } => {
                 u[u_off::GSO_SIZE..u_off::GSO_SIZE + 2].copy_from_slice(&size.to_ne_bytes());
                 u[u_off::GSO_TYPE] = match gso_type {
                     GsoType::TcpV4 => XEN_NETIF_GSO_TYPE_TCPV4,
@@ -526,7 +544,11 @@ impl ExtraInfo {
             Self::McastAdd(a) | Self::McastDel(a) => {
                 u[u_off::MCAST_ADDR..u_off::MCAST_ADDR + 6].copy_from_slice(&a);
             }
-            Self::Hash { hash_type, algorithm, value } => {
+            Self::Hash {
+                hash_type,
+                algorithm,
+                value,
+            } => {
                 u[u_off::HASH_TYPE] = hash_type;
                 u[u_off::HASH_ALGORITHM] = algorithm;
                 u[u_off::HASH_VALUE..u_off::HASH_VALUE + 4].copy_from_slice(&value.to_ne_bytes());
@@ -549,7 +571,8 @@ impl ExtraInfo {
     /// The slot as a receive response.
     pub fn to_rx_slot(&self, more: bool) -> NetifRxResponse {
         let mut slot = NetifRxResponse::default();
-        slot.as_mut_bytes().copy_from_slice(self.encode(more).as_bytes());
+        slot.as_mut_bytes()
+            .copy_from_slice(self.encode(more).as_bytes());
         slot
     }
 }
@@ -589,8 +612,14 @@ impl TxPacket {
     /// The responses, in slot order: `status` for each data slot (with its id), and
     /// `NETIF_RSP_NULL` for each extra-info slot (which follow the first fragment's).
     pub fn responses(&self, status: NetifStatus) -> Vec<NetifTxResponse> {
-        let data = |f: &TxFragment| NetifTxResponse { id: f.id, status: status.into() };
-        let null = NetifTxResponse { id: 0, status: NETIF_RSP_NULL };
+        let data = |f: &TxFragment| NetifTxResponse {
+            id: f.id,
+            status: status.into(),
+        };
+        let null = NetifTxResponse {
+            id: 0,
+            status: NETIF_RSP_NULL,
+        };
         let mut out = Vec::with_capacity(self.slots());
         out.extend(self.fragments.first().map(data));
         out.extend(self.extras.iter().map(|_| null));
@@ -611,10 +640,21 @@ impl TxPacket {
                 flags |= NETTXF_EXTRA_INFO;
             }
             let size = if i == 0 { self.size } else { f.size };
-            out.push(NetifTxRequest { gref: f.gref, offset: f.offset, flags, id: f.id, size });
+            out.push(NetifTxRequest {
+                gref: f.gref,
+                offset: f.offset,
+                flags,
+                id: f.id,
+                size,
+            });
             if i == 0 {
                 let m = self.extras.len();
-                out.extend(self.extras.iter().enumerate().map(|(j, e)| e.to_tx_slot(j + 1 < m)));
+                out.extend(
+                    self.extras
+                        .iter()
+                        .enumerate()
+                        .map(|(j, e)| e.to_tx_slot(j + 1 < m)),
+                );
             }
         }
         out
@@ -623,7 +663,11 @@ impl TxPacket {
 
 fn check_in_page(index: usize, offset: u16, size: u16) -> Result<(), NetifError> {
     if usize::from(offset) + usize::from(size) > PAGE_SIZE {
-        return Err(NetifError::CrossesPage { index, offset, size });
+        return Err(NetifError::CrossesPage {
+            index,
+            offset,
+            size,
+        });
     }
     Ok(())
 }
@@ -637,7 +681,9 @@ pub fn read_tx_packet(
     mut next: impl FnMut() -> Result<Option<NetifTxRequest>, RingError>,
     max_slots: usize,
 ) -> Result<Option<TxPacket>, NetifError> {
-    let Some(first) = next()? else { return Ok(None) };
+    let Some(first) = next()? else {
+        return Ok(None);
+    };
     let flags = TxFlags::try_from(first.flags)?;
     let mut slots = 1;
     let mut extras: Vec<ExtraInfo> = Vec::new();
@@ -676,11 +722,20 @@ pub fn read_tx_packet(
             return Err(NetifError::ExtraOnLaterFragment(index));
         }
         if r.size > remaining {
-            return Err(NetifError::FragmentTooLarge { index, size: r.size, remaining });
+            return Err(NetifError::FragmentTooLarge {
+                index,
+                size: r.size,
+                remaining,
+            });
         }
         remaining -= r.size;
         check_in_page(index, r.offset, r.size)?;
-        fragments.push(TxFragment { id: r.id, gref: r.gref, offset: r.offset, size: r.size });
+        fragments.push(TxFragment {
+            id: r.id,
+            gref: r.gref,
+            offset: r.offset,
+            size: r.size,
+        });
         more = f.contains(TxFlags::MORE_DATA);
     }
     if fragments.len() > max_slots {
@@ -720,7 +775,12 @@ impl RxResponse {
             }
             Err(_) => Err(NetifStatus::try_from(raw.status)?),
         };
-        Ok(Self { id: raw.id, offset: raw.offset, flags, result })
+        Ok(Self {
+            id: raw.id,
+            offset: raw.offset,
+            flags,
+            result,
+        })
     }
 
     /// The wire slot a backend puts on the ring.
@@ -730,7 +790,12 @@ impl RxResponse {
             Ok(size) => i16::try_from(size).unwrap_or(i16::MAX),
             Err(s) => s.into(),
         };
-        NetifRxResponse { id: self.id, offset: self.offset, flags: self.flags.bits(), status }
+        NetifRxResponse {
+            id: self.id,
+            offset: self.offset,
+            flags: self.flags.bits(),
+            status,
+        }
     }
 }
 
@@ -739,18 +804,41 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
     use crate::abi::AbiCheck;
     let mut v = crate::abi_layout!(
         "struct netif_tx_request",
-        NetifTxRequest { gref, offset, flags, id, size }
+        NetifTxRequest {
+            gref,
+            offset,
+            flags,
+            id,
+            size
+        }
     );
-    v.extend(crate::abi_layout!("struct netif_tx_response", NetifTxResponse { id, status }));
-    v.extend(crate::abi_layout!("struct netif_rx_request", NetifRxRequest { id, pad, gref }));
+    v.extend(crate::abi_layout!(
+        "struct netif_tx_response",
+        NetifTxResponse { id, status }
+    ));
+    v.extend(crate::abi_layout!(
+        "struct netif_rx_request",
+        NetifRxRequest { id, pad, gref }
+    ));
     v.extend(crate::abi_layout!(
         "struct netif_rx_response",
-        NetifRxResponse { id, offset, flags, status }
+        NetifRxResponse {
+            id,
+            offset,
+            flags,
+            status
+        }
     ));
     let x = "struct netif_extra_info";
     v.extend(crate::abi_layout!(x, NetifExtraInfo { flags, u }));
-    v.push(AbiCheck::new(format!("offsetof({x}, type)"), core::mem::offset_of!(NetifExtraInfo, type_)));
-    v.push(AbiCheck::new(format!("_Alignof({x})"), core::mem::align_of::<NetifExtraInfo>()));
+    v.push(AbiCheck::new(
+        format!("offsetof({x}, type)"),
+        core::mem::offset_of!(NetifExtraInfo, type_),
+    ));
+    v.push(AbiCheck::new(
+        format!("_Alignof({x})"),
+        core::mem::align_of::<NetifExtraInfo>(),
+    ));
     let u = core::mem::offset_of!(NetifExtraInfo, u);
     for (member, off) in [
         ("u.gso.size", u_off::GSO_SIZE),
@@ -765,15 +853,29 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
         v.push(AbiCheck::new(format!("offsetof({x}, {member})"), u + off));
     }
     for (ring, entry, size) in [
-        ("netif_tx", crate::ring::entry_size::<NetifTxRequest, NetifTxResponse>(), NET_TX_RING_SIZE),
-        ("netif_rx", crate::ring::entry_size::<NetifRxRequest, NetifRxResponse>(), NET_RX_RING_SIZE),
+        (
+            "netif_tx",
+            crate::ring::entry_size::<NetifTxRequest, NetifTxResponse>(),
+            NET_TX_RING_SIZE,
+        ),
+        (
+            "netif_rx",
+            crate::ring::entry_size::<NetifRxRequest, NetifRxResponse>(),
+            NET_RX_RING_SIZE,
+        ),
     ] {
-        v.push(AbiCheck::new(format!("sizeof(union {ring}_sring_entry)"), entry));
+        v.push(AbiCheck::new(
+            format!("sizeof(union {ring}_sring_entry)"),
+            entry,
+        ));
         v.push(AbiCheck::new(
             format!("sizeof(struct {ring}_sring)"),
             crate::ring::RING_HEADER_SIZE + entry,
         ));
-        v.push(AbiCheck::new(format!("__CONST_RING_SIZE({ring}, 4096)"), size));
+        v.push(AbiCheck::new(
+            format!("__CONST_RING_SIZE({ring}, 4096)"),
+            size,
+        ));
     }
     for (name, ours) in [
         ("NETTXF_csum_blank", NETTXF_CSUM_BLANK),
@@ -791,8 +893,14 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
     for (name, ours) in [
         ("XEN_NETIF_EXTRA_TYPE_NONE", XEN_NETIF_EXTRA_TYPE_NONE),
         ("XEN_NETIF_EXTRA_TYPE_GSO", XEN_NETIF_EXTRA_TYPE_GSO),
-        ("XEN_NETIF_EXTRA_TYPE_MCAST_ADD", XEN_NETIF_EXTRA_TYPE_MCAST_ADD),
-        ("XEN_NETIF_EXTRA_TYPE_MCAST_DEL", XEN_NETIF_EXTRA_TYPE_MCAST_DEL),
+        (
+            "XEN_NETIF_EXTRA_TYPE_MCAST_ADD",
+            XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
+        ),
+        (
+            "XEN_NETIF_EXTRA_TYPE_MCAST_DEL",
+            XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
+        ),
         ("XEN_NETIF_EXTRA_TYPE_HASH", XEN_NETIF_EXTRA_TYPE_HASH),
         ("XEN_NETIF_EXTRA_TYPE_MAX", XEN_NETIF_EXTRA_TYPE_MAX),
         ("XEN_NETIF_EXTRA_FLAG_MORE", XEN_NETIF_EXTRA_FLAG_MORE),
@@ -803,8 +911,14 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
         ("_XEN_NETIF_CTRL_HASH_TYPE_IPV4_TCP", hash_type::IPV4_TCP),
         ("_XEN_NETIF_CTRL_HASH_TYPE_IPV6", hash_type::IPV6),
         ("_XEN_NETIF_CTRL_HASH_TYPE_IPV6_TCP", hash_type::IPV6_TCP),
-        ("XEN_NETIF_CTRL_HASH_ALGORITHM_NONE", hash_type::ALGORITHM_NONE),
-        ("XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ", hash_type::ALGORITHM_TOEPLITZ),
+        (
+            "XEN_NETIF_CTRL_HASH_ALGORITHM_NONE",
+            hash_type::ALGORITHM_NONE,
+        ),
+        (
+            "XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ",
+            hash_type::ALGORITHM_TOEPLITZ,
+        ),
     ] {
         v.push(AbiCheck::new(name, ours));
     }
@@ -816,8 +930,14 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
     ] {
         v.push(AbiCheck::new(name, ours));
     }
-    v.push(AbiCheck::new("XEN_NETIF_NR_SLOTS_MIN", XEN_NETIF_NR_SLOTS_MIN));
-    v.push(AbiCheck::new("XEN_NETIF_MAX_TX_SIZE", XEN_NETIF_MAX_TX_SIZE));
+    v.push(AbiCheck::new(
+        "XEN_NETIF_NR_SLOTS_MIN",
+        XEN_NETIF_NR_SLOTS_MIN,
+    ));
+    v.push(AbiCheck::new(
+        "XEN_NETIF_MAX_TX_SIZE",
+        XEN_NETIF_MAX_TX_SIZE,
+    ));
     v
 }
 
@@ -826,7 +946,13 @@ mod tests {
     use super::*;
 
     fn req(id: u16, flags: u16, size: u16) -> NetifTxRequest {
-        NetifTxRequest { gref: 1000 + u32::from(id), offset: 0, flags, id, size }
+        NetifTxRequest {
+            gref: 1000 + u32::from(id),
+            offset: 0,
+            flags,
+            id,
+            size,
+        }
     }
 
     fn read(slots: &[NetifTxRequest], max: usize) -> Result<Option<TxPacket>, NetifError> {
@@ -834,14 +960,27 @@ mod tests {
         read_tx_packet(|| Ok(it.next()), max)
     }
 
-    const GSO: ExtraInfo = ExtraInfo::Gso { size: 1448, gso_type: GsoType::TcpV4, features: 0 };
+    const GSO: ExtraInfo = ExtraInfo::Gso {
+        size: 1448,
+        gso_type: GsoType::TcpV4,
+        features: 0,
+    };
 
     #[test]
     fn multi_slot_packet_with_extras() {
         let slots = [
-            req(1, NETTXF_CSUM_BLANK | NETTXF_MORE_DATA | NETTXF_EXTRA_INFO, 5000),
+            req(
+                1,
+                NETTXF_CSUM_BLANK | NETTXF_MORE_DATA | NETTXF_EXTRA_INFO,
+                5000,
+            ),
             GSO.to_tx_slot(true),
-            ExtraInfo::Hash { hash_type: 1, algorithm: 1, value: 0xdead_beef }.to_tx_slot(false),
+            ExtraInfo::Hash {
+                hash_type: 1,
+                algorithm: 1,
+                value: 0xdead_beef,
+            }
+            .to_tx_slot(false),
             req(2, NETTXF_MORE_DATA, 4096),
             req(3, 0, 100),
             req(9, 0, 60), // the next packet
@@ -849,12 +988,19 @@ mod tests {
         let p = read(&slots, XEN_NETBK_LEGACY_SLOTS_MAX).unwrap().unwrap();
         assert_eq!(p.size, 5000);
         assert_eq!(p.flags, TxFlags::CSUM_BLANK);
-        assert_eq!(p.fragments.iter().map(|f| f.size).collect::<Vec<_>>(), [804, 4096, 100]);
+        assert_eq!(
+            p.fragments.iter().map(|f| f.size).collect::<Vec<_>>(),
+            [804, 4096, 100]
+        );
         assert_eq!(p.extras.len(), 2);
         assert_eq!(p.extras[0], GSO);
         assert_eq!(p.slots(), 5);
         assert_eq!(p.encode(), slots[..5].to_vec());
-        let ids: Vec<_> = p.responses(NetifStatus::Okay).iter().map(|r| (r.id, r.status)).collect();
+        let ids: Vec<_> = p
+            .responses(NetifStatus::Okay)
+            .iter()
+            .map(|r| (r.id, r.status))
+            .collect();
         assert_eq!(ids, [(1, 0), (0, 1), (0, 1), (2, 0), (3, 0)]);
     }
 
@@ -863,11 +1009,21 @@ mod tests {
         let r = |s: &[NetifTxRequest]| read(s, 3);
         assert_eq!(r(&[]), Ok(None));
         assert_eq!(r(&[req(1, 0x10, 10)]), Err(NetifError::BadTxFlags(0x10)));
-        assert_eq!(r(&[req(1, NETTXF_MORE_DATA, 10)]), Err(NetifError::Truncated { slots: 1 }));
-        assert_eq!(r(&[req(1, NETTXF_EXTRA_INFO, 10)]), Err(NetifError::Truncated { slots: 1 }));
+        assert_eq!(
+            r(&[req(1, NETTXF_MORE_DATA, 10)]),
+            Err(NetifError::Truncated { slots: 1 })
+        );
+        assert_eq!(
+            r(&[req(1, NETTXF_EXTRA_INFO, 10)]),
+            Err(NetifError::Truncated { slots: 1 })
+        );
         assert_eq!(
             r(&[req(1, NETTXF_MORE_DATA, 10), req(2, 0, 11)]),
-            Err(NetifError::FragmentTooLarge { index: 1, size: 11, remaining: 10 })
+            Err(NetifError::FragmentTooLarge {
+                index: 1,
+                size: 11,
+                remaining: 10
+            })
         );
         let chain = [req(1, 4, 40), req(2, 4, 1), req(3, 4, 1), req(4, 0, 1)];
         assert_eq!(r(&chain), Err(NetifError::TooManySlots { max: 3 }));
@@ -878,14 +1034,28 @@ mod tests {
         );
         let mut off = req(1, 0, 100);
         off.offset = 4000;
-        assert_eq!(r(&[off]), Err(NetifError::CrossesPage { index: 0, offset: 4000, size: 100 }));
         assert_eq!(
-            r(&[req(1, NETTXF_EXTRA_INFO, 10), GSO.to_tx_slot(true), GSO.to_tx_slot(false)]),
+            r(&[off]),
+            Err(NetifError::CrossesPage {
+                index: 0,
+                offset: 4000,
+                size: 100
+            })
+        );
+        assert_eq!(
+            r(&[
+                req(1, NETTXF_EXTRA_INFO, 10),
+                GSO.to_tx_slot(true),
+                GSO.to_tx_slot(false)
+            ]),
             Err(NetifError::DuplicateExtra(ExtraType::Gso))
         );
         let mut bad = GSO.to_tx_slot(false);
         bad.gref = 0; // type 0
-        assert_eq!(r(&[req(1, NETTXF_EXTRA_INFO, 10), bad]), Err(NetifError::BadExtraType(0)));
+        assert_eq!(
+            r(&[req(1, NETTXF_EXTRA_INFO, 10), bad]),
+            Err(NetifError::BadExtraType(0))
+        );
         let ring_err = read_tx_packet(|| Err(RingError::Overflow { prod: 9, cons: 0 }), 3);
         assert!(matches!(ring_err, Err(NetifError::Ring(_))));
     }
@@ -894,10 +1064,18 @@ mod tests {
     fn extra_info_round_trip_and_checks() {
         for e in [
             GSO,
-            ExtraInfo::Gso { size: 9000, gso_type: GsoType::TcpV6, features: 3 },
+            ExtraInfo::Gso {
+                size: 9000,
+                gso_type: GsoType::TcpV6,
+                features: 3,
+            },
             ExtraInfo::McastAdd([1, 0, 0x5e, 0, 0, 1]),
             ExtraInfo::McastDel([1, 2, 3, 4, 5, 6]),
-            ExtraInfo::Hash { hash_type: 3, algorithm: 1, value: 7 },
+            ExtraInfo::Hash {
+                hash_type: 3,
+                algorithm: 1,
+                value: 7,
+            },
         ] {
             assert_eq!(ExtraInfo::decode(&e.encode(true)), Ok((e, true)));
             assert_eq!(ExtraInfo::decode_slot(&e.to_rx_slot(false)), Ok((e, false)));
@@ -907,21 +1085,46 @@ mod tests {
         assert_eq!(ExtraInfo::decode(&raw), Err(NetifError::BadExtraFlags(2)));
         raw.flags = 0;
         raw.u[u_off::GSO_TYPE] = XEN_NETIF_GSO_TYPE_NONE;
-        assert_eq!(ExtraInfo::decode(&raw), Err(NetifError::BadGso { size: 1448, gso_type: 0 }));
-        let zero = ExtraInfo::Gso { size: 0, gso_type: GsoType::TcpV4, features: 0 }.encode(false);
+        assert_eq!(
+            ExtraInfo::decode(&raw),
+            Err(NetifError::BadGso {
+                size: 1448,
+                gso_type: 0
+            })
+        );
+        let zero = ExtraInfo::Gso {
+            size: 0,
+            gso_type: GsoType::TcpV4,
+            features: 0,
+        }
+        .encode(false);
         assert!(ExtraInfo::decode(&zero).is_err());
         // GSO size is at byte 2 of the slot, type at 4 (netif.h's diagram).
-        assert_eq!(&GSO.encode(false).as_bytes()[..6], &[1, 0, 0xa8, 0x05, 1, 0]);
+        assert_eq!(
+            &GSO.encode(false).as_bytes()[..6],
+            &[1, 0, 0xa8, 0x05, 1, 0]
+        );
     }
 
     #[test]
     fn rx_response_decoding() {
-        let ok = NetifRxResponse { id: 4, offset: 10, flags: NETRXF_DATA_VALIDATED, status: 1500 };
+        let ok = NetifRxResponse {
+            id: 4,
+            offset: 10,
+            flags: NETRXF_DATA_VALIDATED,
+            status: 1500,
+        };
         let r = RxResponse::decode(&ok).unwrap();
         assert_eq!(r.result, Ok(1500));
         assert_eq!(r.encode(), ok);
-        let dropped = NetifRxResponse { status: NETIF_RSP_DROPPED, ..ok };
-        assert_eq!(RxResponse::decode(&dropped).unwrap().result, Err(NetifStatus::Dropped));
+        let dropped = NetifRxResponse {
+            status: NETIF_RSP_DROPPED,
+            ..ok
+        };
+        assert_eq!(
+            RxResponse::decode(&dropped).unwrap().result,
+            Err(NetifStatus::Dropped)
+        );
         assert_eq!(
             RxResponse::decode(&NetifRxResponse { status: -7, ..ok }),
             Err(NetifError::BadStatus(-7))

@@ -107,7 +107,9 @@ impl FromStr for XenbusState {
         if t.is_empty() || t.len() > 10 || !t.bytes().all(|b| b.is_ascii_digit()) {
             return Err(XenbusError::NotANumber(s.chars().take(32).collect()));
         }
-        let n: u32 = t.parse().map_err(|_| XenbusError::NotANumber(t.to_owned()))?;
+        let n: u32 = t
+            .parse()
+            .map_err(|_| XenbusError::NotANumber(t.to_owned()))?;
         Self::try_from(n)
     }
 }
@@ -228,7 +230,10 @@ pub struct Handshake {
 impl Handshake {
     /// A new end in `Initialising`.
     pub fn new(role: Role) -> Self {
-        Self { role, state: XenbusState::Initialising }
+        Self {
+            role,
+            state: XenbusState::Initialising,
+        }
     }
 
     /// Resume at a known state (e.g. read back from XenStore after a restart).
@@ -322,7 +327,10 @@ mod tests {
         assert_eq!(S::from_xenstore(b"4"), Ok(S::Connected));
         assert_eq!(S::from_xenstore(b"4\n"), Ok(S::Connected));
         assert_eq!(S::from_xenstore(b"9"), Err(XenbusError::BadState(9)));
-        assert_eq!(S::from_xenstore(b"99999999999"), Err(XenbusError::NotANumber("99999999999".into())));
+        assert_eq!(
+            S::from_xenstore(b"99999999999"),
+            Err(XenbusError::NotANumber("99999999999".into()))
+        );
         assert!(S::from_xenstore(b"-1").is_err());
         assert!(S::from_xenstore(b"+4").is_err());
         assert!(S::from_xenstore(b"").is_err());
@@ -332,7 +340,10 @@ mod tests {
 
     #[test]
     fn fresh_devices_connect() {
-        let (mut f, mut b) = (Handshake::new(Role::Frontend), Handshake::new(Role::Backend));
+        let (mut f, mut b) = (
+            Handshake::new(Role::Frontend),
+            Handshake::new(Role::Backend),
+        );
         let log = settle(&mut f, &mut b);
         assert_eq!((f.state(), b.state()), (S::Connected, S::Connected));
         assert_eq!(
@@ -349,13 +360,24 @@ mod tests {
     #[test]
     fn close_from_either_side_reaches_closed_and_reconnects() {
         for closer in [Role::Frontend, Role::Backend] {
-            let (mut f, mut b) = (Handshake::new(Role::Frontend), Handshake::new(Role::Backend));
+            let (mut f, mut b) = (
+                Handshake::new(Role::Frontend),
+                Handshake::new(Role::Backend),
+            );
             settle(&mut f, &mut b);
-            let who = if closer == Role::Frontend { &mut f } else { &mut b };
+            let who = if closer == Role::Frontend {
+                &mut f
+            } else {
+                &mut b
+            };
             let a = who.close();
             who.completed(a);
             settle(&mut f, &mut b);
-            assert_eq!((f.state(), b.state()), (S::Closed, S::Closed), "{closer:?} closed");
+            assert_eq!(
+                (f.state(), b.state()),
+                (S::Closed, S::Closed),
+                "{closer:?} closed"
+            );
             f.restart();
             let log = settle(&mut f, &mut b);
             assert_eq!((f.state(), b.state()), (S::Connected, S::Connected));
@@ -365,7 +387,10 @@ mod tests {
 
     #[test]
     fn new_backend_gets_a_fresh_ring() {
-        let (mut f, mut b) = (Handshake::new(Role::Frontend), Handshake::new(Role::Backend));
+        let (mut f, mut b) = (
+            Handshake::new(Role::Frontend),
+            Handshake::new(Role::Backend),
+        );
         settle(&mut f, &mut b);
         b = Handshake::new(Role::Backend); // the manager starts a new backend
         let log = settle(&mut f, &mut b);
@@ -375,7 +400,10 @@ mod tests {
 
     #[test]
     fn restarted_frontend_resets_a_stale_backend() {
-        let (mut f, mut b) = (Handshake::new(Role::Frontend), Handshake::new(Role::Backend));
+        let (mut f, mut b) = (
+            Handshake::new(Role::Frontend),
+            Handshake::new(Role::Backend),
+        );
         settle(&mut f, &mut b);
         f = Handshake::new(Role::Frontend);
         settle(&mut f, &mut b);

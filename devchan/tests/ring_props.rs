@@ -101,7 +101,9 @@ impl Model {
 
     fn front_poll(&mut self, n: u32) {
         for _ in 0..n {
-            let Some([id, seq]) = self.front.get_response().unwrap() else { break };
+            let Some([id, seq]) = self.front.get_response().unwrap() else {
+                break;
+            };
             // Every response answers a request in flight, exactly once.
             assert_eq!(self.ids.complete(id.into()), Ok(seq), "response id {id}");
             self.responses_seen += 1;
@@ -110,7 +112,9 @@ impl Model {
 
     fn back_get(&mut self, n: u32) {
         for _ in 0..n {
-            let Some(req) = self.back.get_request().unwrap() else { break };
+            let Some(req) = self.back.get_request().unwrap() else {
+                break;
+            };
             // Requests arrive once each, in order.
             assert_eq!(req[1], self.back_expect_seq);
             self.back_expect_seq += 1;
@@ -123,7 +127,9 @@ impl Model {
             assert_eq!(self.back.put_response(&[0, 0]), Err(RingError::Unrequested));
             return;
         }
-        let req = self.back_pending.swap_remove(pick % self.back_pending.len());
+        let req = self
+            .back_pending
+            .swap_remove(pick % self.back_pending.len());
         self.back.put_response(&req).unwrap();
     }
 
@@ -160,10 +166,18 @@ impl Model {
     /// A sleeping side must never have published work waiting for it.
     fn check_no_lost_wakeup(&self) {
         if self.back_asleep {
-            assert_eq!(self.back.unconsumed_requests(), Ok(0), "backend sleeps on requests");
+            assert_eq!(
+                self.back.unconsumed_requests(),
+                Ok(0),
+                "backend sleeps on requests"
+            );
         }
         if self.front_asleep {
-            assert_eq!(self.front.unconsumed_responses(), Ok(0), "frontend sleeps on responses");
+            assert_eq!(
+                self.front.unconsumed_responses(),
+                Ok(0),
+                "frontend sleeps on responses"
+            );
         }
     }
 
@@ -192,7 +206,10 @@ impl Model {
                 break;
             }
         }
-        assert!(self.front_asleep && self.back_asleep, "drain did not settle");
+        assert!(
+            self.front_asleep && self.back_asleep,
+            "drain did not settle"
+        );
         // Both asleep with nothing lost: every request was delivered and answered.
         assert_eq!(self.back_expect_seq, self.next_seq, "requests delivered");
         assert_eq!(self.responses_seen, self.next_seq, "responses delivered");
@@ -346,8 +363,10 @@ fn two_threads_exchange_many_requests_out_of_order() {
     let page = Arc::new(OwnedPage::new());
     let (mut front, back) = rings(&page);
     let back_thread_ready = Arc::new(AtomicU32::new(0));
-    let front_event =
-        Arc::new(Event { pending: AtomicBool::new(false), thread: std::thread::current() });
+    let front_event = Arc::new(Event {
+        pending: AtomicBool::new(false),
+        thread: std::thread::current(),
+    });
 
     let (tx, rx) = std::sync::mpsc::channel::<Arc<Event>>();
     let page2 = Arc::clone(&page);
@@ -356,7 +375,10 @@ fn two_threads_exchange_many_requests_out_of_order() {
     let backend = std::thread::spawn(move || {
         let _keep = page2;
         let mut back = back;
-        let me = Arc::new(Event { pending: AtomicBool::new(false), thread: std::thread::current() });
+        let me = Arc::new(Event {
+            pending: AtomicBool::new(false),
+            thread: std::thread::current(),
+        });
         tx.send(Arc::clone(&me)).unwrap();
         ready.store(1, Ordering::Release);
         let mut held: Vec<Msg> = Vec::new();
