@@ -112,7 +112,12 @@ pub const EVTCHN_MASK_OFFSET: usize = EVTCHN_PENDING_OFFSET + (BITS as usize) * 
 /// `offsetof(struct shared_info, wc_version)`: end of the event-channel state.
 pub const WC_VERSION_OFFSET: usize = EVTCHN_MASK_OFFSET + (BITS as usize) * 8;
 
+/// `sizeof(struct shared_info)` on x86-64: the event state, the wall clock (4 × u32) and
+/// `arch_shared_info` (6 × u64). It fits in the page.
+pub const SHARED_INFO_SIZE: usize = WC_VERSION_OFFSET + 4 * 4 + 6 * 8;
+
 const _: () = assert!(EVTCHN_PENDING_OFFSET == 2048 && EVTCHN_MASK_OFFSET == 2560);
+const _: () = assert!(SHARED_INFO_SIZE <= 4096);
 const _: () = assert!(WC_VERSION_OFFSET <= 4096);
 
 /// A view of the event-channel state in a `shared_info` page shared with another party.
@@ -156,7 +161,13 @@ impl EventPage {
 
     fn upcall_flag(&self) -> &AtomicU8 {
         // SAFETY: byte 0 of the page, mapped per `new`'s contract and accessed atomically.
-        unsafe { &*self.base.as_ptr().add(UPCALL_PENDING_OFFSET).cast::<AtomicU8>() }
+        unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add(UPCALL_PENDING_OFFSET)
+                .cast::<AtomicU8>()
+        }
     }
 
     fn selector(&self) -> &AtomicU64 {
@@ -185,7 +196,9 @@ impl EventPage {
     /// Mark `port` pending. True if the caller must deliver an upcall: the port went
     /// 0→1 pending while unmasked, and the selector bit and upcall flag went 0→1.
     pub fn set_pending(&self, port: Port) -> bool {
-        let Some((w, bit)) = Self::split(port) else { return false };
+        let Some((w, bit)) = Self::split(port) else {
+            return false;
+        };
         if self.pending_word(w).fetch_or(bit, SeqCst) & bit != 0 {
             return false;
         }
@@ -222,7 +235,9 @@ impl EventPage {
     /// Unmask `port` and re-check pending: true if it was pending and an upcall must be
     /// delivered (selector bit and upcall flag went 0→1).
     pub fn unmask(&self, port: Port) -> bool {
-        let Some((w, bit)) = Self::split(port) else { return false };
+        let Some((w, bit)) = Self::split(port) else {
+            return false;
+        };
         if self.mask_word(w).fetch_and(!bit, SeqCst) & bit == 0 {
             // Was not masked: nothing held back by the mask.
             return false;
@@ -283,20 +298,61 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
     use crate::abi::AbiCheck;
     let mut v = crate::abi_layout!(
         "struct vcpu_info",
-        VcpuInfo { evtchn_upcall_pending, evtchn_pending_sel, arch, time }
+        VcpuInfo {
+            evtchn_upcall_pending,
+            evtchn_pending_sel,
+            arch,
+            time
+        }
     );
-    v.extend(crate::abi_layout!("struct arch_vcpu_info", ArchVcpuInfo { cr2, pad }));
+    v.extend(crate::abi_layout!(
+        "struct arch_vcpu_info",
+        ArchVcpuInfo { cr2, pad }
+    ));
     v.extend(crate::abi_layout!(
         "struct vcpu_time_info",
-        VcpuTimeInfo { version, tsc_timestamp, system_time, tsc_to_system_mul, tsc_shift, flags }
+        VcpuTimeInfo {
+            version,
+            tsc_timestamp,
+            system_time,
+            tsc_to_system_mul,
+            tsc_shift,
+            flags
+        }
     ));
-    v.push(AbiCheck::new("offsetof(struct shared_info, evtchn_pending)", EVTCHN_PENDING_OFFSET));
-    v.push(AbiCheck::new("offsetof(struct shared_info, evtchn_mask)", EVTCHN_MASK_OFFSET));
-    v.push(AbiCheck::new("offsetof(struct shared_info, wc_version)", WC_VERSION_OFFSET));
-    v.push(AbiCheck::new("sizeof(((struct shared_info *)0)->evtchn_pending)", BITS * 8));
+    v.push(AbiCheck::new(
+        "offsetof(struct shared_info, evtchn_pending)",
+        EVTCHN_PENDING_OFFSET,
+    ));
+    v.push(AbiCheck::new(
+        "offsetof(struct shared_info, evtchn_mask)",
+        EVTCHN_MASK_OFFSET,
+    ));
+    v.push(AbiCheck::new(
+        "offsetof(struct shared_info, wc_version)",
+        WC_VERSION_OFFSET,
+    ));
+    v.push(AbiCheck::new(
+        "sizeof(struct shared_info)",
+        SHARED_INFO_SIZE,
+    ));
+    v.push(AbiCheck::new(
+        "offsetof(struct shared_info, vcpu_info[0].evtchn_pending_sel)",
+        PENDING_SEL_OFFSET,
+    ));
+    v.push(AbiCheck::new(
+        "sizeof(((struct shared_info *)0)->evtchn_pending)",
+        BITS * 8,
+    ));
     v.push(AbiCheck::new("XEN_LEGACY_MAX_VCPUS", XEN_LEGACY_MAX_VCPUS));
-    v.push(AbiCheck::new("EVTCHN_2L_NR_CHANNELS", EVTCHN_2L_NR_CHANNELS));
-    v.push(AbiCheck::new("sizeof(evtchn_port_t)", core::mem::size_of::<Port>()));
+    v.push(AbiCheck::new(
+        "EVTCHN_2L_NR_CHANNELS",
+        EVTCHN_2L_NR_CHANNELS,
+    ));
+    v.push(AbiCheck::new(
+        "sizeof(evtchn_port_t)",
+        core::mem::size_of::<Port>(),
+    ));
     v
 }
 

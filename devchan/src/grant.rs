@@ -169,6 +169,10 @@ unsafe impl Sync for GrantEntries {}
 
 use core::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 
+// The `(flags, domid)` word below is little-endian (flags in the low half), as on x86-64.
+#[cfg(not(target_endian = "little"))]
+compile_error!("GrantEntries assumes a little-endian target (x86-64 Xen ABI)");
+
 /// Pack `(flags, domid)` as the `u32` at offset 0 of an entry (little-endian: flags low).
 const fn header(flags: u16, domid: DomId) -> u32 {
     (flags as u32) | ((domid as u32) << 16)
@@ -217,29 +221,37 @@ impl GrantEntries {
 
     fn head(&self, gref: GrantRef) -> Result<&AtomicU32, GrantError> {
         // SAFETY: the entry is 8-aligned, mapped and only accessed atomically (`new`).
-        self.entry_ptr(gref).map(|p| unsafe { &*p.cast::<AtomicU32>() })
+        self.entry_ptr(gref)
+            .map(|p| unsafe { &*p.cast::<AtomicU32>() })
     }
 
     fn flags_atomic(&self, gref: GrantRef) -> Result<&AtomicU16, GrantError> {
         // SAFETY: as `head`; `flags` is the low half of the first word on little-endian x86-64.
-        self.entry_ptr(gref).map(|p| unsafe { &*p.cast::<AtomicU16>() })
+        self.entry_ptr(gref)
+            .map(|p| unsafe { &*p.cast::<AtomicU16>() })
     }
 
     fn domid_atomic(&self, gref: GrantRef) -> Result<&AtomicU16, GrantError> {
         // SAFETY: as `head`; `domid` is at byte 2 of the entry, 2-aligned.
-        self.entry_ptr(gref).map(|p| unsafe { &*p.add(2).cast::<AtomicU16>() })
+        self.entry_ptr(gref)
+            .map(|p| unsafe { &*p.add(2).cast::<AtomicU16>() })
     }
 
     fn frame_atomic(&self, gref: GrantRef) -> Result<&AtomicU32, GrantError> {
         // SAFETY: as `head`; `frame` is at byte 4 of the entry, 4-aligned.
-        self.entry_ptr(gref).map(|p| unsafe { &*p.add(4).cast::<AtomicU32>() })
+        self.entry_ptr(gref)
+            .map(|p| unsafe { &*p.add(4).cast::<AtomicU32>() })
     }
 
     /// A snapshot of entry `gref` (`flags`/`domid` read together, acquire, then `frame`).
     pub fn read(&self, gref: GrantRef) -> Result<GrantEntryV1, GrantError> {
         let (flags, domid) = split_header(self.head(gref)?.load(Ordering::Acquire));
         let frame = self.frame_atomic(gref)?.load(Ordering::Acquire);
-        Ok(GrantEntryV1 { flags, domid, frame })
+        Ok(GrantEntryV1 {
+            flags,
+            domid,
+            frame,
+        })
     }
 
     /// `(flags, domid)` of entry `gref`, read as one word.
@@ -263,15 +275,14 @@ impl GrantEntries {
         let h = self.head(gref)?;
         // AcqRel: acquire pairs with the granter's release store of the flags (so the frame
         // read after a successful exchange is the granted one); release publishes our bits.
-        Ok(h
-            .compare_exchange(
-                header(old.0, old.1),
-                header(new_flags, old.1),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .map(|_| ())
-            .map_err(split_header))
+        Ok(h.compare_exchange(
+            header(old.0, old.1),
+            header(new_flags, old.1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .map(|_| ())
+        .map_err(split_header))
     }
 
     /// Atomically clear `bits` in the flags of `gref`; returns the previous flags.
@@ -294,7 +305,13 @@ impl GrantEntries {
 
     /// Fill entry `gref` and publish it: `domid` and `frame` first, then `flags` with release
     /// ordering, so whoever sees the flags sees the rest.
-    pub fn publish(&self, gref: GrantRef, domid: DomId, frame: u32, flags: u16) -> Result<(), GrantError> {
+    pub fn publish(
+        &self,
+        gref: GrantRef,
+        domid: DomId,
+        frame: u32,
+        flags: u16,
+    ) -> Result<(), GrantError> {
         self.domid_atomic(gref)?.store(domid, Ordering::Relaxed);
         self.frame_atomic(gref)?.store(frame, Ordering::Relaxed);
         // Release: orders the domid/frame stores above before the flags that make them valid.
@@ -366,7 +383,10 @@ impl GrantAllocator {
     pub fn new(entries: GrantEntries) -> Self {
         let free = (NR_RESERVED_ENTRIES..entries.len()).rev().collect();
         let used = vec![false; entries.len() as usize];
-        Self { entries, state: std::sync::Mutex::new(AllocState { free, used }) }
+        Self {
+            entries,
+            state: std::sync::Mutex::new(AllocState { free, used }),
+        }
     }
 
     /// The table.
@@ -401,7 +421,12 @@ impl GrantAllocator {
     }
 
     /// Let `domid` map or copy `frame` (read-only if `readonly`).
-    pub fn grant_access(&self, domid: DomId, frame: u32, readonly: bool) -> Result<GrantRef, GrantError> {
+    pub fn grant_access(
+        &self,
+        domid: DomId,
+        frame: u32,
+        readonly: bool,
+    ) -> Result<GrantRef, GrantError> {
         let gref = self.alloc()?;
         let flags = GTF_PERMIT_ACCESS | if readonly { GTF_READONLY } else { 0 };
         self.entries.publish(gref, domid, frame, flags)?;
@@ -420,7 +445,8 @@ impl GrantAllocator {
     /// Offer to receive a page from `domid` into our `frame`.
     pub fn grant_transfer(&self, domid: DomId, frame: u32) -> Result<GrantRef, GrantError> {
         let gref = self.alloc()?;
-        self.entries.publish(gref, domid, frame, GTF_ACCEPT_TRANSFER)?;
+        self.entries
+            .publish(gref, domid, frame, GTF_ACCEPT_TRANSFER)?;
         Ok(gref)
     }
 
@@ -442,7 +468,14 @@ impl GrantAllocator {
 /// What this module claims about Xen's `grant_table.h`.
 pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
     use crate::abi::AbiCheck;
-    let mut v = crate::abi_layout!("grant_entry_v1_t", GrantEntryV1 { flags, domid, frame });
+    let mut v = crate::abi_layout!(
+        "grant_entry_v1_t",
+        GrantEntryV1 {
+            flags,
+            domid,
+            frame
+        }
+    );
     for (name, ours) in [
         ("GTF_invalid", GTF_INVALID),
         ("GTF_permit_access", GTF_PERMIT_ACCESS),
@@ -505,23 +538,35 @@ mod tests {
             return false;
         }
         let add = GTF_READING | if write { GTF_WRITING } else { 0 };
-        e.compare_exchange_flags(gref, (f, d), f | add).unwrap().is_ok()
+        e.compare_exchange_flags(gref, (f, d), f | add)
+            .unwrap()
+            .is_ok()
     }
 
     #[test]
     fn layout_is_little_endian_flags_domid_frame() {
         let t = Table::new(16);
         let e = t.view();
-        e.publish(9, 0x1234, 0xdead_beef, GTF_PERMIT_ACCESS | GTF_READONLY).unwrap();
+        e.publish(9, 0x1234, 0xdead_beef, GTF_PERMIT_ACCESS | GTF_READONLY)
+            .unwrap();
         assert_eq!(t.0[9].load(Ordering::SeqCst), 0xdead_beef_1234_0005);
-        assert_eq!(e.read(9).unwrap(), GrantEntryV1 { flags: 5, domid: 0x1234, frame: 0xdead_beef });
+        assert_eq!(
+            e.read(9).unwrap(),
+            GrantEntryV1 {
+                flags: 5,
+                domid: 0x1234,
+                frame: 0xdead_beef
+            }
+        );
     }
 
     #[test]
     fn reserved_refs_are_never_handed_out() {
         let t = Table::new(12);
         let a = GrantAllocator::new(t.view());
-        let mut got: Vec<_> = (0..4).map(|_| a.grant_access(1, 7, false).unwrap()).collect();
+        let mut got: Vec<_> = (0..4)
+            .map(|_| a.grant_access(1, 7, false).unwrap())
+            .collect();
         got.sort_unstable();
         assert_eq!(got, vec![8, 9, 10, 11]);
         assert_eq!(a.grant_access(1, 7, false), Err(GrantError::Exhausted));
@@ -550,10 +595,16 @@ mod tests {
         let a = GrantAllocator::new(t.view());
         let g = a.grant_access(3, 42, true).unwrap();
         assert!(!acquire(a.entries(), g, 4, false), "wrong domid");
-        assert!(!acquire(a.entries(), g, 3, true), "write to read-only grant");
+        assert!(
+            !acquire(a.entries(), g, 3, true),
+            "write to read-only grant"
+        );
         assert!(acquire(a.entries(), g, 3, false));
         let t2 = a.grant_transfer(3, 50).unwrap();
-        assert!(!acquire(a.entries(), t2, 3, false), "transfer grant is not access");
+        assert!(
+            !acquire(a.entries(), t2, 3, false),
+            "transfer grant is not access"
+        );
         assert!(a.entries().read(100).is_err());
     }
 

@@ -18,5 +18,6 @@ pub mod evtchn;
 pub mod ring;
 pub mod netif;
 pub mod blkif;
+pub mod fuzzing;
 pub mod xenstore;
 pub mod xenbus;

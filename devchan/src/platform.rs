@@ -7,6 +7,11 @@
 //! Pages are named by *frame*: the index of a 4 KiB page in the calling domain's own memory
 //! (a guest frame number). A page a peer should map (a ring) must come from
 //! [`Platform::alloc_shared_page`]; any frame of the domain's memory may be granted for copy.
+//!
+//! Device DMA never maps a peer's page into the driver domain: [`Platform::pin_grant`] puts the
+//! page in the device's IOMMU and returns an IOVA for the device descriptor. The exchange path
+//! ([`Platform::transfer`] into a peer's [`Platform::accept_transfer`] grant) moves a page by
+//! swapping pages where the platform can, by copying where it cannot ([`TransferMode`]).
 
 use crate::grant::{DomId, GrantRef};
 use std::time::Duration;
@@ -125,8 +130,6 @@ pub trait Platform: Send + Sync {
     /// pins or copies it: the reference stays valid and the caller must try again later.
     fn end_access(&self, gref: GrantRef) -> Result<()>;
 
-    // --- Using side ----------------------------------------------------------------------
-
     /// Offer to receive a page from `peer` into our `frame` (an accept-transfer grant);
     /// returns the grant reference to post to the peer.
     fn accept_transfer(&self, peer: DomId, frame: Frame) -> Result<GrantRef>;
@@ -134,6 +137,8 @@ pub trait Platform: Send + Sync {
     /// content is now at `frame`), `None` if none did (the grant is withdrawn). Fails with
     /// [`PlatformError::GrantInUse`] while a transfer is under way; try again.
     fn end_transfer(&self, gref: GrantRef) -> Result<Option<Frame>>;
+
+    // --- Using side ----------------------------------------------------------------------
 
     /// Map the page `peer` granted us as `gref`. Dropping the mapping unmaps it.
     fn map_grant(&self, peer: DomId, gref: GrantRef, readonly: bool) -> Result<Self::Mapping>;

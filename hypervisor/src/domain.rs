@@ -49,6 +49,7 @@ pub struct Domain {
     ports: Mutex<PortTable>,
     active: Mutex<ActiveGrantTable>,
     holdings: Mutex<Holdings>,
+    guest_side: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -60,7 +61,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Domain {
     pub(crate) fn new(id: DomId, cfg: DomainConfig) -> Result<Self, crate::system::SystemError> {
         let memory = Arc::new(DomainMemory::new(&cfg.name, cfg.nr_frames)?);
-        let oob = |frame| MemoryError::OutOfRange { frame, offset: 0, len: layout::PAGE_SIZE };
+        let oob = |frame| MemoryError::OutOfRange {
+            frame,
+            offset: 0,
+            len: layout::PAGE_SIZE,
+        };
         let si = NonNull::new(memory.ram_frame_ptr(layout::SHARED_INFO_FRAME)?)
             .ok_or(oob(layout::SHARED_INFO_FRAME))?;
         let gt = NonNull::new(memory.ram_frame_ptr(layout::GRANT_TABLE_FRAME)?)
@@ -86,6 +91,7 @@ impl Domain {
             ports: Mutex::new(PortTable::default()),
             active: Mutex::new(ActiveGrantTable::default()),
             holdings: Mutex::new(Holdings::default()),
+            guest_side: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -155,6 +161,19 @@ impl Domain {
 
     pub(crate) fn lock_ports(&self) -> MutexGuard<'_, PortTable> {
         lock(&self.ports)
+    }
+
+    /// How many of its grant references others are using (mapped, pinned or being copied).
+    pub fn grants_in_use(&self) -> usize {
+        self.lock_active().len()
+    }
+
+    /// Claim the domain's guest side (its grant allocator and event scan): true the first
+    /// time only.
+    pub fn claim_guest_side(&self) -> bool {
+        !self
+            .guest_side
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Record a holding unless the domain is dying (then false: the caller undoes the use).

@@ -76,7 +76,11 @@ impl PortTable {
         if self.ports.is_empty() {
             self.ports.push(PortState::Free); // port 0: reserved, never handed out
         }
-        let free = self.ports.iter().skip(1).position(|p| matches!(p, PortState::Free));
+        let free = self
+            .ports
+            .iter()
+            .skip(1)
+            .position(|p| matches!(p, PortState::Free));
         let idx = match free {
             Some(i) => i + 1,
             None if self.ports.len() < EVTCHN_2L_NR_CHANNELS as usize => {
@@ -132,11 +136,18 @@ pub(crate) fn alloc_unbound(sys: &System, caller: DomId, remote: DomId) -> Resul
 }
 
 /// `EVTCHNOP_bind_interdomain`.
-pub(crate) fn bind_interdomain(sys: &System, caller: DomId, remote: DomId, remote_port: Port) -> Result<Port> {
+pub(crate) fn bind_interdomain(
+    sys: &System,
+    caller: DomId,
+    remote: DomId,
+    remote_port: Port,
+) -> Result<Port> {
     let me = sys.lookup(caller)?;
     let peer = resolve(sys, &me, remote)?;
     let (mut mine, mut theirs) = lock_two(&me, &peer);
-    let rstate = theirs.as_ref().map_or_else(|| mine.get(remote_port), |t| t.get(remote_port));
+    let rstate = theirs
+        .as_ref()
+        .map_or_else(|| mine.get(remote_port), |t| t.get(remote_port));
     match rstate {
         PortState::Unbound { remote } if remote == caller => {}
         _ => return Err(SystemError::BadPort(remote_port)),
@@ -146,7 +157,11 @@ pub(crate) fn bind_interdomain(sys: &System, caller: DomId, remote: DomId, remot
         remote_port,
         peer: Arc::downgrade(&peer),
     })?;
-    let back = PortState::Interdomain { remote: caller, remote_port: local, peer: Arc::downgrade(&me) };
+    let back = PortState::Interdomain {
+        remote: caller,
+        remote_port: local,
+        peer: Arc::downgrade(&me),
+    };
     match theirs.as_mut() {
         Some(t) => t.set(remote_port, back),
         None => mine.set(remote_port, back),
@@ -164,7 +179,10 @@ pub(crate) fn bind_interdomain(sys: &System, caller: DomId, remote: DomId, remot
 pub(crate) fn send(sys: &System, caller: DomId, port: Port) -> Result<()> {
     let me = sys.lookup(caller)?;
     let ports = me.lock_ports();
-    let PortState::Interdomain { remote_port, peer, .. } = ports.get(port) else {
+    let PortState::Interdomain {
+        remote_port, peer, ..
+    } = ports.get(port)
+    else {
         return Err(SystemError::BadPort(port));
     };
     let peer = peer.upgrade().ok_or(SystemError::BadPort(port))?;
@@ -209,15 +227,23 @@ pub(crate) fn close_port(me: &Arc<Domain>, port: Port) -> Result<()> {
         let same = match (&state, &now) {
             (PortState::Unbound { remote: a }, PortState::Unbound { remote: b }) => a == b,
             (
-                PortState::Interdomain { remote: a, remote_port: ap, .. },
-                PortState::Interdomain { remote: b, remote_port: bp, .. },
+                PortState::Interdomain {
+                    remote: a,
+                    remote_port: ap,
+                    ..
+                },
+                PortState::Interdomain {
+                    remote: b,
+                    remote_port: bp,
+                    ..
+                },
             ) => a == b && ap == bp,
             _ => false,
         };
         if !same {
             continue;
         }
-        if let (PortState::Interdomain { remote_port, .. }, Some(peer)) = (&now, &peer) {
+        if let (PortState::Interdomain { remote_port, .. }, Some(_)) = (&now, &peer) {
             let table = theirs.as_mut().unwrap_or(&mut mine);
             // Only if the peer's port still points back at us.
             if matches!(table.get(*remote_port),
@@ -225,7 +251,6 @@ pub(crate) fn close_port(me: &Arc<Domain>, port: Port) -> Result<()> {
             {
                 table.set(*remote_port, PortState::Unbound { remote: me.id() });
             }
-            let _ = peer;
         }
         mine.set(port, PortState::Free);
         me.event_page().clear_pending(port);
@@ -239,5 +264,29 @@ pub(crate) fn close_all(me: &Arc<Domain>) {
     let ports = me.lock_ports().allocated();
     for (p, _) in ports {
         let _ = close_port(me, p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_is_reserved_and_ports_are_reused() {
+        let mut t = PortTable::default();
+        assert_eq!(t.alloc(PortState::Unbound { remote: 1 }).unwrap(), 1);
+        assert_eq!(t.alloc(PortState::Unbound { remote: 1 }).unwrap(), 2);
+        t.set(1, PortState::Free);
+        assert_eq!(t.alloc(PortState::Unbound { remote: 2 }).unwrap(), 1);
+        assert!(matches!(t.get(0), PortState::Free));
+        assert!(matches!(t.get(u32::MAX), PortState::Free));
+        assert_eq!(t.allocated().len(), 2);
+    }
+
+    #[test]
+    fn set_out_of_range_is_ignored() {
+        let mut t = PortTable::default();
+        t.set(5, PortState::Unbound { remote: 1 });
+        assert!(t.allocated().is_empty());
     }
 }

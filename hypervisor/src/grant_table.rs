@@ -31,7 +31,7 @@
 //!
 //! # Revocation
 //!
-//! The manager sets a deadline on a `(granter, ref)` or on a holder. [`revoke_overdue`] then
+//! The manager sets a deadline on a `(granter, ref)` or on a holder. `System::revoke_overdue` then
 //! removes overdue pins from the holder's IOMMU (so no DMA reaches the page any more), drops
 //! overdue copies' use counts (their late release is ignored, by epoch), and reports overdue
 //! mappings, which cannot be taken back from a process: the manager destroys their holder.
@@ -212,7 +212,12 @@ fn shared_table(d: &Domain) -> &GrantEntries {
 
 /// Set `GTF_reading` (and `GTF_writing`) in `granter`'s shared entry after checking it offers
 /// `holder` the access. Returns the frame it names.
-fn set_status(d: &Domain, gref: GrantRef, holder: DomId, write: bool) -> std::result::Result<u32, i16> {
+fn set_status(
+    d: &Domain,
+    gref: GrantRef,
+    holder: DomId,
+    write: bool,
+) -> std::result::Result<u32, i16> {
     let table = shared_table(d);
     let mut cur = table.header(gref).map_err(|_| status::BAD_GNTREF)?;
     // A granter rewriting its entry in a loop must not keep us here: give up after a few tries.
@@ -237,7 +242,9 @@ fn set_status(d: &Domain, gref: GrantRef, holder: DomId, write: bool) -> std::re
 /// Bring the shared flags of `gref` in line with its active entry; drop the entry if unused.
 fn settle(d: &Domain, active: &mut ActiveGrantTable, gref: GrantRef) {
     let table = shared_table(d);
-    let Some(act) = active.entries.get(&gref) else { return };
+    let Some(act) = active.entries.get(&gref) else {
+        return;
+    };
     if act.writers() == 0 {
         let _ = table.clear_flags(gref, GTF_WRITING);
     }
@@ -270,11 +277,14 @@ fn acquire(
         if act.holder != holder {
             return Err(status::GENERAL_ERROR);
         }
-        if need_shared && !act.page.is_shared() {
-            return Err(status::BAD_PAGE);
-        }
+        let shared = act.page.is_shared();
         if write && act.writers() == 0 {
             set_status(granter, gref, holder, true)?;
+        }
+        if need_shared && !shared {
+            // Drops the GTF_writing just added, if no other write use exists.
+            settle(granter, &mut active, gref);
+            return Err(status::BAD_PAGE);
         }
     } else {
         let frame = Frame::from(set_status(granter, gref, holder, write)?);
@@ -320,7 +330,11 @@ fn acquire(
         Use::Pin if write => act.copies_rw += 1,
         Use::Pin => act.copies_ro += 1,
     }
-    let got = Acquired { page: act.page.clone(), frame: act.frame, copy_epoch: act.copy_epoch };
+    let got = Acquired {
+        page: act.page.clone(),
+        frame: act.frame,
+        copy_epoch: act.copy_epoch,
+    };
     Ok(got)
 }
 
@@ -329,7 +343,11 @@ fn release_count(granter: &Domain, gref: GrantRef, write: bool, epoch: u64) {
     let mut active = granter.lock_active();
     if let Some(act) = active.entries.get_mut(&gref) {
         if act.copy_epoch == epoch {
-            let c = if write { &mut act.copies_rw } else { &mut act.copies_ro };
+            let c = if write {
+                &mut act.copies_rw
+            } else {
+                &mut act.copies_ro
+            };
             *c = c.saturating_sub(1);
         }
     }
@@ -356,8 +374,8 @@ pub(crate) fn map(
     let me = sys.lookup(caller)?;
     let g = resolve(sys, &me, granter).ok_or(SystemError::Grant(status::BAD_DOMAIN))?;
     let handle = MapHandle(next_id());
-    let got = acquire(&g, gref, caller, !readonly, Use::Map(handle), true)
-        .map_err(SystemError::Grant)?;
+    let got =
+        acquire(&g, gref, caller, !readonly, Use::Map(handle), true).map_err(SystemError::Grant)?;
     let file = match &got.page {
         PageRef::Shared(p) => p.reopen(readonly),
         PageRef::Ram { .. } => Err(std::io::Error::other("not shareable")),
@@ -369,7 +387,11 @@ pub(crate) fn map(
             return Err(e.into());
         }
     };
-    let rec = MapRec { granter: g.id(), gref, frame: got.frame };
+    let rec = MapRec {
+        granter: g.id(),
+        gref,
+        frame: got.frame,
+    };
     if !me.add_holding(|h| {
         h.maps.insert(handle, rec);
     }) {
@@ -390,7 +412,11 @@ fn release_map(granter: &Domain, gref: GrantRef, handle: MapHandle) {
 /// `System::unmap_grant`.
 pub(crate) fn unmap(sys: &System, caller: DomId, handle: MapHandle) -> Result<()> {
     let me = sys.lookup_any(caller)?;
-    let rec = me.lock_holdings().maps.remove(&handle).ok_or(SystemError::Grant(status::BAD_HANDLE))?;
+    let rec = me
+        .lock_holdings()
+        .maps
+        .remove(&handle)
+        .ok_or(SystemError::Grant(status::BAD_HANDLE))?;
     // A granter that is gone has already dropped its active table.
     if let Ok(g) = sys.lookup_any(rec.granter) {
         release_map(&g, rec.gref, handle);
@@ -399,10 +425,17 @@ pub(crate) fn unmap(sys: &System, caller: DomId, handle: MapHandle) -> Result<()
 }
 
 /// The granter's frame behind a mapping `caller` holds.
-pub(crate) fn mapped(sys: &System, caller: DomId, handle: MapHandle) -> Result<(DomId, GrantRef, Frame)> {
+pub(crate) fn mapped(
+    sys: &System,
+    caller: DomId,
+    handle: MapHandle,
+) -> Result<(DomId, GrantRef, Frame)> {
     let me = sys.lookup_any(caller)?;
     let h = me.lock_holdings();
-    let rec = h.maps.get(&handle).ok_or(SystemError::Grant(status::BAD_HANDLE))?;
+    let rec = h
+        .maps
+        .get(&handle)
+        .ok_or(SystemError::Grant(status::BAD_HANDLE))?;
     Ok((rec.granter, rec.gref, rec.frame))
 }
 
@@ -414,16 +447,33 @@ struct CopySide {
     grant: Option<(Arc<Domain>, GrantRef, u64)>,
 }
 
-fn copy_side(sys: &System, me: &Arc<Domain>, ptr: CopyPtr, write: bool) -> std::result::Result<CopySide, i16> {
+fn copy_side(
+    sys: &System,
+    me: &Arc<Domain>,
+    ptr: CopyPtr,
+    write: bool,
+) -> std::result::Result<CopySide, i16> {
     match ptr {
         CopyPtr::Local { frame, offset } => {
             let page = me.memory().page(frame).map_err(|_| status::BAD_PAGE)?;
-            Ok(CopySide { page, offset: usize::from(offset), grant: None })
+            Ok(CopySide {
+                page,
+                offset: usize::from(offset),
+                grant: None,
+            })
         }
-        CopyPtr::Grant { domid, gref, offset } => {
+        CopyPtr::Grant {
+            domid,
+            gref,
+            offset,
+        } => {
             let g = resolve(sys, me, domid).ok_or(status::BAD_DOMAIN)?;
             let got = acquire(&g, gref, me.id(), write, Use::Copy, false)?;
-            Ok(CopySide { page: got.page, offset: usize::from(offset), grant: Some((g, gref, got.copy_epoch)) })
+            Ok(CopySide {
+                page: got.page,
+                offset: usize::from(offset),
+                grant: Some((g, gref, got.copy_epoch)),
+            })
         }
     }
 }
@@ -453,7 +503,10 @@ fn copy_one(sys: &System, me: &Arc<Domain>, op: &GrantCopyOp) -> i16 {
             return e;
         }
     };
-    let st = match (src.page.slice(src.offset, len), dst.page.slice(dst.offset, len)) {
+    let st = match (
+        src.page.slice(src.offset, len),
+        dst.page.slice(dst.offset, len),
+    ) {
         (Ok(s), Ok(d)) => {
             s.copy_to_volatile_slice(d);
             status::OKAY
@@ -474,12 +527,20 @@ pub(crate) fn copy(sys: &System, caller: DomId, ops: &[GrantCopyOp]) -> Vec<i16>
 }
 
 /// `System::pin_grant`.
-pub(crate) fn pin(sys: &System, caller: DomId, granter: DomId, gref: GrantRef, writable: bool) -> Result<u64> {
+pub(crate) fn pin(
+    sys: &System,
+    caller: DomId,
+    granter: DomId,
+    gref: GrantRef,
+    writable: bool,
+) -> Result<u64> {
     let me = sys.lookup(caller)?;
-    let iommu = me.iommu().cloned().ok_or(SystemError::Grant(status::PERMISSION_DENIED))?;
+    let iommu = me
+        .iommu()
+        .cloned()
+        .ok_or(SystemError::Grant(status::PERMISSION_DENIED))?;
     let g = resolve(sys, &me, granter).ok_or(SystemError::Grant(status::BAD_DOMAIN))?;
-    let got = acquire(&g, gref, caller, writable, Use::Pin, false)
-        .map_err(SystemError::Grant)?;
+    let got = acquire(&g, gref, caller, writable, Use::Pin, false).map_err(SystemError::Grant)?;
     let entry = IommuEntry {
         domain: g.id(),
         frame: got.frame,
@@ -498,9 +559,17 @@ pub(crate) fn pin(sys: &System, caller: DomId, granter: DomId, gref: GrantRef, w
         let mut active = g.lock_active();
         let ok = match active.entries.get_mut(&gref) {
             Some(act) if act.copy_epoch == got.copy_epoch => {
-                let c = if writable { &mut act.copies_rw } else { &mut act.copies_ro };
+                let c = if writable {
+                    &mut act.copies_rw
+                } else {
+                    &mut act.copies_ro
+                };
                 *c = c.saturating_sub(1);
-                act.pins.push(PinUse { iova, writable, iommu: iommu.clone() });
+                act.pins.push(PinUse {
+                    iova,
+                    writable,
+                    iommu: iommu.clone(),
+                });
                 true
             }
             _ => false,
@@ -512,7 +581,13 @@ pub(crate) fn pin(sys: &System, caller: DomId, granter: DomId, gref: GrantRef, w
         }
     }
     if !me.add_holding(|h| {
-        h.pins.insert(iova, PinRec { granter: g.id(), gref });
+        h.pins.insert(
+            iova,
+            PinRec {
+                granter: g.id(),
+                gref,
+            },
+        );
     }) {
         drop_pin(&g, gref, iova);
         return Err(SystemError::Dying(caller));
@@ -536,7 +611,11 @@ fn drop_pin(granter: &Domain, gref: GrantRef, iova: u64) {
 /// `System::unpin_grant`.
 pub(crate) fn unpin(sys: &System, caller: DomId, iova: u64) -> Result<()> {
     let me = sys.lookup_any(caller)?;
-    let rec = me.lock_holdings().pins.remove(&iova).ok_or(SystemError::Grant(status::BAD_DEV_ADDR))?;
+    let rec = me
+        .lock_holdings()
+        .pins
+        .remove(&iova)
+        .ok_or(SystemError::Grant(status::BAD_DEV_ADDR))?;
     match sys.lookup_any(rec.granter) {
         Ok(g) => drop_pin(&g, rec.gref, iova),
         // Granter gone: its destruction removed the IOMMU entry already; make sure.
@@ -565,14 +644,19 @@ pub(crate) fn transfer(
     if frame < layout::FIRST_FREE_FRAME {
         return Err(SystemError::Grant(status::BAD_PAGE));
     }
-    let src = me.memory().page(frame).map_err(|_| SystemError::Grant(status::BAD_PAGE))?;
+    let src = me
+        .memory()
+        .page(frame)
+        .map_err(|_| SystemError::Grant(status::BAD_PAGE))?;
     if me.lock_active().uses_frame(frame) {
         // Others map, pin or copy the page we would give away.
         return Err(SystemError::Grant(status::BAD_PAGE));
     }
     // Commit: the entry must accept a transfer from us and not be committed yet.
     let table = rx.grant_entries();
-    let (flags, domid) = table.header(gref).map_err(|_| SystemError::Grant(status::BAD_GNTREF))?;
+    let (flags, domid) = table
+        .header(gref)
+        .map_err(|_| SystemError::Grant(status::BAD_GNTREF))?;
     if flags & GTF_TYPE_MASK != GTF_ACCEPT_TRANSFER
         || flags & GTF_TRANSFER_COMMITTED != 0
         || domid != caller
@@ -587,11 +671,18 @@ pub(crate) fn transfer(
         let _ = table.clear_flags(gref, GTF_TRANSFER_COMMITTED);
         SystemError::Grant(st)
     };
-    let dst_frame = Frame::from(table.frame(gref).map_err(|_| uncommit(status::BAD_GNTREF))?);
+    let dst_frame = Frame::from(
+        table
+            .frame(gref)
+            .map_err(|_| uncommit(status::BAD_GNTREF))?,
+    );
     if dst_frame < layout::FIRST_FREE_FRAME || rx.lock_active().uses_frame(dst_frame) {
         return Err(uncommit(status::BAD_PAGE));
     }
-    let dst = rx.memory().page(dst_frame).map_err(|_| uncommit(status::BAD_PAGE))?;
+    let dst = rx
+        .memory()
+        .page(dst_frame)
+        .map_err(|_| uncommit(status::BAD_PAGE))?;
     let both_shared = src.is_shared() && dst.is_shared();
     // Our own handles would make the pages look in use to the swap.
     drop((src, dst));
@@ -600,9 +691,18 @@ pub(crate) fn transfer(
     let mode = if remapped {
         TransferMode::Remapped
     } else {
-        let src = me.memory().page(frame).map_err(|_| uncommit(status::BAD_PAGE))?;
-        let dst = rx.memory().page(dst_frame).map_err(|_| uncommit(status::BAD_PAGE))?;
-        match (src.slice(0, layout::PAGE_SIZE), dst.slice(0, layout::PAGE_SIZE)) {
+        let src = me
+            .memory()
+            .page(frame)
+            .map_err(|_| uncommit(status::BAD_PAGE))?;
+        let dst = rx
+            .memory()
+            .page(dst_frame)
+            .map_err(|_| uncommit(status::BAD_PAGE))?;
+        match (
+            src.slice(0, layout::PAGE_SIZE),
+            dst.slice(0, layout::PAGE_SIZE),
+        ) {
             (Ok(s), Ok(d)) => s.copy_to_volatile_slice(d),
             _ => return Err(uncommit(status::BAD_PAGE)),
         }
@@ -633,10 +733,22 @@ pub(crate) fn set_holder_deadline(holder: &Domain, deadline: Instant) {
 
 /// Force off the revocable uses of one active entry (pins: IOMMU entries removed; copies:
 /// counts dropped under a new epoch); report them and the mappings that remain.
-fn strip(granter: &Domain, active: &mut ActiveGrantTable, gref: GrantRef, out: &mut Vec<Revocation>) {
-    let Some(act) = active.entries.get_mut(&gref) else { return };
+fn strip(
+    granter: &Domain,
+    active: &mut ActiveGrantTable,
+    gref: GrantRef,
+    out: &mut Vec<Revocation>,
+) {
+    let Some(act) = active.entries.get_mut(&gref) else {
+        return;
+    };
     let holder = act.holder;
-    let rec = |kind| Revocation { granter: granter.id(), gref, holder, kind };
+    let rec = |kind| Revocation {
+        granter: granter.id(),
+        gref,
+        holder,
+        kind,
+    };
     for p in act.pins.drain(..) {
         // Removed from the IOMMU before the shared flags are cleared in `settle`.
         let _ = p.iommu.unmap(p.iova);
@@ -661,7 +773,11 @@ fn forget_pins(sys: &System, revs: &[Revocation]) {
         if let RevokedUse::Pin { iova } = r.kind {
             if let Ok(h) = sys.lookup_any(r.holder) {
                 let mut hold = h.lock_holdings();
-                if hold.pins.get(&iova).is_some_and(|p| p.granter == r.granter && p.gref == r.gref) {
+                if hold
+                    .pins
+                    .get(&iova)
+                    .is_some_and(|p| p.granter == r.granter && p.gref == r.gref)
+                {
                     hold.pins.remove(&iova);
                 }
             }
@@ -684,7 +800,9 @@ pub(crate) fn revoke_overdue(sys: &System) -> Vec<Revocation> {
         let due: Vec<GrantRef> = active
             .entries
             .iter()
-            .filter(|(_, a)| a.deadline.is_some_and(|t| t <= now) || overdue_holders.contains(&a.holder))
+            .filter(|(_, a)| {
+                a.deadline.is_some_and(|t| t <= now) || overdue_holders.contains(&a.holder)
+            })
             .map(|(r, _)| *r)
             .collect();
         for gref in due {
@@ -731,4 +849,122 @@ pub(crate) fn destroy(sys: &System, d: &Domain) {
         active.entries.clear();
     }
     forget_pins(sys, &out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::DomainConfig;
+
+    fn setup() -> (Arc<System>, Arc<Domain>, Arc<Domain>) {
+        let sys = System::new();
+        let cfg = |n: &str| DomainConfig {
+            name: n.into(),
+            nr_frames: 16,
+            iommu: None,
+        };
+        let a = sys.create_domain(cfg("a")).unwrap();
+        let b = sys.create_domain(cfg("b")).unwrap();
+        let (da, db) = (sys.domain(a).unwrap(), sys.domain(b).unwrap());
+        (sys, da, db)
+    }
+
+    #[test]
+    fn copy_in_progress_is_revoked_and_its_late_release_ignored() {
+        let (sys, a, b) = setup();
+        a.grant_entries()
+            .publish(9, b.id(), 10, GTF_PERMIT_ACCESS)
+            .unwrap();
+        // A copy that has acquired and not yet released (as if it were mid-memcpy).
+        let got = acquire(&a, 9, b.id(), true, Use::Copy, false).unwrap();
+        assert_eq!(
+            a.grant_entries().header(9).unwrap().0,
+            GTF_PERMIT_ACCESS | GTF_READING | GTF_WRITING
+        );
+        assert!(set_grant_deadline(&a, 9, Instant::now()));
+        let rev = revoke_overdue(&sys);
+        assert_eq!(
+            rev,
+            vec![Revocation {
+                granter: a.id(),
+                gref: 9,
+                holder: b.id(),
+                kind: RevokedUse::Copy
+            }]
+        );
+        assert_eq!(a.grant_entries().header(9).unwrap().0, GTF_PERMIT_ACCESS);
+        // A new copy starts a new entry; the old copy's release must not end it.
+        let again = acquire(&a, 9, b.id(), false, Use::Copy, false).unwrap();
+        release_count(&a, 9, true, got.copy_epoch);
+        assert_eq!(a.lock_active().len(), 1);
+        release_count(&a, 9, false, again.copy_epoch);
+        assert!(a.lock_active().is_empty());
+        assert!(a.grant_entries().end_access(9).is_ok());
+    }
+
+    #[test]
+    fn second_writer_adds_writing_and_last_writer_clears_it() {
+        let (_sys, a, b) = setup();
+        a.grant_entries()
+            .publish(9, b.id(), 10, GTF_PERMIT_ACCESS)
+            .unwrap();
+        let r = acquire(&a, 9, b.id(), false, Use::Copy, false).unwrap();
+        assert_eq!(a.grant_entries().header(9).unwrap().0 & GTF_WRITING, 0);
+        let w = acquire(&a, 9, b.id(), true, Use::Copy, false).unwrap();
+        assert_eq!(
+            a.grant_entries().header(9).unwrap().0 & GTF_WRITING,
+            GTF_WRITING
+        );
+        release_count(&a, 9, true, w.copy_epoch);
+        assert_eq!(
+            a.grant_entries().header(9).unwrap().0,
+            GTF_PERMIT_ACCESS | GTF_READING
+        );
+        release_count(&a, 9, false, r.copy_epoch);
+        assert_eq!(a.grant_entries().header(9).unwrap().0, GTF_PERMIT_ACCESS);
+    }
+
+    #[test]
+    fn in_use_entry_is_bound_to_its_holder_and_frame() {
+        let (sys, a, b) = setup();
+        let c = sys
+            .domain(
+                sys.create_domain(DomainConfig {
+                    name: "c".into(),
+                    nr_frames: 16,
+                    iommu: None,
+                })
+                .unwrap(),
+            )
+            .unwrap();
+        a.grant_entries()
+            .publish(9, b.id(), 10, GTF_PERMIT_ACCESS)
+            .unwrap();
+        let got = acquire(&a, 9, b.id(), false, Use::Copy, false).unwrap();
+        // The granter rewrites its entry while in use: the use keeps the frame it resolved,
+        // and another domain named in the rewritten entry still cannot use it.
+        a.grant_entries()
+            .publish(9, c.id(), 11, GTF_PERMIT_ACCESS | GTF_READING)
+            .unwrap();
+        assert_eq!(
+            acquire(&a, 9, c.id(), false, Use::Copy, false).err(),
+            Some(status::GENERAL_ERROR)
+        );
+        let again = acquire(&a, 9, b.id(), false, Use::Copy, false).unwrap();
+        assert_eq!((got.frame, again.frame), (10, 10));
+    }
+
+    #[test]
+    fn dying_granter_grants_nothing() {
+        let (_sys, a, b) = setup();
+        a.grant_entries()
+            .publish(9, b.id(), 10, GTF_PERMIT_ACCESS)
+            .unwrap();
+        a.set_state(DomainState::Dying);
+        assert_eq!(
+            acquire(&a, 9, b.id(), false, Use::Copy, false).err(),
+            Some(status::BAD_DOMAIN)
+        );
+        assert_eq!(a.grant_entries().header(9).unwrap().0, GTF_PERMIT_ACCESS);
+    }
 }

@@ -39,7 +39,8 @@ pub mod layout {
     /// Grant-table frames.
     pub const GRANT_TABLE_FRAMES: u64 = 4;
     /// Grant entries (v1, 8 bytes each) in the grant-table frames.
-    pub const NR_GRANT_ENTRIES: u32 = (GRANT_TABLE_FRAMES as u32) * (PAGE_SIZE as u32) / 8;
+    pub const NR_GRANT_ENTRIES: u32 = 2048;
+    const _: () = assert!(NR_GRANT_ENTRIES as u64 * 8 == GRANT_TABLE_FRAMES * PAGE_SIZE as u64);
     /// The hypercall page (batched operations + doorbell, owned by the process layer).
     pub const HYPERCALL_FRAME: u64 = 5;
     /// The XenStore ring page.
@@ -92,7 +93,8 @@ pub fn sealed_memfd(name: &str, size: u64) -> Result<File> {
         MemoryError::Memfd(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
     })?;
     // SAFETY: `cname` is a valid NUL-terminated string; memfd_create has no other inputs.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -126,7 +128,8 @@ impl SharedPageMem {
     pub fn new(name: &str) -> Result<Self> {
         let file = sealed_memfd(name, PAGE_SIZE as u64)?;
         let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, 0);
-        let map = MmapRegion::from_file(fo, PAGE_SIZE).map_err(|e| MemoryError::Map(e.to_string()))?;
+        let map =
+            MmapRegion::from_file(fo, PAGE_SIZE).map_err(|e| MemoryError::Map(e.to_string()))?;
         Ok(Self { file, map })
     }
 
@@ -156,7 +159,11 @@ impl SharedPageMem {
         check_in_page(0, offset, len)?;
         self.map
             .get_slice(offset, len)
-            .map_err(|_| MemoryError::OutOfRange { frame: 0, offset, len })
+            .map_err(|_| MemoryError::OutOfRange {
+                frame: 0,
+                offset,
+                len,
+            })
     }
 }
 
@@ -180,7 +187,12 @@ impl DomainMemory {
         let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(nr_frames))?;
         let ram = GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), len, Some(fo))])
             .map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(Self { ram_file, ram, nr_frames, shared: RwLock::new(Vec::new()) })
+        Ok(Self {
+            ram_file,
+            ram,
+            nr_frames,
+            shared: RwLock::new(Vec::new()),
+        })
     }
 
     /// Frames of RAM.
@@ -201,11 +213,19 @@ impl DomainMemory {
     /// Host address of RAM `frame`, valid while `self` lives.
     pub fn ram_frame_ptr(&self, frame: u64) -> Result<*mut u8> {
         if frame >= self.nr_frames {
-            return Err(MemoryError::OutOfRange { frame, offset: 0, len: PAGE_SIZE });
+            return Err(MemoryError::OutOfRange {
+                frame,
+                offset: 0,
+                len: PAGE_SIZE,
+            });
         }
         self.ram
             .get_host_address(GuestAddress(frame * PAGE_SIZE as u64))
-            .map_err(|_| MemoryError::OutOfRange { frame, offset: 0, len: PAGE_SIZE })
+            .map_err(|_| MemoryError::OutOfRange {
+                frame,
+                offset: 0,
+                len: PAGE_SIZE,
+            })
     }
 
     /// Allocate a zeroed shareable page; returns its frame number (`nr_frames + i`).
@@ -231,15 +251,16 @@ impl DomainMemory {
     /// Returns whether the swap happened.
     pub fn swap_shared(a: &DomainMemory, fa: u64, b: &DomainMemory, fb: u64) -> bool {
         let idx = |m: &DomainMemory, f: u64| {
-            f.checked_sub(m.nr_frames).and_then(|i| usize::try_from(i).ok())
+            f.checked_sub(m.nr_frames)
+                .and_then(|i| usize::try_from(i).ok())
         };
-        let (Some(ia), Some(ib)) = (idx(a, fa), idx(b, fb)) else { return false };
+        let (Some(ia), Some(ib)) = (idx(a, fa), idx(b, fb)) else {
+            return false;
+        };
         let lone = |p: &Arc<SharedPageMem>| Arc::strong_count(p) == 1;
         if std::ptr::eq(a, b) {
             let mut t = a.shared.write().unwrap_or_else(|p| p.into_inner());
-            let ok = ia != ib
-                && t.get(ia).is_some_and(lone)
-                && t.get(ib).is_some_and(lone);
+            let ok = ia != ib && t.get(ia).is_some_and(lone) && t.get(ib).is_some_and(lone);
             if ok {
                 t.swap(ia, ib);
             }
@@ -248,10 +269,18 @@ impl DomainMemory {
         // Both tables locked (in address order, so two swaps cannot deadlock) while the
         // counts are checked: `shared_page` clones under the read lock, so no new holder can
         // appear between the check and the swap.
-        let (first, second) = if (a as *const DomainMemory) < (b as *const DomainMemory) { (a, b) } else { (b, a) };
+        let (first, second) = if (a as *const DomainMemory) < (b as *const DomainMemory) {
+            (a, b)
+        } else {
+            (b, a)
+        };
         let mut t1 = first.shared.write().unwrap_or_else(|p| p.into_inner());
         let mut t2 = second.shared.write().unwrap_or_else(|p| p.into_inner());
-        let (ta, tb) = if std::ptr::eq(first, a) { (&mut *t1, &mut *t2) } else { (&mut *t2, &mut *t1) };
+        let (ta, tb) = if std::ptr::eq(first, a) {
+            (&mut *t1, &mut *t2)
+        } else {
+            (&mut *t2, &mut *t1)
+        };
         match (ta.get_mut(ia), tb.get_mut(ib)) {
             (Some(pa), Some(pb)) if lone(pa) && lone(pb) => {
                 std::mem::swap(pa, pb);
@@ -264,11 +293,18 @@ impl DomainMemory {
     /// Resolve `frame` (RAM or shareable) to a page handle that keeps it alive.
     pub fn page(self: &Arc<Self>, frame: u64) -> Result<PageRef> {
         if frame < self.nr_frames {
-            Ok(PageRef::Ram { mem: self.clone(), frame })
+            Ok(PageRef::Ram {
+                mem: self.clone(),
+                frame,
+            })
         } else {
             self.shared_page(frame)
                 .map(PageRef::Shared)
-                .ok_or(MemoryError::OutOfRange { frame, offset: 0, len: PAGE_SIZE })
+                .ok_or(MemoryError::OutOfRange {
+                    frame,
+                    offset: 0,
+                    len: PAGE_SIZE,
+                })
         }
     }
 
@@ -307,11 +343,13 @@ impl PageRef {
             PageRef::Ram { mem, frame } => {
                 check_in_page(*frame, offset, len)?;
                 let addr = GuestAddress(frame * PAGE_SIZE as u64 + offset as u64);
-                mem.ram.get_slice(addr, len).map_err(|_| MemoryError::OutOfRange {
-                    frame: *frame,
-                    offset,
-                    len,
-                })
+                mem.ram
+                    .get_slice(addr, len)
+                    .map_err(|_| MemoryError::OutOfRange {
+                        frame: *frame,
+                        offset,
+                        len,
+                    })
             }
             PageRef::Shared(p) => p.slice(offset, len),
         }
@@ -341,7 +379,10 @@ mod tests {
 
     #[test]
     fn sizes_are_checked() {
-        assert!(matches!(DomainMemory::new("t", 1), Err(MemoryError::BadSize(1))));
+        assert!(matches!(
+            DomainMemory::new("t", 1),
+            Err(MemoryError::BadSize(1))
+        ));
         assert!(DomainMemory::new("t", layout::MAX_FRAMES + 1).is_err());
     }
 

@@ -86,7 +86,12 @@ struct Domains {
 impl System {
     /// An empty system. Domain 0 is created by the first `create_domain` call.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { domains: RwLock::new(Domains { live: HashMap::new(), next_id: 0 }) })
+        Arc::new(Self {
+            domains: RwLock::new(Domains {
+                live: HashMap::new(),
+                next_id: 0,
+            }),
+        })
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Domains> {
@@ -108,7 +113,11 @@ impl System {
 
     /// Domain `dom` even while it is being destroyed (for releases and teardown).
     pub(crate) fn lookup_any(&self, dom: DomId) -> Result<Arc<Domain>> {
-        self.read().live.get(&dom).cloned().ok_or(SystemError::NoSuchDomain(dom))
+        self.read()
+            .live
+            .get(&dom)
+            .cloned()
+            .ok_or(SystemError::NoSuchDomain(dom))
     }
 
     /// Every domain in the table (a snapshot).
@@ -196,7 +205,11 @@ impl System {
     }
 
     /// The granter, reference and granter's frame behind `caller`'s mapping `handle`.
-    pub fn mapping_info(&self, caller: DomId, handle: MapHandle) -> Result<(DomId, GrantRef, Frame)> {
+    pub fn mapping_info(
+        &self,
+        caller: DomId,
+        handle: MapHandle,
+    ) -> Result<(DomId, GrantRef, Frame)> {
         grant_table::mapped(self, caller, handle)
     }
 
@@ -276,7 +289,12 @@ impl System {
 
     /// Manager: every use of `granter`'s `gref` must end by `deadline`.
     /// Returns whether the reference had any use to put a deadline on.
-    pub fn set_grant_deadline(&self, granter: DomId, gref: GrantRef, deadline: Instant) -> Result<bool> {
+    pub fn set_grant_deadline(
+        &self,
+        granter: DomId,
+        gref: GrantRef,
+        deadline: Instant,
+    ) -> Result<bool> {
         let g = self.lookup_any(granter)?;
         if gref >= layout::NR_GRANT_ENTRIES {
             return Err(SystemError::Grant(devchan::grant::status::BAD_GNTREF));
@@ -295,5 +313,90 @@ impl System {
     /// overdue mappings, which cannot be forced back (the manager destroys their holder).
     pub fn revoke_overdue(&self) -> Vec<Revocation> {
         grant_table::revoke_overdue(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(n: &str) -> DomainConfig {
+        DomainConfig {
+            name: n.into(),
+            nr_frames: layout::MIN_FRAMES,
+            iommu: None,
+        }
+    }
+
+    #[test]
+    fn ids_start_at_zero_and_are_not_reused() {
+        let sys = System::new();
+        assert_eq!(sys.create_domain(cfg("dom0")).unwrap(), 0);
+        assert_eq!(sys.create_domain(cfg("a")).unwrap(), 1);
+        sys.destroy_domain(1).unwrap();
+        assert_eq!(sys.create_domain(cfg("b")).unwrap(), 2);
+        assert_eq!(sys.domain_ids(), vec![0, 2]);
+        assert!(matches!(sys.domain(1), Err(SystemError::NoSuchDomain(1))));
+    }
+
+    #[test]
+    fn bad_memory_size_is_an_error() {
+        let sys = System::new();
+        let r = sys.create_domain(DomainConfig {
+            name: "x".into(),
+            nr_frames: 3,
+            iommu: None,
+        });
+        assert!(matches!(r, Err(SystemError::Memory(_))));
+        assert!(sys.domain_ids().is_empty());
+    }
+
+    #[test]
+    fn pause_unpause_and_dying_is_final() {
+        let sys = System::new();
+        let d = sys.create_domain(cfg("a")).unwrap();
+        sys.pause(d).unwrap();
+        assert_eq!(sys.domain(d).unwrap().state(), DomainState::Paused);
+        sys.unpause(d).unwrap();
+        let dom = sys.domain(d).unwrap();
+        assert_eq!(dom.state(), DomainState::Running);
+        sys.destroy_domain(d).unwrap();
+        assert_eq!(dom.state(), DomainState::Dying);
+        dom.set_state(DomainState::Running);
+        assert_eq!(dom.state(), DomainState::Dying);
+        assert!(sys.pause(d).is_err());
+    }
+
+    #[test]
+    fn shared_pages_come_with_their_memfd() {
+        let sys = System::new();
+        let d = sys.create_domain(cfg("a")).unwrap();
+        let (frame, file) = sys.alloc_shared_page(d).unwrap();
+        assert_eq!(frame, layout::MIN_FRAMES);
+        std::os::unix::fs::FileExt::write_at(&file, b"x", 0).unwrap();
+        let mut b = [0u8];
+        sys.domain(d)
+            .unwrap()
+            .memory()
+            .read(frame, 0, &mut b)
+            .unwrap();
+        assert_eq!(&b, b"x");
+        assert!(file.set_len(0).is_err(), "sealed");
+    }
+
+    #[test]
+    fn errors_map_to_platform_errors() {
+        assert_eq!(
+            PlatformError::from(SystemError::BadPort(3)),
+            PlatformError::BadPort(3)
+        );
+        assert_eq!(
+            PlatformError::from(SystemError::Grant(-3)),
+            PlatformError::Grant(-3)
+        );
+        assert_eq!(
+            PlatformError::from(SystemError::Dying(4)),
+            PlatformError::BadDomain(4)
+        );
     }
 }

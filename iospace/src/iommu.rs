@@ -174,8 +174,12 @@ impl Iommu {
     /// Remove every entry for pages of `domain`; returns their IOVAs.
     pub fn unmap_domain(&self, domain: u16) -> Vec<u64> {
         let mut t = self.write();
-        let gone: Vec<u64> =
-            t.entries.iter().filter(|(_, e)| e.domain == domain).map(|(p, _)| *p).collect();
+        let gone: Vec<u64> = t
+            .entries
+            .iter()
+            .filter(|(_, e)| e.domain == domain)
+            .map(|(p, _)| *p)
+            .collect();
         for p in &gone {
             t.entries.remove(p);
             t.free.push(*p);
@@ -200,7 +204,9 @@ impl Iommu {
 
     /// The view device models use.
     pub fn device(self: &Arc<Self>) -> IommuDevice {
-        IommuDevice { iommu: self.clone() }
+        IommuDevice {
+            iommu: self.clone(),
+        }
     }
 
     /// Faults counted so far.
@@ -267,7 +273,12 @@ impl IommuDevice {
             return self.iommu.fault(IommuError::CrossesPage { iova, len });
         }
         let (e, offset, _) = self.iommu.check(&t, iova, len, write)?[0];
-        Ok(Translation { domain: e.domain, frame: e.frame, offset, writable: e.writable })
+        Ok(Translation {
+            domain: e.domain,
+            frame: e.frame,
+            offset,
+            writable: e.writable,
+        })
     }
 
     /// DMA read of `buf.len()` bytes at `iova` (may span pages). Every page is checked before
@@ -321,7 +332,12 @@ mod tests {
     }
 
     fn entry(p: &Arc<Mem>, frame: u64, writable: bool) -> IommuEntry {
-        IommuEntry { domain: 3, frame, writable, page: p.clone() }
+        IommuEntry {
+            domain: 3,
+            frame,
+            writable,
+            page: p.clone(),
+        }
     }
 
     #[test]
@@ -332,7 +348,15 @@ mod tests {
         let iova = io.map(entry(&p, 9, true)).unwrap();
         assert!(iova >= IOVA_BASE && iova % PAGE_SIZE as u64 == 0);
         let t = dev.translate(iova + 100, 8, true).unwrap();
-        assert_eq!(t, Translation { domain: 3, frame: 9, offset: 100, writable: true });
+        assert_eq!(
+            t,
+            Translation {
+                domain: 3,
+                frame: 9,
+                offset: 100,
+                writable: true
+            }
+        );
         dev.dma_write(iova + 4094, b"ab").unwrap();
         let mut b = [0; 2];
         dev.dma_read(iova + 4094, &mut b).unwrap();
@@ -351,16 +375,38 @@ mod tests {
         let ia = io.map(entry(&a, 1, true)).unwrap();
         let ib = io.map(entry(&b, 2, false)).unwrap();
         // A write spanning the writable and read-only page: nothing is written at all.
-        let span = if ib == ia + PAGE_SIZE as u64 { ia + 4000 } else { unreachable!() };
-        assert_eq!(dev.dma_write(span, &[1; 200]), Err(IommuError::ReadOnly(ib)));
+        let span = if ib == ia + PAGE_SIZE as u64 {
+            ia + 4000
+        } else {
+            unreachable!()
+        };
+        assert_eq!(
+            dev.dma_write(span, &[1; 200]),
+            Err(IommuError::ReadOnly(ib))
+        );
         assert!(a.0.lock().unwrap().iter().all(|x| *x == 0));
         // Reading across both works.
         let mut buf = [9u8; 200];
         dev.dma_read(span, &mut buf).unwrap();
         assert_eq!(buf, [0; 200]);
-        assert_eq!(dev.translate(ia + 4000, 200, false).unwrap_err(), IommuError::CrossesPage { iova: ia + 4000, len: 200 });
-        assert_eq!(dev.dma_read(u64::MAX - 1, &mut buf).unwrap_err(), IommuError::CrossesPage { iova: u64::MAX - 1, len: 200 });
-        assert_eq!(dev.translate(0, 1, false).unwrap_err(), IommuError::Unmapped(0));
+        assert_eq!(
+            dev.translate(ia + 4000, 200, false).unwrap_err(),
+            IommuError::CrossesPage {
+                iova: ia + 4000,
+                len: 200
+            }
+        );
+        assert_eq!(
+            dev.dma_read(u64::MAX - 1, &mut buf).unwrap_err(),
+            IommuError::CrossesPage {
+                iova: u64::MAX - 1,
+                len: 200
+            }
+        );
+        assert_eq!(
+            dev.translate(0, 1, false).unwrap_err(),
+            IommuError::Unmapped(0)
+        );
         assert_eq!(dev.faults(), 4);
     }
 
@@ -376,6 +422,32 @@ mod tests {
         assert_eq!(io.unmap(a + 1).unwrap_err(), IommuError::NoEntry(a + 1));
         assert_eq!(io.unmap_domain(3).len(), 2);
         assert!(io.is_empty());
+    }
+
+    #[test]
+    fn no_dma_lands_after_unmap_returns() {
+        let io = Iommu::new(4);
+        let dev = io.device();
+        let p = page();
+        let iova = io.map(entry(&p, 1, true)).unwrap();
+        let writes = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut v = 1u8;
+                while dev.dma_write(iova, &[v; 64]).is_ok() {
+                    writes.fetch_add(1, Ordering::Relaxed);
+                    v = v.wrapping_add(1).max(1);
+                }
+            });
+            while writes.load(Ordering::Relaxed) < 100 {
+                std::thread::yield_now();
+            }
+            io.unmap(iova).unwrap();
+            let snap = p.0.lock().unwrap().clone();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert_eq!(*p.0.lock().unwrap(), snap, "a DMA write landed after unmap");
+        });
+        assert!(dev.faults() >= 1);
     }
 
     proptest::proptest! {
