@@ -104,11 +104,12 @@ fn drive<Req: RingMessage, Rsp: RingMessage>(
     on_response: impl Fn(&Rsp),
     mut packet: impl FnMut(&mut BackRing<Req, Rsp>),
 ) {
-    let page = OwnedPage::new();
+    let mut page = OwnedPage::new();
+    let ptr = page.as_non_null();
     // SAFETY: `page` is 4 KiB, page-aligned, outlives both rings (declared first, dropped last)
     // and is touched otherwise only by `OwnedPage`'s volatile writes, in this thread.
     let attach = |prod: u32, cons: u32| unsafe {
-        BackRing::<Req, Rsp>::attach_at(page.as_non_null(), OwnedPage::SIZE, prod, cons)
+        BackRing::<Req, Rsp>::attach_at(ptr, OwnedPage::SIZE, prod, cons)
     };
     // SAFETY: as above.
     let mut front =

@@ -654,8 +654,9 @@ impl OwnedPage {
     }
 
     /// Overwrite the page with `bytes` (at most [`Self::SIZE`]; the rest is zeroed), as a
-    /// hostile peer could. Must not race with ring operations in other threads.
-    pub fn fill(&self, bytes: &[u8]) {
+    /// hostile peer could. `&mut` so safe code cannot race it; rings built on the page must
+    /// not run in other threads meanwhile (their constructors' contract).
+    pub fn fill(&mut self, bytes: &[u8]) {
         for i in 0..PAGE_SIZE {
             // SAFETY: i < PAGE_SIZE, inside our allocation; volatile because ring objects may
             // hold pointers to this memory.
@@ -669,7 +670,7 @@ impl OwnedPage {
     }
 
     /// Overwrite `bytes.len()` bytes at `offset` (clipped to the page), as a hostile peer could.
-    pub fn write_at(&self, offset: usize, bytes: &[u8]) {
+    pub fn write_at(&mut self, offset: usize, bytes: &[u8]) {
         for (i, b) in (offset..PAGE_SIZE).zip(bytes) {
             // SAFETY: i < PAGE_SIZE, inside our allocation; volatile as in `fill`.
             unsafe { self.0.as_ptr().add(i).write_volatile(*b) };
@@ -701,8 +702,9 @@ impl Drop for OwnedPage {
 // SAFETY: an owned heap allocation with no thread affinity; access is through raw pointers by
 // the ring objects, whose own rules govern concurrency.
 unsafe impl Send for OwnedPage {}
-// SAFETY: `&OwnedPage` only hands out the pointer or does volatile copies; rings built on it in
-// several threads synchronise through the ring protocol's atomics.
+// SAFETY: through `&OwnedPage` one can only get the pointer or read the page (writes need
+// `&mut`), so shared references cannot race; rings built on it in several threads synchronise
+// through the ring protocol's atomics.
 unsafe impl Sync for OwnedPage {}
 
 /// What this module claims about Xen's `io/ring.h`, using the `devchan_check` ring
@@ -767,7 +769,7 @@ mod tests {
         u32::from_ne_bytes(s[off..off + 4].try_into().unwrap())
     }
 
-    fn set_word(page: &OwnedPage, off: usize, val: u32) {
+    fn set_word(page: &mut OwnedPage, off: usize, val: u32) {
         let mut s = page.snapshot();
         s[off..off + 4].copy_from_slice(&val.to_ne_bytes());
         page.fill(&s);
@@ -789,7 +791,7 @@ mod tests {
 
     #[test]
     fn init_writes_xen_initial_header() {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         page.fill(&[0xAA; 4096]);
         let _ = pair(&page);
         let s = page.snapshot();
@@ -849,20 +851,20 @@ mod tests {
 
     #[test]
     fn hostile_request_producer_is_overflow() {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         let (_f, mut b) = pair(&page);
-        set_word(&page, REQ_PROD, 257);
+        set_word(&mut page, REQ_PROD, 257);
         assert_eq!(
             b.get_request(),
             Err(RingError::Overflow { prod: 257, cons: 0 })
         );
-        set_word(&page, REQ_PROD, 256);
+        set_word(&mut page, REQ_PROD, 256);
         for _ in 0..256 {
             assert!(b.get_request().unwrap().is_some());
         }
         assert_eq!(b.get_request().unwrap(), None);
         // Going backwards is as bad as running ahead.
-        set_word(&page, REQ_PROD, 100);
+        set_word(&mut page, REQ_PROD, 100);
         assert!(matches!(b.get_request(), Err(RingError::Overflow { .. })));
         assert!(matches!(
             b.final_check_for_requests(),
@@ -872,24 +874,24 @@ mod tests {
 
     #[test]
     fn hostile_response_producer_is_overflow() {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         let (mut f, _b) = pair(&page);
         f.put_request(&1).unwrap();
         f.push_requests();
-        set_word(&page, RSP_PROD, 2);
+        set_word(&mut page, RSP_PROD, 2);
         assert_eq!(
             f.get_response(),
             Err(RingError::Overflow { prod: 2, cons: 0 })
         );
-        set_word(&page, RSP_PROD, u32::MAX);
+        set_word(&mut page, RSP_PROD, u32::MAX);
         assert!(f.get_response().is_err());
-        set_word(&page, RSP_PROD, 1);
+        set_word(&mut page, RSP_PROD, 1);
         assert!(f.get_response().unwrap().is_some());
     }
 
     #[test]
     fn indexes_wrap_around_u32() {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         let start = u32::MAX - 3;
         let _ = pair(&page); // initialise the header
                              // SAFETY: as in `pair`.
@@ -899,8 +901,8 @@ mod tests {
                 Back::attach_at(page.as_non_null(), 4096, start, start).unwrap(),
             )
         };
-        set_word(&page, REQ_PROD, start);
-        set_word(&page, RSP_PROD, start);
+        set_word(&mut page, REQ_PROD, start);
+        set_word(&mut page, RSP_PROD, start);
         for round in 0..3u64 {
             for i in 0..5u64 {
                 f.put_request(&(round * 10 + i)).unwrap();

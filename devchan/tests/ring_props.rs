@@ -238,7 +238,7 @@ proptest! {
     fn push_notifies_iff_event_index_was_passed(
         start in any::<u32>(), event_off in 0u32..300, n in 0u32..200
     ) {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         // SAFETY: as in `rings`.
         let mut front = unsafe {
             Front::init(page.as_non_null(), OwnedPage::SIZE).unwrap();
@@ -263,7 +263,7 @@ proptest! {
         start in any::<u32>(),
         steps in prop::collection::vec((any::<u32>(), 0u32..300, 0u32..40, 0u32..40), 1..40)
     ) {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         // SAFETY: as in `rings`.
         let mut back = unsafe {
             Back::init(page.as_non_null(), OwnedPage::SIZE).unwrap();
@@ -304,7 +304,7 @@ proptest! {
     fn hostile_response_producer(
         outstanding in 0u32..=256, rsp_prod in any::<u32>(), near in 0u32..300
     ) {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         let (mut front, _back) = rings(&page);
         for i in 0..outstanding {
             front.put_request(&[i, i]).unwrap();
