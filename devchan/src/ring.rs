@@ -117,11 +117,12 @@ const _: () = assert!(core::mem::offset_of!(SringHeader, rsp_event) == 12);
 const _: () = assert!(core::mem::offset_of!(SringHeader, pvt) == 16);
 const _: () = assert!(core::mem::offset_of!(SringHeader, __pad) == 20);
 
-/// Byte offsets of the index words in the header.
-const REQ_PROD: usize = 0;
-const REQ_EVENT: usize = 4;
-const RSP_PROD: usize = 8;
-const RSP_EVENT: usize = 12;
+/// Byte offsets of the index words in the header (checked against `io/ring.h` through
+/// [`SringHeader`]'s ABI checks).
+const REQ_PROD: usize = core::mem::offset_of!(SringHeader, req_prod);
+const REQ_EVENT: usize = core::mem::offset_of!(SringHeader, req_event);
+const RSP_PROD: usize = core::mem::offset_of!(SringHeader, rsp_prod);
+const RSP_EVENT: usize = core::mem::offset_of!(SringHeader, rsp_event);
 
 /// Required alignment of ring memory (a page in practice): covers the index words and any
 /// entry alignment up to the header size.
