@@ -297,7 +297,7 @@ impl<Req: RingMessage, Rsp: RingMessage> Sring<Req, Rsp> {
         self.word(RSP_PROD).store(0, Ordering::Relaxed);
         self.word(REQ_EVENT).store(1, Ordering::Relaxed);
         self.word(RSP_EVENT).store(1, Ordering::Relaxed);
-        for off in 16..RING_HEADER_SIZE {
+        for off in core::mem::offset_of!(SringHeader, pvt)..RING_HEADER_SIZE {
             // SAFETY: bytes 16..64 are the `pvt` and `__pad` fields of the header, inside the
             // memory the constructor's caller vouched for; volatile because it is shared.
             unsafe { self.base.as_ptr().add(off).write_volatile(0) };
