@@ -503,7 +503,7 @@ impl<Req: RingMessage, Rsp: RingMessage> BackRing<Req, Rsp> {
     /// start at the shared `rsp_prod` (`BACK_RING_ATTACH` with `rsp_prod`). Right for a fresh
     /// connection (everything 0) and for a restarted backend whose predecessor answered in
     /// order; a backend that answers out of order must keep a journal and use
-    /// [`Self::attach_at`], because slots of consumed, unanswered requests may already hold
+    /// [`Self::resume`], because slots of consumed, unanswered requests may already hold
     /// responses.
     ///
     /// # Safety
@@ -517,6 +517,26 @@ impl<Req: RingMessage, Rsp: RingMessage> BackRing<Req, Rsp> {
             rsp_prod_pvt: rsp_prod,
             req_cons: rsp_prod,
         })
+    }
+
+    /// Resume a ring after a backend restart with an in-flight journal: responses continue
+    /// from the shared `rsp_prod` (responses the old process put but never pushed are lost,
+    /// so they must still be in the journal), and requests from `req_cons`, the journal's
+    /// record of how far the old process had consumed. The journal's requests are exactly
+    /// [`Self::unanswered`] and must be answered (replayed) by the new process.
+    ///
+    /// # Safety
+    /// As for [`FrontRing::init`].
+    pub unsafe fn resume(
+        page: NonNull<u8>,
+        bytes: usize,
+        req_cons: RingIdx,
+    ) -> Result<Self, RingError> {
+        // SAFETY: forwarded from our caller.
+        let sring = unsafe { Sring::<Req, Rsp>::new(page, bytes)? };
+        let rsp_prod = sring.word(RSP_PROD).load(Ordering::Acquire);
+        // SAFETY: forwarded from our caller.
+        unsafe { Self::attach_at(page, bytes, rsp_prod, req_cons) }
     }
 
     /// Attach at given private indexes (`BACK_RING_ATTACH`, generalised): `rsp_prod_pvt` is the
