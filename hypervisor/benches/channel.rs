@@ -3,7 +3,8 @@
 //! writes `target/bench/channel.json`.
 //!
 //! Measured:
-//! * ring + event channel round trip (one request outstanding): p50 and p99 latency;
+//! * ring + event channel round trip (one request outstanding): p50 and p99 latency, with
+//!   posted (exceptionless) notifies and with synchronous ones;
 //! * ring + event channel throughput (32 outstanding, notification hold-off);
 //! * grant copy of 64 B, 1500 B and 4 KiB: one copy per hypercall and 32 per hypercall.
 //!
@@ -67,7 +68,7 @@ fn domain(sys: &Arc<System>, name: &str) -> u16 {
 }
 
 /// Run front/back; (requests, elapsed ns, p50 ns, p99 ns) as the front measured them.
-fn channel(n: u64, inflight: u32, len: u32) -> (u64, f64, f64, f64) {
+fn channel(n: u64, inflight: u32, len: u32, notify: &str) -> (u64, f64, f64, f64) {
     let sys = System::new();
     let back_dom = domain(&sys, "back");
     let fa = [
@@ -76,6 +77,7 @@ fn channel(n: u64, inflight: u32, len: u32) -> (u64, f64, f64, f64) {
         n.to_string(),
         inflight.to_string(),
         len.to_string(),
+        notify.to_owned(),
     ];
     let fa: Vec<&str> = fa.iter().map(String::as_str).collect();
     let mut front = launch(&sys, LaunchConfig::new("front", FRAMES, BIN, &fa)).expect("front");
@@ -87,6 +89,7 @@ fn channel(n: u64, inflight: u32, len: u32) -> (u64, f64, f64, f64) {
         ready[0].clone(),
         ready[1].clone(),
         n.to_string(),
+        notify.to_owned(),
     ];
     let ba: Vec<&str> = ba.iter().map(String::as_str).collect();
     let mut back =
@@ -285,22 +288,39 @@ fn main() {
     // The machine is shared: measure in interleaved rounds (ours and the baselines side by
     // side in each round) and report the median round, so load swings hit both alike.
     const ROUNDS: usize = 5;
-    let mut m: [Vec<f64>; 9] = Default::default();
+    let mut m: [Vec<f64>; 11] = Default::default();
     for _ in 0..ROUNDS {
         let (pp50, pp99, prate) = pipe_baseline(4_000 * s);
         let (sp50, sp99, srate) = shm_baseline(4_000 * s);
-        let (_, _, p50, p99) = channel(4_000 * s, 1, 64);
-        let (n, ns, _, _) = channel(40_000 * s, 32, 64);
+        let (_, _, p50, p99) = channel(4_000 * s, 1, 64, "posted");
+        let (_, _, y50, y99) = channel(4_000 * s, 1, 64, "sync");
+        let (n, ns, _, _) = channel(40_000 * s, 32, 64, "posted");
         let rate = n as f64 / (ns / 1e9);
-        for (k, v) in [p50, p99, sp50, sp99, pp50, pp99, rate, prate, srate]
-            .into_iter()
-            .enumerate()
+        for (k, v) in [
+            p50, p99, sp50, sp99, pp50, pp99, rate, prate, srate, y50, y99,
+        ]
+        .into_iter()
+        .enumerate()
         {
             m[k].push(v);
         }
     }
-    let [p50, p99, sp50, sp99, pp50, pp99, rate, prate, srate] = m.map(median);
+    let [p50, p99, sp50, sp99, pp50, pp99, rate, prate, srate, y50, y99] = m.map(median);
     let mut rows = vec![
+        row(
+            "round trip p50, synchronous notify",
+            y50 / 1e3,
+            sp50 / 1e3,
+            "us",
+            "shm+eventfd",
+        ),
+        row(
+            "round trip p99, synchronous notify",
+            y99 / 1e3,
+            sp99 / 1e3,
+            "us",
+            "shm+eventfd",
+        ),
         row(
             "round trip p50 (ring+evtchn)",
             p50 / 1e3,

@@ -119,31 +119,69 @@ struct HypercallClient {
     doorbell: OwnedFd,
     completion: OwnedFd,
     seq: u32,
+    /// A posted batch not yet settled: its sequence and record count.
+    posted: Option<(u32, usize)>,
+    /// Posted batches in which some record failed.
+    posted_failures: u64,
 }
 
 impl HypercallClient {
+    /// Publish `chunk` (at most `MAX_OPS` records) as the next batch and ring the doorbell.
+    fn publish(&mut self, chunk: &[OpRecord]) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.page.publish(self.seq, chunk);
+        signal_eventfd(&self.doorbell);
+        self.seq
+    }
+
+    /// Wait for batch `seq` of `n` records to complete; its records.
+    fn complete(&mut self, seq: u32, n: usize) -> Result<Vec<OpRecord>> {
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        while !self.page.is_complete(seq) {
+            if !wait_readable(&self.completion, Some(deadline))? {
+                return Err(PlatformError::Link("hypercall timed out".into()));
+            }
+            drain_eventfd(&self.completion);
+        }
+        let (batch, recs) = self.page.results(n);
+        if batch != 0 {
+            return Err(PlatformError::Link(format!("batch refused: {batch}")));
+        }
+        Ok(recs)
+    }
+
+    /// Settle a posted batch before the page is reused (usually it completed long ago).
+    fn settle(&mut self) -> Result<()> {
+        if let Some((seq, n)) = self.posted.take() {
+            let recs = self.complete(seq, n)?;
+            if recs.iter().any(|r| r.status != 0) {
+                self.posted_failures += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Run `records` in batches; returns them with statuses and results.
     fn call(&mut self, records: &[OpRecord]) -> Result<Vec<OpRecord>> {
+        self.settle()?;
         let mut out = Vec::with_capacity(records.len());
         for chunk in records.chunks(MAX_OPS) {
-            self.seq = self.seq.wrapping_add(1);
-            let seq = self.seq;
-            self.page.publish(seq, chunk);
-            signal_eventfd(&self.doorbell);
-            let deadline = Instant::now() + CALL_TIMEOUT;
-            while !self.page.is_complete(seq) {
-                if !wait_readable(&self.completion, Some(deadline))? {
-                    return Err(PlatformError::Link("hypercall timed out".into()));
-                }
-                drain_eventfd(&self.completion);
-            }
-            let (batch, recs) = self.page.results(chunk.len());
-            if batch != 0 {
-                return Err(PlatformError::Link(format!("batch refused: {batch}")));
-            }
-            out.extend(recs);
+            let seq = self.publish(chunk);
+            out.extend(self.complete(seq, chunk.len())?);
         }
         Ok(out)
+    }
+
+    /// Publish `records` (at most `MAX_OPS`) without waiting for them: the exceptionless path.
+    /// Their statuses are checked when the page is next used.
+    fn post(&mut self, records: &[OpRecord]) -> Result<()> {
+        self.settle()?;
+        if records.is_empty() || records.len() > MAX_OPS {
+            return Err(PlatformError::Exhausted("hypercall records"));
+        }
+        let seq = self.publish(records);
+        self.posted = Some((seq, records.len()));
+        Ok(())
     }
 
     fn one(&mut self, op: Op) -> Result<OpRecord> {
@@ -317,6 +355,8 @@ impl ProcessPlatform {
                 doorbell: fds.doorbell,
                 completion: fds.completion,
                 seq,
+                posted: None,
+                posted_failures: 0,
             }),
             control: Arc::new(Control(Mutex::new(fds.control))),
             upcall: fds.upcall,
@@ -326,6 +366,21 @@ impl ProcessPlatform {
 
     fn hc(&self) -> std::sync::MutexGuard<'_, HypercallClient> {
         self.hc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notify the other end of `port` without waiting for the hypervisor: the send is posted
+    /// in the hypercall page and the doorbell rung, and this returns at once. A failure (a bad
+    /// port) is not returned but counted in [`ProcessPlatform::posted_failures`], as with Xen
+    /// guests, which ignore the result of a notify. The next hypercall first settles it.
+    pub fn evtchn_notify_posted(&self, port: Port) -> Result<()> {
+        self.hc().post(&[Op::EvtchnSend(port).encode()])
+    }
+
+    /// Posted batches that had a failed record, so far.
+    pub fn posted_failures(&self) -> Result<u64> {
+        let mut hc = self.hc();
+        hc.settle()?;
+        Ok(hc.posted_failures)
     }
 
     /// Run a batch of raw ops (for callers that want several ops per doorbell).

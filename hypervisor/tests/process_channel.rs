@@ -39,8 +39,9 @@ fn new_domain(sys: &Arc<System>, name: &str) -> u16 {
     .expect("create domain")
 }
 
-/// Run a front and a back exchanging `n` requests with up to `inflight` outstanding.
-fn exchange(n: u64, inflight: u32, max_len: u32) -> Vec<String> {
+/// Run a front and a back exchanging `n` requests with up to `inflight` outstanding;
+/// `notify` is `posted` or `sync` (how the domains send their events).
+fn exchange(n: u64, inflight: u32, max_len: u32, notify: &str) -> Vec<String> {
     let sys = System::new();
     let back_dom = new_domain(&sys, "back");
     let front_args = [
@@ -49,6 +50,7 @@ fn exchange(n: u64, inflight: u32, max_len: u32) -> Vec<String> {
         n.to_string(),
         inflight.to_string(),
         max_len.to_string(),
+        notify.to_owned(),
     ];
     let front_args: Vec<&str> = front_args.iter().map(String::as_str).collect();
     let mut front =
@@ -61,6 +63,7 @@ fn exchange(n: u64, inflight: u32, max_len: u32) -> Vec<String> {
         ready[0].clone(),
         ready[1].clone(),
         n.to_string(),
+        notify.to_owned(),
     ];
     let back_args: Vec<&str> = back_args.iter().map(String::as_str).collect();
     let mut back = spawn_in(
@@ -88,13 +91,14 @@ fn exchange(n: u64, inflight: u32, max_len: u32) -> Vec<String> {
 fn two_process_domains_exchange_a_million_verified_requests() {
     // Every response carries the checksum of the payload the back grant-copied out of the
     // front's page; the front checks each one and fails on the first mismatch.
-    exchange(1_000_000, 32, 256);
+    exchange(1_000_000, 32, 256, "posted");
 }
 
 #[test]
-fn full_page_payloads_and_single_request_ping_pong() {
-    exchange(2_000, 8, 4096);
-    exchange(500, 1, 64);
+fn full_page_payloads_single_request_ping_pong_and_synchronous_notify() {
+    exchange(2_000, 8, 4096, "posted");
+    exchange(500, 1, 64, "posted");
+    exchange(2_000, 4, 1500, "sync");
 }
 
 #[test]

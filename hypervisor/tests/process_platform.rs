@@ -219,3 +219,21 @@ fn transfer_delivers_the_page_content() {
     // The grant is used up: a second transfer into it fails.
     assert!(b.p.transfer(11, a.p.domid(), gref).is_err());
 }
+
+#[test]
+fn posted_notifies_deliver_and_count_failures() {
+    let (_sys, a, b) = pair();
+    let pa = a.p.evtchn_alloc_unbound(b.p.domid()).unwrap();
+    let pb = b.p.evtchn_bind_interdomain(a.p.domid(), pa).unwrap();
+    b.p.evtchn_notify_posted(pb).unwrap();
+    assert_eq!(
+        a.p.evtchn_wait(Some(Duration::from_secs(5))).unwrap(),
+        vec![pa]
+    );
+    assert_eq!(b.p.posted_failures().unwrap(), 0);
+    b.p.evtchn_notify_posted(pb + 100).unwrap();
+    // The next synchronous call settles the posted one first, and still works.
+    let pb2 = b.p.evtchn_alloc_unbound(a.p.domid()).unwrap();
+    assert_ne!(pb2, pb);
+    assert_eq!(b.p.posted_failures().unwrap(), 1);
+}

@@ -3,14 +3,15 @@
 //! Every role except `probe*` takes its platform from the launch environment, then confines
 //! itself with the sandbox before doing anything else. Roles (argument 1):
 //!
-//! * `front <back-domid> <n> <inflight> <max-len>`: allocates a ring page, grants it and
+//! * `front <back-domid> <n> <inflight> <max-len> [sync]`: allocates a ring page, grants it and
 //!   `<inflight>` data frames to the back, allocates an unbound port, prints
 //!   `READY <ring-gref> <port>`, then sends `<n>` requests (at most `<inflight>` outstanding),
 //!   each naming a fresh payload of 1..=`<max-len>` bytes in a granted data frame, and checks
 //!   every response's checksum. Prints `DONE <n> <elapsed-ns> <rtt-p50-ns> <rtt-p99-ns>`.
-//! * `back <front-domid> <ring-gref> <port> <n>`: maps the ring, binds the port, answers `<n>`
+//! * `back <front-domid> <ring-gref> <port> <n> [sync]`: maps the ring, binds the port, answers `<n>`
 //!   requests: grant-copies each payload out of the front's page into its own memory (one
 //!   hypercall batch per run of requests) and responds with the checksum. Prints `DONE <n>`.
+//!   Both notify with posted sends unless `sync` is given (then each send waits for its status).
 //! * `grant <peer-domid>`: grants one data frame (filled with a pattern) read-only to the peer,
 //!   prints `READY <gref>`, then waits until killed.
 //! * `copybench <granter> <gref> <iterations>`: times grant copies of 64, 1500 and 4096 bytes
@@ -106,6 +107,20 @@ fn checksum(bytes: &[u8]) -> u64 {
     })
 }
 
+/// Notify `port`: posted (the default, exceptionless) or synchronous (`sync` given).
+fn notify(p: &ProcessPlatform, port: Port, sync: bool) -> Res<()> {
+    if sync {
+        p.evtchn_notify(port)?;
+    } else {
+        p.evtchn_notify_posted(port)?;
+    }
+    Ok(())
+}
+
+fn sync_arg(args: &[String], i: usize) -> bool {
+    args.get(i).is_some_and(|a| a == "sync")
+}
+
 /// Wait for an event and unmask what arrived.
 fn wait_event(p: &ProcessPlatform) -> Res<()> {
     for port in p.evtchn_wait(Some(WAIT))? {
@@ -119,6 +134,7 @@ fn front(args: &[String]) -> Res<()> {
     let n: u64 = arg(args, 1)?;
     let inflight: usize = arg(args, 2)?;
     let max_len: u64 = arg::<u64>(args, 3)?.clamp(1, 4096);
+    let sync = sync_arg(args, 4);
     let p = start()?;
     let ring_page = p.alloc_shared_page()?;
     let ring_ptr = std::ptr::NonNull::new(ring_page.as_ptr()).ok_or("null ring page")?;
@@ -158,7 +174,7 @@ fn front(args: &[String]) -> Res<()> {
         if ring.push_requests() {
             // Before the back has bound, a send may fail: it will find the requests anyway
             // when it first checks the ring.
-            let _ = p.evtchn_notify(port);
+            let _ = notify(&p, port, sync);
         }
         let mut progressed = false;
         while let Some([id, sum]) = ring.get_response()? {
@@ -202,6 +218,7 @@ fn back(args: &[String]) -> Res<()> {
     let ring_gref: GrantRef = arg(args, 1)?;
     let remote_port: Port = arg(args, 2)?;
     let n: u64 = arg(args, 3)?;
+    let sync = sync_arg(args, 4);
     let p = start()?;
     let map = p.map_grant(front, ring_gref, false)?;
     let ring_ptr = std::ptr::NonNull::new(map.as_ptr()).ok_or("null mapping")?;
@@ -261,8 +278,11 @@ fn back(args: &[String]) -> Res<()> {
         }
         done += batch.len() as u64;
         if ring.push_responses() {
-            p.evtchn_notify(port)?;
+            notify(&p, port, sync)?;
         }
+    }
+    if p.posted_failures()? != 0 {
+        return Err("a posted notify failed".into());
     }
     say(&format!("DONE {done}"))?;
     drop(map);
