@@ -8,7 +8,10 @@
 //! * **Granting** writes the domain's own grant-table pages (`devchan::grant::GrantAllocator`);
 //!   no hypercall is needed, as in Xen.
 //! * **Copy, pin, transfer, event channels** are records in the batched hypercall page
-//!   ([`crate::hypercall`]), one doorbell per batch of up to `MAX_OPS` records.
+//!   ([`crate::hypercall`]), one doorbell per batch of up to `MAX_OPS` records. Most calls wait
+//!   for the batch to complete; [`ProcessPlatform::evtchn_notify_posted`] does not (the
+//!   exceptionless path: the notify is published and the domain goes on; its status is checked
+//!   when the page is next used), which saves two context switches per notification.
 //! * **Mapping and shareable pages** go over the control socket, which hands back a one-page
 //!   memfd (`SCM_RIGHTS`) that this process maps and then closes. Dropping a
 //!   [`ProcessMapping`] unmaps it and tells the hypervisor.

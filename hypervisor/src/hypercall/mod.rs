@@ -34,6 +34,10 @@
 //! 3. The domain waits on the completion eventfd until `rsp_seq` (acquire) equals its
 //!    sequence, then reads the statuses.
 //!
+//! A domain may also *post* a batch: publish it, ring the doorbell and carry on without
+//! waiting; before it publishes the next batch it waits for `rsp_seq` to reach the posted one
+//! (usually long done), since the records are reused.
+//!
 //! The domain owns the page and may scribble on it at any time: the hypervisor reads each byte
 //! once, into a copy, and never trusts a value it read before. A domain that never waits for
 //! completion only hurts itself; the eventfd writes never block the server.
