@@ -58,6 +58,9 @@ pub enum ProcessError {
     /// Mapping the domain's memory failed.
     #[error("Mapping domain memory failed")]
     Map(#[source] std::io::Error),
+    /// Confining the process failed.
+    #[error("Entering the sandbox failed")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// A private or shared mapping owned by this process; unmapped on drop.
@@ -293,6 +296,19 @@ fn env_u64(name: &'static str) -> std::result::Result<u64, ProcessError> {
 }
 
 impl ProcessPlatform {
+    /// What a domain process runs first: take the platform from the launch environment, then
+    /// confine the process with `sandbox` (stdio and the platform's descriptors are added to
+    /// its `keep_fds`). Domain code runs after this returns.
+    pub fn enter(
+        mut sandbox: crate::sandbox::SandboxConfig,
+    ) -> std::result::Result<(Self, crate::sandbox::SandboxReport), ProcessError> {
+        let p = Self::from_launch_env()?;
+        sandbox.keep_fds.extend([0, 1, 2]);
+        sandbox.keep_fds.extend(crate::launch::PLATFORM_FDS);
+        let report = crate::sandbox::apply(&sandbox)?;
+        Ok((p, report))
+    }
+
     /// Take the descriptors and environment [`crate::launch`] set up. Call once, early, in a
     /// process started by the launcher (before the sandbox, which then keeps the fds).
     pub fn from_launch_env() -> std::result::Result<Self, ProcessError> {

@@ -30,7 +30,6 @@
 use devchan::grant::{status as gntst, DomId, GrantRef};
 use devchan::platform::{CopyPtr, Frame, GrantCopyOp, Platform, Port, SharedPage};
 use devchan::ring::{BackRing, FrontRing};
-use hypervisor::launch::PLATFORM_FDS;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::{self, DenyAction, SandboxConfig};
 use std::io::Write;
@@ -82,14 +81,7 @@ fn say(line: &str) -> Res<()> {
 
 /// The platform from the launch environment, then the sandbox.
 fn start() -> Res<ProcessPlatform> {
-    let p = ProcessPlatform::from_launch_env()?;
-    let mut keep = vec![0, 1, 2];
-    keep.extend(PLATFORM_FDS);
-    sandbox::apply(&SandboxConfig {
-        keep_fds: keep,
-        ..Default::default()
-    })?;
-    Ok(p)
+    Ok(ProcessPlatform::enter(SandboxConfig::default())?.0)
 }
 
 /// The payload of request `seq`, and its checksum (FNV-1a over the bytes, xor `seq`).
