@@ -38,6 +38,7 @@ use devchan::platform::{
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::mm::{MapFlags, ProtFlags};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use vm_memory::VolatileSlice;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -560,20 +561,18 @@ impl Platform for ProcessPlatform {
 
     fn read_local(&self, frame: Frame, offset: usize, buf: &mut [u8]) -> Result<()> {
         let p = self.local(frame, offset, buf.len())?;
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: `local` checked that the range is inside our RAM mapping; volatile
-            // because a peer (through the hypervisor) may write the page concurrently.
-            *b = unsafe { p.add(i).read_volatile() };
-        }
+        // SAFETY: `local` checked that the range is inside our RAM mapping, which outlives
+        // this call; the hypervisor (for peers) accesses that memory only volatilely.
+        let slice = unsafe { VolatileSlice::new(p, buf.len()) };
+        slice.copy_to(buf);
         Ok(())
     }
 
     fn write_local(&self, frame: Frame, offset: usize, data: &[u8]) -> Result<()> {
         let p = self.local(frame, offset, data.len())?;
-        for (i, b) in data.iter().enumerate() {
-            // SAFETY: as in read_local.
-            unsafe { p.add(i).write_volatile(*b) };
-        }
+        // SAFETY: as in read_local.
+        let slice = unsafe { VolatileSlice::new(p, data.len()) };
+        slice.copy_from(data);
         Ok(())
     }
 
