@@ -38,10 +38,10 @@ use devchan::platform::{
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::mm::{MapFlags, ProtFlags};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
-use vm_memory::VolatileSlice;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vm_memory::VolatileSlice;
 
 const PAGE: usize = layout::PAGE_SIZE;
 /// How long a hypercall may take before the link counts as failed.
@@ -101,8 +101,9 @@ impl Mmap {
 
 impl Drop for Mmap {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned, and nothing borrows the mapping
-        // beyond this value's lifetime (views hold this value through an Arc).
+        // SAFETY: `ptr`/`len` are exactly what mmap returned. Nothing uses the memory after
+        // this value goes: pages and mappings hand out raw pointers only for their own
+        // lifetime, and the platform's views are dropped before its `ram` (field order).
         let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
@@ -253,10 +254,24 @@ impl SharedPage for ProcessPage {
 
 /// A peer's page mapped through a grant; dropping it unmaps it and releases the grant.
 pub struct ProcessMapping {
+    // Field order is drop order: the page is unmapped from this process before the
+    // hypervisor is told to release the grant, so the granter can never reuse a page that
+    // is still mapped here.
     map: Mmap,
-    handle: u64,
     frame: Frame,
+    _release: GrantRelease,
+}
+
+/// Tells the hypervisor to release a mapping's grant when dropped.
+struct GrantRelease {
+    handle: u64,
     control: Arc<Control>,
+}
+
+impl Drop for GrantRelease {
+    fn drop(&mut self) {
+        let _ = self.control.request(ctl::UNMAP_GRANT, [self.handle, 0, 0]);
+    }
 }
 
 impl SharedPage for ProcessMapping {
@@ -265,14 +280,6 @@ impl SharedPage for ProcessMapping {
     }
     fn frame(&self) -> Frame {
         self.frame
-    }
-}
-
-impl Drop for ProcessMapping {
-    fn drop(&mut self) {
-        // The mapping goes first (Mmap's drop runs after this body, but nothing uses it
-        // meanwhile); the hypervisor then releases the grant's use count.
-        let _ = self.control.request(ctl::UNMAP_GRANT, [self.handle, 0, 0]);
     }
 }
 
@@ -518,9 +525,11 @@ impl Platform for ProcessPlatform {
         match self.map_fd(fd, !readonly) {
             Ok(map) => Ok(ProcessMapping {
                 map,
-                handle,
                 frame: rep.result[1],
-                control: self.control.clone(),
+                _release: GrantRelease {
+                    handle,
+                    control: self.control.clone(),
+                },
             }),
             Err(e) => {
                 let _ = self.control.request(ctl::UNMAP_GRANT, [handle, 0, 0]);
