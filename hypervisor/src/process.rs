@@ -37,8 +37,9 @@ use devchan::platform::{
 };
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::mm::{MapFlags, ProtFlags};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
@@ -59,6 +60,12 @@ pub enum ProcessError {
     /// Mapping the domain's memory failed.
     #[error("Mapping domain memory failed")]
     Map(#[source] std::io::Error),
+    /// A launch descriptor is not open in this process.
+    #[error("Launch descriptor {0} is not open")]
+    MissingFd(RawFd),
+    /// The launch descriptors were already taken by an earlier call.
+    #[error("Launch descriptors already taken")]
+    AlreadyTaken,
     /// Confining the process failed.
     #[error("Entering the sandbox failed")]
     Sandbox(#[from] crate::sandbox::SandboxError),
@@ -323,9 +330,21 @@ impl ProcessPlatform {
         let domid =
             DomId::try_from(env_u64(ENV_DOMID)?).map_err(|_| ProcessError::Env(ENV_DOMID))?;
         let nr_frames = env_u64(ENV_NR_FRAMES)?;
+        static TAKEN: AtomicBool = AtomicBool::new(false);
+        if TAKEN.swap(true, Ordering::SeqCst) {
+            return Err(ProcessError::AlreadyTaken);
+        }
+        for fd in crate::launch::PLATFORM_FDS {
+            // SAFETY: a borrow for one fcntl call; F_GETFD on a closed number just fails.
+            let open = rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) }).is_ok();
+            if !open {
+                return Err(ProcessError::MissingFd(fd));
+            }
+        }
         let take = |fd: RawFd| {
             // SAFETY: the launcher placed these descriptors at these numbers for this process
-            // and nothing else in it owns them; this is called once.
+            // (checked open above), nothing else in it owns them, and the flag above lets only
+            // one call take them.
             unsafe { OwnedFd::from_raw_fd(fd) }
         };
         Self::from_fds(
