@@ -104,11 +104,12 @@ fn drive<Req: RingMessage, Rsp: RingMessage>(
     on_response: impl Fn(&Rsp),
     mut packet: impl FnMut(&mut BackRing<Req, Rsp>),
 ) {
-    let page = OwnedPage::new();
+    let mut page = OwnedPage::new();
+    let ptr = page.as_non_null();
     // SAFETY: `page` is 4 KiB, page-aligned, outlives both rings (declared first, dropped last)
     // and is touched otherwise only by `OwnedPage`'s volatile writes, in this thread.
     let attach = |prod: u32, cons: u32| unsafe {
-        BackRing::<Req, Rsp>::attach_at(page.as_non_null(), OwnedPage::SIZE, prod, cons)
+        BackRing::<Req, Rsp>::attach_at(ptr, OwnedPage::SIZE, prod, cons)
     };
     // SAFETY: as above.
     let mut front =
@@ -159,16 +160,18 @@ fn drive<Req: RingMessage, Rsp: RingMessage>(
                 page.write_at(word, &input.u32().to_ne_bytes());
             }
             10 => {
-                // A restarted backend re-attaches, from its journal or the shared indexes.
+                // A restarted backend re-attaches: at given indexes, from the shared indexes,
+                // or from the shared rsp_prod and a journal's req_cons.
                 let (prod, cons) = (input.u32(), input.u32());
-                if prod & 1 == 0 {
-                    if let Ok(b) = attach(prod, cons) {
-                        back = b;
-                    }
-                } else {
+                let restarted = match prod % 3 {
+                    0 => attach(prod, cons),
                     // SAFETY: as for `attach`.
-                    back = unsafe { BackRing::attach(page.as_non_null(), OwnedPage::SIZE) }
-                        .expect("page");
+                    1 => unsafe { BackRing::attach(ptr, OwnedPage::SIZE) },
+                    // SAFETY: as for `attach`.
+                    _ => unsafe { BackRing::resume(ptr, OwnedPage::SIZE, cons) },
+                };
+                if let Ok(b) = restarted {
+                    back = b;
                 }
             }
             _ => packet(&mut back),

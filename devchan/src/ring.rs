@@ -117,11 +117,12 @@ const _: () = assert!(core::mem::offset_of!(SringHeader, rsp_event) == 12);
 const _: () = assert!(core::mem::offset_of!(SringHeader, pvt) == 16);
 const _: () = assert!(core::mem::offset_of!(SringHeader, __pad) == 20);
 
-/// Byte offsets of the index words in the header.
-const REQ_PROD: usize = 0;
-const REQ_EVENT: usize = 4;
-const RSP_PROD: usize = 8;
-const RSP_EVENT: usize = 12;
+/// Byte offsets of the index words in the header (checked against `io/ring.h` through
+/// [`SringHeader`]'s ABI checks).
+const REQ_PROD: usize = core::mem::offset_of!(SringHeader, req_prod);
+const REQ_EVENT: usize = core::mem::offset_of!(SringHeader, req_event);
+const RSP_PROD: usize = core::mem::offset_of!(SringHeader, rsp_prod);
+const RSP_EVENT: usize = core::mem::offset_of!(SringHeader, rsp_event);
 
 /// Required alignment of ring memory (a page in practice): covers the index words and any
 /// entry alignment up to the header size.
@@ -296,7 +297,7 @@ impl<Req: RingMessage, Rsp: RingMessage> Sring<Req, Rsp> {
         self.word(RSP_PROD).store(0, Ordering::Relaxed);
         self.word(REQ_EVENT).store(1, Ordering::Relaxed);
         self.word(RSP_EVENT).store(1, Ordering::Relaxed);
-        for off in 16..RING_HEADER_SIZE {
+        for off in core::mem::offset_of!(SringHeader, pvt)..RING_HEADER_SIZE {
             // SAFETY: bytes 16..64 are the `pvt` and `__pad` fields of the header, inside the
             // memory the constructor's caller vouched for; volatile because it is shared.
             unsafe { self.base.as_ptr().add(off).write_volatile(0) };
@@ -502,7 +503,7 @@ impl<Req: RingMessage, Rsp: RingMessage> BackRing<Req, Rsp> {
     /// start at the shared `rsp_prod` (`BACK_RING_ATTACH` with `rsp_prod`). Right for a fresh
     /// connection (everything 0) and for a restarted backend whose predecessor answered in
     /// order; a backend that answers out of order must keep a journal and use
-    /// [`Self::attach_at`], because slots of consumed, unanswered requests may already hold
+    /// [`Self::resume`], because slots of consumed, unanswered requests may already hold
     /// responses.
     ///
     /// # Safety
@@ -516,6 +517,26 @@ impl<Req: RingMessage, Rsp: RingMessage> BackRing<Req, Rsp> {
             rsp_prod_pvt: rsp_prod,
             req_cons: rsp_prod,
         })
+    }
+
+    /// Resume a ring after a backend restart with an in-flight journal: responses continue
+    /// from the shared `rsp_prod` (responses the old process put but never pushed are lost,
+    /// so they must still be in the journal), and requests from `req_cons`, the journal's
+    /// record of how far the old process had consumed. The journal's requests are exactly
+    /// [`Self::unanswered`] and must be answered (replayed) by the new process.
+    ///
+    /// # Safety
+    /// As for [`FrontRing::init`].
+    pub unsafe fn resume(
+        page: NonNull<u8>,
+        bytes: usize,
+        req_cons: RingIdx,
+    ) -> Result<Self, RingError> {
+        // SAFETY: forwarded from our caller.
+        let sring = unsafe { Sring::<Req, Rsp>::new(page, bytes)? };
+        let rsp_prod = sring.word(RSP_PROD).load(Ordering::Acquire);
+        // SAFETY: forwarded from our caller.
+        unsafe { Self::attach_at(page, bytes, rsp_prod, req_cons) }
     }
 
     /// Attach at given private indexes (`BACK_RING_ATTACH`, generalised): `rsp_prod_pvt` is the
@@ -654,8 +675,9 @@ impl OwnedPage {
     }
 
     /// Overwrite the page with `bytes` (at most [`Self::SIZE`]; the rest is zeroed), as a
-    /// hostile peer could. Must not race with ring operations in other threads.
-    pub fn fill(&self, bytes: &[u8]) {
+    /// hostile peer could. `&mut` so safe code cannot race it; rings built on the page must
+    /// not run in other threads meanwhile (their constructors' contract).
+    pub fn fill(&mut self, bytes: &[u8]) {
         for i in 0..PAGE_SIZE {
             // SAFETY: i < PAGE_SIZE, inside our allocation; volatile because ring objects may
             // hold pointers to this memory.
@@ -669,7 +691,7 @@ impl OwnedPage {
     }
 
     /// Overwrite `bytes.len()` bytes at `offset` (clipped to the page), as a hostile peer could.
-    pub fn write_at(&self, offset: usize, bytes: &[u8]) {
+    pub fn write_at(&mut self, offset: usize, bytes: &[u8]) {
         for (i, b) in (offset..PAGE_SIZE).zip(bytes) {
             // SAFETY: i < PAGE_SIZE, inside our allocation; volatile as in `fill`.
             unsafe { self.0.as_ptr().add(i).write_volatile(*b) };
@@ -701,8 +723,9 @@ impl Drop for OwnedPage {
 // SAFETY: an owned heap allocation with no thread affinity; access is through raw pointers by
 // the ring objects, whose own rules govern concurrency.
 unsafe impl Send for OwnedPage {}
-// SAFETY: `&OwnedPage` only hands out the pointer or does volatile copies; rings built on it in
-// several threads synchronise through the ring protocol's atomics.
+// SAFETY: through `&OwnedPage` one can only get the pointer or read the page (writes need
+// `&mut`), so shared references cannot race; rings built on it in several threads synchronise
+// through the ring protocol's atomics.
 unsafe impl Sync for OwnedPage {}
 
 /// What this module claims about Xen's `io/ring.h`, using the `devchan_check` ring
@@ -767,7 +790,7 @@ mod tests {
         u32::from_ne_bytes(s[off..off + 4].try_into().unwrap())
     }
 
-    fn set_word(page: &OwnedPage, off: usize, val: u32) {
+    fn set_word(page: &mut OwnedPage, off: usize, val: u32) {
         let mut s = page.snapshot();
         s[off..off + 4].copy_from_slice(&val.to_ne_bytes());
         page.fill(&s);
@@ -789,7 +812,7 @@ mod tests {
 
     #[test]
     fn init_writes_xen_initial_header() {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         page.fill(&[0xAA; 4096]);
         let _ = pair(&page);
         let s = page.snapshot();
@@ -849,20 +872,20 @@ mod tests {
 
     #[test]
     fn hostile_request_producer_is_overflow() {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         let (_f, mut b) = pair(&page);
-        set_word(&page, REQ_PROD, 257);
+        set_word(&mut page, REQ_PROD, 257);
         assert_eq!(
             b.get_request(),
             Err(RingError::Overflow { prod: 257, cons: 0 })
         );
-        set_word(&page, REQ_PROD, 256);
+        set_word(&mut page, REQ_PROD, 256);
         for _ in 0..256 {
             assert!(b.get_request().unwrap().is_some());
         }
         assert_eq!(b.get_request().unwrap(), None);
         // Going backwards is as bad as running ahead.
-        set_word(&page, REQ_PROD, 100);
+        set_word(&mut page, REQ_PROD, 100);
         assert!(matches!(b.get_request(), Err(RingError::Overflow { .. })));
         assert!(matches!(
             b.final_check_for_requests(),
@@ -872,24 +895,24 @@ mod tests {
 
     #[test]
     fn hostile_response_producer_is_overflow() {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         let (mut f, _b) = pair(&page);
         f.put_request(&1).unwrap();
         f.push_requests();
-        set_word(&page, RSP_PROD, 2);
+        set_word(&mut page, RSP_PROD, 2);
         assert_eq!(
             f.get_response(),
             Err(RingError::Overflow { prod: 2, cons: 0 })
         );
-        set_word(&page, RSP_PROD, u32::MAX);
+        set_word(&mut page, RSP_PROD, u32::MAX);
         assert!(f.get_response().is_err());
-        set_word(&page, RSP_PROD, 1);
+        set_word(&mut page, RSP_PROD, 1);
         assert!(f.get_response().unwrap().is_some());
     }
 
     #[test]
     fn indexes_wrap_around_u32() {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         let start = u32::MAX - 3;
         let _ = pair(&page); // initialise the header
                              // SAFETY: as in `pair`.
@@ -899,8 +922,8 @@ mod tests {
                 Back::attach_at(page.as_non_null(), 4096, start, start).unwrap(),
             )
         };
-        set_word(&page, REQ_PROD, start);
-        set_word(&page, RSP_PROD, start);
+        set_word(&mut page, REQ_PROD, start);
+        set_word(&mut page, RSP_PROD, start);
         for round in 0..3u64 {
             for i in 0..5u64 {
                 f.put_request(&(round * 10 + i)).unwrap();

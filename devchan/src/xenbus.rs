@@ -23,9 +23,14 @@
 //!  Closing/Closed on either side: TearDown (unmap, unbind, end grants), then Closing/Closed.
 //! ```
 //!
-//! A backend that comes back in `InitWait` while the frontend is `Connected` is a new backend
-//! (the reconnect path): the frontend publishes a fresh ring. A backend that is `Closed` goes
-//! back to `InitWait` when the frontend returns to `Initialising`.
+//! A restarted backend finds the frontend `Connected` and maps the ring the frontend already
+//! uses, resuming from its shared indexes (`MapRing { resume: true }`, see
+//! [`crate::ring::BackRing::attach`]): the frontend never notices (transparent re-attach, as
+//! Linux backends also connect to an already `Connected` frontend). A backend that cannot
+//! resume (a new domain the ring was not granted to) asks for a reconnect instead by closing
+//! ([`Handshake::close`]): the frontend tears down to `Closed`, restarts
+//! ([`Handshake::restart`]) and publishes a fresh ring. A backend that is `Closed` goes back to
+//! `InitWait` when the frontend returns to `Initialising`.
 //!
 //! [`next_action`] is the whole policy: a pure function of the role, our state and the peer's,
 //! with no I/O. The caller performs the [`Action`], writes [`Action::then`] to its `state` key,
@@ -169,8 +174,13 @@ pub enum Action {
     /// channel, write `ring-ref`/`event-channel` (and feature requests), then `Initialised`.
     PublishRing,
     /// Backend: read `ring-ref`/`event-channel` and the frontend's requests, map the ring,
-    /// bind the event channel, then `Connected`.
-    MapRing,
+    /// bind the event channel, then `Connected`. `resume`: the frontend is already connected
+    /// on this ring, so attach at its shared indexes (and replay the in-flight journal) rather
+    /// than start at 0.
+    MapRing {
+        /// Attach to a ring in use instead of a fresh one.
+        resume: bool,
+    },
     /// Frontend: read the backend's features and start I/O, then `Connected`.
     Connect,
     /// Stop I/O and release the ring and event channel, then switch to the given state
@@ -185,7 +195,7 @@ impl Action {
             Self::Wait => None,
             Self::Advertise => Some(XenbusState::InitWait),
             Self::PublishRing => Some(XenbusState::Initialised),
-            Self::MapRing | Self::Connect => Some(XenbusState::Connected),
+            Self::MapRing { .. } | Self::Connect => Some(XenbusState::Connected),
             Self::TearDown(s) => Some(s),
         }
     }
@@ -196,12 +206,10 @@ pub fn next_action(role: Role, ours: XenbusState, peer: XenbusState) -> Action {
     use XenbusState as S;
     match role {
         Role::Frontend => match (ours, peer) {
-            // Nothing to tear down: wait for a closing backend to come back in InitWait.
-            (S::Closed | S::Initialising, S::Closing | S::Closed) => Action::Wait,
+            // Closed already, or restarted after a close: wait for the backend to come back.
+            (S::Closed, S::Closing | S::Closed) | (S::Initialising, S::Closed) => Action::Wait,
             (_, S::Closing | S::Closed) => Action::TearDown(S::Closed),
             (S::Initialising | S::Closed, S::InitWait | S::Initialised) => Action::PublishRing,
-            // A backend back in InitWait after we connected is a new backend: fresh ring.
-            (S::Connected, S::InitWait) => Action::PublishRing,
             (S::Initialised, S::Connected) => Action::Connect,
             // A backend still connected to a ring from before we (re)started: reset it first.
             (S::Initialising, S::Connected) => Action::TearDown(S::Closing),
@@ -210,11 +218,16 @@ pub fn next_action(role: Role, ours: XenbusState, peer: XenbusState) -> Action {
         Role::Backend => match (ours, peer) {
             (S::Closed, S::Closing | S::Closed | S::Unknown) => Action::Wait,
             (S::Closing, S::Closing) => Action::Wait,
-            (_, S::Closed | S::Unknown) => Action::TearDown(S::Closed),
-            (_, S::Closing) => Action::TearDown(S::Closing),
+            // A new backend advertises whatever the frontend is doing (its state key may not
+            // exist yet: Unknown), except to a closed frontend, which must restart first.
+            (S::Initialising, S::Closed) => Action::Wait,
+            (S::Initialising, S::Closing) => Action::TearDown(S::Closing),
             (S::Initialising, _) => Action::Advertise,
             (S::Closed, S::Initialising) => Action::Advertise,
-            (S::InitWait | S::Initialised, S::Initialised | S::Connected) => Action::MapRing,
+            (_, S::Closed | S::Unknown) => Action::TearDown(S::Closed),
+            (_, S::Closing) => Action::TearDown(S::Closing),
+            (S::InitWait | S::Initialised, S::Initialised) => Action::MapRing { resume: false },
+            (S::InitWait | S::Initialised, S::Connected) => Action::MapRing { resume: true },
             _ => Action::Wait,
         },
     }
@@ -351,7 +364,7 @@ mod tests {
             [
                 (Role::Backend, Action::Advertise),
                 (Role::Frontend, Action::PublishRing),
-                (Role::Backend, Action::MapRing),
+                (Role::Backend, Action::MapRing { resume: false }),
                 (Role::Frontend, Action::Connect),
             ]
         );
@@ -386,16 +399,42 @@ mod tests {
     }
 
     #[test]
-    fn new_backend_gets_a_fresh_ring() {
-        let (mut f, mut b) = (
-            Handshake::new(Role::Frontend),
-            Handshake::new(Role::Backend),
+    fn backend_advertises_before_the_frontend_exists() {
+        let b = Handshake::new(Role::Backend);
+        assert_eq!(b.on_peer(S::Unknown), Action::Advertise);
+        assert_eq!(b.on_peer(S::Closed), Action::Wait);
+        let b = Handshake::resume(Role::Backend, S::InitWait);
+        assert_eq!(
+            b.on_peer(S::Unknown),
+            Action::TearDown(S::Closed),
+            "frontend went away"
         );
+    }
+
+    #[test]
+    fn restarted_backend_reattaches_or_asks_for_a_new_ring() {
+        let mut f = Handshake::new(Role::Frontend);
+        let mut b = Handshake::new(Role::Backend);
         settle(&mut f, &mut b);
-        b = Handshake::new(Role::Backend); // the manager starts a new backend
+        b = Handshake::new(Role::Backend); // the manager restarts the backend
+        let log = settle(&mut f, &mut b);
+        assert_eq!((f.state(), b.state()), (S::Connected, S::Connected));
+        let resumed = Action::MapRing { resume: true };
+        assert_eq!(
+            log,
+            [(Role::Backend, Action::Advertise), (Role::Backend, resumed)]
+        );
+        // A backend that cannot re-attach closes; the frontend reconnects on a fresh ring.
+        b = Handshake::new(Role::Backend);
+        let a = b.close();
+        b.completed(a);
+        settle(&mut f, &mut b);
+        assert_eq!((f.state(), b.state()), (S::Closed, S::Closed));
+        f.restart();
         let log = settle(&mut f, &mut b);
         assert_eq!((f.state(), b.state()), (S::Connected, S::Connected));
         assert!(log.contains(&(Role::Frontend, Action::PublishRing)));
+        assert!(log.contains(&(Role::Backend, Action::MapRing { resume: false })));
     }
 
     #[test]

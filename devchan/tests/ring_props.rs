@@ -1,13 +1,14 @@
 //! Property tests of the shared ring protocol: a frontend and a backend over one page, driven
 //! by random interleavings, with responses in random order, and a model of the event-channel
 //! notification rule (a side that went to sleep after its final check is woken only by a push
-//! that said "notify"). Also: a hostile peer's producer index, and a two-thread stress run.
+//! that said "notify"), and backend crashes that resume from the shared indexes and an
+//! in-flight journal. Also: a hostile peer's producer index, and a two-thread stress run.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use devchan::ring::{BackRing, FrontRing, IdAllocator, OwnedPage, RingError, RingIdx};
+use devchan::ring::{BackRing, FrontRing, IdAllocator, InFlight, OwnedPage, RingError, RingIdx};
 use proptest::prelude::*;
 
 /// Request: `[id, seq]`; response: `[id, seq]` echoed.
@@ -43,6 +44,8 @@ enum Op {
     BackPush,
     /// Backend, if awake, runs its final check and sleeps if there is nothing.
     BackSleep,
+    /// The backend process dies; a new one resumes from the shared `rsp_prod` and the journal.
+    BackCrash,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -55,6 +58,7 @@ fn op() -> impl Strategy<Value = Op> {
         any::<u16>().prop_map(Op::BackRespond),
         Just(Op::BackPush),
         Just(Op::BackSleep),
+        Just(Op::BackCrash),
     ]
 }
 
@@ -65,6 +69,12 @@ struct Model {
     next_seq: u32,
     back_expect_seq: u32,
     back_pending: Vec<Msg>,
+    /// What a backend keeps outside its process: requests consumed and not yet answered by a
+    /// pushed response.
+    journal: InFlight<Msg>,
+    /// Ids answered but not pushed (lost if the backend dies).
+    unpushed: Vec<u64>,
+    page: core::ptr::NonNull<u8>,
     responses_seen: u32,
     front_asleep: bool,
     back_asleep: bool,
@@ -81,6 +91,9 @@ impl Model {
             next_seq: 0,
             back_expect_seq: 0,
             back_pending: Vec::new(),
+            journal: InFlight::new(size as usize),
+            unpushed: Vec::new(),
+            page: page.as_non_null(),
             responses_seen: 0,
             front_asleep: false,
             back_asleep: false,
@@ -97,6 +110,19 @@ impl Model {
         if self.back.push_responses() {
             self.front_asleep = false;
         }
+        for id in self.unpushed.drain(..) {
+            self.journal.remove(id).unwrap();
+        }
+    }
+
+    fn back_crash(&mut self) {
+        // SAFETY: the page outlives the model (see `Model::new`'s callers).
+        self.back = unsafe { Back::resume(self.page, OwnedPage::SIZE, self.back.req_cons()) }
+            .expect("journal consistent with the ring");
+        self.unpushed.clear();
+        self.back_pending = self.journal.iter().map(|(_, m)| *m).collect();
+        assert_eq!(self.back.unanswered() as usize, self.back_pending.len());
+        self.back_asleep = false; // a new process starts by looking at the ring
     }
 
     fn front_poll(&mut self, n: u32) {
@@ -118,6 +144,7 @@ impl Model {
             // Requests arrive once each, in order.
             assert_eq!(req[1], self.back_expect_seq);
             self.back_expect_seq += 1;
+            self.journal.insert(req[0].into(), req).unwrap();
             self.back_pending.push(req);
         }
     }
@@ -131,6 +158,7 @@ impl Model {
             .back_pending
             .swap_remove(pick % self.back_pending.len());
         self.back.put_response(&req).unwrap();
+        self.unpushed.push(req[0].into());
     }
 
     fn apply(&mut self, op: &Op) {
@@ -158,6 +186,7 @@ impl Model {
             Op::BackSleep if !self.back_asleep => {
                 self.back_asleep = !self.back.final_check_for_requests().unwrap();
             }
+            Op::BackCrash => self.back_crash(),
             _ => {} // a sleeping side does not poll
         }
         self.check_no_lost_wakeup();
@@ -238,7 +267,7 @@ proptest! {
     fn push_notifies_iff_event_index_was_passed(
         start in any::<u32>(), event_off in 0u32..300, n in 0u32..200
     ) {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         // SAFETY: as in `rings`.
         let mut front = unsafe {
             Front::init(page.as_non_null(), OwnedPage::SIZE).unwrap();
@@ -263,7 +292,7 @@ proptest! {
         start in any::<u32>(),
         steps in prop::collection::vec((any::<u32>(), 0u32..300, 0u32..40, 0u32..40), 1..40)
     ) {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         // SAFETY: as in `rings`.
         let mut back = unsafe {
             Back::init(page.as_non_null(), OwnedPage::SIZE).unwrap();
@@ -304,7 +333,7 @@ proptest! {
     fn hostile_response_producer(
         outstanding in 0u32..=256, rsp_prod in any::<u32>(), near in 0u32..300
     ) {
-        let page = OwnedPage::new();
+        let mut page = OwnedPage::new();
         let (mut front, _back) = rings(&page);
         for i in 0..outstanding {
             front.put_request(&[i, i]).unwrap();
