@@ -29,6 +29,9 @@ pub mod tree;
 pub mod watch;
 pub mod wire;
 
+#[cfg(test)]
+mod store_tests;
+
 pub use client::{Client, ClientError};
 pub use store::{ConnId, DomainAction, Quotas, Response, Store};
 pub use watch::WatchEvent;
