@@ -22,7 +22,11 @@ use hypervisor::xenstored::socket::{serve_client, ServerHandle, SocketServer};
 use hypervisor::xenstored::Xenstored;
 
 fn tools_installed() -> bool {
-    let ok = Command::new("xenstore-read").arg("-h").stderr(Stdio::null()).status().is_ok();
+    let ok = Command::new("xenstore-read")
+        .arg("-h")
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
     if !ok {
         eprintln!("SKIPPED: Xen's xenstore tools are not installed (run ci/setup.sh)");
     }
@@ -41,7 +45,11 @@ impl Daemon {
         let xs = Xenstored::new();
         let server = SocketServer::bind(dir.path().join("socket"), Arc::clone(&xs)).unwrap();
         let handle = server.spawn().unwrap();
-        Self { xs, handle, _dir: dir }
+        Self {
+            xs,
+            handle,
+            _dir: dir,
+        }
     }
 
     fn socket(&self) -> &Path {
@@ -143,10 +151,14 @@ fn tools_watch_receives_events() {
         }
     });
     // First the event every new watch gets, then the one for our write.
-    let first = rx.recv_timeout(Duration::from_secs(10)).expect("initial watch event");
+    let first = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("initial watch event");
     assert_eq!(first, "/watched");
     d.ok("xenstore-write", &["/watched/key", "v"]);
-    let second = rx.recv_timeout(Duration::from_secs(10)).expect("event for the write");
+    let second = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("event for the write");
     assert_eq!(second, "/watched/key");
     assert!(child.wait().unwrap().success());
 }
@@ -169,7 +181,10 @@ fn our_client_and_tools_agree_on_transactions() {
     assert_eq!(c.read(tx, "/txn/a").unwrap(), b"in-tx");
     d.ok("xenstore-write", &["/txn/a", "changed"]);
     c.write(tx, "/txn/b", b"x").unwrap();
-    assert!(matches!(c.transaction_end(tx, true), Err(ClientError::Xs(XsError::Eagain))));
+    assert!(matches!(
+        c.transaction_end(tx, true),
+        Err(ClientError::Xs(XsError::Eagain))
+    ));
     assert!(!d.tool("xenstore-exists", &["/txn/b"]).status.success());
 }
 
@@ -192,7 +207,9 @@ fn domain_client_over_ring_page() {
         Client::new(a)
     };
     admin.write(NO_TX, "/local/domain/5", b"").unwrap();
-    admin.set_perms(NO_TX, "/local/domain/5", &[Perm::new(5, 0)]).unwrap();
+    admin
+        .set_perms(NO_TX, "/local/domain/5", &[Perm::new(5, 0)])
+        .unwrap();
     admin.introduce(5, 1234, 7).unwrap();
 
     let (n, w) = (Arc::clone(&signal), Arc::clone(&signal));
@@ -208,10 +225,22 @@ fn domain_client_over_ring_page() {
     let mut dom5 = Client::new(transport);
     assert_eq!(dom5.get_domain_path(5).unwrap(), "/local/domain/5");
     dom5.write(NO_TX, "data/x", b"from the ring").unwrap();
-    assert_eq!(admin.read(NO_TX, "/local/domain/5/data/x").unwrap(), b"from the ring");
-    assert!(matches!(dom5.write(NO_TX, "/forbidden", b"x"), Err(ClientError::Xs(XsError::Eacces))));
-    assert!(matches!(dom5.read(NO_TX, "/local"), Err(ClientError::Xs(XsError::Eacces))));
-    assert!(matches!(dom5.read(NO_TX, "data/none"), Err(ClientError::Xs(XsError::Enoent))));
+    assert_eq!(
+        admin.read(NO_TX, "/local/domain/5/data/x").unwrap(),
+        b"from the ring"
+    );
+    assert!(matches!(
+        dom5.write(NO_TX, "/forbidden", b"x"),
+        Err(ClientError::Xs(XsError::Eacces))
+    ));
+    assert!(matches!(
+        dom5.read(NO_TX, "/local"),
+        Err(ClientError::Xs(XsError::Eacces))
+    ));
+    assert!(matches!(
+        dom5.read(NO_TX, "data/none"),
+        Err(ClientError::Xs(XsError::Enoent))
+    ));
 
     // Messages larger than the 1 KiB ring go through in pieces.
     let big = vec![b'z'; 2000];
@@ -223,7 +252,10 @@ fn domain_client_over_ring_page() {
     assert_eq!(dom5.next_event().unwrap().path, "data");
     admin.write(NO_TX, "/local/domain/5/data/y", b"1").unwrap();
     let ev = dom5.next_event().unwrap();
-    assert_eq!((ev.path.as_str(), ev.token.as_slice()), ("data/y", &b"tok"[..]));
+    assert_eq!(
+        (ev.path.as_str(), ev.token.as_slice()),
+        ("data/y", &b"tok"[..])
+    );
 
     let tx = dom5.transaction_start().unwrap();
     dom5.write(tx, "data/z", b"tx").unwrap();

@@ -58,7 +58,12 @@ pub struct Client<T: Read + Write> {
 impl<T: Read + Write> Client<T> {
     /// A client over a connected transport.
     pub fn new(io: T) -> Self {
-        Self { io, decoder: Decoder::new(), next_req: 1, events: VecDeque::new() }
+        Self {
+            io,
+            decoder: Decoder::new(),
+            next_req: 1,
+            events: VecDeque::new(),
+        }
     }
 
     /// The transport.
@@ -95,7 +100,8 @@ impl<T: Read + Write> Client<T> {
         }
         let req_id = self.next_req;
         self.next_req = self.next_req.wrapping_add(1);
-        self.io.write_all(&Message::new(ty, req_id, tx, payload).encode())?;
+        self.io
+            .write_all(&Message::new(ty, req_id, tx, payload).encode())?;
         self.io.flush()?;
         loop {
             let m = self.receive()?;
@@ -104,7 +110,10 @@ impl<T: Read + Write> Client<T> {
                 continue;
             }
             if m.req_id != req_id {
-                return Err(ClientError::Protocol(format!("reply to {} for {req_id}", m.req_id)));
+                return Err(ClientError::Protocol(format!(
+                    "reply to {} for {req_id}",
+                    m.req_id
+                )));
             }
             return match m.ty {
                 MsgType::Error => Err(XsError::from_name(&m.payload).into()),
@@ -147,7 +156,10 @@ impl<T: Read + Write> Client<T> {
             return Ok(Vec::new());
         }
         let parts = split_strings(&p).map_err(|_| ClientError::Protocol("bad listing".into()))?;
-        Ok(parts.into_iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+        Ok(parts
+            .into_iter()
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect())
     }
 
     /// A node's permissions.
@@ -165,7 +177,8 @@ impl<T: Read + Write> Client<T> {
         let strs: Vec<String> = perms.iter().map(Perm::encode).collect();
         let mut parts: Vec<&[u8]> = vec![path.as_bytes()];
         parts.extend(strs.iter().map(String::as_bytes));
-        self.request(MsgType::SetPerms, tx, Message::strings(&parts)).map(drop)
+        self.request(MsgType::SetPerms, tx, Message::strings(&parts))
+            .map(drop)
     }
 
     /// Registers a watch. Its first event (the path itself) follows.
@@ -194,12 +207,17 @@ impl<T: Read + Write> Client<T> {
     /// Ends a transaction; `commit = false` aborts. A conflict is `Xs(XsError::Eagain)`.
     pub fn transaction_end(&mut self, tx: TxId, commit: bool) -> Result<()> {
         let p = if commit { b"T\0" } else { b"F\0" };
-        self.request(MsgType::TransactionEnd, tx, p.to_vec()).map(drop)
+        self.request(MsgType::TransactionEnd, tx, p.to_vec())
+            .map(drop)
     }
 
     /// `/local/domain/<domid>` as the daemon says.
     pub fn get_domain_path(&mut self, domid: DomId) -> Result<String> {
-        let p = self.request(MsgType::GetDomainPath, NO_TX, Message::strings(&[domid.to_string().as_bytes()]))?;
+        let p = self.request(
+            MsgType::GetDomainPath,
+            NO_TX,
+            Message::strings(&[domid.to_string().as_bytes()]),
+        )?;
         let s = p.strip_suffix(&[0]).unwrap_or(&p);
         Ok(String::from_utf8_lossy(s).into_owned())
     }
@@ -213,12 +231,21 @@ impl<T: Read + Write> Client<T> {
 
     /// Releases a domain (privileged).
     pub fn release(&mut self, domid: DomId) -> Result<()> {
-        self.request(MsgType::Release, NO_TX, Message::strings(&[domid.to_string().as_bytes()])).map(drop)
+        self.request(
+            MsgType::Release,
+            NO_TX,
+            Message::strings(&[domid.to_string().as_bytes()]),
+        )
+        .map(drop)
     }
 
     /// Whether a domain is introduced.
     pub fn is_domain_introduced(&mut self, domid: DomId) -> Result<bool> {
-        let p = self.request(MsgType::IsDomainIntroduced, NO_TX, Message::strings(&[domid.to_string().as_bytes()]))?;
+        let p = self.request(
+            MsgType::IsDomainIntroduced,
+            NO_TX,
+            Message::strings(&[domid.to_string().as_bytes()]),
+        )?;
         Ok(p.first() == Some(&b'T'))
     }
 
@@ -289,7 +316,12 @@ mod tests {
     fn client(domid: DomId) -> Client<Loopback> {
         let mut store = Store::new();
         let conn = store.connect(domid);
-        Client::new(Loopback { store, conn, inbox: Decoder::new(), outbox: VecDeque::new() })
+        Client::new(Loopback {
+            store,
+            conn,
+            inbox: Decoder::new(),
+            outbox: VecDeque::new(),
+        })
     }
 
     #[test]
@@ -303,7 +335,10 @@ mod tests {
         c.mkdir(NO_TX, "/a/c").unwrap();
         assert_eq!(c.directory(NO_TX, "/a").unwrap(), ["b", "c"]);
         c.rm(NO_TX, "/a").unwrap();
-        assert!(matches!(c.read(NO_TX, "/a/b"), Err(ClientError::Xs(XsError::Enoent))));
+        assert!(matches!(
+            c.read(NO_TX, "/a/b"),
+            Err(ClientError::Xs(XsError::Enoent))
+        ));
         assert_eq!(c.get_domain_path(5).unwrap(), "/local/domain/5");
         assert!(c.is_domain_introduced(0).unwrap());
     }
@@ -315,7 +350,13 @@ mod tests {
         c.write(NO_TX, "/w/x", b"1").unwrap();
         // The initial event arrived while waiting for the write's reply; the write's event
         // follows the reply.
-        assert_eq!(c.take_events(), [WatchEvent { path: "/w".into(), token: b"tok".to_vec() }]);
+        assert_eq!(
+            c.take_events(),
+            [WatchEvent {
+                path: "/w".into(),
+                token: b"tok".to_vec()
+            }]
+        );
         assert_eq!(c.next_event().unwrap().path, "/w/x");
         c.unwatch("/w", "tok").unwrap();
         c.write(NO_TX, "/w/y", b"1").unwrap();
@@ -328,14 +369,23 @@ mod tests {
         let mut c = client(0);
         let tx = c.transaction_start().unwrap();
         c.write(tx, "/t", b"1").unwrap();
-        assert!(matches!(c.read(NO_TX, "/t"), Err(ClientError::Xs(XsError::Enoent))));
+        assert!(matches!(
+            c.read(NO_TX, "/t"),
+            Err(ClientError::Xs(XsError::Enoent))
+        ));
         c.transaction_end(tx, true).unwrap();
         assert_eq!(c.read(NO_TX, "/t").unwrap(), b"1");
         let t1 = c.transaction_start().unwrap();
         c.read(t1, "/t").unwrap();
         c.write(NO_TX, "/t", b"2").unwrap();
         c.write(t1, "/u", b"x").unwrap();
-        assert!(matches!(c.transaction_end(t1, true), Err(ClientError::Xs(XsError::Eagain))));
-        assert!(matches!(c.read(NO_TX, "/u"), Err(ClientError::Xs(XsError::Enoent))));
+        assert!(matches!(
+            c.transaction_end(t1, true),
+            Err(ClientError::Xs(XsError::Eagain))
+        ));
+        assert!(matches!(
+            c.read(NO_TX, "/u"),
+            Err(ClientError::Xs(XsError::Enoent))
+        ));
     }
 }

@@ -30,7 +30,11 @@ pub fn xenstore_msg(data: &[u8]) {
                 Ok(Some(m)) => {
                     let mut again = Decoder::new();
                     again.push(&m.encode());
-                    assert_eq!(again.next_message(), Ok(Some(m.clone())), "re-encoding changed it");
+                    assert_eq!(
+                        again.next_message(),
+                        Ok(Some(m.clone())),
+                        "re-encoding changed it"
+                    );
                     for domid in [0, 3, 0x7ff0] {
                         let _ = Request::parse(&m, domid);
                     }
@@ -53,7 +57,13 @@ pub fn xenstore_msg(data: &[u8]) {
 
 /// Small quotas, so fuzzing reaches them.
 pub fn tight_quotas() -> Quotas {
-    Quotas { nodes: 8, entry_size: 16, watches: 3, transactions: 2, perms: 3 }
+    Quotas {
+        nodes: 8,
+        entry_size: 16,
+        watches: 3,
+        transactions: 2,
+        perms: 3,
+    }
 }
 
 const PATHS: &[&str] = &[
@@ -88,7 +98,9 @@ impl Bytes<'_> {
 /// nearest existing ancestor); `owner` asks for ownership instead.
 fn allowed(tree: &Tree, domid: DomId, p: &str, need: u8, owner: bool) -> bool {
     let (_, existing) = tree.missing_chain(p);
-    let Some(node) = tree.get(&existing) else { return false };
+    let Some(node) = tree.get(&existing) else {
+        return false;
+    };
     let (access, is_owner) = access_for(&node.perms, domid, None);
     if owner {
         is_owner
@@ -119,7 +131,7 @@ pub fn xenstore_ops(data: &[u8]) {
             0 => (MsgType::Read, Message::strings(&[raw_path.as_bytes()])),
             1 | 2 => {
                 let mut p = Message::strings(&[raw_path.as_bytes()]);
-                p.extend(std::iter::repeat_n(b'v', usize::from(extra % 24)));
+                p.resize(p.len() + usize::from(extra % 24), b'v');
                 (MsgType::Write, p)
             }
             3 => (MsgType::Mkdir, Message::strings(&[raw_path.as_bytes()])),
@@ -141,7 +153,11 @@ pub fn xenstore_ops(data: &[u8]) {
             }
             9 | 10 => {
                 let token = [b'a' + extra % 4];
-                let ty = if kind == 9 { MsgType::Watch } else { MsgType::Unwatch };
+                let ty = if kind == 9 {
+                    MsgType::Watch
+                } else {
+                    MsgType::Unwatch
+                };
                 (ty, Message::strings(&[raw_path.as_bytes(), &token]))
             }
             11 => (MsgType::TransactionStart, b"\0".to_vec()),
@@ -149,10 +165,19 @@ pub fn xenstore_ops(data: &[u8]) {
                 let t = if extra & 1 == 0 { &b"T\0"[..] } else { b"F\0" };
                 (MsgType::TransactionEnd, t.to_vec())
             }
-            13 => (MsgType::Introduce, format!("{}\0{extra}\01\0", 1 + extra % 3).into_bytes()),
-            14 => (MsgType::Release, format!("{}\0", 1 + extra % 3).into_bytes()),
+            13 => (
+                MsgType::Introduce,
+                format!("{}\0{extra}\x001\0", 1 + extra % 3).into_bytes(),
+            ),
+            14 => (
+                MsgType::Release,
+                format!("{}\0", 1 + extra % 3).into_bytes(),
+            ),
             15 => (MsgType::ResetWatches, Vec::new()),
-            16 => (MsgType::DirectoryPart, format!("{raw_path}\0{}\0", extra % 8).into_bytes()),
+            16 => (
+                MsgType::DirectoryPart,
+                format!("{raw_path}\0{}\0", extra % 8).into_bytes(),
+            ),
             _ => {
                 // Raw bytes as a payload of any type.
                 let n = usize::from(extra % 16);
@@ -174,8 +199,15 @@ pub fn xenstore_ops(data: &[u8]) {
 
         match ty {
             MsgType::TransactionStart if ok => {
-                let s = resp.reply.payload.strip_suffix(&[0]).unwrap_or(&resp.reply.payload);
-                open_tx[who] = std::str::from_utf8(s).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+                let s = resp
+                    .reply
+                    .payload
+                    .strip_suffix(&[0])
+                    .unwrap_or(&resp.reply.payload);
+                open_tx[who] = std::str::from_utf8(s)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
             }
             MsgType::TransactionEnd if tx == open_tx[who] => open_tx[who] = 0,
             MsgType::ResetWatches => open_tx[who] = 0,
@@ -191,10 +223,13 @@ pub fn xenstore_ops(data: &[u8]) {
                     MsgType::Read | MsgType::Directory | MsgType::DirectoryPart => {
                         allowed(&before, domid, p, PERM_READ, false)
                     }
-                    MsgType::GetPerms => rp.is_special() || allowed(&before, domid, p, PERM_READ, false),
+                    MsgType::GetPerms => {
+                        rp.is_special() || allowed(&before, domid, p, PERM_READ, false)
+                    }
                     MsgType::Write => {
                         let value_len = msg.payload.len() - raw_path.len() - 1;
-                        allowed(&before, domid, p, PERM_WRITE, false) && value_len <= quotas.entry_size
+                        allowed(&before, domid, p, PERM_WRITE, false)
+                            && value_len <= quotas.entry_size
                     }
                     MsgType::Mkdir => allowed(&before, domid, p, PERM_WRITE, false),
                     MsgType::Rm => !existed || allowed(&before, domid, p, PERM_WRITE, false),
@@ -216,6 +251,7 @@ pub fn xenstore_ops(data: &[u8]) {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

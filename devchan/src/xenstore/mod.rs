@@ -112,7 +112,7 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
     use wire::*;
     let mut v = Vec::new();
     for (ty, name) in MsgType::ALL {
-        v.push(AbiCheck::new(format!("{name}"), *ty as u32));
+        v.push(AbiCheck::new(*name, *ty as u32));
     }
     v.push(AbiCheck::new("XS_DEBUG", MsgType::Control as u32));
     v.push(AbiCheck::new("XS_TYPE_COUNT", XS_TYPE_COUNT));
@@ -126,22 +126,37 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
         ("XS_WRITE_CREATE", XS_WRITE_CREATE),
         ("XS_WRITE_CREATE_EXCL", XS_WRITE_CREATE_EXCL),
     ] {
-        v.push(AbiCheck::new(format!("__builtin_strcmp({name}, \"{ours}\")"), 0));
-    }
-    v.push(AbiCheck::new("sizeof(xsd_errors) / sizeof(xsd_errors[0])", XsError::ALL.len()));
-    for (i, e) in XsError::ALL.iter().enumerate() {
-        v.push(AbiCheck::new(format!("xsd_errors[{i}].errnum"), e.errno()));
         v.push(AbiCheck::new(
-            format!("__builtin_strcmp(xsd_errors[{i}].errstring, \"{}\")", e.name()),
+            format!("__builtin_strcmp({name}, \"{ours}\")"),
             0,
         ));
     }
-    v.push(AbiCheck::new("sizeof(struct xsd_sockmsg)", core::mem::size_of::<XsdSockmsg>()));
+    v.push(AbiCheck::new(
+        "sizeof(xsd_errors) / sizeof(xsd_errors[0])",
+        XsError::ALL.len(),
+    ));
+    for (i, e) in XsError::ALL.iter().enumerate() {
+        v.push(AbiCheck::new(format!("xsd_errors[{i}].errnum"), e.errno()));
+        v.push(AbiCheck::new(
+            format!(
+                "__builtin_strcmp(xsd_errors[{i}].errstring, \"{}\")",
+                e.name()
+            ),
+            0,
+        ));
+    }
+    v.push(AbiCheck::new(
+        "sizeof(struct xsd_sockmsg)",
+        core::mem::size_of::<XsdSockmsg>(),
+    ));
     v.push(AbiCheck::new(
         "offsetof(struct xsd_sockmsg, type)",
         core::mem::offset_of!(XsdSockmsg, r#type),
     ));
-    v.extend(crate::abi_layout!("struct xsd_sockmsg", XsdSockmsg { req_id, tx_id, len }));
+    v.extend(crate::abi_layout!(
+        "struct xsd_sockmsg",
+        XsdSockmsg { req_id, tx_id, len }
+    ));
     v.extend(crate::abi_layout!(
         "struct xenstore_domain_interface",
         XenstoreDomainInterface {
@@ -156,7 +171,10 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
             error
         }
     ));
-    v.push(AbiCheck::new("sizeof(XENSTORE_RING_IDX)", core::mem::size_of::<RingIdx>()));
+    v.push(AbiCheck::new(
+        "sizeof(XENSTORE_RING_IDX)",
+        core::mem::size_of::<RingIdx>(),
+    ));
     for (name, ours) in [
         ("XENSTORE_PAYLOAD_MAX", XENSTORE_PAYLOAD_MAX),
         ("XENSTORE_ABS_PATH_MAX", XENSTORE_ABS_PATH_MAX),
@@ -165,10 +183,19 @@ pub fn abi_checks() -> Vec<crate::abi::AbiCheck> {
     ] {
         v.push(AbiCheck::new(name, ours));
     }
-    v.push(AbiCheck::new("MASK_XENSTORE_IDX(1027)", mask_xenstore_idx(1027)));
+    v.push(AbiCheck::new(
+        "MASK_XENSTORE_IDX(1027)",
+        mask_xenstore_idx(1027),
+    ));
     for (name, ours) in [
-        ("XENSTORE_SERVER_FEATURE_RECONNECTION", XENSTORE_SERVER_FEATURE_RECONNECTION),
-        ("XENSTORE_SERVER_FEATURE_ERROR", XENSTORE_SERVER_FEATURE_ERROR),
+        (
+            "XENSTORE_SERVER_FEATURE_RECONNECTION",
+            XENSTORE_SERVER_FEATURE_RECONNECTION,
+        ),
+        (
+            "XENSTORE_SERVER_FEATURE_ERROR",
+            XENSTORE_SERVER_FEATURE_ERROR,
+        ),
         ("XENSTORE_CONNECTED", XENSTORE_CONNECTED),
         ("XENSTORE_RECONNECT", XENSTORE_RECONNECT),
         ("XENSTORE_ERROR_NONE", XENSTORE_ERROR_NONE),

@@ -53,7 +53,11 @@ pub fn node_quota(quotas: &Quotas, owner: DomId) -> Option<usize> {
     (!is_privileged(owner)).then_some(quotas.nodes)
 }
 
-fn readable<'t>(v: &'t mut View<'_>, cx: &Ctx<'_>, p: &str) -> Result<&'t super::tree::Node, XsError> {
+fn readable<'t>(
+    v: &'t mut View<'_>,
+    cx: &Ctx<'_>,
+    p: &str,
+) -> Result<&'t super::tree::Node, XsError> {
     v.read(p);
     let node = v.tree.get(p).ok_or(XsError::Enoent)?;
     if cx.access(&node.perms).0 & PERM_READ == 0 {
@@ -115,7 +119,10 @@ pub fn directory_part(
         out.push(0);
     } else {
         // Cut after the last NUL that fits, so only whole names go out.
-        let cut = rest[..room].iter().rposition(|b| *b == 0).map_or(0, |i| i + 1);
+        let cut = rest[..room]
+            .iter()
+            .rposition(|b| *b == 0)
+            .map_or(0, |i| i + 1);
         if cut == 0 {
             return Err(XsError::E2big);
         }
@@ -132,7 +139,9 @@ pub fn write(
     value: Option<Vec<u8>>,
     fires: &mut Vec<FireRecord>,
 ) -> Result<Vec<u8>, XsError> {
-    let too_big = value.as_ref().is_some_and(|v| v.len() > cx.quotas.entry_size);
+    let too_big = value
+        .as_ref()
+        .is_some_and(|v| v.len() > cx.quotas.entry_size);
     if too_big && !cx.privileged() {
         return Err(XsError::Enospc);
     }
@@ -150,7 +159,11 @@ pub fn write(
         v.write(p);
         let g = cx.next_gen();
         v.tree.set_value(p, value, g);
-        fires.push(FireRecord { path: p.to_owned(), removed: false, perms });
+        fires.push(FireRecord {
+            path: p.to_owned(),
+            removed: false,
+            perms,
+        });
         return Ok(OK.to_vec());
     }
     let mut perms = enode.perms.clone();
@@ -167,10 +180,18 @@ pub fn write(
     let mut value = value;
     for (i, np) in missing.iter().enumerate() {
         v.write(np);
-        let val = if i == last { value.take().unwrap_or_default() } else { Vec::new() };
+        let val = if i == last {
+            value.take().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         v.tree.insert_new(np, val, perms.clone(), g);
     }
-    fires.push(FireRecord { path: p.to_owned(), removed: false, perms });
+    fires.push(FireRecord {
+        path: p.to_owned(),
+        removed: false,
+        perms,
+    });
     Ok(OK.to_vec())
 }
 
@@ -201,7 +222,11 @@ pub fn rm(
     v.write(&parent);
     let g = cx.next_gen();
     v.tree.remove_subtree(p, g);
-    fires.push(FireRecord { path: p.to_owned(), removed: true, perms });
+    fires.push(FireRecord {
+        path: p.to_owned(),
+        removed: true,
+        perms,
+    });
     Ok(OK.to_vec())
 }
 
@@ -241,7 +266,11 @@ pub fn set_perms(
     v.write(p);
     let g = cx.next_gen();
     v.tree.set_perms(p, perms.clone(), g);
-    fires.push(FireRecord { path: p.to_owned(), removed: false, perms });
+    fires.push(FireRecord {
+        path: p.to_owned(),
+        removed: false,
+        perms,
+    });
     Ok(OK.to_vec())
 }
 
@@ -251,7 +280,12 @@ mod tests {
     use crate::xenstore::tree::Tree;
 
     fn cx<'a>(domid: DomId, q: &'a Quotas, gen: &'a mut u64) -> Ctx<'a> {
-        Ctx { domid, acting_for: None, quotas: q, gen }
+        Ctx {
+            domid,
+            acting_for: None,
+            quotas: q,
+            gen,
+        }
     }
 
     #[test]
@@ -260,16 +294,58 @@ mod tests {
         let mut g = 0;
         let mut t = Tree::new();
         let mut f = Vec::new();
-        write(&mut View::live(&mut t), &mut cx(0, &q, &mut g), "/d", None, &mut f).unwrap();
-        set_perms(&mut View::live(&mut t), &mut cx(0, &q, &mut g), "/d", vec![Perm::new(0, 0), Perm::new(4, PERM_WRITE)], &mut f).unwrap();
-        write(&mut View::live(&mut t), &mut cx(4, &q, &mut g), "/d/x/y", Some(b"v".to_vec()), &mut f).unwrap();
+        write(
+            &mut View::live(&mut t),
+            &mut cx(0, &q, &mut g),
+            "/d",
+            None,
+            &mut f,
+        )
+        .unwrap();
+        set_perms(
+            &mut View::live(&mut t),
+            &mut cx(0, &q, &mut g),
+            "/d",
+            vec![Perm::new(0, 0), Perm::new(4, PERM_WRITE)],
+            &mut f,
+        )
+        .unwrap();
+        write(
+            &mut View::live(&mut t),
+            &mut cx(4, &q, &mut g),
+            "/d/x/y",
+            Some(b"v".to_vec()),
+            &mut f,
+        )
+        .unwrap();
         assert_eq!(t.get("/d/x").unwrap().owner(), 4);
         assert_eq!(t.get("/d/x/y").unwrap().perms[1], Perm::new(4, PERM_WRITE));
-        assert_eq!(read(&mut View::live(&mut t), &cx(4, &q, &mut g), "/d/x/y").unwrap(), b"v");
-        assert_eq!(read(&mut View::live(&mut t), &cx(5, &q, &mut g), "/d/x/y"), Err(XsError::Eacces));
-        assert_eq!(write(&mut View::live(&mut t), &mut cx(5, &q, &mut g), "/d/z", None, &mut f), Err(XsError::Eacces));
         assert_eq!(
-            set_perms(&mut View::live(&mut t), &mut cx(4, &q, &mut g), "/d/x", vec![Perm::new(5, 0)], &mut f),
+            read(&mut View::live(&mut t), &cx(4, &q, &mut g), "/d/x/y").unwrap(),
+            b"v"
+        );
+        assert_eq!(
+            read(&mut View::live(&mut t), &cx(5, &q, &mut g), "/d/x/y"),
+            Err(XsError::Eacces)
+        );
+        assert_eq!(
+            write(
+                &mut View::live(&mut t),
+                &mut cx(5, &q, &mut g),
+                "/d/z",
+                None,
+                &mut f
+            ),
+            Err(XsError::Eacces)
+        );
+        assert_eq!(
+            set_perms(
+                &mut View::live(&mut t),
+                &mut cx(4, &q, &mut g),
+                "/d/x",
+                vec![Perm::new(5, 0)],
+                &mut f
+            ),
             Err(XsError::Eperm)
         );
         t.check().unwrap();
@@ -282,21 +358,41 @@ mod tests {
         let mut t = Tree::new();
         let mut f = Vec::new();
         for i in 0..500 {
-            write(&mut View::live(&mut t), &mut cx(0, &q, &mut g), &format!("/d/child{i:04}"), None, &mut f).unwrap();
+            write(
+                &mut View::live(&mut t),
+                &mut cx(0, &q, &mut g),
+                &format!("/d/child{i:04}"),
+                None,
+                &mut f,
+            )
+            .unwrap();
         }
-        assert!(matches!(directory(&mut View::live(&mut t), &cx(0, &q, &mut g), "/d"), Err(XsError::E2big)));
+        assert!(matches!(
+            directory(&mut View::live(&mut t), &cx(0, &q, &mut g), "/d"),
+            Err(XsError::E2big)
+        ));
         let mut names = Vec::new();
         let mut off = 0;
         loop {
-            let part = directory_part(&mut View::live(&mut t), &cx(0, &q, &mut g), "/d", off).unwrap();
+            let part =
+                directory_part(&mut View::live(&mut t), &cx(0, &q, &mut g), "/d", off).unwrap();
             assert!(part.len() <= XENSTORE_PAYLOAD_MAX);
             let body = &part[part.iter().position(|b| *b == 0).unwrap() + 1..];
             if body.ends_with(b"\0\0") || body == b"\0" {
-                names.extend(body[..body.len() - 1].split(|b| *b == 0).filter(|s| !s.is_empty()).map(<[u8]>::to_vec));
+                names.extend(
+                    body[..body.len() - 1]
+                        .split(|b| *b == 0)
+                        .filter(|s| !s.is_empty())
+                        .map(<[u8]>::to_vec),
+                );
                 break;
             }
             off += body.len();
-            names.extend(body.split(|b| *b == 0).filter(|s| !s.is_empty()).map(<[u8]>::to_vec));
+            names.extend(
+                body.split(|b| *b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(<[u8]>::to_vec),
+            );
         }
         assert_eq!(names.len(), 500);
     }

@@ -44,7 +44,8 @@ impl ResolvedPath {
 }
 
 fn valid_chars(s: &str) -> bool {
-    s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'/' | b'_' | b'@'))
+    s.bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'/' | b'_' | b'@'))
 }
 
 /// Resolves a path from a request of domain `domid`. `allow_special` admits `@` paths.
@@ -57,7 +58,10 @@ pub fn resolve(raw: &[u8], domid: DomId, allow_special: bool) -> Result<Resolved
         if !allow_special || s.len() > XENSTORE_REL_PATH_MAX || s.contains('/') {
             return Err(XsError::Einval);
         }
-        return Ok(ResolvedPath { abs: s.to_owned(), relative: false });
+        return Ok(ResolvedPath {
+            abs: s.to_owned(),
+            relative: false,
+        });
     }
     let (abs, relative) = if s.starts_with('/') {
         (s.to_owned(), false)
@@ -67,7 +71,9 @@ pub fn resolve(raw: &[u8], domid: DomId, allow_special: bool) -> Result<Resolved
         }
         (format!("{}/{s}", domain_path(domid)), true)
     };
-    if abs.len() > XENSTORE_ABS_PATH_MAX || abs.contains("//") || (abs.len() > 1 && abs.ends_with('/'))
+    if abs.len() > XENSTORE_ABS_PATH_MAX
+        || abs.contains("//")
+        || (abs.len() > 1 && abs.ends_with('/'))
     {
         return Err(XsError::Einval);
     }
@@ -134,7 +140,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_paths() {
-        for bad in [&b""[..], b"/a//b", b"/a/", b"/a b", b"/a\xff", b"/a.b", b"@x", b"a\0"] {
+        for bad in [
+            &b""[..],
+            b"/a//b",
+            b"/a/",
+            b"/a b",
+            b"/a\xff",
+            b"/a.b",
+            b"@x",
+            b"a\0",
+        ] {
             assert_eq!(resolve(bad, 0, false), Err(XsError::Einval), "{bad:?}");
         }
         assert_eq!(resolve(b"@x/y", 0, true), Err(XsError::Einval));

@@ -34,7 +34,10 @@ pub struct Perm {
 impl Perm {
     /// An entry.
     pub fn new(domid: DomId, access: u8) -> Self {
-        Self { domid, access: access & (PERM_READ | PERM_WRITE) }
+        Self {
+            domid,
+            access: access & (PERM_READ | PERM_WRITE),
+        }
     }
 
     /// Parses `<letter><domid>`.
@@ -47,7 +50,10 @@ impl Perm {
             b'b' => PERM_READ | PERM_WRITE,
             _ => return Err(XsError::Einval),
         };
-        Ok(Self { domid: parse_domid(num)?, access })
+        Ok(Self {
+            domid: parse_domid(num)?,
+            access,
+        })
     }
 
     /// The wire string of this entry.

@@ -95,7 +95,10 @@ fn number(s: &[u8]) -> Result<u64, XsError> {
     if s.is_empty() || s.len() > 20 || !s.iter().all(u8::is_ascii_digit) {
         return Err(XsError::Einval);
     }
-    std::str::from_utf8(s).ok().and_then(|s| s.parse().ok()).ok_or(XsError::Einval)
+    std::str::from_utf8(s)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(XsError::Einval)
 }
 
 impl Request {
@@ -133,7 +136,11 @@ impl Request {
             MsgType::Introduce => {
                 let [d, mfn, port] = exactly::<3>(p)?;
                 let port = u32::try_from(number(port)?).map_err(|_| XsError::Einval)?;
-                Request::Introduce { domid: parse_domid(d)?, mfn: number(mfn)?, port }
+                Request::Introduce {
+                    domid: parse_domid(d)?,
+                    mfn: number(mfn)?,
+                    port,
+                }
             }
             MsgType::Release => Request::Release(parse_domid(exactly::<1>(p)?[0])?),
             MsgType::GetDomainPath => Request::GetDomainPath(parse_domid(exactly::<1>(p)?[0])?),
@@ -157,7 +164,10 @@ impl Request {
                 if perms.is_empty() {
                     return Err(XsError::Einval);
                 }
-                let perms = perms.iter().map(|s| Perm::parse(s)).collect::<Result<_, _>>()?;
+                let perms = perms
+                    .iter()
+                    .map(|s| Perm::parse(s))
+                    .collect::<Result<_, _>>()?;
                 Request::SetPerms(resolve(raw, domid, true)?, perms)
             }
             MsgType::ResetWatches => Request::ResetWatches,
@@ -194,19 +204,36 @@ mod tests {
     fn parses_each_shape() {
         let r = parse(MsgType::Write, b"x/y\0va\0lue").unwrap();
         let Request::Write(p, v) = r else { panic!() };
-        assert_eq!((p.abs.as_str(), v.as_slice()), ("/local/domain/7/x/y", &b"va\0lue"[..]));
-        assert!(matches!(parse(MsgType::Write, b"/x\0").unwrap(), Request::Write(_, v) if v.is_empty()));
-        assert!(matches!(parse(MsgType::Watch, b"@releaseDomain\0tok\0").unwrap(), Request::Watch(p, t) if p.is_special() && t == b"tok"));
-        assert_eq!(parse(MsgType::TransactionEnd, b"T\0"), Ok(Request::TransactionEnd(true)));
         assert_eq!(
-            parse(MsgType::Introduce, b"3\0123456\04\0"),
-            Ok(Request::Introduce { domid: 3, mfn: 123_456, port: 4 })
+            (p.abs.as_str(), v.as_slice()),
+            ("/local/domain/7/x/y", &b"va\0lue"[..])
+        );
+        assert!(
+            matches!(parse(MsgType::Write, b"/x\0").unwrap(), Request::Write(_, v) if v.is_empty())
+        );
+        assert!(
+            matches!(parse(MsgType::Watch, b"@releaseDomain\0tok\0").unwrap(), Request::Watch(p, t) if p.is_special() && t == b"tok")
+        );
+        assert_eq!(
+            parse(MsgType::TransactionEnd, b"T\0"),
+            Ok(Request::TransactionEnd(true))
+        );
+        assert_eq!(
+            parse(MsgType::Introduce, b"3\x00123456\x004\0"),
+            Ok(Request::Introduce {
+                domid: 3,
+                mfn: 123_456,
+                port: 4
+            })
         );
         let Request::SetPerms(_, perms) = parse(MsgType::SetPerms, b"/a\0n3\0r0\0").unwrap() else {
             panic!()
         };
         assert_eq!(perms, [Perm::new(3, 0), Perm::new(0, 1)]);
-        assert_eq!(parse(MsgType::DirectoryPart, b"/a\010\0").unwrap(), Request::DirectoryPart(resolve(b"/a", 7, false).unwrap(), 10));
+        assert_eq!(
+            parse(MsgType::DirectoryPart, b"/a\x0010\0").unwrap(),
+            Request::DirectoryPart(resolve(b"/a", 7, false).unwrap(), 10)
+        );
     }
 
     #[test]
@@ -218,8 +245,8 @@ mod tests {
             (MsgType::Write, b"/a"),
             (MsgType::Watch, b"/a\0"),
             (MsgType::TransactionEnd, b"X\0"),
-            (MsgType::Introduce, b"3\0x\04\0"),
-            (MsgType::Introduce, b"3\01\099999999999\0"),
+            (MsgType::Introduce, b"3\0x\x004\0"),
+            (MsgType::Introduce, b"3\x001\x0099999999999\0"),
             (MsgType::SetPerms, b"/a\0"),
             (MsgType::SetPerms, b"/a\0q1\0"),
             (MsgType::Release, b"70000\0"),

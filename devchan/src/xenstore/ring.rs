@@ -199,15 +199,17 @@ impl RingPage {
         }
         let n = data.len().min(XENSTORE_RING_SIZE - used);
         let base = self.ring(requests);
-        for (i, b) in data[..n].iter().enumerate() {
-            let off = mask_xenstore_idx(p.wrapping_add(i as u32));
+        let mut count: RingIdx = 0;
+        for b in &data[..n] {
+            let off = mask_xenstore_idx(p.wrapping_add(count));
             // SAFETY: `off < XENSTORE_RING_SIZE`, inside the ring array of the valid page.
             unsafe { base.add(off).write_volatile(*b) };
+            count += 1;
         }
         // Release (Xen's wmb() before the index update): the bytes are visible before the
         // new producer index that announces them.
         fence(Ordering::Release);
-        prod.store(p.wrapping_add(n as u32), Ordering::Release);
+        prod.store(p.wrapping_add(count), Ordering::Release);
         Ok(n)
     }
 
@@ -226,15 +228,17 @@ impl RingPage {
         }
         let n = buf.len().min(avail);
         let base = self.ring(requests);
-        for (i, b) in buf[..n].iter_mut().enumerate() {
-            let off = mask_xenstore_idx(c.wrapping_add(i as u32));
+        let mut count: RingIdx = 0;
+        for b in &mut buf[..n] {
+            let off = mask_xenstore_idx(c.wrapping_add(count));
             // SAFETY: `off < XENSTORE_RING_SIZE`, inside the ring array of the valid page.
             *b = unsafe { base.add(off).read_volatile() };
+            count += 1;
         }
         // Release (Xen's mb() before the index update): our copies complete before the peer
         // sees the space as free and overwrites it.
         fence(Ordering::Release);
-        cons.store(c.wrapping_add(n as u32), Ordering::Release);
+        cons.store(c.wrapping_add(count), Ordering::Release);
         Ok(n)
     }
 
@@ -260,12 +264,14 @@ impl RingPage {
 
     /// Daemon side: whether requests are waiting.
     pub fn requests_pending(&self) -> bool {
-        self.word(Word::ReqProd).load(Ordering::Acquire) != self.word(Word::ReqCons).load(Ordering::Relaxed)
+        self.word(Word::ReqProd).load(Ordering::Acquire)
+            != self.word(Word::ReqCons).load(Ordering::Relaxed)
     }
 
     /// Domain side: whether responses are waiting.
     pub fn responses_pending(&self) -> bool {
-        self.word(Word::RspProd).load(Ordering::Acquire) != self.word(Word::RspCons).load(Ordering::Relaxed)
+        self.word(Word::RspProd).load(Ordering::Acquire)
+            != self.word(Word::RspCons).load(Ordering::Relaxed)
     }
 
     /// Daemon side: free space in the response ring (0 if the indexes are broken).
@@ -273,7 +279,8 @@ impl RingPage {
         let used = self
             .word(Word::RspProd)
             .load(Ordering::Relaxed)
-            .wrapping_sub(self.word(Word::RspCons).load(Ordering::Acquire)) as usize;
+            .wrapping_sub(self.word(Word::RspCons).load(Ordering::Acquire))
+            as usize;
         XENSTORE_RING_SIZE.saturating_sub(used)
     }
 
@@ -282,10 +289,12 @@ impl RingPage {
         for w in [Word::ReqCons, Word::ReqProd, Word::RspCons, Word::RspProd] {
             self.word(w).store(0, Ordering::Relaxed);
         }
-        self.word(Word::Error).store(XENSTORE_ERROR_NONE, Ordering::Relaxed);
+        self.word(Word::Error)
+            .store(XENSTORE_ERROR_NONE, Ordering::Relaxed);
         self.word(Word::Features).store(features, Ordering::Relaxed);
         // Release: the cleared indexes are visible before the domain sees CONNECTED.
-        self.word(Word::Connection).store(XENSTORE_CONNECTED, Ordering::Release);
+        self.word(Word::Connection)
+            .store(XENSTORE_CONNECTED, Ordering::Release);
     }
 
     /// The `connection` word.
@@ -295,7 +304,8 @@ impl RingPage {
 
     /// Domain side: asks the daemon to reset the ring (`XENSTORE_RECONNECT`).
     pub fn request_reconnect(&self) {
-        self.word(Word::Connection).store(XENSTORE_RECONNECT, Ordering::Release);
+        self.word(Word::Connection)
+            .store(XENSTORE_RECONNECT, Ordering::Release);
     }
 
     /// The `server_features` word.
@@ -399,7 +409,9 @@ impl Default for OwnedRingPage {
 impl OwnedRingPage {
     /// A zeroed page.
     pub fn new() -> Self {
-        Self { mem: Box::new(Page([0; 4096])) }
+        Self {
+            mem: Box::new(Page([0; 4096])),
+        }
     }
 
     /// A pointer to the interface in it; valid while `self` lives.
@@ -417,6 +429,7 @@ impl OwnedRingPage {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -424,7 +437,10 @@ mod tests {
     #[test]
     fn layout_matches_xs_wire() {
         assert_eq!(core::mem::offset_of!(XenstoreDomainInterface, rsp), 1024);
-        assert_eq!(core::mem::offset_of!(XenstoreDomainInterface, rsp_prod), 2060);
+        assert_eq!(
+            core::mem::offset_of!(XenstoreDomainInterface, rsp_prod),
+            2060
+        );
         assert_eq!(mask_xenstore_idx(1027), 3);
     }
 
@@ -452,9 +468,15 @@ mod tests {
         let mem = OwnedRingPage::new();
         let page = mem.view();
         page.word(Word::ReqProd).store(5000, Ordering::Relaxed);
-        assert!(matches!(page.read_request(&mut [0; 8]), Err(RingError::BadIndex { .. })));
+        assert!(matches!(
+            page.read_request(&mut [0; 8]),
+            Err(RingError::BadIndex { .. })
+        ));
         page.word(Word::RspCons).store(10, Ordering::Relaxed);
-        assert!(matches!(page.write_response(b"x"), Err(RingError::BadIndex { .. })));
+        assert!(matches!(
+            page.write_response(b"x"),
+            Err(RingError::BadIndex { .. })
+        ));
     }
 
     proptest! {

@@ -43,7 +43,13 @@ pub struct Quotas {
 
 impl Default for Quotas {
     fn default() -> Self {
-        Self { nodes: 1000, entry_size: 2048, watches: 128, transactions: 10, perms: 5 }
+        Self {
+            nodes: 1000,
+            entry_size: 2048,
+            watches: 128,
+            transactions: 10,
+            perms: 5,
+        }
     }
 }
 
@@ -76,7 +82,12 @@ pub struct Response {
 
 /// An error reply (`XS_ERROR` with the errno name) to a request.
 pub fn error_reply(req_id: u32, tx_id: u32, e: XsError) -> Message {
-    Message::new(MsgType::Error, req_id, tx_id, Message::strings(&[e.name().as_bytes()]))
+    Message::new(
+        MsgType::Error,
+        req_id,
+        tx_id,
+        Message::strings(&[e.name().as_bytes()]),
+    )
 }
 
 /// An introduced domain.
@@ -154,7 +165,14 @@ impl Store {
     pub fn connect(&mut self, domid: DomId) -> ConnId {
         let id = self.next_conn;
         self.next_conn += 1;
-        self.conns.insert(id, Conn { domid, watches: Vec::new(), txs: BTreeMap::new() });
+        self.conns.insert(
+            id,
+            Conn {
+                domid,
+                watches: Vec::new(),
+                txs: BTreeMap::new(),
+            },
+        );
         id
     }
 
@@ -170,12 +188,20 @@ impl Store {
 
     /// Connections of `domid`.
     pub fn conns_of(&self, domid: DomId) -> Vec<ConnId> {
-        self.conns.iter().filter(|(_, c)| c.domid == domid).map(|(id, _)| *id).collect()
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.domid == domid)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Watches registered by `domid`, over all its connections.
     pub fn watch_count(&self, domid: DomId) -> usize {
-        self.conns.values().filter(|c| c.domid == domid).map(|c| c.watches.len()).sum()
+        self.conns
+            .values()
+            .filter(|c| c.domid == domid)
+            .map(|c| c.watches.len())
+            .sum()
     }
 
     /// Open transactions of a connection.
@@ -201,7 +227,11 @@ impl Store {
             Ok(payload) => Message::reply_to(msg, msg.ty, payload),
             Err(e) => error_reply(msg.req_id, msg.tx_id, e),
         };
-        Response { reply, events, action }
+        Response {
+            reply,
+            events,
+            action,
+        }
     }
 
     fn dispatch(
@@ -223,7 +253,12 @@ impl Store {
             }
             Request::SetPerms(p, perms) if p.is_special() => {
                 let (quotas, mut gen) = (self.quotas, self.gen);
-                let cx = Ctx { domid, acting_for: None, quotas: &quotas, gen: &mut gen };
+                let cx = Ctx {
+                    domid,
+                    acting_for: None,
+                    quotas: &quotas,
+                    gen: &mut gen,
+                };
                 let old = self.special.get(&p.abs).ok_or(XsError::Enoent)?;
                 ops::check_set_perms(&cx, old, &perms)?;
                 self.special.insert(p.abs, perms);
@@ -252,15 +287,25 @@ impl Store {
             r if r.transactional() => self.node_op(conn, domid, tx_id, r, events),
             Request::Watch(p, token) => {
                 let c = self.conns.get(&conn).ok_or(XsError::Einval)?;
-                if c.watches.iter().any(|w| w.path == p.abs && w.token == token) {
+                if c.watches
+                    .iter()
+                    .any(|w| w.path == p.abs && w.token == token)
+                {
                     return Err(XsError::Eexist);
                 }
                 if !is_privileged(domid) && self.watch_count(domid) >= self.quotas.watches {
                     return Err(XsError::E2big);
                 }
-                let w = Watch { path: p.abs, token, relative: p.relative };
+                let w = Watch {
+                    path: p.abs,
+                    token,
+                    relative: p.relative,
+                };
                 // Fired once up front, with the path as the client gave it.
-                let first = WatchEvent { path: report_path(&w, &w.path, domid), token: w.token.clone() };
+                let first = WatchEvent {
+                    path: report_path(&w, &w.path, domid),
+                    token: w.token.clone(),
+                };
                 events.push((conn, first.to_message()));
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.watches.push(w);
@@ -284,13 +329,17 @@ impl Store {
                 }
                 Ok(OK.to_vec())
             }
-            Request::GetDomainPath(d) => {
-                Ok(Message::strings(&[path::domain_path(d).as_bytes()]))
-            }
-            Request::IsDomainIntroduced(d) => {
-                Ok(if self.is_introduced(d) { b"T\0".to_vec() } else { b"F\0".to_vec() })
-            }
-            Request::Introduce { domid: d, mfn, port } => {
+            Request::GetDomainPath(d) => Ok(Message::strings(&[path::domain_path(d).as_bytes()])),
+            Request::IsDomainIntroduced(d) => Ok(if self.is_introduced(d) {
+                b"T\0".to_vec()
+            } else {
+                b"F\0".to_vec()
+            }),
+            Request::Introduce {
+                domid: d,
+                mfn,
+                port,
+            } => {
                 require_privileged(domid)?;
                 if d == 0 || d >= DOMID_SELF {
                     return Err(XsError::Einval);
@@ -303,7 +352,11 @@ impl Store {
                 }
                 self.domains.insert(d, info);
                 self.fire_special(INTRODUCE_DOMAIN, events);
-                *action = Some(DomainAction::Introduced { domid: d, mfn, port });
+                *action = Some(DomainAction::Introduced {
+                    domid: d,
+                    mfn,
+                    port,
+                });
                 Ok(OK.to_vec())
             }
             Request::Release(d) => {
@@ -345,7 +398,11 @@ impl Store {
         if tx_id != 0 {
             return Err(XsError::Ebusy);
         }
-        let in_use: Vec<u32> = self.conns.values().flat_map(|c| c.txs.keys().copied()).collect();
+        let in_use: Vec<u32> = self
+            .conns
+            .values()
+            .flat_map(|c| c.txs.keys().copied())
+            .collect();
         let c = self.conns.get_mut(&conn).ok_or(XsError::Einval)?;
         if c.txs.len() >= self.quotas.transactions {
             return Err(XsError::Enospc);
@@ -391,8 +448,19 @@ impl Store {
     }
 
     fn fire_special(&self, p: &str, events: &mut Vec<(ConnId, Message)>) {
-        let perms = self.special.get(p).cloned().unwrap_or_else(|| vec![Perm::new(0, 0)]);
-        self.deliver(&[FireRecord { path: p.to_owned(), removed: false, perms }], events);
+        let perms = self
+            .special
+            .get(p)
+            .cloned()
+            .unwrap_or_else(|| vec![Perm::new(0, 0)]);
+        self.deliver(
+            &[FireRecord {
+                path: p.to_owned(),
+                removed: false,
+                perms,
+            }],
+            events,
+        );
     }
 
     fn deliver(&self, fires: &[FireRecord], events: &mut Vec<(ConnId, Message)>) {

@@ -10,7 +10,13 @@ use super::store::{ConnId, DomainAction, Quotas, Store};
 use super::wire::{Message, MsgType};
 use super::XsError;
 
-fn req(store: &mut Store, conn: ConnId, ty: MsgType, tx: u32, payload: &[u8]) -> Result<Vec<u8>, XsError> {
+fn req(
+    store: &mut Store,
+    conn: ConnId,
+    ty: MsgType,
+    tx: u32,
+    payload: &[u8],
+) -> Result<Vec<u8>, XsError> {
     let r = store.handle(conn, &Message::new(ty, 1, tx, payload.to_vec()));
     if r.reply.ty == MsgType::Error {
         Err(XsError::from_name(&r.reply.payload))
@@ -51,22 +57,52 @@ fn unprivileged_domains_are_confined() {
     home(&mut s, dom0, 1);
     home(&mut s, dom0, 2);
     write(&mut s, d1, "mine", b"1").unwrap();
-    assert_eq!(one(&mut s, d1, MsgType::Read, "/local/domain/1/mine").unwrap(), b"1");
-    assert_eq!(one(&mut s, d2, MsgType::Read, "/local/domain/1/mine"), Err(XsError::Eacces));
-    assert_eq!(write(&mut s, d2, "/local/domain/1/x", b""), Err(XsError::Eacces));
-    assert_eq!(one(&mut s, d2, MsgType::Rm, "/local/domain/1/mine"), Err(XsError::Eacces));
+    assert_eq!(
+        one(&mut s, d1, MsgType::Read, "/local/domain/1/mine").unwrap(),
+        b"1"
+    );
+    assert_eq!(
+        one(&mut s, d2, MsgType::Read, "/local/domain/1/mine"),
+        Err(XsError::Eacces)
+    );
+    assert_eq!(
+        write(&mut s, d2, "/local/domain/1/x", b""),
+        Err(XsError::Eacces)
+    );
+    assert_eq!(
+        one(&mut s, d2, MsgType::Rm, "/local/domain/1/mine"),
+        Err(XsError::Eacces)
+    );
     assert_eq!(write(&mut s, d1, "/top", b""), Err(XsError::Eacces));
     // Grant domain 2 read access: now it can read, still not write.
     set_perms(&mut s, d1, "mine", &["n1", "r2"]).unwrap();
-    assert_eq!(one(&mut s, d2, MsgType::Read, "/local/domain/1/mine").unwrap(), b"1");
-    assert_eq!(write(&mut s, d2, "/local/domain/1/mine", b"2"), Err(XsError::Eacces));
+    assert_eq!(
+        one(&mut s, d2, MsgType::Read, "/local/domain/1/mine").unwrap(),
+        b"1"
+    );
+    assert_eq!(
+        write(&mut s, d2, "/local/domain/1/mine", b"2"),
+        Err(XsError::Eacces)
+    );
     // Only dom0 may hand a node to another owner.
     assert_eq!(set_perms(&mut s, d1, "mine", &["n2"]), Err(XsError::Eperm));
-    assert_eq!(set_perms(&mut s, d2, "/local/domain/1/mine", &["n2"]), Err(XsError::Eacces));
-    assert_eq!(one(&mut s, d1, MsgType::GetPerms, "mine").unwrap(), b"n1\0r2\0");
+    assert_eq!(
+        set_perms(&mut s, d2, "/local/domain/1/mine", &["n2"]),
+        Err(XsError::Eacces)
+    );
+    assert_eq!(
+        one(&mut s, d1, MsgType::GetPerms, "mine").unwrap(),
+        b"n1\0r2\0"
+    );
     // Domain-management requests are dom0's.
-    assert_eq!(req(&mut s, d1, MsgType::Introduce, 0, b"5\01\01\0"), Err(XsError::Eacces));
-    assert_eq!(req(&mut s, d1, MsgType::Release, 0, b"2\0"), Err(XsError::Eacces));
+    assert_eq!(
+        req(&mut s, d1, MsgType::Introduce, 0, b"5\x001\x001\0"),
+        Err(XsError::Eacces)
+    );
+    assert_eq!(
+        req(&mut s, d1, MsgType::Release, 0, b"2\0"),
+        Err(XsError::Eacces)
+    );
     s.check_invariants().unwrap();
 }
 
@@ -78,7 +114,10 @@ fn created_nodes_inherit_and_creator_owns() {
     write(&mut s, dom0, "/shared", b"").unwrap();
     set_perms(&mut s, dom0, "/shared", &["n0", "w3", "r4"]).unwrap();
     write(&mut s, d3, "/shared/a/b", b"x").unwrap();
-    assert_eq!(one(&mut s, dom0, MsgType::GetPerms, "/shared/a/b").unwrap(), b"n3\0w3\0r4\0");
+    assert_eq!(
+        one(&mut s, dom0, MsgType::GetPerms, "/shared/a/b").unwrap(),
+        b"n3\0w3\0r4\0"
+    );
     assert_eq!(s.tree().owned(3), 2);
     // dom0 creating keeps the inherited owner.
     write(&mut s, dom0, "/shared/c", b"").unwrap();
@@ -87,7 +126,13 @@ fn created_nodes_inherit_and_creator_owns() {
 
 #[test]
 fn quotas_hold() {
-    let q = Quotas { nodes: 3, entry_size: 4, watches: 2, transactions: 1, perms: 2 };
+    let q = Quotas {
+        nodes: 3,
+        entry_size: 4,
+        watches: 2,
+        transactions: 1,
+        perms: 2,
+    };
     let mut s = Store::with_quotas(q);
     let dom0 = s.connect(0);
     let d1 = s.connect(1);
@@ -100,18 +145,35 @@ fn quotas_hold() {
     assert_eq!(write(&mut s, d1, "c", b""), Err(XsError::Enospc));
     // dom0 cannot push a domain over its quota by giving it nodes either.
     write(&mut s, dom0, "/gift", b"").unwrap();
-    assert_eq!(set_perms(&mut s, dom0, "/gift", &["n1"]), Err(XsError::Enospc));
+    assert_eq!(
+        set_perms(&mut s, dom0, "/gift", &["n1"]),
+        Err(XsError::Enospc)
+    );
     // Removing frees quota.
     one(&mut s, d1, MsgType::Rm, "b").unwrap();
     write(&mut s, d1, "c", b"").unwrap();
-    assert_eq!(set_perms(&mut s, d1, "c", &["n1", "r2", "r3"]), Err(XsError::Enospc));
-    let watch = |s: &mut Store, t: &str| req(s, d1, MsgType::Watch, 0, &Message::strings(&[b"a", t.as_bytes()]));
+    assert_eq!(
+        set_perms(&mut s, d1, "c", &["n1", "r2", "r3"]),
+        Err(XsError::Enospc)
+    );
+    let watch = |s: &mut Store, t: &str| {
+        req(
+            s,
+            d1,
+            MsgType::Watch,
+            0,
+            &Message::strings(&[b"a", t.as_bytes()]),
+        )
+    };
     watch(&mut s, "1").unwrap();
     assert_eq!(watch(&mut s, "1"), Err(XsError::Eexist));
     watch(&mut s, "2").unwrap();
     assert_eq!(watch(&mut s, "3"), Err(XsError::E2big));
     req(&mut s, d1, MsgType::TransactionStart, 0, b"\0").unwrap();
-    assert_eq!(req(&mut s, d1, MsgType::TransactionStart, 0, b"\0"), Err(XsError::Enospc));
+    assert_eq!(
+        req(&mut s, d1, MsgType::TransactionStart, 0, b"\0"),
+        Err(XsError::Enospc)
+    );
     // dom0 has no node or size quota.
     write(&mut s, dom0, "/x/y/z/w", b"0123456789").unwrap();
     s.check_invariants().unwrap();
@@ -124,30 +186,112 @@ fn watches_fire_with_permissions_and_on_removal() {
     let d1 = s.connect(1);
     home(&mut s, dom0, 1);
     write(&mut s, dom0, "/local/domain/1/dev/state", b"1").unwrap();
-    let r = s.handle(d1, &Message::new(MsgType::Watch, 1, 0, b"dev/state\0tok\0".to_vec()));
-    assert_eq!(r.events, [(d1, Message::new(MsgType::WatchEvent, 0, 0, b"dev/state\0tok\0".to_vec()))]);
+    let r = s.handle(
+        d1,
+        &Message::new(MsgType::Watch, 1, 0, b"dev/state\0tok\0".to_vec()),
+    );
+    assert_eq!(
+        r.events,
+        [(
+            d1,
+            Message::new(MsgType::WatchEvent, 0, 0, b"dev/state\0tok\0".to_vec())
+        )]
+    );
     // A node below the watch that domain 1 cannot read: its changes send no event.
-    let r = s.handle(dom0, &Message::new(MsgType::Write, 2, 0, b"/local/domain/1/dev/state/secret\0s".to_vec()));
-    assert_eq!(r.events.len(), 1, "inherited permissions let domain 1 read it");
-    let r = s.handle(dom0, &Message::new(MsgType::SetPerms, 2, 0, b"/local/domain/1/dev/state/secret\0n0\0".to_vec()));
+    let r = s.handle(
+        dom0,
+        &Message::new(
+            MsgType::Write,
+            2,
+            0,
+            b"/local/domain/1/dev/state/secret\0s".to_vec(),
+        ),
+    );
+    assert_eq!(
+        r.events.len(),
+        1,
+        "inherited permissions let domain 1 read it"
+    );
+    let r = s.handle(
+        dom0,
+        &Message::new(
+            MsgType::SetPerms,
+            2,
+            0,
+            b"/local/domain/1/dev/state/secret\0n0\0".to_vec(),
+        ),
+    );
     assert!(r.events.is_empty());
-    let r = s.handle(dom0, &Message::new(MsgType::Write, 2, 0, b"/local/domain/1/dev/state/secret\0t".to_vec()));
+    let r = s.handle(
+        dom0,
+        &Message::new(
+            MsgType::Write,
+            2,
+            0,
+            b"/local/domain/1/dev/state/secret\0t".to_vec(),
+        ),
+    );
     assert!(r.events.is_empty());
     // dom0 changes the readable node: relative event.
     write(&mut s, dom0, "/local/domain/1/dev/state", b"").unwrap();
-    let r = s.handle(dom0, &Message::new(MsgType::Write, 3, 0, b"/local/domain/1/dev/state\x004".to_vec()));
+    let r = s.handle(
+        dom0,
+        &Message::new(
+            MsgType::Write,
+            3,
+            0,
+            b"/local/domain/1/dev/state\x004".to_vec(),
+        ),
+    );
     assert_eq!(r.events.len(), 1);
     assert_eq!(r.events[0].1.payload, b"dev/state\0tok\0");
     // Removing an ancestor fires the watch with its own path.
-    let w = s.handle(dom0, &Message::new(MsgType::Watch, 4, 0, b"/local/domain/1/dev/state\0t0\0".to_vec()));
+    let w = s.handle(
+        dom0,
+        &Message::new(
+            MsgType::Watch,
+            4,
+            0,
+            b"/local/domain/1/dev/state\0t0\0".to_vec(),
+        ),
+    );
     assert_eq!(w.events.len(), 1);
-    let r = s.handle(dom0, &Message::new(MsgType::Rm, 5, 0, b"/local/domain/1/dev\0".to_vec()));
-    let paths: Vec<(ConnId, Vec<u8>)> = r.events.iter().map(|(c, m)| (*c, m.payload.clone())).collect();
-    assert!(paths.contains(&(dom0, b"/local/domain/1/dev/state\0t0\0".to_vec())), "{paths:?}");
-    assert!(paths.contains(&(d1, b"dev/state\0tok\0".to_vec())), "{paths:?}");
+    let r = s.handle(
+        dom0,
+        &Message::new(MsgType::Rm, 5, 0, b"/local/domain/1/dev\0".to_vec()),
+    );
+    let paths: Vec<(ConnId, Vec<u8>)> = r
+        .events
+        .iter()
+        .map(|(c, m)| (*c, m.payload.clone()))
+        .collect();
+    assert!(
+        paths.contains(&(dom0, b"/local/domain/1/dev/state\0t0\0".to_vec())),
+        "{paths:?}"
+    );
+    assert!(
+        paths.contains(&(d1, b"dev/state\0tok\0".to_vec())),
+        "{paths:?}"
+    );
     // Unwatch stops events.
-    req(&mut s, dom0, MsgType::Unwatch, 0, b"/local/domain/1/dev/state\0t0\0").unwrap();
-    assert_eq!(req(&mut s, dom0, MsgType::Unwatch, 0, b"/local/domain/1/dev/state\0t0\0"), Err(XsError::Enoent));
+    req(
+        &mut s,
+        dom0,
+        MsgType::Unwatch,
+        0,
+        b"/local/domain/1/dev/state\0t0\0",
+    )
+    .unwrap();
+    assert_eq!(
+        req(
+            &mut s,
+            dom0,
+            MsgType::Unwatch,
+            0,
+            b"/local/domain/1/dev/state\0t0\0"
+        ),
+        Err(XsError::Enoent)
+    );
 }
 
 #[test]
@@ -157,23 +301,63 @@ fn domains_and_special_watches() {
     let d2 = s.connect(2);
     req(&mut s, dom0, MsgType::Watch, 0, b"@introduceDomain\0i\0").unwrap();
     req(&mut s, d2, MsgType::Watch, 0, b"@releaseDomain\0r\0").unwrap();
-    let r = s.handle(dom0, &Message::new(MsgType::Introduce, 1, 0, b"7\0100\03\0".to_vec()));
-    assert_eq!(r.action, Some(DomainAction::Introduced { domid: 7, mfn: 100, port: 3 }));
-    assert_eq!(r.events, [(dom0, Message::new(MsgType::WatchEvent, 0, 0, b"@introduceDomain\0i\0".to_vec()))]);
-    assert_eq!(req(&mut s, dom0, MsgType::Introduce, 0, b"7\0101\03\0"), Err(XsError::Eexist));
-    assert_eq!(req(&mut s, dom0, MsgType::IsDomainIntroduced, 0, b"7\0").unwrap(), b"T\0");
-    assert_eq!(req(&mut s, dom0, MsgType::IsDomainIntroduced, 0, b"8\0").unwrap(), b"F\0");
-    assert_eq!(req(&mut s, d2, MsgType::GetDomainPath, 0, b"7\0").unwrap(), b"/local/domain/7\0");
+    let r = s.handle(
+        dom0,
+        &Message::new(MsgType::Introduce, 1, 0, b"7\x00100\x003\0".to_vec()),
+    );
+    assert_eq!(
+        r.action,
+        Some(DomainAction::Introduced {
+            domid: 7,
+            mfn: 100,
+            port: 3
+        })
+    );
+    assert_eq!(
+        r.events,
+        [(
+            dom0,
+            Message::new(MsgType::WatchEvent, 0, 0, b"@introduceDomain\0i\0".to_vec())
+        )]
+    );
+    assert_eq!(
+        req(&mut s, dom0, MsgType::Introduce, 0, b"7\x00101\x003\0"),
+        Err(XsError::Eexist)
+    );
+    assert_eq!(
+        req(&mut s, dom0, MsgType::IsDomainIntroduced, 0, b"7\0").unwrap(),
+        b"T\0"
+    );
+    assert_eq!(
+        req(&mut s, dom0, MsgType::IsDomainIntroduced, 0, b"8\0").unwrap(),
+        b"F\0"
+    );
+    assert_eq!(
+        req(&mut s, d2, MsgType::GetDomainPath, 0, b"7\0").unwrap(),
+        b"/local/domain/7\0"
+    );
     // Domain 2 may not see @releaseDomain until dom0 lets it.
     let r = s.handle(dom0, &Message::new(MsgType::Release, 2, 0, b"7\0".to_vec()));
     assert_eq!(r.action, Some(DomainAction::Released(7)));
     assert!(r.events.is_empty());
-    req(&mut s, dom0, MsgType::Introduce, 0, b"7\0100\03\0").unwrap();
+    req(&mut s, dom0, MsgType::Introduce, 0, b"7\x00100\x003\0").unwrap();
     set_perms(&mut s, dom0, "@releaseDomain", &["n0", "r2"]).unwrap();
     let r = s.handle(dom0, &Message::new(MsgType::Release, 3, 0, b"7\0".to_vec()));
-    assert_eq!(r.events, [(d2, Message::new(MsgType::WatchEvent, 0, 0, b"@releaseDomain\0r\0".to_vec()))]);
-    assert_eq!(req(&mut s, dom0, MsgType::Release, 0, b"7\0"), Err(XsError::Enoent));
-    assert_eq!(req(&mut s, dom0, MsgType::Read, 0, b"@releaseDomain\0"), Err(XsError::Einval));
+    assert_eq!(
+        r.events,
+        [(
+            d2,
+            Message::new(MsgType::WatchEvent, 0, 0, b"@releaseDomain\0r\0".to_vec())
+        )]
+    );
+    assert_eq!(
+        req(&mut s, dom0, MsgType::Release, 0, b"7\0"),
+        Err(XsError::Enoent)
+    );
+    assert_eq!(
+        req(&mut s, dom0, MsgType::Read, 0, b"@releaseDomain\0"),
+        Err(XsError::Einval)
+    );
 }
 
 #[test]
@@ -182,19 +366,37 @@ fn transaction_edge_cases() {
     let c = s.connect(0);
     let other = s.connect(0);
     let id = req(&mut s, c, MsgType::TransactionStart, 0, b"\0").unwrap();
-    let tx: u32 = std::str::from_utf8(&id[..id.len() - 1]).unwrap().parse().unwrap();
-    assert_eq!(req(&mut s, c, MsgType::TransactionStart, tx, b"\0"), Err(XsError::Ebusy));
+    let tx: u32 = std::str::from_utf8(&id[..id.len() - 1])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        req(&mut s, c, MsgType::TransactionStart, tx, b"\0"),
+        Err(XsError::Ebusy)
+    );
     // Another connection cannot use it.
-    assert_eq!(req(&mut s, other, MsgType::Read, tx, b"/\0"), Err(XsError::Enoent));
-    assert_eq!(req(&mut s, c, MsgType::TransactionEnd, tx, b"X\0"), Err(XsError::Einval));
+    assert_eq!(
+        req(&mut s, other, MsgType::Read, tx, b"/\0"),
+        Err(XsError::Enoent)
+    );
+    assert_eq!(
+        req(&mut s, c, MsgType::TransactionEnd, tx, b"X\0"),
+        Err(XsError::Einval)
+    );
     // Watches fire on commit, not before.
     req(&mut s, other, MsgType::Watch, 0, b"/w\0t\0").unwrap();
     let r = s.handle(c, &Message::new(MsgType::Write, 9, tx, b"/w\0v".to_vec()));
     assert!(r.events.is_empty());
     assert_eq!(r.reply.tx_id, tx);
-    let r = s.handle(c, &Message::new(MsgType::TransactionEnd, 10, tx, b"T\0".to_vec()));
+    let r = s.handle(
+        c,
+        &Message::new(MsgType::TransactionEnd, 10, tx, b"T\0".to_vec()),
+    );
     assert_eq!(r.events.len(), 1);
-    assert_eq!(req(&mut s, c, MsgType::TransactionEnd, tx, b"T\0"), Err(XsError::Enoent));
+    assert_eq!(
+        req(&mut s, c, MsgType::TransactionEnd, tx, b"T\0"),
+        Err(XsError::Enoent)
+    );
     // Disconnecting drops open transactions.
     req(&mut s, c, MsgType::TransactionStart, 0, b"\0").unwrap();
     assert_eq!(s.transaction_count(c), 1);
@@ -292,11 +494,21 @@ impl Model {
         match op {
             Op::Read(i) => {
                 let p = PATHS[*i];
-                (self.nodes.get(p).map(|n| n.0.clone()).ok_or(XsError::Enoent), vec![p.into()])
+                (
+                    self.nodes
+                        .get(p)
+                        .map(|n| n.0.clone())
+                        .ok_or(XsError::Enoent),
+                    vec![p.into()],
+                )
             }
             Op::Dir(i) => {
                 let p = PATHS[*i];
-                let r = if self.nodes.contains_key(p) { Ok(self.children(p)) } else { Err(XsError::Enoent) };
+                let r = if self.nodes.contains_key(p) {
+                    Ok(self.children(p))
+                } else {
+                    Err(XsError::Enoent)
+                };
                 (r, vec![p.into()])
             }
             Op::Write(i, _) | Op::Mkdir(i) => {
@@ -322,7 +534,11 @@ impl Model {
                     self.bump(&cur, clock);
                     for m in missing.iter().rev() {
                         *clock += 1;
-                        let v = if m == p { value.clone().unwrap_or_default() } else { vec![] };
+                        let v = if m == p {
+                            value.clone().unwrap_or_default()
+                        } else {
+                            vec![]
+                        };
                         self.nodes.insert(m.clone(), (v, *clock));
                         touched.push(m.clone());
                     }
@@ -333,7 +549,11 @@ impl Model {
                 let p = PATHS[*i];
                 let par = parent(p);
                 if !self.nodes.contains_key(p) {
-                    let r = if self.nodes.contains_key(&par) { Ok(b"OK\0".to_vec()) } else { Err(XsError::Enoent) };
+                    let r = if self.nodes.contains_key(&par) {
+                        Ok(b"OK\0".to_vec())
+                    } else {
+                        Err(XsError::Enoent)
+                    };
                     return (r, vec![p.into(), par]);
                 }
                 let sub: Vec<String> = self
@@ -377,10 +597,16 @@ struct ModelTx {
 }
 
 fn assert_tree_matches(store: &Store, model: &Model) -> Result<(), TestCaseError> {
-    let ours: BTreeMap<String, Vec<u8>> =
-        store.tree().iter().map(|(k, n)| (k.clone(), n.value.clone())).collect();
-    let theirs: BTreeMap<String, Vec<u8>> =
-        model.nodes.iter().map(|(k, n)| (k.clone(), n.0.clone())).collect();
+    let ours: BTreeMap<String, Vec<u8>> = store
+        .tree()
+        .iter()
+        .map(|(k, n)| (k.clone(), n.value.clone()))
+        .collect();
+    let theirs: BTreeMap<String, Vec<u8>> = model
+        .nodes
+        .iter()
+        .map(|(k, n)| (k.clone(), n.0.clone()))
+        .collect();
     prop_assert_eq!(ours, theirs);
     Ok(())
 }

@@ -75,17 +75,26 @@ pub enum CommitError {
 impl Transaction {
     /// A transaction over a snapshot of `live`.
     pub fn start(live: &Tree) -> Self {
-        Self { tree: live.clone(), log: AccessLog::default() }
+        Self {
+            tree: live.clone(),
+            log: AccessLog::default(),
+        }
     }
 
     /// A view that records into this transaction.
     pub fn view(&mut self) -> View<'_> {
-        View { tree: &mut self.tree, log: Some(&mut self.log) }
+        View {
+            tree: &mut self.tree,
+            log: Some(&mut self.log),
+        }
     }
 
     /// Whether the live tree changed anything this transaction touched.
     pub fn conflicts(&self, live: &Tree) -> bool {
-        self.log.accessed.iter().any(|(p, gen)| live.get(p).map(|n| n.gen) != *gen)
+        self.log
+            .accessed
+            .iter()
+            .any(|(p, gen)| live.get(p).map(|n| n.gen) != *gen)
     }
 
     /// Commits into `live`, stamping changed nodes with `gen`. `node_quota(domid)` is the most
@@ -163,7 +172,10 @@ mod tests {
         tx.view().read("/missing");
         assert!(!tx.conflicts(&live));
         live.insert_new("/missing", vec![], vec![Perm::new(0, 0)], 9);
-        assert_eq!(tx.commit(&mut live, 10, |_| None).unwrap_err(), CommitError::Conflict);
+        assert_eq!(
+            tx.commit(&mut live, 10, |_| None).unwrap_err(),
+            CommitError::Conflict
+        );
     }
 
     #[test]
@@ -178,6 +190,9 @@ mod tests {
         }
         live.insert_new("/c", vec![], vec![Perm::new(5, 0)], 4);
         let quota = |d: DomId| (d != 0).then_some(1);
-        assert_eq!(tx.commit(&mut live, 5, quota).unwrap_err(), CommitError::Quota(5));
+        assert_eq!(
+            tx.commit(&mut live, 5, quota).unwrap_err(),
+            CommitError::Quota(5)
+        );
     }
 }

@@ -53,7 +53,10 @@ impl Tree {
             children: BTreeSet::new(),
             gen: 0,
         };
-        let mut t = Self { nodes: BTreeMap::new(), owned: BTreeMap::new() };
+        let mut t = Self {
+            nodes: BTreeMap::new(),
+            owned: BTreeMap::new(),
+        };
         t.put("/", Some(root));
         t
     }
@@ -102,7 +105,11 @@ impl Tree {
             return Vec::new();
         }
         let mut v = vec![path.to_owned()];
-        let prefix = if path == "/" { "/".to_owned() } else { format!("{path}/") };
+        let prefix = if path == "/" {
+            "/".to_owned()
+        } else {
+            format!("{path}/")
+        };
         v.extend(
             self.nodes
                 .range(prefix.clone()..)
@@ -118,7 +125,12 @@ impl Tree {
             parent.children.insert(path::basename(path).to_owned());
             parent.gen = gen;
         }
-        let node = Node { value, perms, children: BTreeSet::new(), gen };
+        let node = Node {
+            value,
+            perms,
+            children: BTreeSet::new(),
+            gen,
+        };
         self.put(path, Some(node));
     }
 

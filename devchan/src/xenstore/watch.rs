@@ -73,7 +73,12 @@ impl WatchEvent {
 }
 
 /// The event `w` (owned by `domid`) receives for `f`, if it fires and may be delivered.
-pub fn event_for(w: &Watch, domid: DomId, acting_for: Option<DomId>, f: &FireRecord) -> Option<WatchEvent> {
+pub fn event_for(
+    w: &Watch,
+    domid: DomId,
+    acting_for: Option<DomId>,
+    f: &FireRecord,
+) -> Option<WatchEvent> {
     let abs = if path::is_within(&f.path, &w.path) {
         &f.path
     } else if f.removed && path::is_within(&w.path, &f.path) {
@@ -84,7 +89,10 @@ pub fn event_for(w: &Watch, domid: DomId, acting_for: Option<DomId>, f: &FireRec
     if access_for(&f.perms, domid, acting_for).0 & PERM_READ == 0 {
         return None;
     }
-    Some(WatchEvent { path: report_path(w, abs, domid), token: w.token.clone() })
+    Some(WatchEvent {
+        path: report_path(w, abs, domid),
+        token: w.token.clone(),
+    })
 }
 
 /// The path a watch reports for the absolute path `abs`.
@@ -101,21 +109,44 @@ mod tests {
     use super::*;
 
     fn w(path: &str, relative: bool) -> Watch {
-        Watch { path: path.into(), token: b"t".to_vec(), relative }
+        Watch {
+            path: path.into(),
+            token: b"t".to_vec(),
+            relative,
+        }
     }
 
     fn fire(path: &str, removed: bool, owner: DomId) -> FireRecord {
-        FireRecord { path: path.into(), removed, perms: vec![Perm::new(owner, 0)] }
+        FireRecord {
+            path: path.into(),
+            removed,
+            perms: vec![Perm::new(owner, 0)],
+        }
     }
 
     #[test]
     fn fires_on_self_and_children_only() {
         let watch = w("/a", false);
-        assert_eq!(event_for(&watch, 0, None, &fire("/a", false, 0)).unwrap().path, "/a");
-        assert_eq!(event_for(&watch, 0, None, &fire("/a/b", false, 0)).unwrap().path, "/a/b");
+        assert_eq!(
+            event_for(&watch, 0, None, &fire("/a", false, 0))
+                .unwrap()
+                .path,
+            "/a"
+        );
+        assert_eq!(
+            event_for(&watch, 0, None, &fire("/a/b", false, 0))
+                .unwrap()
+                .path,
+            "/a/b"
+        );
         assert!(event_for(&watch, 0, None, &fire("/ab", false, 0)).is_none());
         assert!(event_for(&watch, 0, None, &fire("/", false, 0)).is_none());
-        assert_eq!(event_for(&w("/a/b/c", false), 0, None, &fire("/a", true, 0)).unwrap().path, "/a/b/c");
+        assert_eq!(
+            event_for(&w("/a/b/c", false), 0, None, &fire("/a", true, 0))
+                .unwrap()
+                .path,
+            "/a/b/c"
+        );
     }
 
     #[test]

@@ -72,7 +72,12 @@ impl XsdSockmsg {
     /// Parses a header from its 16 wire bytes.
     pub fn from_bytes(b: &[u8; HEADER_LEN]) -> Self {
         let word = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        Self { r#type: word(0), req_id: word(4), tx_id: word(8), len: word(12) }
+        Self {
+            r#type: word(0),
+            req_id: word(4),
+            tx_id: word(8),
+            len: word(12),
+        }
     }
 
     /// The 16 wire bytes of this header.
@@ -200,7 +205,12 @@ pub struct Message {
 impl Message {
     /// A message; the payload must fit [`XENSTORE_PAYLOAD_MAX`] for [`Message::encode`].
     pub fn new(ty: MsgType, req_id: u32, tx_id: u32, payload: impl Into<Vec<u8>>) -> Self {
-        Self { ty, req_id, tx_id, payload: payload.into() }
+        Self {
+            ty,
+            req_id,
+            tx_id,
+            payload: payload.into(),
+        }
     }
 
     /// A reply to `req` with the given type and payload.
@@ -267,7 +277,9 @@ impl Decoder {
             return HEADER_LEN - self.buf.len();
         }
         let len = self.header().len as usize;
-        (HEADER_LEN + len.min(XENSTORE_PAYLOAD_MAX)).saturating_sub(self.buf.len()).max(1)
+        (HEADER_LEN + len.min(XENSTORE_PAYLOAD_MAX))
+            .saturating_sub(self.buf.len())
+            .max(1)
     }
 
     fn header(&self) -> XsdSockmsg {
@@ -301,22 +313,35 @@ impl Decoder {
         self.buf.drain(..HEADER_LEN);
         let payload: Vec<u8> = self.buf.drain(..len).collect();
         match MsgType::try_from(hdr.r#type) {
-            Ok(ty) => Ok(Some(Message { ty, req_id: hdr.req_id, tx_id: hdr.tx_id, payload })),
-            Err(ty) => {
-                Err(WireError::UnknownType { ty, req_id: hdr.req_id, tx_id: hdr.tx_id })
-            }
+            Ok(ty) => Ok(Some(Message {
+                ty,
+                req_id: hdr.req_id,
+                tx_id: hdr.tx_id,
+                payload,
+            })),
+            Err(ty) => Err(WireError::UnknownType {
+                ty,
+                req_id: hdr.req_id,
+                tx_id: hdr.tx_id,
+            }),
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     #[test]
     fn header_round_trip_and_layout() {
-        let h = XsdSockmsg { r#type: 2, req_id: 7, tx_id: 9, len: 5 };
+        let h = XsdSockmsg {
+            r#type: 2,
+            req_id: 7,
+            tx_id: 9,
+            len: 5,
+        };
         assert_eq!(XsdSockmsg::from_bytes(&h.to_bytes()), h);
         assert_eq!(core::mem::offset_of!(XsdSockmsg, len), 12);
     }
@@ -347,18 +372,35 @@ mod tests {
     #[test]
     fn rejects_oversized_and_unknown() {
         let mut d = Decoder::new();
-        let h = XsdSockmsg { r#type: 2, req_id: 1, tx_id: 0, len: 4097 };
+        let h = XsdSockmsg {
+            r#type: 2,
+            req_id: 1,
+            tx_id: 0,
+            len: 4097,
+        };
         d.push(&h.to_bytes());
         assert_eq!(d.next_message(), Err(WireError::TooLong(4097)));
         assert!(d.next_message().unwrap_err().is_fatal());
 
         let mut d = Decoder::new();
-        let h = XsdSockmsg { r#type: 20, req_id: 5, tx_id: 0, len: 1 };
+        let h = XsdSockmsg {
+            r#type: 20,
+            req_id: 5,
+            tx_id: 0,
+            len: 1,
+        };
         d.push(&h.to_bytes());
         d.push(b"x");
         d.push(&Message::new(MsgType::Read, 6, 0, b"/\0".to_vec()).encode());
         let e = d.next_message().unwrap_err();
-        assert_eq!(e, WireError::UnknownType { ty: 20, req_id: 5, tx_id: 0 });
+        assert_eq!(
+            e,
+            WireError::UnknownType {
+                ty: 20,
+                req_id: 5,
+                tx_id: 0
+            }
+        );
         assert!(!e.is_fatal());
         assert_eq!(d.next_message().unwrap().unwrap().req_id, 6);
     }

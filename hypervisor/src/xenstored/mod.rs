@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use devchan::grant::DomId;
 use devchan::xenstore::store::error_reply;
-use devchan::xenstore::{ConnId, Decoder, DomainAction, MsgType, Quotas, Store, WireError, XsError};
+use devchan::xenstore::{
+    ConnId, Decoder, DomainAction, MsgType, Quotas, Store, WireError, XsError,
+};
 
 /// Errors of the daemon's connections.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +125,13 @@ impl Xenstored {
         let mut st = self.lock();
         let id = st.store.connect(domid);
         st.outboxes.insert(id, Outbox { tx, waker });
-        Connection { id, domid, server: Arc::clone(self), rx, decoder: Decoder::new() }
+        Connection {
+            id,
+            domid,
+            server: Arc::clone(self),
+            rx,
+            decoder: Decoder::new(),
+        }
     }
 
     fn disconnect(&self, id: ConnId) {
@@ -167,7 +175,11 @@ impl Xenstored {
 
     fn reply_error(&self, id: ConnId, req_id: u32, tx_id: u32, e: XsError) {
         let st = self.lock();
-        Self::post(&st, id, Output::Bytes(error_reply(req_id, tx_id, e).encode()));
+        Self::post(
+            &st,
+            id,
+            Output::Bytes(error_reply(req_id, tx_id, e).encode()),
+        );
     }
 }
 
@@ -206,7 +218,8 @@ impl Connection {
                 Ok(Some(msg)) => self.server.dispatch(self.id, &msg),
                 Ok(None) => return Ok(()),
                 Err(WireError::UnknownType { req_id, tx_id, .. }) => {
-                    self.server.reply_error(self.id, req_id, tx_id, XsError::Einval);
+                    self.server
+                        .reply_error(self.id, req_id, tx_id, XsError::Einval);
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -241,7 +254,9 @@ mod tests {
     use devchan::xenstore::{Message, MsgType};
 
     fn next_msg(c: &Connection) -> Message {
-        let Some(Output::Bytes(b)) = c.try_output() else { panic!("no output") };
+        let Some(Output::Bytes(b)) = c.try_output() else {
+            panic!("no output")
+        };
         let mut d = Decoder::new();
         d.push(&b);
         d.next_message().unwrap().unwrap()
@@ -252,10 +267,12 @@ mod tests {
         let xs = Xenstored::new();
         let mut a = xs.connect(0, None);
         let mut b = xs.connect(0, None);
-        b.feed(&Message::new(MsgType::Watch, 1, 0, b"/x\0t\0".to_vec()).encode()).unwrap();
+        b.feed(&Message::new(MsgType::Watch, 1, 0, b"/x\0t\0".to_vec()).encode())
+            .unwrap();
         assert_eq!(next_msg(&b).ty, MsgType::Watch);
         assert_eq!(next_msg(&b).ty, MsgType::WatchEvent);
-        a.feed(&Message::new(MsgType::Write, 2, 0, b"/x/y\0v".to_vec()).encode()).unwrap();
+        a.feed(&Message::new(MsgType::Write, 2, 0, b"/x/y\0v".to_vec()).encode())
+            .unwrap();
         assert_eq!(next_msg(&a).payload, b"OK\0");
         assert_eq!(next_msg(&b).payload, b"/x/y\0t\0");
         assert!(a.try_output().is_none());
@@ -265,12 +282,32 @@ mod tests {
     fn unknown_type_gets_einval_and_bad_length_is_fatal() {
         let xs = Xenstored::new();
         let mut a = xs.connect(0, None);
-        let mut bytes = devchan::xenstore::wire::XsdSockmsg { r#type: 20, req_id: 9, tx_id: 0, len: 0 }.to_bytes().to_vec();
+        let mut bytes = devchan::xenstore::wire::XsdSockmsg {
+            r#type: 20,
+            req_id: 9,
+            tx_id: 0,
+            len: 0,
+        }
+        .to_bytes()
+        .to_vec();
         a.feed(&bytes).unwrap();
         let m = next_msg(&a);
-        assert_eq!((m.ty, m.req_id, m.payload.as_slice()), (MsgType::Error, 9, &b"EINVAL\0"[..]));
-        bytes = devchan::xenstore::wire::XsdSockmsg { r#type: 2, req_id: 1, tx_id: 0, len: 5000 }.to_bytes().to_vec();
-        assert!(matches!(a.feed(&bytes), Err(XenstoredError::Wire(WireError::TooLong(5000)))));
+        assert_eq!(
+            (m.ty, m.req_id, m.payload.as_slice()),
+            (MsgType::Error, 9, &b"EINVAL\0"[..])
+        );
+        bytes = devchan::xenstore::wire::XsdSockmsg {
+            r#type: 2,
+            req_id: 1,
+            tx_id: 0,
+            len: 5000,
+        }
+        .to_bytes()
+        .to_vec();
+        assert!(matches!(
+            a.feed(&bytes),
+            Err(XenstoredError::Wire(WireError::TooLong(5000)))
+        ));
     }
 
     #[test]
@@ -281,12 +318,21 @@ mod tests {
         xs.set_domain_hook(Box::new(move |a| s2.lock().unwrap().push(a)));
         let mut dom0 = xs.connect(0, None);
         let guest = xs.connect(5, None);
-        dom0.feed(&Message::new(MsgType::Introduce, 1, 0, b"5\0100\07\0".to_vec()).encode()).unwrap();
-        dom0.feed(&Message::new(MsgType::Release, 2, 0, b"5\0".to_vec()).encode()).unwrap();
+        dom0.feed(&Message::new(MsgType::Introduce, 1, 0, b"5\x00100\x007\0".to_vec()).encode())
+            .unwrap();
+        dom0.feed(&Message::new(MsgType::Release, 2, 0, b"5\0".to_vec()).encode())
+            .unwrap();
         assert_eq!(guest.try_output(), Some(Output::Close));
         assert_eq!(
             *seen.lock().unwrap(),
-            [DomainAction::Introduced { domid: 5, mfn: 100, port: 7 }, DomainAction::Released(5)]
+            [
+                DomainAction::Introduced {
+                    domid: 5,
+                    mfn: 100,
+                    port: 7
+                },
+                DomainAction::Released(5)
+            ]
         );
         drop(guest);
         assert!(xs.with_store(|s| s.conns_of(5).is_empty()));

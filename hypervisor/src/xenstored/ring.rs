@@ -52,12 +52,18 @@ pub struct EventFdSignal {
 impl EventFdSignal {
     /// A fresh pair.
     pub fn new() -> io::Result<Self> {
-        Ok(Self { to_domain: EventFd::new(0)?, from_domain: EventFd::new(0)? })
+        Ok(Self {
+            to_domain: EventFd::new(0)?,
+            from_domain: EventFd::new(0)?,
+        })
     }
 
     /// A nonblocking pair (for callers that poll).
     pub fn new_nonblocking() -> io::Result<Self> {
-        Ok(Self { to_domain: EventFd::new(EFD_NONBLOCK)?, from_domain: EventFd::new(EFD_NONBLOCK)? })
+        Ok(Self {
+            to_domain: EventFd::new(EFD_NONBLOCK)?,
+            from_domain: EventFd::new(EFD_NONBLOCK)?,
+        })
     }
 }
 
@@ -153,7 +159,14 @@ pub fn serve_ring<S: RingSignal + ?Sized + 'static>(
 ) -> Result<RingExit, XenstoredError> {
     page.reset(FEATURES);
     let conn = RingConn::open(server, domid, signal);
-    let mut rc = RingConn { server, domid, page, signal, conn, backlog: VecDeque::new() };
+    let mut rc = RingConn {
+        server,
+        domid,
+        page,
+        signal,
+        conn,
+        backlog: VecDeque::new(),
+    };
     loop {
         match rc.round() {
             Ok((_, Some(exit))) => return Ok(exit),
@@ -197,7 +210,10 @@ mod tests {
             .store(5000, std::sync::atomic::Ordering::Release);
         signal.from_domain.write(1).unwrap();
         let r = t.join().unwrap();
-        assert!(matches!(r, Err(XenstoredError::Ring(RingError::BadIndex { .. }))));
+        assert!(matches!(
+            r,
+            Err(XenstoredError::Ring(RingError::BadIndex { .. }))
+        ));
         assert_eq!(page.error(), XENSTORE_ERROR_RINGIDX);
         assert!(xs.with_store(|s| s.conns_of(3).is_empty()));
     }

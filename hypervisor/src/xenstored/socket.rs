@@ -39,7 +39,12 @@ impl SocketServer {
             Err(e) => return Err(e),
         }
         let listener = UnixListener::bind(&path)?;
-        Ok(Self { listener, path, server, stop: Arc::new(AtomicBool::new(false)) })
+        Ok(Self {
+            listener,
+            path,
+            server,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// The socket path.
@@ -56,11 +61,13 @@ impl SocketServer {
             match stream {
                 Ok(s) => {
                     let server = Arc::clone(&self.server);
-                    thread::Builder::new().name("xs-client".into()).spawn(move || {
-                        if let Err(e) = serve_client(&server, s) {
-                            tracing::debug!(error = %e, "xenstore client dropped");
-                        }
-                    })?;
+                    thread::Builder::new()
+                        .name("xs-client".into())
+                        .spawn(move || {
+                            if let Err(e) = serve_client(&server, s) {
+                                tracing::debug!(error = %e, "xenstore client dropped");
+                            }
+                        })?;
                 }
                 Err(e) => tracing::warn!(error = %e, "xenstore accept failed"),
             }
@@ -72,8 +79,14 @@ impl SocketServer {
     /// Runs the accept loop in a thread.
     pub fn spawn(self) -> io::Result<ServerHandle> {
         let (path, stop) = (self.path.clone(), Arc::clone(&self.stop));
-        let thread = thread::Builder::new().name("xs-accept".into()).spawn(move || self.run())?;
-        Ok(ServerHandle { path, stop, thread: Some(thread) })
+        let thread = thread::Builder::new()
+            .name("xs-accept".into())
+            .spawn(move || self.run())?;
+        Ok(ServerHandle {
+            path,
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -111,19 +124,21 @@ pub fn serve_client(server: &Arc<Xenstored>, stream: UnixStream) -> Result<(), X
     let mut conn = server.connect(0, None);
     let rx = conn.take_receiver();
     let mut out = stream.try_clone()?;
-    let writer = thread::Builder::new().name("xs-client-out".into()).spawn(move || {
-        while let Ok(o) = rx.recv() {
-            match o {
-                Output::Bytes(b) => {
-                    if out.write_all(&b).is_err() {
-                        break;
+    let writer = thread::Builder::new()
+        .name("xs-client-out".into())
+        .spawn(move || {
+            while let Ok(o) = rx.recv() {
+                match o {
+                    Output::Bytes(b) => {
+                        if out.write_all(&b).is_err() {
+                            break;
+                        }
                     }
+                    Output::Close => break,
                 }
-                Output::Close => break,
             }
-        }
-        let _ = out.shutdown(Shutdown::Both);
-    })?;
+            let _ = out.shutdown(Shutdown::Both);
+        })?;
     let mut input = stream;
     let mut buf = [0u8; 4096];
     let result = loop {
