@@ -297,6 +297,11 @@ impl RingPage {
             .store(XENSTORE_CONNECTED, Ordering::Release);
     }
 
+    /// Daemon side: advertises `features` in `server_features`, leaving the rings alone.
+    pub fn advertise(&self, features: u32) {
+        self.word(Word::Features).store(features, Ordering::Release);
+    }
+
     /// The `connection` word.
     pub fn connection(&self) -> u32 {
         self.word(Word::Connection).load(Ordering::Acquire)

@@ -119,6 +119,15 @@ impl Xenstored {
         self.lock().counts.get(&ty).copied().unwrap_or(0)
     }
 
+    /// Closes every connection of `domid` (the domain died or is being destroyed): ring
+    /// servers for it return, socket clients are shut down.
+    pub fn close_domain(&self, domid: DomId) {
+        let st = self.lock();
+        for c in st.store.conns_of(domid) {
+            Self::post(&st, c, Output::Close);
+        }
+    }
+
     /// Opens a connection for `domid`. `waker` is called whenever output is queued for it.
     pub fn connect(self: &Arc<Self>, domid: DomId, waker: Option<Waker>) -> Connection {
         let (tx, rx) = channel();

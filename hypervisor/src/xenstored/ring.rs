@@ -89,7 +89,7 @@ impl RingSignal for EventFdSignal {
 /// Why [`serve_ring`] stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RingExit {
-    /// The domain was released (`XS_RELEASE`).
+    /// The domain was released (`XS_RELEASE`) or closed ([`Xenstored::close_domain`]).
     Released,
 }
 
@@ -149,15 +149,16 @@ impl<S: RingSignal + ?Sized + 'static> RingConn<'_, S> {
 /// The features this daemon advertises in `server_features`.
 pub const FEATURES: u32 = XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR;
 
-/// Serves `domid` over its ring page until it is released or misbehaves. Resets the page
-/// first (a fresh, connected ring).
+/// Serves `domid` over its ring page until it is released or misbehaves. The page is taken
+/// as it is (zeroed by whoever built the domain, or left by a previous daemon, so a restarted
+/// daemon carries on where the last one stopped); only `server_features` is set.
 pub fn serve_ring<S: RingSignal + ?Sized + 'static>(
     server: &Arc<Xenstored>,
     domid: DomId,
     page: &RingPage,
     signal: &Arc<S>,
 ) -> Result<RingExit, XenstoredError> {
-    page.reset(FEATURES);
+    page.advertise(FEATURES);
     let conn = RingConn::open(server, domid, signal);
     let mut rc = RingConn {
         server,
@@ -190,7 +191,9 @@ pub fn serve_ring<S: RingSignal + ?Sized + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devchan::xenstore::ring::OwnedRingPage;
+    use devchan::xenstore::ring::{OwnedRingPage, RingTransport};
+    use devchan::xenstore::wire::XsdSockmsg;
+    use devchan::xenstore::{Client, ClientError, MsgType, WireError};
 
     #[test]
     fn broken_indexes_set_the_error_word() {
@@ -216,5 +219,86 @@ mod tests {
         ));
         assert_eq!(page.error(), XENSTORE_ERROR_RINGIDX);
         assert!(xs.with_store(|s| s.conns_of(3).is_empty()));
+    }
+
+    fn start(
+        xs: &Arc<Xenstored>,
+        mem: &Arc<OwnedRingPage>,
+        domid: DomId,
+    ) -> (
+        Arc<EventFdSignal>,
+        std::thread::JoinHandle<Result<RingExit, XenstoredError>>,
+    ) {
+        let signal = Arc::new(EventFdSignal::new().unwrap());
+        let (xs, mem2, sig) = (Arc::clone(xs), Arc::clone(mem), Arc::clone(&signal));
+        let t = std::thread::spawn(move || serve_ring(&xs, domid, &mem2.view(), &sig));
+        (signal, t)
+    }
+
+    fn client(
+        mem: &OwnedRingPage,
+        signal: &Arc<EventFdSignal>,
+    ) -> Client<RingTransport<impl FnMut(), impl FnMut()>> {
+        let (n, w) = (Arc::clone(signal), Arc::clone(signal));
+        Client::new(RingTransport::new(
+            mem.view(),
+            move || {
+                let _ = n.from_domain.write(1);
+            },
+            move || {
+                let _ = w.to_domain.read();
+            },
+        ))
+    }
+
+    #[test]
+    fn reconnect_resets_the_ring_and_the_connection() {
+        let xs = Xenstored::new();
+        let mem = Arc::new(OwnedRingPage::new());
+        let (signal, t) = start(&xs, &mem, 4);
+        let mut c = client(&mem, &signal);
+        c.watch("@releaseDomain", "w").unwrap();
+        assert_eq!(xs.with_store(|s| s.watch_count(4)), 1);
+        let page = mem.view();
+        assert_eq!(page.server_features(), FEATURES);
+        // Drain the initial watch event so the ring is idle, then ask for a reconnect.
+        assert_eq!(c.next_event().unwrap().path, "@releaseDomain");
+        page.request_reconnect();
+        signal.from_domain.write(1).unwrap();
+        while page.connection() == XENSTORE_RECONNECT {
+            std::thread::yield_now();
+        }
+        let mut c = client(&mem, &signal);
+        assert_eq!(c.get_domain_path(4).unwrap(), "/local/domain/4");
+        assert_eq!(xs.with_store(|s| s.watch_count(4)), 0);
+        xs.close_domain(4);
+        assert_eq!(t.join().unwrap().unwrap(), RingExit::Released);
+    }
+
+    #[test]
+    fn oversized_message_is_a_protocol_error() {
+        let xs = Xenstored::new();
+        let mem = Arc::new(OwnedRingPage::new());
+        let (signal, t) = start(&xs, &mem, 6);
+        let hdr = XsdSockmsg {
+            r#type: MsgType::Read as u32,
+            req_id: 1,
+            tx_id: 0,
+            len: 4097,
+        };
+        // Wait until the server has reset the page, then send the bad header.
+        while mem.view().server_features() != FEATURES {
+            std::thread::yield_now();
+        }
+        mem.view().write_request(&hdr.to_bytes()).unwrap();
+        signal.from_domain.write(1).unwrap();
+        let r = t.join().unwrap();
+        assert!(
+            matches!(r, Err(XenstoredError::Wire(WireError::TooLong(4097)))),
+            "{r:?}"
+        );
+        assert_eq!(mem.view().error(), XENSTORE_ERROR_PROTO);
+        let mut c = client(&mem, &signal);
+        assert!(matches!(c.read(0, "/"), Err(ClientError::Io(_))));
     }
 }
