@@ -111,6 +111,25 @@ fn tools_write_read_list_exists_rm() {
 }
 
 #[test]
+fn tools_list_large_directories_in_parts() {
+    if !tools_installed() {
+        return;
+    }
+    let d = Daemon::start();
+    let mut c = d.client();
+    for i in 0..500 {
+        c.write(NO_TX, &format!("/big/child{i:04}"), b"v").unwrap();
+    }
+    // Too big for one XS_DIRECTORY reply: libxenstore falls back to XS_DIRECTORY_PART.
+    assert!(matches!(c.directory(NO_TX, "/big"), Err(ClientError::Xs(XsError::E2big))));
+    let list = d.ok("xenstore-list", &["/big"]);
+    let names: Vec<&str> = list.lines().collect();
+    assert_eq!(names.len(), 500);
+    assert_eq!((names[0], names[499]), ("child0000", "child0499"));
+    assert!(d.xs.request_count(MsgType::DirectoryPart) >= 2);
+}
+
+#[test]
 fn tools_chmod_and_permissions_listing() {
     if !tools_installed() {
         return;

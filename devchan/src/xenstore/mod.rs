@@ -13,6 +13,20 @@
 //!   `xenstore_domain_interface` page and the domain side of it as a byte stream.
 //! * [`fuzzing`]: fuzz target bodies.
 //!
+//! ```
+//! use devchan::xenstore::{Message, MsgType, Store};
+//!
+//! let mut store = Store::new();
+//! let dom0 = store.connect(0);
+//! let guest = store.connect(5);
+//! // dom0 (privileged) writes; domain 5 may not read a node it has no permission on.
+//! let w = Message::new(MsgType::Write, 1, 0, b"/vm/name\0guest".to_vec());
+//! assert_eq!(store.handle(dom0, &w).reply.payload, b"OK\0");
+//! let r = Message::new(MsgType::Read, 2, 0, b"/vm/name\0".to_vec());
+//! let reply = store.handle(guest, &r).reply;
+//! assert_eq!((reply.ty, reply.payload.as_slice()), (MsgType::Error, &b"EACCES\0"[..]));
+//! ```
+//!
 //! Errors travel as strings: an `XS_ERROR` reply carries the errno *name* (`"ENOENT\0"`), from
 //! the table in `xs_wire.h`; [`XsError`] is that table.
 

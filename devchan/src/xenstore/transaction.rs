@@ -64,11 +64,13 @@ pub struct Transaction {
 }
 
 /// Why a commit failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CommitError {
     /// Another change touched what the transaction read or wrote.
+    #[error("Transaction conflicts with a change made since it started")]
     Conflict,
     /// Committing would put this domain over its node quota.
+    #[error("Commit would put domain {0} over its node quota")]
     Quota(DomId),
 }
 

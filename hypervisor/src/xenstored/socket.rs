@@ -12,7 +12,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
+use devchan::xenstore::Client;
+
 use super::{Output, Xenstored, XenstoredError};
+
+/// Where Xen's client library looks for the daemon's socket: `$XENSTORED_PATH`, else
+/// `$XENSTORED_RUNDIR/socket`, else `/var/run/xenstored/socket`.
+pub fn default_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("XENSTORED_PATH") {
+        return PathBuf::from(p);
+    }
+    let rundir = std::env::var_os("XENSTORED_RUNDIR")
+        .map_or_else(|| PathBuf::from("/var/run/xenstored"), PathBuf::from);
+    rundir.join("socket")
+}
+
+/// A client connected to the daemon's socket at `path` (as domain 0).
+pub fn connect(path: impl AsRef<Path>) -> io::Result<Client<UnixStream>> {
+    Ok(Client::new(UnixStream::connect(path)?))
+}
 
 /// A listening socket.
 pub struct SocketServer {
@@ -164,7 +182,6 @@ pub fn serve_client(server: &Arc<Xenstored>, stream: UnixStream) -> Result<(), X
 mod tests {
     use super::*;
     use devchan::xenstore::client::NO_TX;
-    use devchan::xenstore::Client;
 
     #[test]
     fn serves_clients_over_a_socket() {
@@ -172,8 +189,8 @@ mod tests {
         let path = dir.path().join("sock");
         let xs = Xenstored::new();
         let handle = SocketServer::bind(&path, xs).unwrap().spawn().unwrap();
-        let mut a = Client::new(UnixStream::connect(&path).unwrap());
-        let mut b = Client::new(UnixStream::connect(&path).unwrap());
+        let mut a = connect(&path).unwrap();
+        let mut b = connect(&path).unwrap();
         b.watch("/s", "tok").unwrap();
         a.write(NO_TX, "/s/k", b"v").unwrap();
         assert_eq!(b.next_event().unwrap().path, "/s");
