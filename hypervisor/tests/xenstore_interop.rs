@@ -121,7 +121,10 @@ fn tools_list_large_directories_in_parts() {
         c.write(NO_TX, &format!("/big/child{i:04}"), b"v").unwrap();
     }
     // Too big for one XS_DIRECTORY reply: libxenstore falls back to XS_DIRECTORY_PART.
-    assert!(matches!(c.directory(NO_TX, "/big"), Err(ClientError::Xs(XsError::E2big))));
+    assert!(matches!(
+        c.directory(NO_TX, "/big"),
+        Err(ClientError::Xs(XsError::E2big))
+    ));
     let list = d.ok("xenstore-list", &["/big"]);
     let names: Vec<&str> = list.lines().collect();
     assert_eq!(names.len(), 500);
@@ -231,17 +234,8 @@ fn domain_client_over_ring_page() {
         .unwrap();
     admin.introduce(5, 1234, 7).unwrap();
 
-    let (n, w) = (Arc::clone(&signal), Arc::clone(&signal));
-    let transport = RingTransport::new(
-        mem.view(),
-        move || {
-            let _ = n.from_domain.write(1);
-        },
-        move || {
-            let _ = w.to_domain.read();
-        },
-    );
-    let mut dom5 = Client::new(transport);
+    let (notify, wait) = signal.domain_side();
+    let mut dom5 = Client::new(RingTransport::new(mem.view(), notify, wait));
     assert_eq!(dom5.get_domain_path(5).unwrap(), "/local/domain/5");
     dom5.write(NO_TX, "data/x", b"from the ring").unwrap();
     assert_eq!(
@@ -282,5 +276,64 @@ fn domain_client_over_ring_page() {
     assert_eq!(admin.read(NO_TX, "/local/domain/5/data/z").unwrap(), b"tx");
 
     admin.release(5).unwrap();
+    assert_eq!(server.join().unwrap().unwrap(), RingExit::Released);
+}
+
+#[test]
+fn tools_set_up_a_domain_that_talks_over_its_ring() {
+    if !tools_installed() {
+        return;
+    }
+    let d = Daemon::start();
+    let mem = Arc::new(OwnedRingPage::new());
+    let signal = Arc::new(EventFdSignal::new().unwrap());
+    let server = {
+        let (xs, mem, signal) = (Arc::clone(&d.xs), Arc::clone(&mem), Arc::clone(&signal));
+        std::thread::spawn(move || serve_ring(&xs, 7, &mem.view(), &signal))
+    };
+    // The toolstack's part, with Xen's tools: a home for domain 7 and a frontend directory.
+    d.ok(
+        "xenstore-write",
+        &["/local/domain/7/device/vif/0/state", "1"],
+    );
+    d.ok("xenstore-chmod", &["-r", "/local/domain/7", "n7"]);
+    d.ok(
+        "xenstore-write",
+        &["/local/domain/0/backend/vif/7/0/state", "1"],
+    );
+    d.ok(
+        "xenstore-chmod",
+        &["/local/domain/0/backend/vif/7/0/state", "n0", "r7"],
+    );
+
+    let (notify, wait) = signal.domain_side();
+    let mut dom7 = Client::new(RingTransport::new(mem.view(), notify, wait));
+    assert_eq!(dom7.read(NO_TX, "device/vif/0/state").unwrap(), b"1");
+    assert_eq!(
+        dom7.read(NO_TX, "/local/domain/0/backend/vif/7/0/state")
+            .unwrap(),
+        b"1"
+    );
+    assert!(matches!(
+        dom7.write(NO_TX, "/local/domain/0/backend/vif/7/0/state", b"4"),
+        Err(ClientError::Xs(XsError::Eacces))
+    ));
+    // The domain watches the backend's state; the tool's write reaches it.
+    dom7.watch("/local/domain/0/backend/vif/7/0/state", "be")
+        .unwrap();
+    assert_eq!(dom7.next_event().unwrap().token, b"be");
+    d.ok(
+        "xenstore-write",
+        &["/local/domain/0/backend/vif/7/0/state", "2"],
+    );
+    let ev = dom7.next_event().unwrap();
+    assert_eq!(ev.path, "/local/domain/0/backend/vif/7/0/state");
+    // And the domain's own writes are visible to the tools.
+    dom7.write(NO_TX, "device/vif/0/state", b"3").unwrap();
+    assert_eq!(
+        d.ok("xenstore-read", &["/local/domain/7/device/vif/0/state"]),
+        "3\n"
+    );
+    d.xs.close_domain(7);
     assert_eq!(server.join().unwrap().unwrap(), RingExit::Released);
 }

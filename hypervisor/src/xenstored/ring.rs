@@ -67,6 +67,24 @@ impl EventFdSignal {
     }
 }
 
+impl EventFdSignal {
+    /// The domain's side of the pair as the `notify` and `wait` callbacks of
+    /// [`devchan::xenstore::ring::RingTransport`] (for in-process domains and tests).
+    pub fn domain_side(self: &Arc<Self>) -> (impl FnMut() + Send, impl FnMut() + Send) {
+        let (n, w) = (Arc::clone(self), Arc::clone(self));
+        // Errors only mean the counter is saturated (a wake-up is pending) or the fd is gone;
+        // either way the next wait/read sorts it out.
+        (
+            move || {
+                let _ = n.from_domain.write(1);
+            },
+            move || {
+                let _ = w.to_domain.read();
+            },
+        )
+    }
+}
+
 impl RingSignal for EventFdSignal {
     fn notify(&self) -> io::Result<()> {
         self.to_domain.write(1)
@@ -239,16 +257,8 @@ mod tests {
         mem: &OwnedRingPage,
         signal: &Arc<EventFdSignal>,
     ) -> Client<RingTransport<impl FnMut(), impl FnMut()>> {
-        let (n, w) = (Arc::clone(signal), Arc::clone(signal));
-        Client::new(RingTransport::new(
-            mem.view(),
-            move || {
-                let _ = n.from_domain.write(1);
-            },
-            move || {
-                let _ = w.to_domain.read();
-            },
-        ))
+        let (notify, wait) = signal.domain_side();
+        Client::new(RingTransport::new(mem.view(), notify, wait))
     }
 
     #[test]
