@@ -13,6 +13,10 @@
 //!   [`ring::RingSignal`] (notify the domain, wait for it), which is how process domains and
 //!   Xen guests talk to the daemon.
 //!
+//! Run it standalone with the `xenstored` binary (`xenstored /tmp/xs.sock`, then
+//! `XENSTORED_PATH=/tmp/xs.sock xenstore-ls`); `tests/xenstore_interop.rs` drives Xen's tools
+//! against it and a domain over its ring, `tests/xenstore_concurrency.rs` races transactions.
+//!
 //! Nothing a client sends can stop the daemon: malformed messages get `EINVAL` (unknown type)
 //! or close that one connection (broken framing, broken ring indexes), and the store bounds
 //! what each unprivileged domain can consume.
@@ -162,6 +166,7 @@ impl Xenstored {
     fn dispatch(&self, id: ConnId, msg: &devchan::xenstore::Message) {
         let action = {
             let mut st = self.lock();
+            tracing::trace!(conn = id, ty = ?msg.ty, req = msg.req_id, tx = msg.tx_id, "xenstore request");
             *st.counts.entry(msg.ty).or_insert(0) += 1;
             let resp = st.store.handle(id, msg);
             Self::post(&st, id, Output::Bytes(resp.reply.encode()));
