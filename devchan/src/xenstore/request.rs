@@ -6,7 +6,7 @@
 //! | `WRITE` | `path\0value` (value unterminated, may be empty) | `OK\0` |
 //! | `MKDIR`, `RM` | `path\0` | `OK\0` |
 //! | `DIRECTORY` | `path\0` | `child\0child\0...` |
-//! | `DIRECTORY_PART` | `path\0offset\0` | `generation\0child\0...` plus a final `\0` when complete |
+//! | `DIRECTORY_PART` | `path\0offset\0` | `generation\0child\0...`, a final `\0` when done |
 //! | `GET_PERMS` | `path\0` | `perm\0perm\0...` |
 //! | `SET_PERMS` | `path\0perm\0perm\0...` | `OK\0` |
 //! | `WATCH`, `UNWATCH` | `path\0token\0` | `OK\0` |
@@ -211,9 +211,10 @@ mod tests {
         assert!(
             matches!(parse(MsgType::Write, b"/x\0").unwrap(), Request::Write(_, v) if v.is_empty())
         );
-        assert!(
-            matches!(parse(MsgType::Watch, b"@releaseDomain\0tok\0").unwrap(), Request::Watch(p, t) if p.is_special() && t == b"tok")
-        );
+        assert!(matches!(
+            parse(MsgType::Watch, b"@releaseDomain\0tok\0").unwrap(),
+            Request::Watch(p, t) if p.is_special() && t == b"tok"
+        ));
         assert_eq!(
             parse(MsgType::TransactionEnd, b"T\0"),
             Ok(Request::TransactionEnd(true))

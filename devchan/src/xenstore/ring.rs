@@ -498,7 +498,12 @@ mod tests {
             let (mut sent, mut recvd) = (Vec::new(), Vec::new());
             let mut counter = 0u8;
             for (w, r) in chunks {
-                let data: Vec<u8> = (0..w).map(|_| { counter = counter.wrapping_add(1); counter }).collect();
+                let data: Vec<u8> = (0..w)
+                    .map(|_| {
+                        counter = counter.wrapping_add(1);
+                        counter
+                    })
+                    .collect();
                 let n = page.write_response(&data).unwrap();
                 sent.extend_from_slice(&data[..n]);
                 let mut buf = vec![0; r];

@@ -634,9 +634,11 @@ proptest! {
                 }
                 Step::Start => {
                     if tx.is_none() {
-                        let id = req(&mut store, tx_conn, MsgType::TransactionStart, 0, b"\0").unwrap();
+                        let id = req(&mut store, tx_conn, MsgType::TransactionStart, 0, b"\0");
+                        let id = id.unwrap();
                         let id = std::str::from_utf8(&id[..id.len() - 1]).unwrap().parse().unwrap();
-                        tx = Some(ModelTx { id, snapshot: model.clone(), accessed: BTreeMap::new(), ops: vec![] });
+                        let snapshot = model.clone();
+                        tx = Some(ModelTx { id, snapshot, accessed: BTreeMap::new(), ops: vec![] });
                     }
                 }
                 Step::InTx(op) => {
@@ -649,7 +651,8 @@ proptest! {
                         }
                         t.ops.push(op.clone());
                         let (ty, p) = encode(&op);
-                        prop_assert_eq!(req(&mut store, tx_conn, ty, t.id, &p), expect, "in tx: {:?}", op);
+                        let got = req(&mut store, tx_conn, ty, t.id, &p);
+                        prop_assert_eq!(got, expect, "in tx: {:?}", op);
                     }
                 }
                 Step::End(commit) => {
@@ -684,7 +687,12 @@ proptest! {
 
     /// Reads by an unprivileged domain succeed exactly when the permissions allow.
     #[test]
-    fn read_access_matches_permissions(owner in 0u16..4, default in 0u8..4, entries in prop::collection::vec((0u16..4, 0u8..4), 0..3), reader in 1u16..4) {
+    fn read_access_matches_permissions(
+        owner in 0u16..4,
+        default in 0u8..4,
+        entries in prop::collection::vec((0u16..4, 0u8..4), 0..3),
+        reader in 1u16..4,
+    ) {
         let mut s = Store::new();
         let dom0 = s.connect(0);
         let r = s.connect(reader);
@@ -694,7 +702,12 @@ proptest! {
         let strs: Vec<String> = perms.iter().map(Perm::encode).collect();
         let refs: Vec<&str> = strs.iter().map(String::as_str).collect();
         set_perms(&mut s, dom0, "/n", &refs).unwrap();
-        let listed: u8 = entries.iter().filter(|(d, _)| *d == reader).fold(None, |acc: Option<u8>, (_, a)| Some(acc.unwrap_or(0) | a)).unwrap_or(default);
+        // Entries for the reader add up; without any, the owner entry's access applies.
+        let listed: u8 = entries
+            .iter()
+            .filter(|(d, _)| *d == reader)
+            .fold(None, |acc: Option<u8>, (_, a)| Some(acc.unwrap_or(0) | a))
+            .unwrap_or(default);
         let can_read = owner == reader || listed & PERM_READ != 0;
         let can_write = owner == reader || listed & PERM_WRITE != 0;
         prop_assert_eq!(one(&mut s, r, MsgType::Read, "/n").is_ok(), can_read);

@@ -166,7 +166,7 @@ impl Xenstored {
     fn dispatch(&self, id: ConnId, msg: &devchan::xenstore::Message) {
         let action = {
             let mut st = self.lock();
-            tracing::trace!(conn = id, ty = ?msg.ty, req = msg.req_id, tx = msg.tx_id, "xenstore request");
+            tracing::trace!(conn = id, ty = ?msg.ty, req = msg.req_id, tx = msg.tx_id, "request");
             *st.counts.entry(msg.ty).or_insert(0) += 1;
             let resp = st.store.handle(id, msg);
             Self::post(&st, id, Output::Bytes(resp.reply.encode()));

@@ -1,7 +1,8 @@
 //! The daemon over a Unix stream socket (the toolstack's way in).
 //!
-//! Each accepted client gets a reader thread (socket -> [`Connection::feed`]) and a writer
-//! thread (outbox -> socket), and is domain 0. The socket speaks the plain message stream of
+//! Each accepted client gets a reader thread (socket to
+//! [`Connection::feed`](super::Connection::feed)) and a writer thread (outbox to socket), and
+//! is domain 0. The socket speaks the plain message stream of
 //! `devchan::xenstore::wire`, exactly what Xen's `libxenstore` and xenstore tools expect.
 
 use std::io::{self, Read, Write};
