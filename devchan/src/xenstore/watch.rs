@@ -8,8 +8,8 @@
 //! can read the initial state without a race.
 //!
 //! Special paths name events that are not nodes:
-//! [`INTRODUCE_DOMAIN`](super::path::INTRODUCE_DOMAIN) fires when `XS_INTRODUCE` adds a domain, [`RELEASE_DOMAIN`](super::path::RELEASE_DOMAIN)
-//! when `XS_RELEASE` removes one.
+//! [`INTRODUCE_DOMAIN`](super::path::INTRODUCE_DOMAIN) fires when `XS_INTRODUCE` adds a
+//! domain, [`RELEASE_DOMAIN`](super::path::RELEASE_DOMAIN) when `XS_RELEASE` removes one.
 //!
 //! An event is delivered only to a connection whose domain may read the node that changed
 //! (for a removal, as the node was before), so watches cannot probe unreadable parts of the
