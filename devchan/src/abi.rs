@@ -42,6 +42,7 @@ macro_rules! abi_layout {
 
 /// The C headers the checks are evaluated against, in include order.
 pub const HEADERS: &[&str] = &[
+    "errno.h",
     "xen/xen.h",
     "xen/grant_table.h",
     "xen/event_channel.h",
