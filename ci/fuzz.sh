@@ -16,11 +16,18 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 
-cd devchan
-targets=$(cargo +nightly fuzz list)
-for t in $targets; do
-  echo "ci/fuzz.sh: fuzzing $t for ${secs}s"
-  mkdir -p "fuzz/corpus/$t"
-  cargo +nightly fuzz run "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 3
+for crate in */fuzz/Cargo.toml; do
+  dir=${crate%/fuzz/Cargo.toml}
+  for t in $(cd "$dir" && cargo +nightly fuzz list); do
+    echo "ci/fuzz.sh: fuzzing $dir/$t for ${secs}s"
+    mkdir -p "$dir/fuzz/corpus/$t"
+    log="$dir/fuzz/last-run-$t.log"
+    if ! (cd "$dir" && cargo +nightly fuzz run "$t" -- -max_total_time="$secs" -rss_limit_mb=2048) >"$log" 2>&1; then
+      tail -n 60 "$log"
+      echo "ci/fuzz.sh: $dir/$t FAILED (full log: $log; the crashing input is in $dir/fuzz/artifacts/$t)"
+      exit 1
+    fi
+    grep -E '^Done [0-9]+ runs' "$log" || true
+  done
 done
 echo "ci/fuzz.sh: every target ran ${secs}s without a crash"

@@ -1,7 +1,20 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what it needs, then runs every test in the workspace.
+# The whole test suite (what CI runs): installs what it needs, checks lints, fuzzes every
+# parser of another domain's bytes briefly, then runs every test in the workspace and closes
+# with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
+
 cargo build --workspace --all-targets
-cargo test --workspace --no-fail-fast
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash ci/fuzz.sh
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# One line for the whole run, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "total: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"
