@@ -58,3 +58,4 @@ pub mod process;
 pub mod launch;
 pub mod sandbox;
 pub mod xenstored;
+pub mod fuzzing;
