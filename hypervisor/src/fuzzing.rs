@@ -2,6 +2,8 @@
 //! hypercall page (decoded and executed in batches against a [`System`] with two domains) and
 //! its control-socket messages. `hypervisor/fuzz/fuzz_targets/*.rs` call these under
 //! libFuzzer; the unit tests below run them over random inputs, so `cargo test` exercises them.
+//! Run a target from `hypervisor/` with `cargo +nightly fuzz run hypercall_batch` (or
+//! `control_msg`), e.g. `-- -max_total_time=30`.
 //!
 //! Each body treats its input as a sequence of *operations* of hostile domains: records built
 //! from values that reach deep paths (live grant references, bound ports, IOVAs returned by

@@ -457,7 +457,8 @@ impl ProcessPlatform {
 
     /// The page behind our shareable `frame` may have changed (a transfer swapped it): map
     /// the frame's current memfd over every mapping of it in this process. Nothing to do for
-    /// RAM frames or frames not mapped here.
+    /// RAM frames or frames not mapped here. An error means the control link failed, so this
+    /// process's view of the frame may be stale: the domain should treat its link as broken.
     fn refresh_page(&self, frame: Frame) -> Result<()> {
         if frame < self.nr_frames {
             return Ok(());
