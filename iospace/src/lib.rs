@@ -2,6 +2,10 @@
 //! may touch, computed from its device's PCI config space, plus the software IOMMU and the
 //! emulated chipset.
 //!
-//! The software IOMMU ([`iommu`]) is here; the rest is planned in issue 3 (I/O Spaces and the
-//! block path).
+//! * [`pci`]: config-space registers, header/BAR/capability parsing, sysfs enumeration.
+//! * [`space`]: the I/O Space of one device: permission tables and the virtualized config view.
+//! * [`iommu`]: the software IOMMU every device DMA goes through.
+//! * [`emu`]: the emulated chipset: a PCI bus and a virtio-blk-pci device.
+
 pub mod iommu;
+pub mod pci;
