@@ -7,5 +7,7 @@
 //! * [`iommu`]: the software IOMMU every device DMA goes through.
 //! * [`emu`]: the emulated chipset: a PCI bus and a virtio-blk-pci device.
 
+pub mod emu;
 pub mod iommu;
 pub mod pci;
+pub mod space;

@@ -376,6 +376,38 @@ impl Header {
     }
 }
 
+/// A function's address on a PCI segment: bus, device (0..32), function (0..8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bdf {
+    /// Bus.
+    pub bus: u8,
+    /// Device (5 bits).
+    pub device: u8,
+    /// Function (3 bits).
+    pub function: u8,
+}
+
+impl Bdf {
+    /// A checked address.
+    pub fn new(bus: u8, device: u8, function: u8) -> Option<Self> {
+        (device < 32 && function < 8).then_some(Self {
+            bus,
+            device,
+            function,
+        })
+    }
+}
+
+impl std::fmt::Display for Bdf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "0000:{:02x}:{:02x}.{:x}",
+            self.bus, self.device, self.function
+        )
+    }
+}
+
 /// Everything parsed from one function's config space.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
