@@ -16,6 +16,8 @@ use crate::pci::{
     CONFIG_SPACE_SIZE, HEADER_END, NUM_BARS, ROM_ADDRESS, STATUS,
 };
 use crate::space::Irq;
+
+pub mod mem;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
