@@ -18,8 +18,8 @@ use std::io::{Read, Write};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 use vm_memory::{
-    AtomicAccess, Bytes, GuestAddress, GuestMemory, GuestMemoryError,
-    GuestMemoryRegion, GuestUsize, MemoryRegionAddress,
+    AtomicAccess, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryRegion,
+    GuestUsize, MemoryRegionAddress,
 };
 
 /// Largest single copy through `read_from`/`write_to` (bounded so a guest length cannot make
@@ -72,7 +72,9 @@ impl IommuRegion {
     }
 
     fn dma_write(&self, addr: MemoryRegionAddress, data: &[u8]) -> Result<(), GuestMemoryError> {
-        self.dev.dma_write(addr.0, data).map_err(|_| self.fault(addr))
+        self.dev
+            .dma_write(addr.0, data)
+            .map_err(|_| self.fault(addr))
     }
 }
 
@@ -123,7 +125,8 @@ impl Bytes<MemoryRegionAddress> for IommuRegion {
             });
         }
         let mut buf = vec![0u8; count];
-        src.read_exact(&mut buf).map_err(GuestMemoryError::IOError)?;
+        src.read_exact(&mut buf)
+            .map_err(GuestMemoryError::IOError)?;
         self.dma_write(addr, &buf)
     }
 
@@ -173,10 +176,16 @@ impl Bytes<MemoryRegionAddress> for IommuRegion {
         self.dma_write(addr, val.as_slice())
     }
 
-    fn load<T: AtomicAccess>(&self, addr: MemoryRegionAddress, order: Ordering) -> Result<T, Self::E> {
+    fn load<T: AtomicAccess>(
+        &self,
+        addr: MemoryRegionAddress,
+        order: Ordering,
+    ) -> Result<T, Self::E> {
         let n = std::mem::size_of::<T>();
         let mut s = Scratch([0; 8]);
-        let buf = s.0.get_mut(..n).ok_or(GuestMemoryError::InvalidBackendAddress)?;
+        let buf =
+            s.0.get_mut(..n)
+                .ok_or(GuestMemoryError::InvalidBackendAddress)?;
         self.dma_read(addr, buf)?;
         // Acquire (or stronger): ring entries published before the index are read after it.
         if order != Ordering::Relaxed {
@@ -254,11 +263,17 @@ mod tests {
         assert_eq!(mem.read_obj::<u16>(GuestAddress(iova + 2)).unwrap(), 0x1234);
         let v: u16 = mem.load(GuestAddress(iova + 2), Ordering::Acquire).unwrap();
         assert_eq!(v, 0x1234);
-        mem.store(0xdead_beefu32, GuestAddress(iova + 8), Ordering::Release).unwrap();
-        assert_eq!(&page.0.lock().unwrap()[8..12], &0xdead_beefu32.to_le_bytes());
+        mem.store(0xdead_beefu32, GuestAddress(iova + 8), Ordering::Release)
+            .unwrap();
+        assert_eq!(
+            &page.0.lock().unwrap()[8..12],
+            &0xdead_beefu32.to_le_bytes()
+        );
         assert_eq!(mem.faults(), 0);
         assert!(mem.read_obj::<u64>(GuestAddress(iova - 8)).is_err());
-        assert!(mem.load::<u16>(GuestAddress(0x10), Ordering::Acquire).is_err());
+        assert!(mem
+            .load::<u16>(GuestAddress(0x10), Ordering::Acquire)
+            .is_err());
         assert_eq!(mem.faults(), 2);
         io.unmap(iova).unwrap();
         assert!(mem.read_obj::<u16>(GuestAddress(iova)).is_err());

@@ -18,6 +18,8 @@ use crate::pci::{
 use crate::space::Irq;
 
 pub mod mem;
+pub mod virtio_blk;
+pub mod virtio_pci;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
