@@ -8,6 +8,7 @@
 //! * [`emu`]: the emulated chipset: a PCI bus and a virtio-blk-pci device.
 
 pub mod emu;
+pub mod fuzzing;
 pub mod iommu;
 pub mod pci;
 pub mod space;
