@@ -54,7 +54,11 @@ pub fn config_ops(data: &[u8]) {
         };
         if op[0] & 3 != 3 && !ok {
             refused += 1;
-            assert_eq!(before, snapshot(dev.as_ref()), "a refused access changed the device");
+            assert_eq!(
+                before,
+                snapshot(dev.as_ref()),
+                "a refused access changed the device"
+            );
         }
         let now: Vec<u32> = IoSpace::bar_offsets().map(|o| dev.config_read(o)).collect();
         assert_eq!(now, bars, "a BAR moved");

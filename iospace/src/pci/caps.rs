@@ -337,13 +337,11 @@ pub fn walk(cfg: &dyn ConfigAccess) -> Result<Vec<Capability>> {
     let mut used = [false; CONFIG_SPACE_SIZE];
     let mut ptr = cfg.read_u8(CAPABILITIES_POINTER)? & !3;
     while ptr != 0 {
-        if caps.len() >= MAX_CAPS {
-            return Err(PciError::CapLoop(ptr));
-        }
         if u16::from(ptr) < HEADER_END || usize::from(ptr) + 4 > CONFIG_SPACE_SIZE {
             return Err(PciError::CapPointer(ptr));
         }
-        if caps.iter().any(|c: &Capability| c.offset() == ptr) {
+        // A revisit is a loop; the count bound is a second guard (48 distinct dwords exist).
+        if caps.len() >= MAX_CAPS || caps.iter().any(|c: &Capability| c.offset() == ptr) {
             return Err(PciError::CapLoop(ptr));
         }
         let id = cfg.read_u8(u16::from(ptr))?;
