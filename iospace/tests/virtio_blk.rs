@@ -482,3 +482,79 @@ fn features_without_access_platform_are_refused() {
     assert_ne!(d.status() & NEEDS_RESET, 0);
     wait(&d.config_irq);
 }
+
+#[test]
+fn no_dma_after_reset_returns() {
+    let mut r = rig();
+    let hdr = pin(&r.iommu, false);
+    let status = pin(&r.iommu, true);
+    let data = pin(&r.iommu, true);
+    for round in 0..20u64 {
+        hdr.page.put(0, &header(T_IN, round));
+        r.driver.submit(&[
+            (hdr.iova, 16, 0),
+            (data.iova, 4096, DESC_F_WRITE),
+            (status.iova, 1, DESC_F_WRITE),
+        ]);
+        r.driver.w(common::DEVICE_STATUS, &[0]);
+        let ring = r.driver.ring.page.get(0, PAGE_SIZE);
+        let (d, s) = (data.page.get(0, PAGE_SIZE), status.page.get(0, 1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            ring,
+            r.driver.ring.page.get(0, PAGE_SIZE),
+            "used ring written after reset"
+        );
+        assert_eq!(d, data.page.get(0, PAGE_SIZE));
+        assert_eq!(s, status.page.get(0, 1));
+        r.driver.avail_idx = 0;
+        r.driver.used_seen = 0;
+        r.driver.ring.page.put(0, &[0; PAGE_SIZE]);
+        while r.driver.queue_irq.read().is_ok() {}
+        r.driver.init();
+    }
+    // And the device still works.
+    hdr.page.put(0, &header(T_IN, 0));
+    r.driver.submit(&[
+        (hdr.iova, 16, 0),
+        (data.iova, 512, DESC_F_WRITE),
+        (status.iova, 1, DESC_F_WRITE),
+    ]);
+    assert_eq!(r.driver.complete(), 513);
+}
+
+#[test]
+fn read_only_used_ring_faults() {
+    let mut r = rig();
+    let hdr = pin(&r.iommu, false);
+    let status = pin(&r.iommu, true);
+    // Move the used ring to a page the device may only read.
+    let ro = pin(&r.iommu, false);
+    r.driver.w(common::DEVICE_STATUS, &[0]);
+    r.driver.w(common::DEVICE_STATUS, &[ACK | DRIVER]);
+    r.driver
+        .w(common::DRIVER_FEATURE_SELECT, &1u32.to_le_bytes());
+    r.driver.w(common::DRIVER_FEATURE, &3u32.to_le_bytes());
+    r.driver
+        .w(common::DEVICE_STATUS, &[ACK | DRIVER | FEATURES_OK]);
+    r.driver.w(common::CONFIG_MSIX_VECTOR, &1u16.to_le_bytes());
+    r.driver.w(common::QUEUE_SIZE, &QSIZE.to_le_bytes());
+    r.driver
+        .w(common::QUEUE_DESC, &r.driver.ring.iova.to_le_bytes());
+    r.driver.w(
+        common::QUEUE_DRIVER,
+        &(r.driver.ring.iova + 1024).to_le_bytes(),
+    );
+    r.driver.w(common::QUEUE_DEVICE, &ro.iova.to_le_bytes());
+    r.driver.w(common::QUEUE_ENABLE, &1u16.to_le_bytes());
+    r.driver.w(
+        common::DEVICE_STATUS,
+        &[ACK | DRIVER | FEATURES_OK | DRIVER_OK],
+    );
+    hdr.page.put(0, &header(T_FLUSH, 0));
+    r.driver
+        .submit(&[(hdr.iova, 16, 0), (status.iova, 1, DESC_F_WRITE)]);
+    wait(&r.driver.config_irq);
+    assert_ne!(r.driver.status() & NEEDS_RESET, 0);
+    assert!(ro.page.get(0, 16).iter().all(|b| *b == 0));
+}

@@ -25,8 +25,12 @@
 //! (an eventfd). A thread pool rather than io_uring: every byte crosses the IOMMU by copy
 //! (`IommuDevice::dma_read`/`dma_write` under its lock) so io_uring's zero-copy gains nothing,
 //! io_uring is often disabled by container and seccomp policies the IDD runs under, and
-//! plain threads need no extra crate or kernel feature. Completions carry the reset
-//! generation so a request finishing after a device reset never touches the new queues.
+//! plain threads need no extra crate or kernel feature.
+//!
+//! Reset: requests carry the reset generation they were popped in. A device reset bumps the
+//! generation and then waits until no request is in flight; a request that a worker picks up
+//! after the bump is dropped without any DMA. So once reset returns, the device touches none
+//! of the driver's memory until it is activated again.
 //!
 //! # Failure
 //!
@@ -43,7 +47,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -172,6 +176,9 @@ struct Shared {
     id: [u8; 20],
     generation: AtomicU64,
     active: Mutex<Option<Active>>,
+    /// Requests handed to the workers and not finished.
+    inflight: Mutex<u64>,
+    idle: Condvar,
 }
 
 /// The virtio-blk device model.
@@ -212,6 +219,8 @@ impl VirtioBlk {
             id,
             generation: AtomicU64::new(0),
             active: Mutex::new(None),
+            inflight: Mutex::new(0),
+            idle: Condvar::new(),
         });
         let (tx, rx) = mpsc::channel::<Request>();
         let rx = Arc::new(Mutex::new(rx));
@@ -312,10 +321,11 @@ impl VirtioBlk {
                 return Err(());
             }
             let req = parse(&a.mem, queue, head, readable, writable, generation)?;
-            if let Some(tx) = &tx {
-                if tx.send(req).is_err() {
-                    return Err(());
-                }
+            let Some(tx) = &tx else { return Err(()) };
+            *lock(&self.shared.inflight) += 1;
+            if tx.send(req).is_err() {
+                self.shared.finished();
+                return Err(());
             }
         }
     }
@@ -452,8 +462,24 @@ impl Shared {
         }
     }
 
+    fn finished(&self) {
+        let mut n = lock(&self.inflight);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
     /// Worker side of one request.
     fn execute(&self, r: Request) {
+        self.execute_inner(r);
+        self.finished();
+    }
+
+    fn execute_inner(&self, r: Request) {
+        if self.generation.load(Ordering::SeqCst) != r.generation {
+            return; // popped before a reset: drop it untouched
+        }
         let (mem, irq, queue) = {
             let act = lock(&self.active);
             let Some(a) = act.as_ref() else { return };
@@ -593,6 +619,11 @@ impl VirtioDevice for VirtioBlk {
     }
     fn reset(&self) {
         self.shared.generation.fetch_add(1, Ordering::SeqCst);
+        let mut n = lock(&self.shared.inflight);
+        while *n > 0 {
+            n = self.shared.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(n);
         *lock(&self.shared.active) = None;
     }
 }
@@ -629,6 +660,71 @@ mod tests {
             ]),
             u64::MAX
         );
+    }
+
+    #[test]
+    fn reset_waits_for_inflight_and_drops_stale_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = VirtioBlk::new(&BlkConfig {
+            path: dir.path().join("d.img"),
+            size: 4096,
+            read_only: false,
+            serial: String::new(),
+            workers: 1,
+        })
+        .unwrap();
+        // A request in flight for 50 ms holds reset back.
+        *lock(&b.shared.inflight) += 1;
+        let sh = b.shared.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            sh.finished();
+        });
+        let start = std::time::Instant::now();
+        b.reset();
+        assert!(start.elapsed() >= std::time::Duration::from_millis(50));
+        t.join().unwrap();
+        // A request popped before that reset does no DMA at all.
+        let io = crate::iommu::Iommu::new(1);
+        let page = std::sync::Arc::new(Page(Mutex::new(vec![0xaa; 4096])));
+        let iova = io
+            .map(crate::iommu::IommuEntry {
+                domain: 1,
+                frame: 0,
+                writable: true,
+                page: page.clone(),
+            })
+            .unwrap();
+        let irq = super::super::virtio_pci::tests_support::interrupts();
+        let mut q = Queue::new(8).unwrap();
+        q.set_ready(true);
+        b.activate(0, vec![Some(q)], IommuMemory::new(io.device()), irq)
+            .unwrap();
+        b.shared.execute(Request {
+            queue: 0,
+            head: 0,
+            kind: VIRTIO_BLK_T_IN,
+            sector: 0,
+            readable: vec![],
+            writable: vec![Seg {
+                addr: iova,
+                len: 512,
+            }],
+            status: iova + 1024,
+            generation: 0,
+        });
+        assert!(page.0.lock().unwrap().iter().all(|x| *x == 0xaa));
+        assert_eq!(*lock(&b.shared.inflight), 0);
+    }
+
+    struct Page(Mutex<Vec<u8>>);
+    impl crate::iommu::DmaPage for Page {
+        fn read(&self, offset: usize, buf: &mut [u8]) {
+            buf.copy_from_slice(&self.0.lock().unwrap()[offset..offset + buf.len()]);
+        }
+        fn write(&self, offset: usize, data: &[u8]) {
+            self.0.lock().unwrap()[offset..offset + data.len()].copy_from_slice(data);
+        }
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //!
 //! Each region is announced by a vendor-specific capability (`cfg_type` 1..=4, see
 //! [`crate::pci::caps::virtio`]), and MSI-X by its capability (one vector per queue plus one
-//! for config changes).
+//! for config changes). A fifth vendor capability (`cfg_type` 5, PCI configuration access)
+//! is a window onto the device's own BARs: the driver writes `bar`, `offset` and `length`
+//! (1, 2 or 4) into it, then a dword access to its `pci_cfg_data` field at capability + 16
+//! performs that BAR access.
 //!
 //! # Device status
 //!
@@ -276,6 +279,7 @@ struct QueueRegs {
 struct State {
     cfg: ConfigSpace,
     msix_cap: u8,
+    pci_cfg: u8,
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
@@ -386,6 +390,14 @@ impl<D: VirtioDevice> VirtioPci<D> {
             cfg.add_capability(&body, none)
                 .ok_or(EmuError::Config("capabilities"))?;
         }
+        // The PCI configuration access window: bar, offset and length are writable, and so is
+        // the data dword that performs the access.
+        let mut window_w = vec![0u8; usize::from(vcap::NOTIFY_CAP_LEN)];
+        window_w[usize::from(vcap::BAR)] = 0xff;
+        window_w[usize::from(vcap::OFFSET)..].fill(0xff);
+        let pci_cfg = cfg
+            .add_capability(&region(vcap::PCI_CFG, 0, 0, Some(0)), &window_w)
+            .ok_or(EmuError::Config("capabilities"))?;
         let vectors = nq + 1;
         let mut msix = vec![CAP_ID_MSIX, 0];
         msix.extend_from_slice(&(vectors - 1).to_le_bytes());
@@ -404,6 +416,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             state: Mutex::new(State {
                 cfg,
                 msix_cap,
+                pci_cfg,
                 device_feature_select: 0,
                 driver_feature_select: 0,
                 driver_features: 0,
@@ -646,6 +659,28 @@ impl<D: VirtioDevice> VirtioPci<D> {
     }
 }
 
+/// If `offset` addresses the data dword of the PCI configuration access capability, the
+/// `(bar, offset, length)` it forwards to (length 1, 2 or 4, else no access).
+fn window(st: &State, offset: u16, len: usize) -> Option<(usize, u64, usize)> {
+    let data = usize::from(st.pci_cfg) + usize::from(vcap::CAP_LEN);
+    if usize::from(offset) != data || len != 4 {
+        return None;
+    }
+    let at = usize::from(st.pci_cfg);
+    let dword = |o: usize| {
+        u32::from_le_bytes([
+            st.cfg.byte(o),
+            st.cfg.byte(o + 1),
+            st.cfg.byte(o + 2),
+            st.cfg.byte(o + 3),
+        ])
+    };
+    let bar = usize::from(st.cfg.byte(at + usize::from(vcap::BAR)));
+    let off = u64::from(dword(at + usize::from(vcap::OFFSET)));
+    let n = usize::try_from(dword(at + usize::from(vcap::LENGTH))).ok()?;
+    matches!(n, 1 | 2 | 4).then_some((bar, off, n))
+}
+
 fn build_queue(r: &QueueRegs, max: u16, mem: &IommuMemory) -> Option<Queue> {
     if r.size == 0 || r.size > max || !r.size.is_power_of_two() {
         return None;
@@ -675,11 +710,25 @@ fn build_queue(r: &QueueRegs, max: u16, mem: &IommuMemory) -> Option<Queue> {
 
 impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
     fn config_read(&self, offset: u16) -> u32 {
-        lock(&self.state).cfg.read(offset)
+        let st = lock(&self.state);
+        match window(&st, offset, 4) {
+            Some((bar, off, len)) => {
+                drop(st); // the BAR access takes the state lock itself
+                let mut d = [0u8; 4];
+                self.bar_read(bar, off, &mut d[..len]);
+                u32::from_le_bytes(d)
+            }
+            None => st.cfg.read(offset),
+        }
     }
 
     fn config_write(&self, offset: u16, data: &[u8]) {
         let mut st = lock(&self.state);
+        if let Some((bar, off, len)) = window(&st, offset, data.len()) {
+            drop(st);
+            self.bar_write(bar, off, &data[..len.min(data.len())]);
+            return;
+        }
         st.cfg.write(offset, data);
         let cap = u16::from(st.msix_cap);
         if (cap..cap + 4).contains(&offset) {
@@ -757,5 +806,213 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
         drop(n);
         self.irq.flush_pending();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// Interrupt state with MSI-X off and nothing bound.
+    pub(crate) fn interrupts() -> Arc<Interrupts> {
+        Arc::new(Interrupts::new(2, 1, 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emu::DeviceConfig;
+    use crate::iommu::Iommu;
+    use crate::pci::caps::Capability;
+
+    struct Dummy;
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u16 {
+            4
+        }
+        fn class(&self) -> (u8, u8, u8) {
+            (0xff, 0, 0)
+        }
+        fn features(&self) -> u64 {
+            1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_ACCESS_PLATFORM
+        }
+        fn num_queues(&self) -> u16 {
+            2
+        }
+        fn queue_max_size(&self) -> u16 {
+            16
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(u8::try_from(offset).unwrap_or(0xee));
+        }
+        fn write_config(&self, _: u64, _: &[u8]) {}
+        fn activate(
+            &self,
+            _: u64,
+            _: Vec<Option<Queue>>,
+            _: IommuMemory,
+            _: Arc<Interrupts>,
+        ) -> Result<(), EmuError> {
+            Ok(())
+        }
+        fn queue_notify(&self, _: u16) {}
+        fn reset(&self) {}
+    }
+
+    fn dev() -> VirtioPci<Dummy> {
+        VirtioPci::new(Arc::new(Dummy), Iommu::new(1).device(), 5).unwrap()
+    }
+
+    #[test]
+    fn capabilities_describe_the_layout() {
+        let d = dev();
+        let caps = caps::walk(&DeviceConfig(&d)).unwrap();
+        let types: Vec<u8> = caps
+            .iter()
+            .filter_map(|c| match c {
+                Capability::Vendor {
+                    virtio: Some(v), ..
+                } => Some(v.cfg_type),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(types, vec![1, 3, 4, 2, 5]);
+        let Some(Capability::MsiX(m)) = caps.last() else {
+            panic!("{caps:?}")
+        };
+        assert_eq!((m.table_size, usize::from(m.table_bar)), (3, MSIX_BAR));
+    }
+
+    #[test]
+    fn pci_cfg_window_reaches_the_bars() {
+        let d = dev();
+        let at = lock(&d.state).pci_cfg;
+        let base = u16::from(at);
+        d.config_write(base + 4, &[u8::try_from(VIRTIO_BAR).unwrap()]);
+        d.config_write(
+            base + 8,
+            &u32::try_from(common::NUM_QUEUES).unwrap().to_le_bytes(),
+        );
+        d.config_write(base + 12, &2u32.to_le_bytes());
+        assert_eq!(d.config_read(base + 16), 2);
+        // Device config through the window.
+        d.config_write(
+            base + 8,
+            &u32::try_from(DEVICE_CFG_OFFSET + 7).unwrap().to_le_bytes(),
+        );
+        d.config_write(base + 12, &1u32.to_le_bytes());
+        assert_eq!(d.config_read(base + 16), 7);
+        // A write through the window: select queue 1.
+        d.config_write(
+            base + 8,
+            &u32::try_from(common::QUEUE_SELECT).unwrap().to_le_bytes(),
+        );
+        d.config_write(base + 12, &2u32.to_le_bytes());
+        d.config_write(base + 16, &1u32.to_le_bytes());
+        assert_eq!(lock(&d.state).queue_select, 1);
+        // Length 3 performs nothing.
+        d.config_write(base + 12, &3u32.to_le_bytes());
+        d.config_write(base + 16, &0u32.to_le_bytes());
+        assert_eq!(lock(&d.state).queue_select, 1);
+    }
+
+    #[test]
+    fn msix_masking_and_pending() {
+        let d = dev();
+        let fd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        d.set_irq_notifier(Irq::MsiX(2), Some(fd.try_clone().unwrap()))
+            .unwrap();
+        assert!(d.set_irq_notifier(Irq::MsiX(3), None).is_err());
+        assert!(d.set_irq_notifier(Irq::Line(4), None).is_err());
+        d.bar_write(VIRTIO_BAR, common::CONFIG_MSIX_VECTOR, &2u16.to_le_bytes());
+        let mut v = [0u8; 2];
+        d.bar_read(VIRTIO_BAR, common::CONFIG_MSIX_VECTOR, &mut v);
+        assert_eq!(u16::from_le_bytes(v), 2);
+        d.bar_write(VIRTIO_BAR, common::QUEUE_MSIX_VECTOR, &9u16.to_le_bytes());
+        d.bar_read(VIRTIO_BAR, common::QUEUE_MSIX_VECTOR, &mut v);
+        assert_eq!(
+            u16::from_le_bytes(v),
+            NO_VECTOR,
+            "out-of-range vector reads back NO_VECTOR"
+        );
+        let ctl = u16::from(lock(&d.state).msix_cap) + u16::from(caps::MSIX_CONTROL);
+        d.config_write(ctl, &MSIX_CTL_ENABLE.to_le_bytes());
+        // Entry 2 starts masked: the interrupt is pending, not delivered.
+        d.irq.signal_config();
+        assert!(fd.read().is_err());
+        let mut pba = [0u8; 8];
+        d.bar_read(MSIX_BAR, MSIX_PBA_OFFSET, &mut pba);
+        assert_eq!(u64::from_le_bytes(pba), 1 << 2);
+        d.bar_write(MSIX_BAR, 2 * 16 + 12, &0u32.to_le_bytes());
+        assert_eq!(fd.read().unwrap(), 1);
+        d.bar_read(MSIX_BAR, MSIX_PBA_OFFSET, &mut pba);
+        assert_eq!(u64::from_le_bytes(pba), 0);
+        // Function mask holds it back too.
+        d.config_write(
+            ctl,
+            &(MSIX_CTL_ENABLE | caps::MSIX_CTL_FUNCTION_MASK).to_le_bytes(),
+        );
+        d.irq.signal_config();
+        assert!(fd.read().is_err());
+        d.config_write(ctl, &MSIX_CTL_ENABLE.to_le_bytes());
+        assert_eq!(fd.read().unwrap(), 1);
+        // Odd MSI-X accesses are ignored.
+        d.bar_write(MSIX_BAR, 2 * 16 + 13, &[1]);
+        d.bar_write(MSIX_BAR, MSIX_PBA_OFFSET, &[0xff; 4]);
+        d.bar_read(MSIX_BAR, 0x7fc, &mut pba[..4]);
+        assert_eq!(&pba[..4], &[0; 4]);
+    }
+
+    #[test]
+    fn intx_and_isr_when_msix_is_off() {
+        let d = dev();
+        let fd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        d.set_irq_notifier(Irq::Line(5), Some(fd.try_clone().unwrap()))
+            .unwrap();
+        d.irq.signal_queue(0);
+        d.irq.needs_reset();
+        assert_eq!(fd.read().unwrap(), 2);
+        let mut isr = [0u8];
+        d.bar_read(VIRTIO_BAR, ISR_OFFSET, &mut isr);
+        assert_eq!(isr[0], ISR_QUEUE | ISR_CONFIG);
+        d.bar_read(VIRTIO_BAR, ISR_OFFSET, &mut isr);
+        assert_eq!(isr[0], 0, "reading the ISR clears it");
+        assert_ne!(d.device_status() & flag(VIRTIO_CONFIG_S_NEEDS_RESET), 0);
+        // The driver cannot clear NEEDS_RESET except by a reset.
+        d.bar_write(VIRTIO_BAR, common::DEVICE_STATUS, &[1]);
+        assert_ne!(d.device_status() & flag(VIRTIO_CONFIG_S_NEEDS_RESET), 0);
+        d.bar_write(VIRTIO_BAR, common::DEVICE_STATUS, &[0]);
+        assert_eq!(d.device_status(), 0);
+    }
+
+    #[test]
+    fn hostile_register_accesses_are_harmless() {
+        let d = dev();
+        for bar in [0, MSIX_BAR, 2, VIRTIO_BAR, 9] {
+            for off in [
+                0,
+                1,
+                0x37,
+                0x38,
+                0xfff,
+                0x1000,
+                0x2fff,
+                0x3ffe,
+                0x4000,
+                u64::MAX - 1,
+            ] {
+                for len in [0, 1, 2, 3, 4, 8, 9] {
+                    let mut b = vec![0u8; len];
+                    d.bar_read(bar, off, &mut b);
+                    d.bar_write(bar, off, &b);
+                }
+            }
+        }
+        for off in 0..=300u16 {
+            let _ = d.config_read(off);
+            d.config_write(off, &[0xff; 4]);
+            d.config_write(off, &[0xff; 3]);
+        }
     }
 }
