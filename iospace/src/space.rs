@@ -194,6 +194,44 @@ impl IrqSet {
     }
 }
 
+/// The permission tables of a device, computed from its parsed config space.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tables {
+    /// Ports of its I/O BARs.
+    pub ports: PortBitmap,
+    /// Pages of its memory BARs.
+    pub mmio: MmioPages,
+    /// Its interrupts.
+    pub irqs: IrqSet,
+    /// The command policy bits the manager sets: decode for the BAR kinds present, and bus
+    /// mastering.
+    pub command: u16,
+}
+
+impl Tables {
+    /// Compute the tables (works for real devices from sysfs as for emulated ones).
+    pub fn from_info(info: &DeviceInfo) -> Self {
+        let mut t = Self {
+            command: command::BUS_MASTER,
+            ..Self::default()
+        };
+        for b in &info.bars {
+            if b.kind == BarKind::Io {
+                t.ports.allow(b.address, b.size);
+                t.command |= command::IO_SPACE;
+            } else {
+                t.mmio.allow(b.address, b.size);
+                t.command |= command::MEMORY_SPACE;
+            }
+        }
+        t.irqs = IrqSet {
+            line: (info.header.interrupt_pin != 0).then_some(info.header.interrupt_line),
+            msix_vectors: info.msix().map_or(0, |m| m.table_size),
+        };
+        t
+    }
+}
+
 /// What the virtualized view does with a config byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Class {
@@ -263,22 +301,12 @@ impl IoSpace {
     pub fn new(bdf: Bdf, device: Arc<dyn PciDevice>) -> Result<Self, SpaceError> {
         let info =
             DeviceInfo::probe(&mut DeviceConfig(device.as_ref())).map_err(SpaceError::Probe)?;
-        let mut ports = PortBitmap::default();
-        let mut mmio = MmioPages::default();
-        let mut fixed = command::BUS_MASTER;
-        for b in &info.bars {
-            if b.kind == BarKind::Io {
-                ports.allow(b.address, b.size);
-                fixed |= command::IO_SPACE;
-            } else {
-                mmio.allow(b.address, b.size);
-                fixed |= command::MEMORY_SPACE;
-            }
-        }
-        let irqs = IrqSet {
-            line: (info.header.interrupt_pin != 0).then_some(info.header.interrupt_line),
-            msix_vectors: info.msix().map_or(0, |m| m.table_size),
-        };
+        let Tables {
+            ports,
+            mmio,
+            irqs,
+            command: fixed,
+        } = Tables::from_info(&info);
         let cmd = (info.header.command & !COMMAND_POLICY_BITS) | fixed;
         device.config_write(COMMAND, &cmd.to_le_bytes());
         let assigned = BarRegisters::new(&info.bars);

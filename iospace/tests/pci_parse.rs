@@ -5,6 +5,7 @@ use iospace::emu::{ConfigSpace, DeviceConfig, StubDevice};
 use iospace::pci::bar::{size_bars, Bar, BarKind};
 use iospace::pci::caps::{self, Capability, MAX_CAPS};
 use iospace::pci::{sysfs, ConfigDump, DeviceInfo, Header, PciError};
+use iospace::space::Tables;
 use proptest::prelude::*;
 use std::path::Path;
 
@@ -179,6 +180,26 @@ fn this_machines_sysfs() {
                     d.capabilities.len()
                 );
                 assert!(d.bars.iter().all(|b| b.size.is_power_of_two()));
+                // The I/O Space tables follow from what sysfs says.
+                let info = DeviceInfo {
+                    header: d.header,
+                    bars: d.bars.clone(),
+                    capabilities: d.capabilities.clone(),
+                };
+                let t = Tables::from_info(&info);
+                for b in &d.bars {
+                    match b.kind {
+                        BarKind::Io => {
+                            assert!(t.ports.allowed(u16::try_from(b.address).unwrap(), 1))
+                        }
+                        _ => assert!(t.mmio.allowed(b.address, b.size)),
+                    }
+                }
+                let msix = d.capabilities.iter().find_map(|c| match c {
+                    Capability::MsiX(m) => Some(m.table_size),
+                    _ => None,
+                });
+                assert_eq!(t.irqs.msix_vectors, msix.unwrap_or(0));
             }
             // Bridges (type 1) are expected; anything else is reported.
             Err(PciError::UnsupportedHeader(_)) => eprintln!("{}: bridge, skipped", path.display()),
