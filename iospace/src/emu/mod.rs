@@ -17,6 +17,7 @@ use crate::pci::{
 };
 use crate::space::Irq;
 
+pub mod interrupts;
 pub mod mem;
 pub mod virtio_blk;
 pub mod virtio_pci;

@@ -39,8 +39,9 @@
 //! `DEVICE_NEEDS_RESET`: it raises the config interrupt and processes nothing more until the
 //! driver resets it. Nothing a driver writes can panic the device.
 
+use super::interrupts::Interrupts;
 use super::mem::IommuMemory;
-use super::virtio_pci::{Interrupts, VirtioDevice};
+use super::virtio_pci::VirtioDevice;
 use super::{lock, EmuError};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -28,6 +28,7 @@
 //! untrusted: every register access is bounds-checked and odd accesses read as zero or are
 //! dropped.
 
+use super::interrupts::Interrupts;
 use super::mem::IommuMemory;
 use super::{lock, ConfigSpace, EmuError, PciDevice};
 use crate::iommu::IommuDevice;
@@ -35,8 +36,7 @@ use crate::pci::bar::{Bar, BarKind};
 use crate::pci::caps::{self, virtio as vcap, CAP_ID_MSIX, CAP_ID_VENDOR, MSIX_CTL_ENABLE};
 use crate::pci::Header;
 use crate::space::Irq;
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -115,8 +115,6 @@ pub const ISR_QUEUE: u8 = 1;
 pub const ISR_CONFIG: u8 = 2;
 /// Most queues a device may have (so MSI-X fits in 2048 vectors and notify in its window).
 pub const MAX_QUEUES: u16 = 64;
-/// MSI-X vector control: masked.
-const MSIX_VECTOR_MASKED: u32 = 1;
 
 /// The device behind the transport.
 pub trait VirtioDevice: Send + Sync {
@@ -149,121 +147,8 @@ pub trait VirtioDevice: Send + Sync {
     fn reset(&self);
 }
 
-struct Msix {
-    table: Vec<[u32; 4]>,
-    pending: Vec<bool>,
-    enabled: bool,
-    function_masked: bool,
-}
-
-/// Interrupt delivery shared by the transport and the device's workers: MSI-X with its table
-/// and pending bits, or INTx with the ISR when MSI-X is off, plus the device status bit
-/// `DEVICE_NEEDS_RESET`.
-pub struct Interrupts {
-    msix: Mutex<Msix>,
-    notifiers: Mutex<BTreeMap<Irq, EventFd>>,
-    vectors: Mutex<(u16, Vec<u16>)>,
-    isr: AtomicU8,
-    status: AtomicU8,
-    line: u8,
-}
-
-impl Interrupts {
-    fn new(vectors: u16, queues: u16, line: u8) -> Self {
-        Self {
-            msix: Mutex::new(Msix {
-                table: vec![[0, 0, 0, MSIX_VECTOR_MASKED]; usize::from(vectors)],
-                pending: vec![false; usize::from(vectors)],
-                enabled: false,
-                function_masked: false,
-            }),
-            notifiers: Mutex::new(BTreeMap::new()),
-            vectors: Mutex::new((NO_VECTOR, vec![NO_VECTOR; usize::from(queues)])),
-            isr: AtomicU8::new(0),
-            status: AtomicU8::new(0),
-            line,
-        }
-    }
-
-    fn notify(&self, irq: Irq) {
-        if let Some(fd) = lock(&self.notifiers).get(&irq) {
-            // A full eventfd counter already means "pending": nothing is lost.
-            let _ = fd.write(1);
-        }
-    }
-
-    fn trigger(&self, vector: u16, isr: u8) {
-        let mut m = lock(&self.msix);
-        if !m.enabled {
-            drop(m);
-            self.isr.fetch_or(isr, Ordering::SeqCst);
-            self.notify(Irq::Line(self.line));
-            return;
-        }
-        let v = usize::from(vector);
-        let Some(entry) = m.table.get(v) else {
-            return; // NO_VECTOR or out of range: no interrupt
-        };
-        if m.function_masked || entry[3] & MSIX_VECTOR_MASKED != 0 {
-            m.pending[v] = true;
-            return;
-        }
-        drop(m);
-        self.notify(Irq::MsiX(vector));
-    }
-
-    /// Signal that queue `queue` has used buffers.
-    pub fn signal_queue(&self, queue: u16) {
-        let v = lock(&self.vectors).1.get(usize::from(queue)).copied();
-        if let Some(v) = v {
-            self.trigger(v, ISR_QUEUE);
-        }
-    }
-
-    /// Signal a configuration change.
-    pub fn signal_config(&self) {
-        let v = lock(&self.vectors).0;
-        self.trigger(v, ISR_CONFIG);
-    }
-
-    /// The device has failed: set `DEVICE_NEEDS_RESET` and tell the driver.
-    pub fn needs_reset(&self) {
-        let was = self
-            .status
-            .fetch_or(flag(VIRTIO_CONFIG_S_NEEDS_RESET), Ordering::SeqCst);
-        if was & flag(VIRTIO_CONFIG_S_NEEDS_RESET) == 0 {
-            self.signal_config();
-        }
-    }
-
-    /// The device status register.
-    pub fn status(&self) -> u8 {
-        self.status.load(Ordering::SeqCst)
-    }
-
-    /// Deliver pending vectors that are no longer masked.
-    fn flush_pending(&self) {
-        let mut due = Vec::new();
-        {
-            let mut m = lock(&self.msix);
-            if !m.enabled || m.function_masked {
-                return;
-            }
-            for v in 0..m.table.len() {
-                if m.pending[v] && m.table[v][3] & MSIX_VECTOR_MASKED == 0 {
-                    m.pending[v] = false;
-                    due.push(u16::try_from(v).unwrap_or(NO_VECTOR));
-                }
-            }
-        }
-        for v in due {
-            self.notify(Irq::MsiX(v));
-        }
-    }
-}
-
 /// A status bit from the bindings' u32 constant.
-fn flag(bit: u32) -> u8 {
+pub(crate) fn flag(bit: u32) -> u8 {
     u8::try_from(bit).unwrap_or(0)
 }
 
