@@ -71,6 +71,8 @@ pub const SEG_MAX: u32 = 128;
 pub const HEADER_LEN: u64 = 16;
 /// Length of a discard/write-zeroes segment.
 pub const DWZ_SEGMENT_LEN: u64 = 16;
+/// Bytes of zeroes written per `pwrite` for discard/write-zeroes.
+const ZERO_CHUNK: usize = 64 << 10;
 /// Largest discard/write-zeroes range in sectors.
 pub const MAX_DWZ_SECTORS: u32 = 1 << 16;
 
@@ -455,8 +457,17 @@ impl Shared {
                 }
                 let bytes = u64::from(num) * SECTOR_SIZE;
                 let off = self.range(sector, bytes)?;
-                let zeros = vec![0u8; usize::try_from(bytes).map_err(|_| Fail::Fatal)?];
-                self.file.write_all_at(&zeros, off).map_err(ioerr)?;
+                // Zero in bounded chunks: the range may be up to 32 MiB.
+                let zeros = [0u8; ZERO_CHUNK];
+                let mut done = 0u64;
+                while done < bytes {
+                    let n = (bytes - done).min(ZERO_CHUNK as u64);
+                    let n = usize::try_from(n).map_err(|_| Fail::Fatal)?;
+                    self.file
+                        .write_all_at(&zeros[..n], off + done)
+                        .map_err(ioerr)?;
+                    done += n as u64;
+                }
                 Ok(0)
             }
             _ => Err(Fail::Status(VIRTIO_BLK_S_UNSUPP)),
