@@ -328,11 +328,16 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
 
     /// One round of work without waiting: take batches round-robin, dispatch, collect
     /// completions, publish responses. Returns the number of requests taken plus completed.
+    ///
+    /// Every completion is published before the next dispatch, so a request that conflicts
+    /// with an earlier one starts only after the earlier one's response is out: a restarted
+    /// backend never replays a request whose later conflicting requests already ran.
     pub fn poll(&mut self) -> Result<usize, BlkbackError> {
-        let mut work = self.consume_round()?;
+        let mut work = self.reap()?;
+        self.publish()?;
+        work += self.consume_round()?;
         work += self.dispatch()?;
         work += self.reap()?;
-        work += self.dispatch()?;
         self.publish()?;
         Ok(work)
     }
