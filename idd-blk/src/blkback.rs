@@ -252,9 +252,7 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
         };
         // SAFETY: `base` is a live 4 KiB page mapping owned by `mapping`, which the channel
         // keeps (and drops after the ring); it is accessed only through this ring.
-        let probe = unsafe { BlkifBackRing::attach(base, PAGE_SIZE)? };
-        let rsp_prod = probe.rsp_prod_pvt();
-        drop(probe);
+        let rsp_prod = unsafe { BlkifBackRing::attach(base, PAGE_SIZE)? }.rsp_prod_pvt();
         let (mut journal, opened) = Journal::open(p, cfg.journal_frame, id, rsp_prod)?;
         let (ring, port, replay) = match opened {
             Opened::Fresh => {

@@ -213,7 +213,7 @@ impl Journal {
             // Published: rsp_idx is behind rsp_prod (within one ring).
             let published = answering & (1 << slot) != 0 && {
                 let behind = rsp_prod.wrapping_sub(rsp_idx);
-                behind >= 1 && behind <= BLKIF_RING_SIZE
+                (1..=BLKIF_RING_SIZE).contains(&behind)
             };
             if published {
                 continue;

@@ -6,6 +6,7 @@
 //! The backend's state (rings, elevator, in-flight table, device queue) is dropped at the
 //! crash; what survives is what survives a process death on the process-domain platform:
 //! the IDD domain (its memory with the journal, its bound ports, its pins) and the guest.
+#![allow(clippy::cast_possible_truncation)] // small test numbers
 
 mod common;
 
