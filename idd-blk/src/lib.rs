@@ -19,3 +19,4 @@ pub mod blkback;
 pub mod device;
 pub mod elevator;
 pub mod journal;
+pub mod virtio;
