@@ -204,7 +204,7 @@ fn guest_disk_through_blkback_and_the_virtio_driver() {
     let rs = run_until(&mut back, &mut a, 16);
     assert!(rs.iter().all(|x| x.status == BLKIF_RSP_OKAY), "{rs:?}");
     for p in 0..16u64 {
-        assert_eq!(image(&r, 64 + 8 * p as u64, 4096), pattern(500 + p as u64));
+        assert_eq!(image(&r, 64 + 8 * p, 4096), pattern(500 + p));
     }
     // Flush, then read everything back with 11-segment reads.
     a.post(&BlkRequest::Flush(RwRequest {
