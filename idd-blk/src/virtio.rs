@@ -32,16 +32,16 @@
 //!
 //! Capabilities come from the I/O Space's parsed config (`cfg_type` 1 common, 2 notify,
 //! 3 ISR, 4 device config); MSI-X is enabled through the virtualised config view, vector 0
-//! is the queue, vector 1 config changes, each an eventfd bound with `IoSpace::bind_irq`.
+//! is the queue, vector 1 config changes, waited for through [`IoAccess::wait_irq`]. The I/O
+//! Space is in this process ([`crate::io::LocalIo`]) or in domain 0 ([`crate::io::RemoteIo`]).
 //! The device is reset when the driver is dropped, before the pins go away.
 
 use crate::device::{check_request, BlockDevice, Completion, DevOp, DevRequest, DeviceError};
 use devchan::grant::GrantRef;
 use devchan::platform::{Frame, Platform};
+use crate::io::{IoAccess, IoError};
 use iospace::pci::caps::{self, virtio as vcap, Capability};
-use iospace::space::{IoSpace, Irq};
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +55,6 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Entries of our virtqueue (the descriptor table fills 1 KiB).
 pub const QUEUE_SIZE: u16 = 64;
@@ -119,12 +118,9 @@ pub enum VirtioError {
     /// Pinning or granting our own memory failed.
     #[error("Pinning driver memory failed")]
     Platform(#[from] devchan::platform::PlatformError),
-    /// An I/O Space access was refused.
-    #[error("I/O Space access refused")]
-    Space(#[from] iospace::space::SpaceError),
-    /// Creating an interrupt eventfd failed.
-    #[error("Creating an interrupt eventfd failed")]
-    EventFd(#[source] std::io::Error),
+    /// An I/O Space access failed.
+    #[error("I/O Space access failed")]
+    Io(#[from] IoError),
 }
 
 struct Pinned {
@@ -134,9 +130,9 @@ struct Pinned {
 }
 
 /// The driver: a [`BlockDevice`] over a virtio-blk-pci device's I/O Space.
-pub struct VirtioBlkDriver<P: Platform> {
+pub struct VirtioBlkDriver<P: Platform, I: IoAccess> {
     platform: Arc<P>,
-    space: Arc<IoSpace>,
+    io: I,
     common: u64,
     notify: u64,
     device_cfg: u64,
@@ -151,8 +147,8 @@ pub struct VirtioBlkDriver<P: Platform> {
     capacity: u64,
     read_only: bool,
     seg_max: usize,
-    irq: EventFd,
-    config_irq: EventFd,
+    /// MSI-X vectors seen firing and not yet handled.
+    irq_bits: u32,
     broken: bool,
 }
 
@@ -172,10 +168,10 @@ fn access(e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Access(e.to_string())
 }
 
-impl<P: Platform> VirtioBlkDriver<P> {
-    /// Bring up the virtio-blk device behind `space`, with its queue in `frames`.
-    pub fn probe(platform: Arc<P>, space: Arc<IoSpace>, frames: DriverFrames) -> Result<Self, VirtioError> {
-        let info = space.info();
+impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
+    /// Bring up the virtio-blk device behind `io`, with its queue in `frames`.
+    pub fn probe(platform: Arc<P>, io: I, frames: DriverFrames) -> Result<Self, VirtioError> {
+        let info = io.info();
         let find = |t: u8| {
             info.capabilities.iter().find_map(|c| match c {
                 Capability::Vendor {
@@ -204,19 +200,12 @@ impl<P: Platform> VirtioBlkDriver<P> {
         if msix.table_size < 2 {
             return Err(VirtioError::MissingCapability("two MSI-X vectors"));
         }
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
-        let config_irq = EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
-        space.bind_irq(Irq::MsiX(QUEUE_VECTOR), Some(irq.try_clone().map_err(VirtioError::EventFd)?))?;
-        space.bind_irq(
-            Irq::MsiX(CONFIG_VECTOR),
-            Some(config_irq.try_clone().map_err(VirtioError::EventFd)?),
-        )?;
         let ctl = u16::from(msix.offset) + u16::from(caps::MSIX_CONTROL);
-        space.config_write(space.bdf(), ctl, &caps::MSIX_CTL_ENABLE.to_le_bytes())?;
+        io.config_write(ctl, &caps::MSIX_CTL_ENABLE.to_le_bytes())?;
         for v in [QUEUE_VECTOR, CONFIG_VECTOR] {
             // Vector control (offset 12 of the entry): bit 0 masks; clear it.
             let entry = msix_table + u64::from(v) * caps::MSIX_ENTRY_SIZE;
-            space.mmio_write(entry + 12, &0u32.to_le_bytes())?;
+            io.mmio_write(entry + 12, &0u32.to_le_bytes())?;
         }
         let p = &*platform;
         let ring = pin_own(p, frames.ring)?;
@@ -230,7 +219,7 @@ impl<P: Platform> VirtioBlkDriver<P> {
         };
         let mut d = Self {
             platform,
-            space,
+            io,
             common,
             notify: 0,
             device_cfg,
@@ -244,8 +233,7 @@ impl<P: Platform> VirtioBlkDriver<P> {
             capacity: 0,
             read_only: false,
             seg_max: MAX_SEGMENTS,
-            irq,
-            config_irq,
+            irq_bits: 0,
             broken: false,
         };
         // From here on, Drop resets the device and releases the pins.
@@ -254,11 +242,11 @@ impl<P: Platform> VirtioBlkDriver<P> {
     }
 
     fn w(&self, off: u64, data: &[u8]) -> Result<(), VirtioError> {
-        Ok(self.space.mmio_write(self.common + off, data)?)
+        Ok(self.io.mmio_write(self.common + off, data)?)
     }
 
     fn r(&self, addr: u64, buf: &mut [u8]) -> Result<(), VirtioError> {
-        Ok(self.space.mmio_read(addr, buf)?)
+        Ok(self.io.mmio_read(addr, buf)?)
     }
 
     fn status(&self) -> Result<u8, VirtioError> {
@@ -378,7 +366,8 @@ impl<P: Platform> VirtioBlkDriver<P> {
     }
 
     fn check_config_irq(&mut self) -> Result<(), DeviceError> {
-        if self.config_irq.read().is_ok() {
+        if self.irq_bits & (1 << CONFIG_VECTOR) != 0 {
+            self.irq_bits &= !(1 << CONFIG_VECTOR);
             let s = self.status().map_err(access)?;
             if u32::from(s) & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
                 self.broken = true;
@@ -397,7 +386,7 @@ const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
 #[allow(clippy::cast_possible_truncation)]
 const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
-impl<P: Platform> BlockDevice for VirtioBlkDriver<P> {
+impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
     fn capacity(&self) -> u64 {
         self.capacity
     }
@@ -464,7 +453,7 @@ impl<P: Platform> BlockDevice for VirtioBlkDriver<P> {
             self.avail_idx = idx;
             // Full fence: the index is visible before the doorbell write reaches the device.
             fence(Ordering::SeqCst);
-            self.space
+            self.io
                 .mmio_write(self.notify, &0u16.to_le_bytes())
                 .map_err(access)
         })();
@@ -511,31 +500,20 @@ impl<P: Platform> BlockDevice for VirtioBlkDriver<P> {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
-        let mut pfd = libc::pollfd {
-            fd: self.irq.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(DeviceError::Wait(e));
-            }
+        if self.irq_bits & (1 << QUEUE_VECTOR) != 0 {
+            self.irq_bits &= !(1 << QUEUE_VECTOR);
+            return Ok(());
         }
-        let _ = self.irq.read();
+        self.irq_bits |= self.io.wait_irq(timeout).map_err(access)?;
+        self.irq_bits &= !(1 << QUEUE_VECTOR);
         Ok(())
     }
 }
 
-impl<P: Platform> Drop for VirtioBlkDriver<P> {
+impl<P: Platform, I: IoAccess> Drop for VirtioBlkDriver<P, I> {
     fn drop(&mut self) {
         // Reset first: once the device has stopped, no DMA can reach the pinned pages.
         let _ = self.set_status(0);
-        let _ = self.space.bind_irq(Irq::MsiX(QUEUE_VECTOR), None);
-        let _ = self.space.bind_irq(Irq::MsiX(CONFIG_VECTOR), None);
         let p = &*self.platform;
         for pin in [&self.ring, &self.hdr] {
             let _ = p.unpin_grant(pin.iova);

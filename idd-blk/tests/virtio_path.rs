@@ -13,6 +13,7 @@ use hypervisor::local::LocalPlatform;
 use hypervisor::system::System;
 use idd_blk::blkback::{BackendConfig, Blkback, Region};
 use idd_blk::device::{BlockDevice, DevOp, DevRequest, IovaSeg};
+use idd_blk::io::LocalIo;
 use idd_blk::virtio::{DriverFrames, VirtioBlkDriver};
 use iospace::emu::virtio_blk::{BlkConfig, VirtioBlk};
 use iospace::emu::virtio_pci::VirtioPci;
@@ -81,7 +82,7 @@ fn image(r: &VirtioRig, sector: u64, len: usize) -> Vec<u8> {
 #[test]
 fn driver_probes_and_moves_data_through_pinned_iovas_only() {
     let r = rig(2048);
-    let mut drv = VirtioBlkDriver::probe(r.idd.clone(), r.space.clone(), FRAMES).unwrap();
+    let mut drv = VirtioBlkDriver::probe(r.idd.clone(), LocalIo::new(r.space.clone()), FRAMES).unwrap();
     assert_eq!(drv.capacity(), 2048);
     assert!(!drv.read_only());
     // The driver's queue memory is pinned: two IOMMU entries.
@@ -180,7 +181,7 @@ fn driver_probes_and_moves_data_through_pinned_iovas_only() {
 #[test]
 fn guest_disk_through_blkback_and_the_virtio_driver() {
     let r = rig(4096);
-    let drv = VirtioBlkDriver::probe(r.idd.clone(), r.space.clone(), FRAMES).unwrap();
+    let drv = VirtioBlkDriver::probe(r.idd.clone(), LocalIo::new(r.space.clone()), FRAMES).unwrap();
     let mut back = Blkback::new(
         r.idd.clone(),
         drv,
