@@ -235,7 +235,10 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
     pub fn attach(&mut self, cfg: ChannelConfig) -> Result<usize, BlkbackError> {
         let capacity = self.device.capacity();
         let Region { offset, sectors } = cfg.region;
-        if !offset.checked_add(sectors).is_some_and(|end| end <= capacity) {
+        if !offset
+            .checked_add(sectors)
+            .is_some_and(|end| end <= capacity)
+        {
             return Err(BlkbackError::Region {
                 offset,
                 sectors,
@@ -285,7 +288,12 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 (ring, local_port, replay)
             }
         };
-        tracing::info!(guest = cfg.guest, port, replay = replay.len(), "blkback channel attached");
+        tracing::info!(
+            guest = cfg.guest,
+            port,
+            replay = replay.len(),
+            "blkback channel attached"
+        );
         self.channels.push(Channel {
             cfg,
             ring,
@@ -392,7 +400,10 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
     }
 
     /// The next request of `chan`: a journal replay first, then the ring.
-    fn next_request(&mut self, chan: usize) -> Result<Option<(RingIdx, BlkifRequest)>, BlkbackError> {
+    fn next_request(
+        &mut self,
+        chan: usize,
+    ) -> Result<Option<(RingIdx, BlkifRequest)>, BlkbackError> {
         let p = &*self.platform;
         let c = &mut self.channels[chan];
         if c.failed.is_some() {
@@ -454,7 +465,12 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 };
                 (ops, r.sector, r.segments.to_vec(), None)
             }
-            BlkRequest::Discard(d) => (vec![DevOp::Discard], d.sector, Vec::new(), Some(d.nr_sectors)),
+            BlkRequest::Discard(d) => (
+                vec![DevOp::Discard],
+                d.sector,
+                Vec::new(),
+                Some(d.nr_sectors),
+            ),
             BlkRequest::Indirect(r) => {
                 let segs = self.indirect_segments(c.cfg.guest, &r)?;
                 let op = match r.op {
@@ -464,7 +480,11 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 (vec![op], r.sector, segs, None)
             }
         };
-        if ro && ops.iter().any(|o| matches!(o, DevOp::Write | DevOp::Discard)) {
+        if ro
+            && ops
+                .iter()
+                .any(|o| matches!(o, DevOp::Write | DevOp::Discard))
+        {
             return Err(Refusal::Error);
         }
         let sectors = nr.unwrap_or_else(|| segs.iter().map(Segment::sectors).sum());
@@ -554,7 +574,11 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                     for iova in pins {
                         let _ = p.unpin_grant(iova);
                     }
-                    self.respond(chan, idx, BlkifResponse::new(raw.id, raw.operation, BlkStatus::Error));
+                    self.respond(
+                        chan,
+                        idx,
+                        BlkifResponse::new(raw.id, raw.operation, BlkStatus::Error),
+                    );
                     return Ok(());
                 }
             }
@@ -720,5 +744,75 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::FileDevice;
+    use hypervisor::domain::DomainConfig;
+    use hypervisor::local::LocalPlatform;
+    use hypervisor::system::System;
+    use iospace::iommu::Iommu;
+
+    fn backend() -> Blkback<LocalPlatform, FileDevice> {
+        let sys = System::new();
+        let iommu = Iommu::new(8);
+        let d = sys
+            .create_domain(DomainConfig {
+                name: "idd".into(),
+                nr_frames: 16,
+                iommu: Some(iommu.clone()),
+            })
+            .unwrap();
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(100 * 512).unwrap();
+        Blkback::new(
+            Arc::new(LocalPlatform::new(sys, d).unwrap()),
+            FileDevice::new(f, iommu.device(), false).unwrap(),
+            BackendConfig {
+                batch: 0,
+                scratch_frame: 7,
+            },
+        )
+    }
+
+    #[test]
+    fn regions_must_fit_the_device() {
+        let mut b = backend();
+        for (offset, sectors) in [(0, 101), (50, 51), (u64::MAX, 2)] {
+            let cfg = ChannelConfig {
+                guest: 9,
+                ring_ref: 8,
+                remote_port: 1,
+                region: Region { offset, sectors },
+                read_only: false,
+                journal_frame: 8,
+            };
+            assert!(matches!(b.attach(cfg), Err(BlkbackError::Region { .. })));
+        }
+        // In range, but no such guest: the ring mapping fails cleanly.
+        let cfg = ChannelConfig {
+            guest: 9,
+            ring_ref: 8,
+            remote_port: 1,
+            region: Region {
+                offset: 0,
+                sectors: 100,
+            },
+            read_only: false,
+            journal_frame: 8,
+        };
+        assert!(matches!(b.attach(cfg), Err(BlkbackError::Platform(_))));
+        assert_eq!(b.poll().unwrap(), 0, "no channels, no work");
+        assert_eq!(b.cfg.batch, 1, "a zero batch is raised to one");
+    }
+
+    #[test]
+    fn tokens_are_unique_per_channel_and_slot() {
+        assert_ne!(token(0, 5), token(1, 5));
+        assert_ne!(token(0, 5), token(0, 6));
+        assert_eq!(token(2, u32::MAX) >> 32, 2);
     }
 }

@@ -61,15 +61,22 @@ struct Args {
 fn parse_channel(s: &str, i: usize) -> Result<ChannelConfig, String> {
     let f: Vec<&str> = s.split(':').collect();
     if !(5..=6).contains(&f.len()) {
-        return Err(format!("channel {s:?}: want GUEST:RING_REF:PORT:OFFSET:SECTORS[:ro]"));
+        return Err(format!(
+            "channel {s:?}: want GUEST:RING_REF:PORT:OFFSET:SECTORS[:ro]"
+        ));
     }
-    let num = |k: usize| f[k].parse::<u64>().map_err(|e| format!("channel {s:?} field {k}: {e}"));
+    let num = |k: usize| {
+        f[k].parse::<u64>()
+            .map_err(|e| format!("channel {s:?} field {k}: {e}"))
+    };
     let read_only = match f.get(5) {
         None => false,
         Some(&"ro") => true,
         Some(other) => return Err(format!("channel {s:?}: unknown flag {other:?}")),
     };
-    let small = |k: usize, v: u64| u32::try_from(v).map_err(|_| format!("channel {s:?} field {k} too large"));
+    let small = |k: usize, v: u64| {
+        u32::try_from(v).map_err(|_| format!("channel {s:?} field {k} too large"))
+    };
     Ok(ChannelConfig {
         guest: u16::try_from(num(0)?).map_err(|_| format!("channel {s:?}: bad domain"))?,
         ring_ref: small(1, num(1)?)?,
@@ -95,11 +102,16 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("connecting to {}: {e}", args.device_socket.display()))?;
     let mut sandbox = SandboxConfig::default();
     sandbox.keep_fds.push(stream.as_raw_fd());
-    let (platform, report) = ProcessPlatform::enter(sandbox).map_err(|e| format!("platform: {e}"))?;
-    eprintln!("idd-blk: domain {} sandboxed ({report:?})", devchan::platform::Platform::domid(&platform));
+    let (platform, report) =
+        ProcessPlatform::enter(sandbox).map_err(|e| format!("platform: {}", chain(&e)))?;
+    eprintln!(
+        "idd-blk: domain {} sandboxed ({report:?})",
+        devchan::platform::Platform::domid(&platform)
+    );
     let platform = Arc::new(platform);
-    let io = RemoteIo::new(stream).map_err(|e| format!("I/O Space: {e}"))?;
-    let driver = VirtioBlkDriver::probe(platform.clone(), io, DRIVER).map_err(|e| format!("virtio-blk: {e}"))?;
+    let io = RemoteIo::new(stream).map_err(|e| format!("I/O Space: {}", chain(&e)))?;
+    let driver = VirtioBlkDriver::probe(platform.clone(), io, DRIVER)
+        .map_err(|e| format!("virtio-blk: {}", chain(&e)))?;
     let mut back = Blkback::new(
         platform,
         driver,
@@ -109,7 +121,8 @@ fn run(args: Args) -> Result<(), String> {
         },
     );
     for c in channels {
-        back.attach(c).map_err(|e| format!("channel of domain {}: {e}", c.guest))?;
+        back.attach(c)
+            .map_err(|e| format!("channel of domain {}: {}", c.guest, chain(&e)))?;
     }
     let mut out = std::io::stdout();
     let _ = writeln!(out, "ready");
@@ -117,7 +130,7 @@ fn run(args: Args) -> Result<(), String> {
     let mut reported = 0;
     loop {
         back.run_once(Duration::from_millis(50))
-            .map_err(|e| format!("serving: {e}"))?;
+            .map_err(|e| format!("serving: {}", chain(&e)))?;
         let failed = back.failed();
         for (chan, e) in failed.iter().skip(reported) {
             // The manager reads stderr; it decides what to do with the guest.
@@ -127,12 +140,65 @@ fn run(args: Args) -> Result<(), String> {
     }
 }
 
+/// `e` and its sources, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("idd-blk: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_arguments() {
+        let c = parse_channel("3:12:5:100:200:ro", 1).unwrap();
+        assert_eq!(
+            (
+                c.guest,
+                c.ring_ref,
+                c.remote_port,
+                c.region,
+                c.read_only,
+                c.journal_frame
+            ),
+            (
+                3,
+                12,
+                5,
+                Region {
+                    offset: 100,
+                    sectors: 200
+                },
+                true,
+                12
+            )
+        );
+        assert!(!parse_channel("3:12:5:100:200", 0).unwrap().read_only);
+        for bad in [
+            "3:12:5:100",
+            "3:12:5:100:200:rw",
+            "70000:1:1:0:1",
+            "a:1:1:0:1",
+            "1:1:1:0:1:ro:x",
+        ] {
+            assert!(parse_channel(bad, 0).is_err(), "{bad}");
         }
     }
 }

@@ -37,9 +37,9 @@
 //! The device is reset when the driver is dropped, before the pins go away.
 
 use crate::device::{check_request, BlockDevice, Completion, DevOp, DevRequest, DeviceError};
+use crate::io::{IoAccess, IoError};
 use devchan::grant::GrantRef;
 use devchan::platform::{Frame, Platform};
-use crate::io::{IoAccess, IoError};
 use iospace::pci::caps::{self, virtio as vcap, Capability};
 use std::collections::BTreeMap;
 use std::sync::atomic::{fence, Ordering};
@@ -207,6 +207,10 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
             let entry = msix_table + u64::from(v) * caps::MSIX_ENTRY_SIZE;
             io.mmio_write(entry + 12, &0u32.to_le_bytes())?;
         }
+        // Reset before touching the queue memory: a device still running a previous
+        // process's queue (a restart) could otherwise write its used ring into the page we
+        // are about to clear. Reset returns only once the device has stopped all DMA.
+        io.mmio_write(common + common::DEVICE_STATUS, &[0])?;
         let p = &*platform;
         let ring = pin_own(p, frames.ring)?;
         let hdr = match pin_own(p, frames.hdr) {
@@ -342,7 +346,9 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
         s |= VIRTIO_CONFIG_S_DRIVER_OK;
         self.set_status(s)?;
         let got = self.status()?;
-        if u32::from(got) & VIRTIO_CONFIG_S_DRIVER_OK == 0 || u32::from(got) & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+        if u32::from(got) & VIRTIO_CONFIG_S_DRIVER_OK == 0
+            || u32::from(got) & VIRTIO_CONFIG_S_NEEDS_RESET != 0
+        {
             return Err(VirtioError::StatusRefused(got));
         }
         Ok(())
@@ -356,7 +362,14 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
         self.platform.read_local(frame, off, buf).map_err(access)
     }
 
-    fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) -> Result<(), DeviceError> {
+    fn write_desc(
+        &self,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) -> Result<(), DeviceError> {
         let mut d = [0u8; 16];
         d[..8].copy_from_slice(&addr.to_le_bytes());
         d[8..12].copy_from_slice(&len.to_le_bytes());
@@ -407,7 +420,9 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
         self.check_config_irq()?;
         check_request(&req, self.capacity)?;
         if req.segs.len() > self.seg_max {
-            return Err(DeviceError::Malformed("more segments than the device takes"));
+            return Err(DeviceError::Malformed(
+                "more segments than the device takes",
+            ));
         }
         let need = req.segs.len() + 2;
         if self.free.len() < need {
@@ -436,13 +451,31 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
         let result = (|| {
             self.put(self.hdr.frame, slot * HDR_SLOT, &h)?;
             self.put(self.hdr.frame, STATUS_BASE + slot, &[0xff])?;
-            self.write_desc(descs[0], self.hdr.iova + (slot * HDR_SLOT) as u64, hdr_len, F_NEXT, descs[1])?;
+            self.write_desc(
+                descs[0],
+                self.hdr.iova + (slot * HDR_SLOT) as u64,
+                hdr_len,
+                F_NEXT,
+                descs[1],
+            )?;
             let data_flags = if req.op == DevOp::Read { F_WRITE } else { 0 };
             for (k, s) in req.segs.iter().enumerate() {
-                self.write_desc(descs[k + 1], s.iova, s.len, data_flags | F_NEXT, descs[k + 2])?;
+                self.write_desc(
+                    descs[k + 1],
+                    s.iova,
+                    s.len,
+                    data_flags | F_NEXT,
+                    descs[k + 2],
+                )?;
             }
             let last = descs[need - 1];
-            self.write_desc(last, self.hdr.iova + (STATUS_BASE + slot) as u64, 1, F_WRITE, 0)?;
+            self.write_desc(
+                last,
+                self.hdr.iova + (STATUS_BASE + slot) as u64,
+                1,
+                F_WRITE,
+                0,
+            )?;
             let at = AVAIL + 4 + 2 * usize::from(self.avail_idx % self.qsize);
             self.put(self.ring.frame, at, &head.to_le_bytes())?;
             // Release: the descriptors and the ring entry are visible to the device before
@@ -483,7 +516,9 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
             self.get(self.ring.frame, at, &mut e)?;
             self.used_seen = self.used_seen.wrapping_add(1);
             let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-            let Some((token, descs)) = u16::try_from(id).ok().and_then(|h| self.inflight.remove(&h))
+            let Some((token, descs)) = u16::try_from(id)
+                .ok()
+                .and_then(|h| self.inflight.remove(&h))
             else {
                 self.broken = true;
                 return Err(DeviceError::NeedsReset);
@@ -519,5 +554,37 @@ impl<P: Platform, I: IoAccess> Drop for VirtioBlkDriver<P, I> {
             let _ = p.unpin_grant(pin.iova);
             let _ = p.end_access(pin.gref);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::LocalIo;
+    use hypervisor::domain::DomainConfig;
+    use hypervisor::local::LocalPlatform;
+    use hypervisor::system::System;
+    use iospace::emu::{PciBus, StubDevice};
+    use iospace::space::IoSpace;
+
+    #[test]
+    fn a_device_without_virtio_capabilities_is_refused_and_nothing_is_pinned() {
+        let stub = Arc::new(StubDevice::new(StubDevice::example_config()));
+        let bus = PciBus::new();
+        let bdf = bus.plug(3, stub.clone()).unwrap();
+        let space = Arc::new(IoSpace::new(bdf, stub).unwrap());
+        let sys = System::new();
+        let iommu = iospace::iommu::Iommu::new(8);
+        let d = sys
+            .create_domain(DomainConfig {
+                name: "idd".into(),
+                nr_frames: 16,
+                iommu: Some(iommu.clone()),
+            })
+            .unwrap();
+        let p = Arc::new(LocalPlatform::new(sys, d).unwrap());
+        let r = VirtioBlkDriver::probe(p, LocalIo::new(space), DriverFrames { ring: 8, hdr: 9 });
+        assert!(matches!(r, Err(VirtioError::MissingCapability(_))));
+        assert!(iommu.is_empty());
     }
 }

@@ -133,7 +133,11 @@ fn killed_idd_process_is_restarted_in_its_domain_and_loses_nothing() {
             if Instant::now() > deadline {
                 // SAFETY: reading the live ring page's header words for the message.
                 let hdr: Vec<u32> = (0..4)
-                    .map(|i| unsafe { (g.ring_page().as_ptr() as *const u32).add(i).read_volatile() })
+                    .map(|i| unsafe {
+                        (g.ring_page().as_ptr() as *const u32)
+                            .add(i)
+                            .read_volatile()
+                    })
                     .collect();
                 panic!(
                     "round {round}: {} requests never answered: {:?}; front prod {} cons {}; shared req_prod/req_event/rsp_prod/rsp_event {hdr:?}",
@@ -150,7 +154,10 @@ fn killed_idd_process_is_restarted_in_its_domain_and_loses_nothing() {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    assert!(g.answered.values().all(|c| *c == 1), "an id was answered twice");
+    assert!(
+        g.answered.values().all(|c| *c == 1),
+        "an id was answered twice"
+    );
     // Read every block back through the restarted IDD, and check the image itself.
     for (&block, data) in &expect {
         let r = g.rw(false, block * 8, &[20]);
@@ -174,7 +181,10 @@ fn killed_idd_process_is_restarted_in_its_domain_and_loses_nothing() {
         assert_eq!(&disk, data, "block {block} in the image");
     }
     assert_eq!(restarts, 6);
-    assert!(in_flight_at_kill > 0, "no kill happened with requests in flight");
+    assert!(
+        in_flight_at_kill > 0,
+        "no kill happened with requests in flight"
+    );
     eprintln!("{restarts} restarts, {in_flight_at_kill} requests in flight at the kills");
     running.kill().unwrap();
 }

@@ -82,7 +82,8 @@ fn image(r: &VirtioRig, sector: u64, len: usize) -> Vec<u8> {
 #[test]
 fn driver_probes_and_moves_data_through_pinned_iovas_only() {
     let r = rig(2048);
-    let mut drv = VirtioBlkDriver::probe(r.idd.clone(), LocalIo::new(r.space.clone()), FRAMES).unwrap();
+    let mut drv =
+        VirtioBlkDriver::probe(r.idd.clone(), LocalIo::new(r.space.clone()), FRAMES).unwrap();
     assert_eq!(drv.capacity(), 2048);
     assert!(!drv.read_only());
     // The driver's queue memory is pinned: two IOMMU entries.
@@ -192,10 +193,24 @@ fn guest_disk_through_blkback_and_the_virtio_driver() {
     );
     let mut a = Front::new(&r.sys, r.idd.domid(), "a");
     let mut b = Front::new(&r.sys, r.idd.domid(), "b");
-    back.attach(a.channel(Region { offset: 0, sectors: 1024 }, false, journal_frame(0)))
-        .unwrap();
-    back.attach(b.channel(Region { offset: 1024, sectors: 1024 }, true, journal_frame(1)))
-        .unwrap();
+    back.attach(a.channel(
+        Region {
+            offset: 0,
+            sectors: 1024,
+        },
+        false,
+        journal_frame(0),
+    ))
+    .unwrap();
+    back.attach(b.channel(
+        Region {
+            offset: 1024,
+            sectors: 1024,
+        },
+        true,
+        journal_frame(1),
+    ))
+    .unwrap();
     // Guest a writes 16 consecutive pages with one request per page: the elevator merges them.
     for p in 0..16 {
         a.fill(p, &pattern(500 + p as u64));
