@@ -230,6 +230,11 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
         &self.device
     }
 
+    /// Requests waiting in the elevator and at the device (for stall reports).
+    pub fn queued(&self) -> (usize, usize) {
+        (self.elevator.len(), self.at_device.len())
+    }
+
     /// Serve a guest disk: map its ring, bind its port, and resume from the channel's journal
     /// if it belongs to this ring. Returns the channel's index.
     pub fn attach(&mut self, cfg: ChannelConfig) -> Result<usize, BlkbackError> {

@@ -128,9 +128,25 @@ fn run(args: Args) -> Result<(), String> {
     let _ = writeln!(out, "ready");
     let _ = out.flush();
     let mut reported = 0;
+    let mut last_progress = std::time::Instant::now();
+    let mut stall_reported = false;
     loop {
-        back.run_once(Duration::from_millis(50))
+        let work = back
+            .run_once(Duration::from_millis(50))
             .map_err(|e| format!("serving: {}", chain(&e)))?;
+        if work > 0 || back.in_flight() == 0 {
+            last_progress = std::time::Instant::now();
+            stall_reported = false;
+        } else if !stall_reported && last_progress.elapsed() > Duration::from_secs(5) {
+            // Requests outstanding and nothing moving: say where they are, once per stall.
+            let (elevator, at_device) = back.queued();
+            eprintln!(
+                "idd-blk: stalled: {} requests in flight ({elevator} queued, {at_device} at the device); device: {}",
+                back.in_flight(),
+                back.device().describe()
+            );
+            stall_reported = true;
+        }
         let failed = back.failed();
         for (chan, e) in failed.iter().skip(reported) {
             // The manager reads stderr; it decides what to do with the guest.

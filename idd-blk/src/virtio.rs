@@ -24,6 +24,7 @@
 //! | ring | 2048 | used ring: `flags`, `idx`, `ring[QUEUE_SIZE]` of `{id: le32, len: le32}` |
 //! | hdr | 32 h | request header of the chain whose head is descriptor `h`: `type`, `reserved`, `sector`, then (discard) one `{sector: le64, num_sectors: le32, flags: le32}` |
 //! | hdr | 2048 + h | status byte of that chain |
+//! | hdr | 4064 | the driver's own pins and self-grants (`PIN_RECORD`), released by the next process of the domain |
 //!
 //! A request is one chain: header (device-readable), data segments (the pinned guest IOVAs;
 //! device-writable for reads), status (device-writable).
@@ -62,6 +63,8 @@ const AVAIL: usize = 1024;
 const USED: usize = 2048;
 const HDR_SLOT: usize = 32;
 const STATUS_BASE: usize = 2048;
+/// How long chains may sit unused before the doorbell is rung again.
+const KICK_AFTER: Duration = Duration::from_millis(200);
 /// Most data segments per request we use (the device's `seg_max` may lower it).
 pub const MAX_SEGMENTS: usize = 32;
 
@@ -149,6 +152,10 @@ pub struct VirtioBlkDriver<P: Platform, I: IoAccess> {
     seg_max: usize,
     /// MSI-X vectors seen firing and not yet handled.
     irq_bits: u32,
+    /// When the device last used a chain (or we last kicked it).
+    last_used: std::time::Instant,
+    /// Doorbells rung again because nothing moved.
+    kicks: u64,
     broken: bool,
 }
 
@@ -162,6 +169,41 @@ fn pin_own<P: Platform>(p: &P, frame: Frame) -> Result<Pinned, VirtioError> {
             Err(e.into())
         }
     }
+}
+
+/// Where in the hdr frame the driver records its own pins (so a restarted process of the
+/// domain releases the ones its predecessor left): `magic: le32`, `_pad: le32`,
+/// `ring_gref: le32`, `hdr_gref: le32`, `ring_iova: le64`, `hdr_iova: le64`.
+const PIN_RECORD: usize = 4096 - 32;
+/// `"VQP1"`: the pin record is valid.
+const PIN_MAGIC: u32 = u32::from_le_bytes(*b"VQP1");
+const _: () = assert!(STATUS_BASE + QUEUE_SIZE as usize <= PIN_RECORD);
+
+/// Release the pins and self-grants an earlier process of this domain recorded in `hdr`.
+fn release_previous<P: Platform>(p: &P, hdr: Frame) -> Result<(), VirtioError> {
+    let mut r = [0u8; 32];
+    p.read_local(hdr, PIN_RECORD, &mut r)?;
+    let u32_at = |o: usize| u32::from_le_bytes([r[o], r[o + 1], r[o + 2], r[o + 3]]);
+    let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
+    if u32_at(0) == PIN_MAGIC {
+        for (gref, iova) in [(u32_at(8), u64_at(16)), (u32_at(12), u64_at(24))] {
+            // Either may be gone already (the manager revoked it); both outcomes are fine.
+            let _ = p.unpin_grant(iova);
+            let _ = p.end_access(gref);
+        }
+        p.write_local(hdr, PIN_RECORD, &[0u8; 32])?;
+    }
+    Ok(())
+}
+
+fn record_pins<P: Platform>(p: &P, ring: &Pinned, hdr: &Pinned) -> Result<(), VirtioError> {
+    let mut r = [0u8; 32];
+    r[0..4].copy_from_slice(&PIN_MAGIC.to_le_bytes());
+    r[8..12].copy_from_slice(&ring.gref.to_le_bytes());
+    r[12..16].copy_from_slice(&hdr.gref.to_le_bytes());
+    r[16..24].copy_from_slice(&ring.iova.to_le_bytes());
+    r[24..32].copy_from_slice(&hdr.iova.to_le_bytes());
+    Ok(p.write_local(hdr.frame, PIN_RECORD, &r)?)
 }
 
 fn access(e: impl std::fmt::Display) -> DeviceError {
@@ -212,6 +254,7 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
         // are about to clear. Reset returns only once the device has stopped all DMA.
         io.mmio_write(common + common::DEVICE_STATUS, &[0])?;
         let p = &*platform;
+        release_previous(p, frames.hdr)?;
         let ring = pin_own(p, frames.ring)?;
         let hdr = match pin_own(p, frames.hdr) {
             Ok(h) => h,
@@ -221,6 +264,7 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
                 return Err(e);
             }
         };
+        record_pins(p, &ring, &hdr)?;
         let mut d = Self {
             platform,
             io,
@@ -238,6 +282,8 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
             read_only: false,
             seg_max: MAX_SEGMENTS,
             irq_bits: 0,
+            last_used: std::time::Instant::now(),
+            kicks: 0,
             broken: false,
         };
         // From here on, Drop resets the device and releases the pins.
@@ -352,6 +398,23 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
             return Err(VirtioError::StatusRefused(got));
         }
         Ok(())
+    }
+
+    /// A one-line description of the queue and device state (for stall reports).
+    pub fn describe(&self) -> String {
+        let mut used = [0u8; 2];
+        let _ = self.platform.read_local(self.ring.frame, USED + 2, &mut used);
+        format!(
+            "status {:#x}, avail {}, used seen {} (device {}), {} chains in flight, {} free descriptors, irqs {:#x}, {} kicks",
+            self.status().unwrap_or(0xff),
+            self.avail_idx,
+            self.used_seen,
+            u16::from_le_bytes(used),
+            self.inflight.len(),
+            self.free.len(),
+            self.irq_bits,
+            self.kicks
+        )
     }
 
     fn put(&self, frame: Frame, off: usize, data: &[u8]) -> Result<(), DeviceError> {
@@ -495,6 +558,9 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
             self.broken = true;
             return Err(e);
         }
+        if self.inflight.is_empty() {
+            self.last_used = std::time::Instant::now();
+        }
         self.inflight.insert(head, (req.token, descs));
         Ok(())
     }
@@ -526,6 +592,7 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
             let mut st = [0xffu8];
             self.get(self.hdr.frame, STATUS_BASE + usize::from(descs[0]), &mut st)?;
             self.free.extend(descs);
+            self.last_used = std::time::Instant::now();
             out.push(Completion {
                 token,
                 ok: st[0] == 0,
@@ -535,6 +602,16 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
+        // Chains outstanding and nothing used for a while: ring the doorbell again. A
+        // notification is idempotent (the device pops only what it has not seen), and this
+        // recovers from one lost while the device was being reset under us.
+        if !self.inflight.is_empty() && self.last_used.elapsed() > KICK_AFTER {
+            self.last_used = std::time::Instant::now();
+            self.kicks += 1;
+            self.io
+                .mmio_write(self.notify, &0u16.to_le_bytes())
+                .map_err(access)?;
+        }
         if self.irq_bits & (1 << QUEUE_VECTOR) != 0 {
             self.irq_bits &= !(1 << QUEUE_VECTOR);
             return Ok(());
@@ -554,6 +631,7 @@ impl<P: Platform, I: IoAccess> Drop for VirtioBlkDriver<P, I> {
             let _ = p.unpin_grant(pin.iova);
             let _ = p.end_access(pin.gref);
         }
+        let _ = p.write_local(self.hdr.frame, PIN_RECORD, &[0u8; 32]);
     }
 }
 
