@@ -127,7 +127,7 @@ fn run(args: Args) -> Result<(), String> {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "ready");
     let _ = out.flush();
-    let mut reported = 0;
+    let mut reported = std::collections::BTreeSet::new();
     let mut last_progress = std::time::Instant::now();
     let mut stall_reported = false;
     loop {
@@ -147,12 +147,12 @@ fn run(args: Args) -> Result<(), String> {
             );
             stall_reported = true;
         }
-        let failed = back.failed();
-        for (chan, e) in failed.iter().skip(reported) {
-            // The manager reads stderr; it decides what to do with the guest.
-            eprintln!("idd-blk: channel {chan} failed: {e}");
+        for (chan, e) in back.failed() {
+            // Once per channel; the manager reads stderr and decides what to do.
+            if reported.insert(chan) {
+                eprintln!("idd-blk: channel {chan} failed: {e}");
+            }
         }
-        reported = failed.len();
     }
 }
 

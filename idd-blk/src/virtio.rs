@@ -65,6 +65,8 @@ const HDR_SLOT: usize = 32;
 const STATUS_BASE: usize = 2048;
 /// How long chains may sit unused before the doorbell is rung again.
 const KICK_AFTER: Duration = Duration::from_millis(200);
+/// Kicks without progress before the device is reset and the chains resubmitted.
+const RESET_AFTER_KICKS: u32 = 3;
 /// Most data segments per request we use (the device's `seg_max` may lower it).
 pub const MAX_SEGMENTS: usize = 32;
 
@@ -146,7 +148,13 @@ pub struct VirtioBlkDriver<P: Platform, I: IoAccess> {
     avail_idx: u16,
     used_seen: u16,
     /// Head descriptor → (token, descriptors of the chain).
-    inflight: BTreeMap<u16, (u64, Vec<u16>)>,
+    inflight: BTreeMap<u16, (DevRequest, Vec<u16>)>,
+    notify_base: u64,
+    notify_multiplier: u32,
+    /// Kicks since the device last used a chain.
+    stalled_kicks: u32,
+    /// Device resets after a stall.
+    resets: u64,
     capacity: u64,
     read_only: bool,
     seg_max: usize,
@@ -278,6 +286,10 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
             avail_idx: 0,
             used_seen: 0,
             inflight: BTreeMap::new(),
+            notify_base,
+            notify_multiplier: ncap.notify_off_multiplier,
+            stalled_kicks: 0,
+            resets: 0,
             capacity: 0,
             read_only: false,
             seg_max: MAX_SEGMENTS,
@@ -403,9 +415,11 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
     /// A one-line description of the queue and device state (for stall reports).
     pub fn describe(&self) -> String {
         let mut used = [0u8; 2];
-        let _ = self.platform.read_local(self.ring.frame, USED + 2, &mut used);
+        let _ = self
+            .platform
+            .read_local(self.ring.frame, USED + 2, &mut used);
         format!(
-            "status {:#x}, avail {}, used seen {} (device {}), {} chains in flight, {} free descriptors, irqs {:#x}, {} kicks",
+            "status {:#x}, avail {}, used seen {} (device {}), {} chains in flight, {} free descriptors, irqs {:#x}, {} kicks, {} resets",
             self.status().unwrap_or(0xff),
             self.avail_idx,
             self.used_seen,
@@ -413,7 +427,8 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
             self.inflight.len(),
             self.free.len(),
             self.irq_bits,
-            self.kicks
+            self.kicks,
+            self.resets
         )
     }
 
@@ -439,6 +454,35 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
         d[12..14].copy_from_slice(&flags.to_le_bytes());
         d[14..].copy_from_slice(&next.to_le_bytes());
         self.put(self.ring.frame, usize::from(i) * 16, &d)
+    }
+
+    /// The device stopped using chains: reset it (which stops all its DMA), rebuild the
+    /// queue in the same pinned memory and resubmit every chain that was in flight. Requests
+    /// in flight never conflict with each other (the elevator's rule), so running them again,
+    /// in any order, is safe.
+    fn restart(&mut self) -> Result<(), DeviceError> {
+        self.resets += 1;
+        tracing::warn!(
+            resets = self.resets,
+            "virtio-blk stalled; resetting the device"
+        );
+        let pending: Vec<DevRequest> = std::mem::take(&mut self.inflight)
+            .into_values()
+            .map(|(r, _)| r)
+            .collect();
+        self.set_status(0).map_err(access)?;
+        self.put(self.ring.frame, 0, &[0u8; 4096])?;
+        self.put(self.hdr.frame, 0, &[0u8; PIN_RECORD])?;
+        self.avail_idx = 0;
+        self.used_seen = 0;
+        self.stalled_kicks = 0;
+        self.irq_bits = 0;
+        self.init(self.notify_base, self.notify_multiplier)
+            .map_err(access)?;
+        for r in pending {
+            self.submit(r)?;
+        }
+        Ok(())
     }
 
     fn check_config_irq(&mut self) -> Result<(), DeviceError> {
@@ -561,7 +605,7 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
         if self.inflight.is_empty() {
             self.last_used = std::time::Instant::now();
         }
-        self.inflight.insert(head, (req.token, descs));
+        self.inflight.insert(head, (req, descs));
         Ok(())
     }
 
@@ -582,7 +626,7 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
             self.get(self.ring.frame, at, &mut e)?;
             self.used_seen = self.used_seen.wrapping_add(1);
             let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-            let Some((token, descs)) = u16::try_from(id)
+            let Some((req, descs)) = u16::try_from(id)
                 .ok()
                 .and_then(|h| self.inflight.remove(&h))
             else {
@@ -593,8 +637,9 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
             self.get(self.hdr.frame, STATUS_BASE + usize::from(descs[0]), &mut st)?;
             self.free.extend(descs);
             self.last_used = std::time::Instant::now();
+            self.stalled_kicks = 0;
             out.push(Completion {
-                token,
+                token: req.token,
                 ok: st[0] == 0,
             });
         }
@@ -608,6 +653,10 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
         if !self.inflight.is_empty() && self.last_used.elapsed() > KICK_AFTER {
             self.last_used = std::time::Instant::now();
             self.kicks += 1;
+            self.stalled_kicks += 1;
+            if self.stalled_kicks > RESET_AFTER_KICKS {
+                return self.restart();
+            }
             self.io
                 .mmio_write(self.notify, &0u16.to_le_bytes())
                 .map_err(access)?;

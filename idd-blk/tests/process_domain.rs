@@ -51,18 +51,21 @@ fn start(sys: &Arc<System>, idd: u16, socket: &std::path::Path, channel: &str) -
 fn killed_idd_process_is_restarted_in_its_domain_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
-    let blk = VirtioBlk::new(&BlkConfig {
-        path: path.clone(),
-        size: 4096 * 512,
-        read_only: false,
-        serial: "idd-blk-process".into(),
-        workers: 2,
-    })
-    .unwrap();
+    let blk = Arc::new(
+        VirtioBlk::new(&BlkConfig {
+            path: path.clone(),
+            size: 4096 * 512,
+            read_only: false,
+            serial: "idd-blk-process".into(),
+            workers: 2,
+        })
+        .unwrap(),
+    );
     let iommu = Iommu::new(1024);
-    let dev = Arc::new(VirtioPci::new(Arc::new(blk), iommu.device(), 11).unwrap());
+    let dev = Arc::new(VirtioPci::new(blk.clone(), iommu.device(), 11).unwrap());
     let bus = PciBus::new();
     let bdf = bus.plug(4, dev.clone()).unwrap();
+    let dev_status = dev.clone();
     let space = Arc::new(IoSpace::new(bdf, dev).unwrap());
     // Domain 0's I/O Space server: one IDD process at a time.
     let socket = dir.path().join("iospace.sock");
@@ -114,7 +117,7 @@ fn killed_idd_process_is_restarted_in_its_domain_and_loses_nothing() {
             g.post(&w);
         }
         // Let some complete, then kill the IDD with the rest in flight.
-        let until = Instant::now() + Duration::from_millis(3 * round);
+        let until = Instant::now() + Duration::from_millis(2 + 3 * round);
         while Instant::now() < until {
             for r in g.responses() {
                 assert_eq!(r.status, BLKIF_RSP_OKAY);
@@ -144,11 +147,13 @@ fn killed_idd_process_is_restarted_in_its_domain_and_loses_nothing() {
                     })
                     .collect();
                 panic!(
-                    "round {round}: {} requests never answered: {:?}; front prod {} cons {}; shared req_prod/req_event/rsp_prod/rsp_event {hdr:?}",
+                    "round {round}: {} requests never answered: {:?}; front prod {} cons {}; shared req_prod/req_event/rsp_prod/rsp_event {hdr:?}; device completed {} status {:#x}",
                     outstanding.len(),
                     outstanding.keys().collect::<Vec<_>>(),
                     g.ring.req_prod_pvt(),
-                    g.ring.rsp_cons()
+                    g.ring.rsp_cons(),
+                    blk.completed(),
+                    dev_status.device_status()
                 );
             }
             for r in g.responses() {
@@ -187,7 +192,12 @@ fn killed_idd_process_is_restarted_in_its_domain_and_loses_nothing() {
     assert_eq!(restarts, 6);
     // Each process released its predecessor's pins: only the live driver's two queue pages
     // and no guest page remain in the IOMMU.
-    assert_eq!(iommu.len(), 2, "pins leaked across restarts ({} in flight at kills)", in_flight_at_kill);
+    assert_eq!(
+        iommu.len(),
+        2,
+        "pins leaked across restarts ({} in flight at kills)",
+        in_flight_at_kill
+    );
     assert!(
         in_flight_at_kill > 0,
         "no kill happened with requests in flight"
