@@ -276,8 +276,10 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 replay,
                 stale_pins,
             } => {
+                // Normally already released by `journal::release_stale_pins` before anything
+                // else was pinned; if not, nothing of this process has been pinned for this
+                // channel yet, so the recorded IOVAs are still the old process's.
                 for iova in stale_pins {
-                    // The manager may have revoked it already; either way it is gone.
                     let _ = p.unpin_grant(iova);
                 }
                 // SAFETY: as above.

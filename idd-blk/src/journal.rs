@@ -44,9 +44,11 @@
 //! 1. *Consume* ring index `k`: write slot `k mod 32`, set its `valid` bit, then advance
 //!    `req_cons`. A crash before `req_cons` moved leaves a valid slot at or past `req_cons`,
 //!    which resume ignores: the request is still in the ring and is consumed again.
-//! 2. *Pin*: record each IOVA after the pin, zero it after the unpin. Resume unpins what is
-//!    recorded (a crash between a pin and its record leaks that pin until the manager
-//!    revokes the dead process's pins).
+//! 2. *Pin*: record each IOVA after the pin, zero it after the unpin. A restarted process
+//!    unpins what is recorded ([`release_stale_pins`]) before it pins anything itself (IOVAs
+//!    are recycled). A crash between a pin and its record leaks that pin until the manager
+//!    revokes the dead process's pins (`System::set_holder_deadline` + `revoke_overdue`),
+//!    which the manager should do on every IDD restart.
 //! 3. *Answer*: write `rsp_idx` (the response index), set `answering`, put the response,
 //!    push; then clear `valid` and `answering`. On resume, an answering slot whose `rsp_idx`
 //!    is below the shared `rsp_prod` was published: it is dropped, never answered twice.
@@ -134,6 +136,32 @@ pub enum Opened {
         /// IOVAs the old process left pinned (to unpin).
         stale_pins: Vec<u64>,
     },
+}
+
+/// Unpin every IOVA the pin table in `journal_frame + 1` records, and clear the table.
+/// Returns how many were recorded.
+///
+/// A restarted process must call this for every channel *before it pins anything*: IOVAs
+/// are recycled, so once the manager has revoked a dead process's pins and the process has
+/// pinned something new, a recorded IOVA may name the new pin.
+pub fn release_stale_pins<P: Platform>(p: &P, journal_frame: Frame) -> Result<usize, JournalError> {
+    let mut pins = vec![0u8; 4096];
+    p.read_local(journal_frame + 1, 0, &mut pins)
+        .map_err(JournalError::Memory)?;
+    let mut n = 0;
+    for c in pins.chunks_exact(8) {
+        let iova = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        if iova != 0 {
+            // Revoked by the manager already, or released now: gone either way.
+            let _ = p.unpin_grant(iova);
+            n += 1;
+        }
+    }
+    if n > 0 {
+        p.write_local(journal_frame + 1, 0, &[0u8; 4096])
+            .map_err(JournalError::Memory)?;
+    }
+    Ok(n)
 }
 
 /// One channel's journal.
@@ -432,6 +460,22 @@ mod tests {
         assert_eq!(ids, vec![(0, 100), (2, 102), (4, 104)]);
         assert_eq!(stale_pins, vec![0x1000, 0x2000]);
         assert_eq!(j2.outstanding(), 3);
+    }
+
+    #[test]
+    fn stale_pins_are_released_once() {
+        let p = plat();
+        let (mut j, _) = resume(&p, 0);
+        j.init(&p, ID, 1, 0, true).unwrap();
+        j.pins(&p, 3, &[0x5000, 0x6000]).unwrap();
+        j.pins(&p, 7, &[0x7000]).unwrap();
+        assert_eq!(release_stale_pins(&p, 8).unwrap(), 3);
+        assert_eq!(release_stale_pins(&p, 8).unwrap(), 0);
+        let (_, o) = resume(&p, 0);
+        let Opened::Resume { stale_pins, .. } = o else {
+            panic!()
+        };
+        assert!(stale_pins.is_empty());
     }
 
     #[test]

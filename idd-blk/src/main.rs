@@ -109,6 +109,12 @@ fn run(args: Args) -> Result<(), String> {
         devchan::platform::Platform::domid(&platform)
     );
     let platform = Arc::new(platform);
+    // Before anything is pinned: release the pins a previous process of this domain left
+    // recorded in the channels' journals (IOVAs are recycled once the manager revoked them).
+    for c in &channels {
+        idd_blk::journal::release_stale_pins(&*platform, c.journal_frame)
+            .map_err(|e| format!("journal: {}", chain(&e)))?;
+    }
     let io = RemoteIo::new(stream).map_err(|e| format!("I/O Space: {}", chain(&e)))?;
     let driver = VirtioBlkDriver::probe(platform.clone(), io, DRIVER)
         .map_err(|e| format!("virtio-blk: {}", chain(&e)))?;
