@@ -389,6 +389,61 @@ impl GrantAllocator {
         }
     }
 
+    /// An allocator over a table that may already hold live entries: the one a restarted
+    /// process of a domain finds in its memory (the domain, its memory and its grants outlive
+    /// the process).
+    ///
+    /// Every entry outside the reserved range whose flags are not zero (a type of
+    /// `GTF_permit_access` or `GTF_accept_transfer`, or any bit the hypervisor set) is taken:
+    /// it stays allocated, is never handed out again, and can be ended with
+    /// [`GrantAllocator::end_access`] / [`GrantAllocator::end_transfer`] as if this allocator
+    /// had made it. Entries with zero flags are free. The table belongs to this domain (the
+    /// previous process was the same principal), so its contents are taken as they are; the
+    /// hypervisor never trusts them either way.
+    pub fn resume(entries: GrantEntries) -> Self {
+        let n = entries.len();
+        let mut used = vec![false; n as usize];
+        let mut free = Vec::new();
+        // Free list in descending order, so `pop` hands out the lowest free reference first,
+        // as `new` does.
+        for gref in (NR_RESERVED_ENTRIES..n).rev() {
+            match entries.header(gref) {
+                Ok((0, _)) => free.push(gref),
+                _ => used[gref as usize] = true,
+            }
+        }
+        Self {
+            entries,
+            state: std::sync::Mutex::new(AllocState { free, used }),
+        }
+    }
+
+    /// The references this allocator holds (made by it or found live by
+    /// [`GrantAllocator::resume`]) with a snapshot of their entries, ascending. A restarted
+    /// process uses this to find what it granted before, e.g. the ring page's grant to its
+    /// backend (`domid` = the backend, `frame` = the ring's shareable frame).
+    pub fn live(&self) -> Vec<(GrantRef, GrantEntryV1)> {
+        let refs: Vec<GrantRef> = {
+            let st = self.lock();
+            (0..self.entries.len())
+                .filter(|&g| st.used.get(g as usize).copied().unwrap_or(false))
+                .collect()
+        };
+        refs.into_iter()
+            .filter_map(|g| self.entries.read(g).ok().map(|e| (g, e)))
+            .collect()
+    }
+
+    /// The live access grant of `frame` to `domid`, if any (the lowest such reference).
+    pub fn find_access(&self, domid: DomId, frame: u32) -> Option<GrantRef> {
+        self.live()
+            .into_iter()
+            .find(|(_, e)| {
+                e.flags & GTF_TYPE_MASK == GTF_PERMIT_ACCESS && e.domid == domid && e.frame == frame
+            })
+            .map(|(g, _)| g)
+    }
+
     /// The table.
     pub fn entries(&self) -> &GrantEntries {
         &self.entries
@@ -621,6 +676,50 @@ mod tests {
         a.entries().set_flags(g, GTF_TRANSFER_COMPLETED).unwrap();
         assert_eq!(a.end_transfer(g), Ok(Some(77)));
         assert_eq!(a.in_use(), 0);
+    }
+
+    #[test]
+    fn resume_keeps_live_entries_and_frees_the_rest() {
+        let t = Table::new(16);
+        let a = GrantAllocator::new(t.view());
+        let g1 = a.grant_access(3, 40, false).unwrap();
+        let g2 = a.grant_access(3, 41, true).unwrap();
+        let g3 = a.grant_transfer(4, 42).unwrap();
+        a.end_access(g2).unwrap();
+        assert!(acquire(a.entries(), g1, 3, true));
+        drop(a);
+        // A restarted process of the same domain.
+        let b = GrantAllocator::resume(t.view());
+        assert_eq!(b.in_use(), 2);
+        let live: Vec<GrantRef> = b.live().iter().map(|l| l.0).collect();
+        assert_eq!(live, vec![g1, g3]);
+        assert_eq!(b.find_access(3, 40), Some(g1));
+        assert_eq!(b.find_access(3, 41), None);
+        assert_eq!(b.find_access(4, 42), None, "a transfer grant is not access");
+        // New grants never reuse a live reference.
+        let fresh: Vec<GrantRef> = (0..6)
+            .map(|_| b.grant_access(5, 50, false).unwrap())
+            .collect();
+        assert!(!fresh.contains(&g1) && !fresh.contains(&g3));
+        assert_eq!(b.grant_access(5, 50, false), Err(GrantError::Exhausted));
+        // Old grants end as usual: in use while the peer holds it, then free.
+        assert_eq!(b.end_access(g1), Err(GrantError::InUse(g1)));
+        a_release(b.entries(), g1);
+        b.end_access(g1).unwrap();
+        assert_eq!(b.end_transfer(g3), Ok(None));
+        assert_eq!(b.in_use(), 6);
+    }
+
+    fn a_release(e: &GrantEntries, g: GrantRef) {
+        e.clear_flags(g, GTF_READING | GTF_WRITING).unwrap();
+    }
+
+    #[test]
+    fn resume_of_an_empty_table_is_new() {
+        let t = Table::new(12);
+        let b = GrantAllocator::resume(t.view());
+        assert_eq!(b.in_use(), 0);
+        assert_eq!(b.grant_access(1, 7, false), Ok(NR_RESERVED_ENTRIES));
     }
 
     #[derive(Debug, Clone)]

@@ -6,14 +6,23 @@
 //! * ring + event channel round trip (one request outstanding): p50 and p99 latency, with
 //!   posted (exceptionless) notifies and with synchronous ones;
 //! * ring + event channel throughput (32 outstanding, notification hold-off);
-//! * grant copy of 64 B, 1500 B and 4 KiB: one copy per hypercall and 32 per hypercall.
+//! * grant copy of 64 B, 1500 B and 4 KiB: one copy per hypercall and 32 per hypercall;
+//! * page exchange (transfer) per page: the remapping swap with both processes re-mapping the
+//!   swapped frames in place, the same swap with neither frame mapped in a process (the
+//!   hypercall alone), and the copy fallback (RAM frames). Measured with both domains'
+//!   platforms in the bench process, over the real hypercall page, server thread and control
+//!   socket; one exchange is the receiver's accept-transfer grant, the sender's transfer
+//!   hypercall and the receiver's end-transfer.
 //!
 //! Baselines, without our layers: a pipe ping-pong between two processes, a shared-memory
 //! ping-pong (a memfd word plus two eventfds) between two processes, and an in-process memcpy.
 //! Environment: `CHANNEL_BENCH_SCALE` multiplies the iteration counts (default 1).
 
+use devchan::platform::{Frame, Platform, SharedPage, TransferMode};
 use hypervisor::domain::DomainConfig;
-use hypervisor::launch::{launch, spawn_in, LaunchConfig, RunningDomain};
+use hypervisor::hypercall::Server;
+use hypervisor::launch::{connect, launch, spawn_in, LaunchConfig, RunningDomain};
+use hypervisor::process::ProcessPlatform;
 use hypervisor::system::System;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -139,6 +148,55 @@ fn grant_copies(iters: u64) -> Vec<(u64, f64, f64)> {
     let _ = c.wait_exit(Some(Duration::from_secs(60)));
     let _ = granter.kill();
     rows
+}
+
+/// A platform of a new domain in this process, with its server.
+fn attach(sys: &Arc<System>, name: &str) -> (ProcessPlatform, Server) {
+    let id = domain(sys, name);
+    let (server, fds) = connect(sys, id).expect("connect");
+    (
+        ProcessPlatform::from_fds(id, FRAMES, fds).expect("platform"),
+        server,
+    )
+}
+
+/// `iters` exchanges of the sender's `src` into the receiver's `dst`; ns per exchange.
+fn exchanges(
+    a: &ProcessPlatform,
+    b: &ProcessPlatform,
+    src: Frame,
+    dst: Frame,
+    iters: u64,
+    want: TransferMode,
+) -> f64 {
+    let t = Instant::now();
+    for _ in 0..iters {
+        let gref = b.accept_transfer(a.domid(), dst).expect("accept");
+        let mode = a.transfer(src, b.domid(), gref).expect("transfer");
+        assert_eq!(mode, want);
+        assert_eq!(b.end_transfer(gref).expect("end"), Some(dst));
+    }
+    t.elapsed().as_nanos() as f64 / iters as f64
+}
+
+/// Page exchange costs, ns per page: (remap with both frames mapped in the processes, remap
+/// with neither mapped, copy fallback between RAM frames).
+fn page_exchange(iters: u64) -> (f64, f64, f64) {
+    let sys = System::new();
+    let (a, _sa) = attach(&sys, "sender");
+    let (b, _sb) = attach(&sys, "receiver");
+    let (pa, pb) = (
+        a.alloc_shared_page().expect("page"),
+        b.alloc_shared_page().expect("page"),
+    );
+    let (fa, fb) = (pa.frame(), pb.frame());
+    let mapped = exchanges(&a, &b, fa, fb, iters, TransferMode::Remapped);
+    // SAFETY: byte 0 of a mapped page; volatile because it is shared.
+    let _ = unsafe { pb.as_ptr().read_volatile() };
+    drop((pa, pb));
+    let unmapped = exchanges(&a, &b, fa, fb, iters, TransferMode::Remapped);
+    let copied = exchanges(&a, &b, 9, 10, iters, TransferMode::Copied);
+    (mapped, unmapped, copied)
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -380,6 +438,23 @@ fn main() {
             "us",
             "memcpy",
         ));
+    }
+
+    let mut ex: [Vec<f64>; 4] = Default::default();
+    for _ in 0..ROUNDS {
+        let (mapped, unmapped, copied) = page_exchange(2_000 * s);
+        let base = memcpy_baseline(4096, 200_000);
+        for (k, v) in [mapped, unmapped, copied, base].into_iter().enumerate() {
+            ex[k].push(v);
+        }
+    }
+    let [mapped, unmapped, copied, base] = ex.map(median);
+    for (what, ours) in [
+        ("page exchange, remap + re-map", mapped),
+        ("page exchange, remap, unmapped", unmapped),
+        ("page exchange, copy fallback", copied),
+    ] {
+        rows.push(row(what, ours / 1e3, base / 1e3, "us/page", "memcpy 4 KiB"));
     }
 
     println!("{ROUNDS} interleaved rounds, medians; grant copies: one run");

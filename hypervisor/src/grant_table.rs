@@ -818,6 +818,20 @@ pub(crate) fn revoke_overdue(sys: &System) -> Vec<Revocation> {
     out
 }
 
+/// `System::release_mappings`: drop every mapping `d` holds (its process is gone, and the
+/// mappings with its address space). Pins stay: they belong to the domain's device, not to
+/// the process. Returns how many mappings were released.
+pub(crate) fn release_mappings(sys: &System, d: &Domain) -> usize {
+    let maps = std::mem::take(&mut d.lock_holdings().maps);
+    let n = maps.len();
+    for (handle, m) in maps {
+        if let Ok(g) = sys.lookup_any(m.granter) {
+            release_map(&g, m.gref, handle);
+        }
+    }
+    n
+}
+
 /// Part of `System::destroy_domain` for `d` (already marked dying and out of the table):
 /// release what it holds of others' grants, and strip every use others hold of its grants.
 pub(crate) fn destroy(sys: &System, d: &Domain) {

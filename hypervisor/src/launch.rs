@@ -19,7 +19,25 @@
 //! maps its memory, then applies the sandbox before it runs domain code.
 //!
 //! A domain's death is observed through a pidfd (`pidfd_open`): it becomes readable when the
-//! process exits, and [`RunningDomain::wait_exit`] then reports the exit code or the signal.
+//! process exits, and [`RunningDomain::wait_exit`] then reports the exit code or the signal and
+//! releases the grant mappings the process held (`System::release_mappings`).
+//!
+//! # Restarting a domain's process
+//!
+//! [`spawn_in`] starts a new process of an existing domain; one process per domain at a time.
+//! What the new process finds (see `process::ProcessPlatform`):
+//!
+//! * its memory as the old process left it, including its grant table: the platform resumes
+//!   the grant allocator from it (`GrantAllocator::resume`), so live grants stay valid, are
+//!   never handed out again, and can be listed (`ProcessPlatform::granted`) and ended;
+//! * its shareable pages (ring pages), which it maps again by frame
+//!   (`ProcessPlatform::reattach_page`); the frames are those its live grants name;
+//! * its event-channel ports, still bound;
+//! * none of the old process's mappings of peers' grants (released when it died): it maps
+//!   them again.
+//!
+//! A frontend finds its ring grant and port in XenStore (or by `find_grant(backend, frame)`)
+//! and carries on; a backend maps the frontend's ring again from XenStore's `ring-ref`.
 
 use crate::domain::DomainConfig;
 use crate::hypercall::{control_pair, HypercallError, Server, ServerExit, ServerFds};
@@ -113,6 +131,7 @@ pub enum ExitReport {
 
 /// A running domain process and its hypercall server.
 pub struct RunningDomain {
+    sys: Arc<System>,
     domid: DomId,
     child: Child,
     pidfd: OwnedFd,
@@ -238,6 +257,7 @@ pub fn spawn_in(
         }
     };
     Ok(RunningDomain {
+        sys: sys.clone(),
         domid,
         child,
         pidfd,
@@ -295,6 +315,11 @@ impl RunningDomain {
             (None, None) => ExitReport::Exited(-1),
         };
         self.exit = Some(report);
+        // The process is gone, and with it every page it had mapped (it could not fork: the
+        // sandbox forbids it), so the grants it mapped are released for their granters.
+        if let Ok(n) = self.sys.release_mappings(self.domid) {
+            tracing::debug!(dom = self.domid, released = n, "domain process exited");
+        }
         Ok(Some(report))
     }
 

@@ -15,6 +15,19 @@
 //! * **Mapping and shareable pages** go over the control socket, which hands back a one-page
 //!   memfd (`SCM_RIGHTS`) that this process maps and then closes. Dropping a
 //!   [`ProcessMapping`] unmaps it and tells the hypervisor.
+//! * **Restart.** A new process of an existing domain resumes the grant allocator from the
+//!   grant table in memory (live grants stay allocated and can be ended), lists its grants with
+//!   [`ProcessPlatform::granted`] and maps its shareable pages again by frame with
+//!   [`ProcessPlatform::reattach_page`] (see `launch` for what else survives).
+//! * **Transfers.** A remapping transfer swaps the memfds behind two shareable frames; a
+//!   process that maps one of them would keep seeing the old page. The platform keeps a
+//!   registry of where each of its shareable frames is mapped, and re-fetches a frame's memfd
+//!   (control op `SHARED_PAGE`) and maps it `MAP_FIXED` over the old mapping, at the same
+//!   address, whenever the page behind the frame may have changed: the sender after
+//!   [`Platform::transfer`] says `Remapped`, the receiver when [`Platform::end_transfer`]
+//!   reports a page arrived. Pointers a ring holds stay valid. The sender keeps no access to
+//!   the page it gave, unless it is hostile and skips this: a received page is as untrusted as
+//!   any shared page, so the receiver copies data out before validating it.
 //! * **Waiting for events** blocks on the upcall eventfd, then scans the domain's own
 //!   `shared_info` page, where the hypervisor sets the pending bits (`devchan::evtchn`).
 //!   Unmasking is local (clear the mask bit, re-check pending, self-signal the upcall eventfd),
@@ -31,12 +44,15 @@ use crate::launch::{ENV_DOMID, ENV_NR_FRAMES, FD_COMPLETION, FD_CONTROL, FD_DOOR
 use crate::launch::{FD_MEMORY, FD_UPCALL};
 use crate::memory::layout;
 use devchan::evtchn::EventPage;
-use devchan::grant::{status as gntst, DomId, GrantAllocator, GrantEntries, GrantError, GrantRef};
+use devchan::grant::{
+    status as gntst, DomId, GrantAllocator, GrantEntries, GrantEntryV1, GrantError, GrantRef,
+};
 use devchan::platform::{
     Frame, GrantCopyOp, Platform, PlatformError, Port, Result, SharedPage, TransferMode,
 };
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::mm::{MapFlags, ProtFlags};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,6 +113,33 @@ impl Mmap {
             unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0) }?;
         let ptr = NonNull::new(p.cast()).ok_or_else(|| std::io::Error::other("mmap at 0"))?;
         Ok(Self { ptr, len })
+    }
+
+    /// Replace this mapping, at the same address, with a shared mapping of `fd`: accesses
+    /// through pointers into it see the new file from then on.
+    ///
+    /// # Safety
+    ///
+    /// The caller keeps the mapping alive (not unmapped concurrently) for the call.
+    unsafe fn replace(&self, fd: impl AsFd) -> std::io::Result<()> {
+        // SAFETY: MAP_FIXED over exactly our own live mapping (the caller keeps it mapped),
+        // so nothing else is replaced; the page is only accessed volatilely or atomically, so
+        // no Rust reference sees its contents change.
+        let p = unsafe {
+            rustix::mm::mmap(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::FIXED,
+                fd,
+                0,
+            )
+        }?;
+        if p.cast() == self.ptr.as_ptr() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("MAP_FIXED moved the mapping"))
+        }
     }
 
     fn page(&self, frame: u64) -> Option<*mut u8> {
@@ -244,10 +287,48 @@ impl Control {
     }
 }
 
-/// A page of our memory that peers may map (from [`Platform::alloc_shared_page`]).
+/// Where this process maps each of its shareable frames, so that a frame whose page a
+/// transfer swapped can be mapped again in place. Lock order: this before the control socket.
+#[derive(Default)]
+struct PageRegistry(Mutex<HashMap<Frame, Vec<usize>>>);
+
+impl PageRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Frame, Vec<usize>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, frame: Frame, map: &Mmap) {
+        self.lock()
+            .entry(frame)
+            .or_default()
+            .push(map.ptr.as_ptr() as usize);
+    }
+
+    fn forget(&self, frame: Frame, map: &Mmap) {
+        let mut reg = self.lock();
+        if let Some(v) = reg.get_mut(&frame) {
+            v.retain(|&a| a != map.ptr.as_ptr() as usize);
+            if v.is_empty() {
+                reg.remove(&frame);
+            }
+        }
+    }
+}
+
+/// A page of our memory that peers may map (from [`Platform::alloc_shared_page`] or
+/// [`ProcessPlatform::reattach_page`]).
 pub struct ProcessPage {
     map: Mmap,
     frame: Frame,
+    registry: Arc<PageRegistry>,
+}
+
+impl Drop for ProcessPage {
+    fn drop(&mut self) {
+        // Out of the registry before the mapping goes (field drop, after this), so a
+        // concurrent re-map can never MAP_FIXED over an address that is no longer ours.
+        self.registry.forget(self.frame, &self.map);
+    }
 }
 
 impl SharedPage for ProcessPage {
@@ -298,6 +379,7 @@ pub struct ProcessPlatform {
     grants: GrantAllocator,
     hc: Mutex<HypercallClient>,
     control: Arc<Control>,
+    pages: Arc<PageRegistry>,
     upcall: OwnedFd,
     // Declared last so the views above are dropped before the memory they point into.
     ram: Mmap,
@@ -395,7 +477,9 @@ impl ProcessPlatform {
             domid,
             nr_frames,
             events,
-            grants: GrantAllocator::new(entries),
+            // A restarted process finds the grants of the previous one; a new domain's table
+            // is all zero, which resumes to an empty allocator.
+            grants: GrantAllocator::resume(entries),
             hc: Mutex::new(HypercallClient {
                 page,
                 doorbell: fds.doorbell,
@@ -405,6 +489,7 @@ impl ProcessPlatform {
                 posted_failures: 0,
             }),
             control: Arc::new(Control(Mutex::new(fds.control))),
+            pages: Arc::default(),
             upcall: fds.upcall,
             ram,
         })
@@ -433,6 +518,68 @@ impl ProcessPlatform {
     pub fn hypercall_batch(&self, ops: &[Op]) -> Result<Vec<OpRecord>> {
         let recs: Vec<OpRecord> = ops.iter().map(Op::encode).collect();
         self.hc().call(&recs)
+    }
+
+    /// The grants this domain has live (made by this process or found in the grant table by
+    /// a restarted one), ascending by reference.
+    pub fn granted(&self) -> Vec<(GrantRef, GrantEntryV1)> {
+        self.grants.live()
+    }
+
+    /// The live access grant of our `frame` to `peer`, if any: how a restarted frontend finds
+    /// its ring grant when it has no other record of it.
+    pub fn find_grant(&self, peer: DomId, frame: Frame) -> Option<GrantRef> {
+        self.grants.find_access(peer, u32::try_from(frame).ok()?)
+    }
+
+    /// Map our existing shareable page `frame` (allocated by this or an earlier process of
+    /// the domain), e.g. the ring page a restarted frontend granted before it crashed.
+    pub fn reattach_page(&self, frame: Frame) -> Result<ProcessPage> {
+        let (rep, fd) = self.control.request(ctl::SHARED_PAGE, [frame, 0, 0])?;
+        if rep.status != 0 {
+            return Err(PlatformError::BadFrame(frame));
+        }
+        self.own_page(fd, frame)
+    }
+
+    /// Wrap a received page memfd as a registered `ProcessPage` of `frame`.
+    fn own_page(&self, fd: Option<OwnedFd>, frame: Frame) -> Result<ProcessPage> {
+        let map = self.map_fd(fd, true)?;
+        self.pages.add(frame, &map);
+        Ok(ProcessPage {
+            map,
+            frame,
+            registry: self.pages.clone(),
+        })
+    }
+
+    /// The page behind our shareable `frame` may have changed (a transfer swapped it): map
+    /// the frame's current memfd over every mapping of it in this process. Nothing to do for
+    /// RAM frames or frames not mapped here.
+    fn refresh_page(&self, frame: Frame) -> Result<()> {
+        if frame < self.nr_frames {
+            return Ok(());
+        }
+        // Held throughout: a page dropped meanwhile waits, so its address stays ours.
+        let reg = self.pages.lock();
+        let Some(addrs) = reg.get(&frame).filter(|v| !v.is_empty()) else {
+            return Ok(());
+        };
+        let (rep, fd) = self.control.request(ctl::SHARED_PAGE, [frame, 0, 0])?;
+        let fd = match (rep.status, fd) {
+            (0, Some(fd)) => fd,
+            _ => return Err(PlatformError::BadFrame(frame)),
+        };
+        for &addr in addrs {
+            let ptr = NonNull::new(addr as *mut u8).ok_or(PlatformError::BadFrame(frame))?;
+            let view = std::mem::ManuallyDrop::new(Mmap { ptr, len: PAGE });
+            // SAFETY: `addr` is the live one-page mapping of a `ProcessPage`, which removes
+            // itself from the registry (whose lock we hold) before it unmaps; `view` is never
+            // dropped, so it does not unmap it either.
+            unsafe { view.replace(&fd) }
+                .map_err(|e| PlatformError::Link(format!("re-map after transfer: {e}")))?;
+        }
+        Ok(())
     }
 
     fn local(&self, frame: Frame, offset: usize, len: usize) -> Result<*mut u8> {
@@ -502,10 +649,7 @@ impl Platform for ProcessPlatform {
         if rep.status != 0 {
             return Err(PlatformError::Exhausted("shareable pages"));
         }
-        Ok(ProcessPage {
-            map: self.map_fd(fd, true)?,
-            frame: rep.result[0],
-        })
+        self.own_page(fd, rep.result[0])
     }
 
     fn grant_access(&self, peer: DomId, frame: Frame, readonly: bool) -> Result<GrantRef> {
@@ -525,11 +669,16 @@ impl Platform for ProcessPlatform {
     }
 
     fn end_transfer(&self, gref: GrantRef) -> Result<Option<Frame>> {
-        Ok(self
+        let got = self
             .grants
             .end_transfer(gref)
             .map_err(grant_err)?
-            .map(Frame::from))
+            .map(Frame::from);
+        if let Some(frame) = got {
+            // The sender's page may now be behind this frame (a swap); see it where we map it.
+            self.refresh_page(frame)?;
+        }
+        Ok(got)
     }
 
     fn map_grant(&self, peer: DomId, gref: GrantRef, readonly: bool) -> Result<ProcessMapping> {
@@ -580,11 +729,13 @@ impl Platform for ProcessPlatform {
 
     fn transfer(&self, frame: Frame, peer: DomId, gref: GrantRef) -> Result<TransferMode> {
         let r = gnt_result(&self.hc().one(Op::Transfer { frame, peer, gref })?)?;
-        Ok(if r == 0 {
-            TransferMode::Remapped
+        if r == 0 {
+            // Our frame now names the receiver's old page: map it where we mapped the frame.
+            self.refresh_page(frame)?;
+            Ok(TransferMode::Remapped)
         } else {
-            TransferMode::Copied
-        })
+            Ok(TransferMode::Copied)
+        }
     }
 
     fn read_local(&self, frame: Frame, offset: usize, buf: &mut [u8]) -> Result<()> {

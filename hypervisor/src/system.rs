@@ -191,6 +191,28 @@ impl System {
         Ok((frame, page.reopen(false)?))
     }
 
+    /// A new read-write file description of `caller`'s own shareable page `frame`: for a
+    /// restarted process of the domain to map its pages again, and for a process to map a
+    /// frame again after a transfer swapped the page behind it.
+    pub fn shared_page_file(&self, caller: DomId, frame: Frame) -> Result<File> {
+        let d = self.lookup(caller)?;
+        let page = d
+            .memory()
+            .shared_page(frame)
+            .ok_or(SystemError::BadFrame(frame))?;
+        Ok(page.reopen(false)?)
+    }
+
+    /// The process of `dom` is gone (the caller saw it exit): release every grant mapping it
+    /// held, since they went with its address space, so the granters can end those grants.
+    /// The domain, its memory, its own grants, ports and DMA pins stay for a restarted
+    /// process. Must not be called while a process of `dom` still runs (it could keep using
+    /// pages whose grants were released). Returns how many mappings were released.
+    pub fn release_mappings(&self, dom: DomId) -> Result<usize> {
+        let d = self.lookup_any(dom)?;
+        Ok(grant_table::release_mappings(self, &d))
+    }
+
     /// Map `granter`'s grant `gref` for `caller`. Only shareable pages can be mapped
     /// (`GNTST_bad_page` otherwise). Returns a handle for `unmap_grant` and the page's memfd,
     /// opened read-only when `readonly` (a read-only mapper cannot map it writable).

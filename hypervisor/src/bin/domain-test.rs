@@ -14,6 +14,12 @@
 //!   Both notify with posted sends unless `sync` is given (then each send waits for its status).
 //! * `grant <peer-domid>`: grants one data frame (filled with a pattern) read-only to the peer,
 //!   prints `READY <gref>`, then waits until killed.
+//! * `ring-grant <peer-domid>`: allocates a shareable page, writes `RING` at offset 0, grants
+//!   it writable to the peer, prints `READY <gref> <frame>`, then waits until killed.
+//! * `resume <peer-domid> <gref> <frame>`: a restarted process of the `ring-grant` domain:
+//!   checks that grant `<gref>` of `<frame>` to the peer is still live and found, maps the page
+//!   again and prints `RESUMED <new-gref> <bytes 4..8 of the page>` (the new grant must not
+//!   reuse `<gref>`), then ends `<gref>` once the peer stopped using it and prints `ENDED`.
 //! * `copybench <granter> <gref> <iterations>`: times grant copies of 64, 1500 and 4096 bytes
 //!   out of the granted page, one per hypercall and 32 per hypercall; prints
 //!   `COPY <bytes> <ns-per-copy-single> <ns-per-copy-batched>` lines.
@@ -51,6 +57,8 @@ fn main() {
         "front" => front(&args[1..]),
         "back" => back(&args[1..]),
         "grant" => grant(&args[1..]),
+        "ring-grant" => ring_grant(&args[1..]),
+        "resume" => resume(&args[1..]),
         "copybench" => copybench(&args[1..]),
         "thief" => thief(&args[1..]),
         "crash" => crash(),
@@ -291,6 +299,61 @@ fn grant(args: &[String]) -> Res<()> {
     loop {
         let _ = p.evtchn_wait(Some(WAIT));
     }
+}
+
+fn ring_grant(args: &[String]) -> Res<()> {
+    let peer: DomId = arg(args, 0)?;
+    let p = start()?;
+    let page = p.alloc_shared_page()?;
+    for (i, b) in b"RING".iter().enumerate() {
+        // SAFETY: offsets 0..4 are inside the mapped page; volatile because it is shared.
+        unsafe { page.as_ptr().add(i).write_volatile(*b) };
+    }
+    let gref = p.grant_access(peer, page.frame(), false)?;
+    say(&format!("READY {gref} {}", page.frame()))?;
+    loop {
+        let _ = p.evtchn_wait(Some(WAIT));
+    }
+}
+
+fn resume(args: &[String]) -> Res<()> {
+    let peer: DomId = arg(args, 0)?;
+    let gref: GrantRef = arg(args, 1)?;
+    let frame: Frame = arg(args, 2)?;
+    let p = start()?;
+    let live = p.granted();
+    let ok = live
+        .iter()
+        .any(|(g, e)| *g == gref && e.domid == peer && Frame::from(e.frame) == frame);
+    if !ok || p.find_grant(peer, frame) != Some(gref) {
+        return Err(format!("grant {gref} not found after restart: {live:?}").into());
+    }
+    let page = p.reattach_page(frame)?;
+    // SAFETY: offsets 0..8 are inside the mapped page; volatile because it is shared.
+    let bytes: Vec<u8> = (0..8)
+        .map(|i| unsafe { page.as_ptr().add(i).read_volatile() })
+        .collect();
+    if &bytes[..4] != b"RING" {
+        return Err("ring page lost its contents".into());
+    }
+    let fresh = p.grant_access(peer, page.frame(), true)?;
+    if fresh == gref {
+        return Err("live grant handed out again".into());
+    }
+    say(&format!(
+        "RESUMED {fresh} {}",
+        String::from_utf8_lossy(&bytes[4..])
+    ))?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match p.end_access(gref) {
+            Ok(()) => break,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    p.end_access(fresh)?;
+    say("ENDED")
 }
 
 fn copybench(args: &[String]) -> Res<()> {

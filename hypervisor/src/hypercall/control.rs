@@ -15,6 +15,8 @@ pub mod ctl {
     pub const MAP_GRANT: u32 = 2;
     /// Unmap a mapping.
     pub const UNMAP_GRANT: u32 = 3;
+    /// Hand over one of the caller's own shareable pages again (after a restart or a swap).
+    pub const SHARED_PAGE: u32 = 4;
 }
 
 /// Bytes of a control request.

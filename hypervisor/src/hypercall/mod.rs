@@ -73,6 +73,11 @@
 //! | 1 | alloc shared page | | frame | one-page memfd |
 //! | 2 | map grant | granter, gref, readonly | map handle, granter's frame (0 if unknown) | one-page memfd |
 //! | 3 | unmap grant | map handle | | |
+//! | 4 | shared page | own shareable frame | frame | one-page memfd (read-write) |
+//!
+//! Op 4 serves a restarted process of a domain (its shareable pages, e.g. ring pages, live on
+//! with the domain and are mapped again by frame) and a process whose page a transfer swapped
+//! (the frame now names another memfd, which it maps over the old one).
 
 use devchan::grant::{status as gntst, DomId, GrantRef, DOMID_SELF, PAGE_SIZE};
 use devchan::platform::{CopyPtr, Frame, GrantCopyOp, Port};

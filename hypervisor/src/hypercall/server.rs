@@ -161,7 +161,19 @@ pub fn execute_ctl(sys: &System, caller: DomId, bytes: &[u8]) -> (CtlReply, Opti
                 Err(e) => fail(grant_status(&e)),
             }
         }
-        ctl::ALLOC_SHARED_PAGE | ctl::MAP_GRANT | ctl::UNMAP_GRANT => fail(-libc::EINVAL),
+        ctl::SHARED_PAGE if a[1] == 0 && a[2] == 0 => match sys.shared_page_file(caller, a[0]) {
+            Ok(file) => (
+                CtlReply {
+                    status: 0,
+                    result: [a[0], 0],
+                },
+                Some(file),
+            ),
+            Err(e) => fail(errno_status(&e)),
+        },
+        ctl::ALLOC_SHARED_PAGE | ctl::MAP_GRANT | ctl::UNMAP_GRANT | ctl::SHARED_PAGE => {
+            fail(-libc::EINVAL)
+        }
         _ => fail(-libc::ENOSYS),
     }
 }
@@ -229,7 +241,9 @@ impl Server {
     /// Whether the server thread has ended on its own (the domain went away or misbehaved);
     /// [`Server::stop`] then says why without waiting.
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().map_or(true, std::thread::JoinHandle::is_finished)
+        self.thread
+            .as_ref()
+            .map_or(true, std::thread::JoinHandle::is_finished)
     }
 
     /// Stop the server and wait for it.
