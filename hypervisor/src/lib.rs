@@ -47,15 +47,15 @@
 //! * **Locking.** The domain table is an `RwLock` read on every call; per-domain mutexes guard
 //!   ports, the active grant table and holdings. Copies move bytes with no lock held.
 
-pub mod domain;
-pub mod evtchn;
-pub mod grant_table;
-pub mod hypercall;
-pub mod launch;
-pub mod local;
 pub mod memory;
+pub mod domain;
+pub mod grant_table;
+pub mod evtchn;
+pub mod system;
+pub mod local;
+pub mod hypercall;
 pub mod process;
+pub mod launch;
 pub mod sandbox;
 pub mod store_link;
-pub mod system;
 pub mod xenstored;
