@@ -49,7 +49,9 @@ pub fn run(
     let theirs = read_state(xs, &format!("{fdir}/state"));
     // Isolation check for the demo: the frontend's private node is not ours to read.
     match xs.read(0, &format!("/local/domain/{front}/data")) {
-        Err(e) => say(&format!("backend: reading the frontend's private data: {e:?} (as it should be)")),
+        Err(e) => say(&format!(
+            "backend: reading the frontend's private data: {e:?} (as it should be)"
+        )),
         Ok(_) => bail!("backend could read the frontend's private data"),
     }
     xs.watch(&format!("{fdir}/state"), "front")?;
@@ -140,7 +142,11 @@ fn map_ring(
     p.evtchn_unmask(port)?;
     say(&format!(
         "backend: mapped ring-ref {gref}, event channel {remote_port} -> our port {port}{}",
-        if resume { " (resumed at the shared indexes)" } else { "" }
+        if resume {
+            " (resumed at the shared indexes)"
+        } else {
+            ""
+        }
     ));
     Ok(Conn {
         ring,

@@ -87,7 +87,11 @@ pub fn run(
         .and_then(|b| DomId::try_from(b).ok())
         .context("backend-id is not a domain id")?;
     // Our private node (the backend must not be able to read it).
-    xs.write(0, &format!("/local/domain/{}/data/secret", p.domid()), b"frontend only")?;
+    xs.write(
+        0,
+        &format!("/local/domain/{}/data/secret", p.domid()),
+        b"frontend only",
+    )?;
 
     // The ring page and the payload pages, granted once (persistent grants).
     let ring_page = p.alloc_shared_page()?;
@@ -119,9 +123,19 @@ pub fn run(
             Action::PublishRing => {
                 let ring_ref = p.grant_access(back, ring_page.frame(), false)?;
                 let evtchn = p.evtchn_alloc_unbound(back)?;
-                xs.write(0, &format!("{dir}/ring-ref"), ring_ref.to_string().as_bytes())?;
-                xs.write(0, &format!("{dir}/event-channel"), evtchn.to_string().as_bytes())?;
-                say(&format!("frontend: published ring-ref {ring_ref}, event channel {evtchn}"));
+                xs.write(
+                    0,
+                    &format!("{dir}/ring-ref"),
+                    ring_ref.to_string().as_bytes(),
+                )?;
+                xs.write(
+                    0,
+                    &format!("{dir}/event-channel"),
+                    evtchn.to_string().as_bytes(),
+                )?;
+                say(&format!(
+                    "frontend: published ring-ref {ring_ref}, event channel {evtchn}"
+                ));
                 port = Some(evtchn);
             }
             Action::TearDown(_) => bail!("backend closed during the handshake"),
@@ -167,7 +181,11 @@ pub fn run(
             }
             let n = next_logical;
             next_logical += 1;
-            p.write_local(FIRST_PAGE + i as u64, 0, &proto::payload(n, usize::from(cfg.size)))?;
+            p.write_local(
+                FIRST_PAGE + i as u64,
+                0,
+                &proto::payload(n, usize::from(cfg.size)),
+            )?;
             s.logical = Some(n);
             s.done = false;
             s.first_issue = Instant::now();
@@ -194,7 +212,8 @@ pub fn run(
             s.done = true;
             if verify(p, i, s, &r, cfg.size)? {
                 st.verified += 1;
-                st.rtts_us.push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
+                st.rtts_us
+                    .push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
             } else {
                 st.failed += 1;
             }
@@ -207,7 +226,10 @@ pub fn run(
             last_progress = Instant::now();
             if let Some(t0) = outage_since.take() {
                 st.outages.push(t0.elapsed());
-                say(&format!("frontend: backend is back: outage {} ms", t0.elapsed().as_millis()));
+                say(&format!(
+                    "frontend: backend is back: outage {} ms",
+                    t0.elapsed().as_millis()
+                ));
             }
             continue;
         }
@@ -244,13 +266,21 @@ pub fn run(
     let elapsed = start.elapsed();
 
     // Close: Closing, wait for the backend to follow, Closed.
-    xs.write(0, &format!("{dir}/state"), XenbusState::Closing.to_xenstore().as_bytes())?;
+    xs.write(
+        0,
+        &format!("{dir}/state"),
+        XenbusState::Closing.to_xenstore().as_bytes(),
+    )?;
     let t0 = Instant::now();
     let mut closed = false;
     while t0.elapsed() < Duration::from_secs(5) {
         let b = read_state(xs, &format!("{bdir}/state"));
         if matches!(b, XenbusState::Closing | XenbusState::Closed) {
-            xs.write(0, &format!("{dir}/state"), XenbusState::Closed.to_xenstore().as_bytes())?;
+            xs.write(
+                0,
+                &format!("{dir}/state"),
+                XenbusState::Closed.to_xenstore().as_bytes(),
+            )?;
             closed = true;
             break;
         }
@@ -261,8 +291,7 @@ pub fn run(
         say("frontend: backend did not close");
     }
     print_summary(&cfg, &mut st, elapsed);
-    drop(ring);
-    drop(ring_page);
+    // `ring` is dropped before `ring_page` (reverse declaration order).
     if st.failed > 0 {
         bail!("{} responses failed verification", st.failed);
     }
@@ -307,20 +336,31 @@ fn verify(p: &ProcessPlatform, i: usize, s: &Slot, r: &DemoRsp, size: u16) -> Re
     };
     let input = proto::payload(n, usize::from(size));
     let mut out = vec![0u8; usize::from(size)];
-    p.read_local(FIRST_PAGE + i as u64, usize::from(proto::OUTPUT_OFFSET), &mut out)?;
-    Ok(r.status == proto::STATUS_OK && r.digest == proto::digest(&input) && out == proto::transform(&input))
+    p.read_local(
+        FIRST_PAGE + i as u64,
+        usize::from(proto::OUTPUT_OFFSET),
+        &mut out,
+    )?;
+    Ok(r.status == proto::STATUS_OK
+        && r.digest == proto::digest(&input)
+        && out == proto::transform(&input))
 }
 
 fn print_summary(cfg: &FrontConfig, st: &mut Stats, elapsed: Duration) {
     st.rtts_us.sort_unstable();
-    let pct = |q: f64| -> u64 {
-        if st.rtts_us.is_empty() {
+    // The `permille`-th per-mille round trip (nearest rank).
+    let pct = |permille: usize| -> u64 {
+        let n = st.rtts_us.len();
+        if n == 0 {
             return 0;
         }
-        let idx = ((st.rtts_us.len() - 1) as f64 * q).round() as usize;
-        st.rtts_us[idx.min(st.rtts_us.len() - 1)]
+        st.rtts_us[((n - 1) * permille / 1000).min(n - 1)]
     };
-    let outage_ms: Vec<String> = st.outages.iter().map(|d| d.as_millis().to_string()).collect();
+    let outage_ms: Vec<String> = st
+        .outages
+        .iter()
+        .map(|d| d.as_millis().to_string())
+        .collect();
     let secs = elapsed.as_secs_f64().max(1e-9);
     say(&format!(
         "summary requests={} verified={} failed={} duplicates={} reissued={} outages={} \
@@ -334,8 +374,8 @@ fn print_summary(cfg: &FrontConfig, st: &mut Stats, elapsed: Duration) {
         if outage_ms.is_empty() { "-".to_string() } else { outage_ms.join(",") },
         elapsed.as_millis(),
         (st.verified + st.failed) as f64 / secs,
-        pct(0.5),
-        pct(0.99),
+        pct(500),
+        pct(990),
         st.rtts_us.last().copied().unwrap_or(0),
         cfg.size,
         cfg.window,

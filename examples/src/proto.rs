@@ -38,7 +38,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// A request on the demo ring.
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct DemoReq {
     /// Request id, echoed in the response.
     pub id: u64,
@@ -52,7 +54,9 @@ pub struct DemoReq {
 
 /// A response on the demo ring.
 #[repr(C)]
-#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    FromBytes, IntoBytes, Immutable, KnownLayout, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub struct DemoRsp {
     /// The request's id.
     pub id: u64,
@@ -95,7 +99,7 @@ pub fn payload(n: u64, len: usize) -> Vec<u8> {
     let seed = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (0..len)
         .map(|i| {
-            let x = seed.rotate_left((i % 64) as u32) ^ (i as u64);
+            let x = seed.rotate_left(u32::try_from(i % 64).unwrap_or(0)) ^ (i as u64);
             x.to_le_bytes()[i % 8]
         })
         .collect()
@@ -141,7 +145,14 @@ mod tests {
     fn parse_rejects_junk() {
         assert_eq!(parse_u32(b"42"), Some(42));
         assert_eq!(parse_u32(b" 7\n"), Some(7));
-        for bad in [&b""[..], b"-1", b"0x10", b"99999999999", b"4294967296", b"\xff"] {
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"0x10",
+            b"99999999999",
+            b"4294967296",
+            b"\xff",
+        ] {
             assert_eq!(parse_u32(bad), None, "{bad:?}");
         }
     }

@@ -91,14 +91,30 @@ pub fn write_device(xs: &mut Client<UnixStream>, front: DomId, back: DomId) -> R
     let bperm = [Perm::new(back, 0), Perm::new(front, PERM_READ)];
     let init = XenbusState::Initialising.to_xenstore();
     let nodes: Vec<(String, String, &[Perm])> = vec![
-        (format!("/local/domain/{front}/device"), String::new(), &fperm),
-        (format!("/local/domain/{front}/device/{}", proto::DEVICE), String::new(), &fperm),
+        (
+            format!("/local/domain/{front}/device"),
+            String::new(),
+            &fperm,
+        ),
+        (
+            format!("/local/domain/{front}/device/{}", proto::DEVICE),
+            String::new(),
+            &fperm,
+        ),
         (fdir.clone(), String::new(), &fperm),
         (format!("{fdir}/backend"), bdir.clone(), &fperm),
         (format!("{fdir}/backend-id"), back.to_string(), &fperm),
         (format!("{fdir}/state"), init.clone(), &fperm),
-        (format!("/local/domain/{back}/backend"), String::new(), &bperm),
-        (format!("/local/domain/{back}/backend/{}", proto::DEVICE), String::new(), &bperm),
+        (
+            format!("/local/domain/{back}/backend"),
+            String::new(),
+            &bperm,
+        ),
+        (
+            format!("/local/domain/{back}/backend/{}", proto::DEVICE),
+            String::new(),
+            &bperm,
+        ),
         (
             format!("/local/domain/{back}/backend/{}/{front}", proto::DEVICE),
             String::new(),
@@ -144,7 +160,10 @@ impl StateWatcher {
         let thread = std::thread::spawn(move || {
             let mut last: [Option<XenbusState>; 2] = [None, None];
             while let Ok(ev) = xs.next_event() {
-                let Some(i) = keys.iter().position(|(t, _)| t.as_bytes() == ev.token.as_slice()) else {
+                let Some(i) = keys
+                    .iter()
+                    .position(|(t, _)| t.as_bytes() == ev.token.as_slice())
+                else {
                     continue;
                 };
                 let s = crate::read_state(&mut xs, &keys[i].1);

@@ -49,13 +49,17 @@ fn crash_and_reattach_keeps_every_response_verified() {
     assert!(crash.contains("pidfd reported it"), "{crash}");
     assert!(text.contains("pidfd: backend process Signaled(9)"));
     assert!(text.contains("restarted; XenStore says Connected: re-attaching to the ring"));
-    assert!(text.contains("Xs(Eacces)"), "the backend read the frontend's private node");
+    assert!(
+        text.contains("Xs(Eacces)"),
+        "the backend read the frontend's private node"
+    );
     assert!(text.contains("== OK: every response verified"));
     // The state timeline saw both ends connect and close.
     for who in ["frontend", "backend"] {
         for state in ["Initialising", "Connected", "Closed"] {
             assert!(
-                text.lines().any(|l| l.contains(&format!("{who:<9} {state}"))),
+                text.lines()
+                    .any(|l| l.contains(&format!("{who:<9} {state}"))),
                 "timeline lacks {who} {state}"
             );
         }
@@ -70,7 +74,10 @@ fn without_a_crash_there_is_no_outage() {
         line(&text, "requests "),
         "requests          300 (verified 300, failed 0)"
     );
-    assert_eq!(line(&text, "backend crash "), "backend crash     none (--no-crash)");
+    assert_eq!(
+        line(&text, "backend crash "),
+        "backend crash     none (--no-crash)"
+    );
 }
 
 #[test]

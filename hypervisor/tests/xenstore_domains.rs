@@ -58,13 +58,22 @@ fn domain(role: &str) -> Res<()> {
     out(&format!("home {home}"));
     // Our own private node: read/write.
     xs.write(0, &format!("{home}/data/hello"), b"from the domain")?;
-    out(&format!("readback {}", String::from_utf8(xs.read(0, &format!("{home}/data/hello"))?)?));
+    out(&format!(
+        "readback {}",
+        String::from_utf8(xs.read(0, &format!("{home}/data/hello"))?)?
+    ));
     // Another domain's private node: neither readable nor writable.
     let secret = format!("/local/domain/{other}/data/secret");
     let r = xs.read(0, &secret);
-    out(&format!("read-other {}", matches!(r, Err(ClientError::Xs(XsError::Eacces)))));
+    out(&format!(
+        "read-other {}",
+        matches!(r, Err(ClientError::Xs(XsError::Eacces)))
+    ));
     let w = xs.write(0, &secret, b"overwritten");
-    out(&format!("write-other {}", matches!(w, Err(ClientError::Xs(XsError::Eacces)))));
+    out(&format!(
+        "write-other {}",
+        matches!(w, Err(ClientError::Xs(XsError::Eacces)))
+    ));
     if role == "scribble" {
         let page = mux.platform().xenstore_page().ok_or("no page")?;
         // SAFETY: req_prod (offset 2052) of our own ring page, an aligned u32 inside our RAM
@@ -171,7 +180,11 @@ fn spawn(r: &Rig, id: u16, role: &str, other: u16) -> RunningDomain {
 fn wait_status(r: &Rig, dom: u16, ok: impl Fn(&ServiceState) -> bool) {
     let t0 = Instant::now();
     while !r.stores.status(dom).as_ref().is_some_and(&ok) {
-        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", r.stores.status(dom));
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            r.stores.status(dom)
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -197,13 +210,18 @@ fn lines_until(d: &mut RunningDomain, until: &str) -> Vec<String> {
 
 fn ping(r: &mut Rig, dom: u16, value: &str) {
     let home = format!("/local/domain/{dom}/data");
-    r.admin.write(0, &format!("{home}/ping"), value.as_bytes()).unwrap();
+    r.admin
+        .write(0, &format!("{home}/ping"), value.as_bytes())
+        .unwrap();
     let t0 = Instant::now();
     loop {
         if r.admin.read(0, &format!("{home}/pong")).ok().as_deref() == Some(value.as_bytes()) {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "domain {dom} did not answer {value}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "domain {dom} did not answer {value}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -233,7 +251,10 @@ fn sandboxed_domains_read_write_and_watch_with_permissions() {
         ping(&mut r, 1, &format!("a{i}"));
         ping(&mut r, 2, &format!("b{i}"));
     }
-    assert_eq!(r.admin.read(0, "/local/domain/2/data/secret").unwrap(), b"private");
+    assert_eq!(
+        r.admin.read(0, "/local/domain/2/data/secret").unwrap(),
+        b"private"
+    );
     // Destroying a domain stops its service (found by the dispatcher's scan), the other
     // domain keeps going.
     a.kill().unwrap();
@@ -241,7 +262,9 @@ fn sandboxed_domains_read_write_and_watch_with_permissions() {
     wait_status(&r, 1, |s| *s == ServiceState::Stopped);
     assert!(!r.admin.is_domain_introduced(1).unwrap());
     ping(&mut r, 2, "after");
-    r.admin.write(0, "/local/domain/2/data/ping", b"stop").unwrap();
+    r.admin
+        .write(0, "/local/domain/2/data/ping", b"stop")
+        .unwrap();
     assert_eq!(
         b.wait_exit(Some(Duration::from_secs(10))).unwrap(),
         Some(hypervisor::launch::ExitReport::Exited(0))
@@ -256,7 +279,10 @@ fn a_domain_that_scribbles_its_ring_is_cut_off_alone() {
     let (ig, ib) = (create(&mut r, "good"), create(&mut r, "bad"));
     let mut good = spawn(&r, ig, "rw", ib);
     let mut bad = spawn(&r, ib, "scribble", ig);
-    assert_eq!(lines_until(&mut good, "watching").last().unwrap(), "watching");
+    assert_eq!(
+        lines_until(&mut good, "watching").last().unwrap(),
+        "watching"
+    );
     let got = lines_until(&mut bad, "cut-off");
     let last = got.last().unwrap();
     assert!(last.starts_with("cut-off"), "{got:?}");
@@ -270,7 +296,9 @@ fn a_domain_that_scribbles_its_ring_is_cut_off_alone() {
         ping(&mut r, 1, &format!("still-{i}"));
     }
     assert_eq!(r.stores.status(1), Some(ServiceState::Serving));
-    r.admin.write(0, "/local/domain/1/data/ping", b"stop").unwrap();
+    r.admin
+        .write(0, "/local/domain/1/data/ping", b"stop")
+        .unwrap();
     assert_eq!(
         good.wait_exit(Some(Duration::from_secs(10))).unwrap(),
         Some(hypervisor::launch::ExitReport::Exited(0))
@@ -282,16 +310,24 @@ fn a_restarted_process_reconnects_to_its_store() {
     let mut r = rig();
     let id = create(&mut r, "d");
     let mut first = spawn(&r, id, "rw", 9);
-    assert_eq!(lines_until(&mut first, "watching").last().unwrap(), "watching");
+    assert_eq!(
+        lines_until(&mut first, "watching").last().unwrap(),
+        "watching"
+    );
     ping(&mut r, 1, "one");
     first.kill().unwrap();
     drop(first);
     // A new process in the same domain: same port, same ring; it reconnects and its watch
     // works again.
     let mut second = spawn(&r, id, "rw", 9);
-    assert_eq!(lines_until(&mut second, "watching").last().unwrap(), "watching");
+    assert_eq!(
+        lines_until(&mut second, "watching").last().unwrap(),
+        "watching"
+    );
     ping(&mut r, 1, "two");
-    r.admin.write(0, "/local/domain/1/data/ping", b"stop").unwrap();
+    r.admin
+        .write(0, "/local/domain/1/data/ping", b"stop")
+        .unwrap();
     assert_eq!(
         second.wait_exit(Some(Duration::from_secs(10))).unwrap(),
         Some(hypervisor::launch::ExitReport::Exited(0))

@@ -40,7 +40,7 @@ struct Opts {
 fn parse() -> Result<Opts> {
     let mut o = Opts {
         front: FrontConfig {
-            requests: 20_000,
+            requests: 100_000,
             window: 32,
             size: 1024,
             timeout: Duration::from_millis(200),
@@ -72,7 +72,11 @@ fn parse() -> Result<Opts> {
             ),
         }
     }
-    if o.front.window == 0 || o.front.window > 64 || o.front.size == 0 || o.front.size > proto::MAX_LEN {
+    if o.front.window == 0
+        || o.front.window > 64
+        || o.front.size == 0
+        || o.front.size > proto::MAX_LEN
+    {
         bail!("--window must be 1..=64 and --size 1..={}", proto::MAX_LEN);
     }
     o.crash_after = crash.map(|c| c.unwrap_or(o.front.requests / 2));
@@ -127,7 +131,10 @@ fn run(o: &Opts) -> Result<bool> {
     let stores = DomainStores::start(Arc::clone(&sys), Arc::clone(&xs), dom0)?;
     println!("== domain 0: hypervisor core + xenstored");
     println!("   xenstored socket: {}", sock.display());
-    println!("   try: XENSTORED_PATH={} xenstore-ls /local/domain   (with --stay)", sock.display());
+    println!(
+        "   try: XENSTORED_PATH={} xenstore-ls /local/domain   (with --stay)",
+        sock.display()
+    );
 
     // The toolstack: two domains, their stores, the device directories.
     let back_id: DomId = sys.create_domain(cfg("backend", back::NR_FRAMES))?;
@@ -137,12 +144,21 @@ fn run(o: &Opts) -> Result<bool> {
     println!("== toolstack: domain {back_id} (backend, store port {back_port}), domain {front_id} (frontend, store port {front_port}); XenStore ring = frame 6 of each");
     let mut admin = socket::connect(&sock)?;
     write_device(&mut admin, front_id, back_id)?;
-    println!("   wrote {} and {}", proto::front_dir(front_id), proto::back_dir(back_id, front_id));
+    println!(
+        "   wrote {} and {}",
+        proto::front_dir(front_id),
+        proto::back_dir(back_id, front_id)
+    );
     let watcher = StateWatcher::start(&sock, front_id, back_id, tl.clone())?;
 
     let prog = domain_program()?;
     let back_cfg = || {
-        let mut c = LaunchConfig::new("backend", back::NR_FRAMES, &prog, &["backend", &front_id.to_string()]);
+        let mut c = LaunchConfig::new(
+            "backend",
+            back::NR_FRAMES,
+            &prog,
+            &["backend", &front_id.to_string()],
+        );
         c.nr_frames = back::NR_FRAMES;
         c
     };
@@ -158,14 +174,23 @@ fn run(o: &Opts) -> Result<bool> {
     let (tx, rx) = channel();
     let mut backend = stores.spawn_in(back_id, back_cfg())?;
     forward(&mut backend, "backend", tx.clone());
-    tl.push("manager", format!("backend process {} started", backend.child_mut().id()));
+    tl.push(
+        "manager",
+        format!("backend process {} started", backend.child_mut().id()),
+    );
     let mut frontend = stores.spawn_in(
         front_id,
         LaunchConfig::new("frontend", f.nr_frames(), &prog, &front_args),
     )?;
     forward(&mut frontend, "frontend", tx.clone());
-    tl.push("manager", format!("frontend process {} started", frontend.child_mut().id()));
-    println!("== running {} requests of {} B, window {}, through a grant-referenced ring", f.requests, f.size, f.window);
+    tl.push(
+        "manager",
+        format!("frontend process {} started", frontend.child_mut().id()),
+    );
+    println!(
+        "== running {} requests of {} B, window {}, through a grant-referenced ring",
+        f.requests, f.size, f.window
+    );
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut summary = HashMap::new();
@@ -182,11 +207,23 @@ fn run(o: &Opts) -> Result<bool> {
             continue;
         }
         if let Some(rest) = line.strip_prefix("progress ") {
-            let done: u64 = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let done: u64 = rest
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
             println!("   [{who}] {done}/{} requests answered", f.requests);
             if o.crash_after.is_some_and(|c| done >= c) && !crashed {
                 crashed = true;
-                crash_info = crash(&stores, &mut backend, back_id, back_cfg(), o.restart_delay, &tl, &tx)?;
+                crash_info = crash(
+                    &stores,
+                    &mut backend,
+                    back_id,
+                    back_cfg(),
+                    o.restart_delay,
+                    &tl,
+                    &tx,
+                )?;
             }
             continue;
         }
@@ -197,7 +234,10 @@ fn run(o: &Opts) -> Result<bool> {
     }
     let front_exit = frontend.wait_exit(Some(Duration::from_secs(10)))?;
     let back_exit = backend.wait_exit(Some(Duration::from_secs(5)))?;
-    tl.push("manager", format!("frontend exit {front_exit:?}, backend exit {back_exit:?}"));
+    tl.push(
+        "manager",
+        format!("frontend exit {front_exit:?}, backend exit {back_exit:?}"),
+    );
     // Let the watcher see the last state changes.
     std::thread::sleep(Duration::from_millis(50));
     watcher.stop();
@@ -205,9 +245,23 @@ fn run(o: &Opts) -> Result<bool> {
     let g = |k: &str| summary.get(k).cloned().unwrap_or_else(|| "?".into());
     println!();
     println!("== results");
-    println!("   requests          {} (verified {}, failed {})", g("requests"), g("verified"), g("failed"));
-    println!("   throughput        {} req/s over {} ms", g("req_per_s"), g("elapsed_ms"));
-    println!("   round trip        p50 {} us, p99 {} us, max {} us", g("p50_us"), g("p99_us"), g("max_us"));
+    println!(
+        "   requests          {} (verified {}, failed {})",
+        g("requests"),
+        g("verified"),
+        g("failed")
+    );
+    println!(
+        "   throughput        {} req/s over {} ms",
+        g("req_per_s"),
+        g("elapsed_ms")
+    );
+    println!(
+        "   round trip        p50 {} us, p99 {} us, max {} us",
+        g("p50_us"),
+        g("p99_us"),
+        g("max_us")
+    );
     if crashed {
         println!("   backend crash     {crash_info}");
         println!(
@@ -227,11 +281,24 @@ fn run(o: &Opts) -> Result<bool> {
     let ok = front_exit == Some(hypervisor::launch::ExitReport::Exited(0))
         && g("failed") == "0"
         && g("verified") == f.requests.to_string();
-    println!("== {}", if ok { "OK: every response verified" } else { "FAILED" });
+    println!(
+        "== {}",
+        if ok {
+            "OK: every response verified"
+        } else {
+            "FAILED"
+        }
+    );
 
     if o.stay {
-        println!("== --stay: xenstored keeps serving {} ; Ctrl-C to end", sock.display());
-        println!("   XENSTORED_PATH={} xenstore-ls /local/domain", sock.display());
+        println!(
+            "== --stay: xenstored keeps serving {} ; Ctrl-C to end",
+            sock.display()
+        );
+        println!(
+            "   XENSTORED_PATH={} xenstore-ls /local/domain",
+            sock.display()
+        );
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
@@ -275,7 +342,13 @@ fn crash(
     std::thread::sleep(delay);
     let mut new = stores.spawn_in(back_id, cfg)?;
     let t_new = tl.now_ms();
-    tl.push("manager", format!("new backend process {} in domain {back_id}", new.child_mut().id()));
+    tl.push(
+        "manager",
+        format!(
+            "new backend process {} in domain {back_id}",
+            new.child_mut().id()
+        ),
+    );
     forward(&mut new, "backend'", tx.clone());
     let old = std::mem::replace(backend, new);
     drop(old);

@@ -411,11 +411,11 @@ impl Inner {
         let thread = std::thread::Builder::new()
             .name(format!("xs-dom{domid}"))
             .spawn(move || {
-                let r = match &page {
-                    Some(page) => serve_ring(&me.xs, domid, page, &sig),
+                let r = match page {
+                    Some(page) => serve_ring(&me.xs, domid, &page, &sig),
                     None => Err(XenstoredError::Io(io::Error::other("null ring page"))),
                 };
-                drop(page);
+                // The view is gone (moved into the match above); now the memory may go.
                 drop(mem);
                 me.finished(domid, store_port, r);
             });
