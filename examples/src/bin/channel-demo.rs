@@ -291,17 +291,9 @@ fn run(o: &Opts) -> Result<bool> {
     );
 
     if o.stay {
-        println!(
-            "== --stay: xenstored keeps serving {} ; Ctrl-C to end",
-            sock.display()
-        );
-        println!(
-            "   XENSTORED_PATH={} xenstore-ls /local/domain",
-            sock.display()
-        );
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
+        println!("== --stay: xenstored keeps serving; Ctrl-C (or SIGTERM) ends the demo");
+        println!("   XENSTORED_PATH={} xenstore-ls -p /local/domain", sock.display());
+        wait_for_interrupt();
     }
     drop(admin);
     drop((frontend, backend));
@@ -360,6 +352,28 @@ fn crash(
     ))
 }
 
+/// Block SIGINT and SIGTERM in this thread (and every thread and process started after it),
+/// so that [`wait_for_interrupt`] can take them and the demo cleans up.
+fn block_interrupts() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set calls on a local, zero-initialised sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Wait for SIGINT or SIGTERM (blocked by [`block_interrupts`] at start).
+fn wait_for_interrupt() {
+    let set = block_interrupts();
+    let mut sig = 0;
+    // SAFETY: `set` is initialised and `sig` is a valid out pointer.
+    unsafe { libc::sigwait(&set, &mut sig) };
+}
+
 fn main() -> ExitCode {
     let opts = match parse() {
         Ok(o) => o,
@@ -368,6 +382,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if opts.stay {
+        // Before any thread exists, so the signals can only be taken by sigwait.
+        block_interrupts();
+    }
     match run(&opts) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
