@@ -29,6 +29,13 @@ pub const BATCH: usize = 32;
 /// RAM the backend domain needs.
 pub const NR_FRAMES: u64 = FIRST_BUF + 2 * BATCH as u64 + 1;
 
+// The copy buffers clear the platform's own frames and fit in the domain.
+const _: () = assert!(FIRST_BUF >= hypervisor::memory::layout::FIRST_FREE_FRAME);
+const _: () = assert!(FIRST_BUF + 2 * BATCH as u64 <= NR_FRAMES);
+// The ring holds the frontend's largest window (64) twice (every request reissued once).
+const _: () =
+    assert!(devchan::ring::ring_size::<DemoReq, DemoRsp>(devchan::grant::PAGE_SIZE) >= 128);
+
 struct Conn {
     ring: BackRing<DemoReq, DemoRsp>,
     port: u32,

@@ -348,14 +348,7 @@ fn verify(p: &ProcessPlatform, i: usize, s: &Slot, r: &DemoRsp, size: u16) -> Re
 
 fn print_summary(cfg: &FrontConfig, st: &mut Stats, elapsed: Duration) {
     st.rtts_us.sort_unstable();
-    // The `permille`-th per-mille round trip (nearest rank).
-    let pct = |permille: usize| -> u64 {
-        let n = st.rtts_us.len();
-        if n == 0 {
-            return 0;
-        }
-        st.rtts_us[((n - 1) * permille / 1000).min(n - 1)]
-    };
+    let pct = |permille| percentile(&st.rtts_us, permille);
     let outage_ms: Vec<String> = st
         .outages
         .iter()
@@ -380,4 +373,40 @@ fn print_summary(cfg: &FrontConfig, st: &mut Stats, elapsed: Duration) {
         cfg.size,
         cfg.window,
     ));
+}
+
+/// The `permille`-th per-mille of `sorted` (nearest rank below); 0 when empty.
+pub fn percentile(sorted: &[u64], permille: usize) -> u64 {
+    let n = sorted.len();
+    if n == 0 {
+        return 0;
+    }
+    sorted[((n - 1) * permille.min(1000) / 1000).min(n - 1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 500), 50);
+        assert_eq!(percentile(&v, 990), 99);
+        assert_eq!(percentile(&v, 1000), 100);
+        assert_eq!(percentile(&v, 5000), 100);
+        assert_eq!(percentile(&[], 500), 0);
+        assert_eq!(percentile(&[7], 990), 7);
+    }
+
+    #[test]
+    fn frames_cover_every_payload_page() {
+        let cfg = FrontConfig {
+            requests: 1,
+            window: 8,
+            size: 64,
+            timeout: Duration::from_millis(1),
+        };
+        assert_eq!(cfg.nr_frames(), FIRST_PAGE + 8 + 1);
+    }
 }

@@ -188,3 +188,22 @@ impl StateWatcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_is_in_time_order() {
+        let t = Timeline::new();
+        t.push("frontend", "Initialising");
+        t.push("backend", "InitWait");
+        let e = t.events();
+        assert_eq!(e.len(), 2);
+        assert!(e[0].at_ms <= e[1].at_ms);
+        assert_eq!(
+            (e[1].who.as_str(), e[1].what.as_str()),
+            ("backend", "InitWait")
+        );
+    }
+}
