@@ -29,9 +29,9 @@
 //!   only written on completion). The hypervisor swaps the two shareable pages when nobody else
 //!   holds either (no mapping, pin, copy, or in-process page handle: checked by reference
 //!   count under both page-table locks) and copies otherwise; the result says which. A process
-//!   domain that has `mmap`ed one of the two pages keeps seeing the old page after a swap: the
-//!   process layer must drop its mapping before transferring, or re-fetch the frame's memfd
-//!   after receiving (`System::domain(..).memory().shared_page(frame)`).
+//!   that has `mmap`ed one of the two pages would keep seeing the old page after a swap, so
+//!   `process::ProcessPlatform` maps the frame's new memfd over it in place (the sender after a
+//!   `Remapped` transfer, the receiver in `end_transfer`; control op `SHARED_PAGE`).
 //! * **Event channels.** Sending on a port that is not interdomain (unbound, closed, never
 //!   allocated) is an error here, where Xen silently drops it. Binding marks the new local port
 //!   pending, as Xen does (notifications to the unbound port may have been lost). Port 0 is
@@ -59,3 +59,4 @@ pub mod launch;
 pub mod sandbox;
 pub mod store_link;
 pub mod xenstored;
+pub mod fuzzing;

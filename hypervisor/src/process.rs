@@ -51,14 +51,15 @@ use devchan::platform::{
     Frame, GrantCopyOp, Platform, PlatformError, Port, Result, SharedPage, TransferMode,
 };
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
-use rustix::mm::{MapFlags, ProtFlags};
-use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
+
+mod mmap;
+use mmap::{Mmap, PageRegistry};
 
 const PAGE: usize = layout::PAGE_SIZE;
 /// How long a hypercall may take before the link counts as failed.
@@ -85,77 +86,6 @@ pub enum ProcessError {
     /// Confining the process failed.
     #[error("Entering the sandbox failed")]
     Sandbox(#[from] crate::sandbox::SandboxError),
-}
-
-/// A private or shared mapping owned by this process; unmapped on drop.
-struct Mmap {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain memory owned by this value; all accesses to it through the
-// platform are atomic or volatile, so it can move and be shared across threads.
-unsafe impl Send for Mmap {}
-// SAFETY: as above.
-unsafe impl Sync for Mmap {}
-
-impl Mmap {
-    fn map(fd: impl AsFd, len: usize, writable: bool) -> std::io::Result<Self> {
-        let prot = if writable {
-            ProtFlags::READ | ProtFlags::WRITE
-        } else {
-            ProtFlags::READ
-        };
-        // SAFETY: a fresh shared mapping of `fd` at a kernel-chosen address: it aliases no Rust
-        // object. The memory is shared with other processes, which this module accounts for by
-        // accessing it only atomically or volatilely.
-        let p =
-            unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0) }?;
-        let ptr = NonNull::new(p.cast()).ok_or_else(|| std::io::Error::other("mmap at 0"))?;
-        Ok(Self { ptr, len })
-    }
-
-    /// Replace this mapping, at the same address, with a shared mapping of `fd`: accesses
-    /// through pointers into it see the new file from then on.
-    ///
-    /// # Safety
-    ///
-    /// The caller keeps the mapping alive (not unmapped concurrently) for the call.
-    unsafe fn replace(&self, fd: impl AsFd) -> std::io::Result<()> {
-        // SAFETY: MAP_FIXED over exactly our own live mapping (the caller keeps it mapped),
-        // so nothing else is replaced; the page is only accessed volatilely or atomically, so
-        // no Rust reference sees its contents change.
-        let p = unsafe {
-            rustix::mm::mmap(
-                self.ptr.as_ptr().cast(),
-                self.len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::FIXED,
-                fd,
-                0,
-            )
-        }?;
-        if p.cast() == self.ptr.as_ptr() {
-            Ok(())
-        } else {
-            Err(std::io::Error::other("MAP_FIXED moved the mapping"))
-        }
-    }
-
-    fn page(&self, frame: u64) -> Option<*mut u8> {
-        let off = usize::try_from(frame).ok()?.checked_mul(PAGE)?;
-        // SAFETY: `off + PAGE <= len` is checked first, so the pointer stays in the mapping.
-        (off.checked_add(PAGE)? <= self.len).then(|| unsafe { self.ptr.as_ptr().add(off) })
-    }
-}
-
-impl Drop for Mmap {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned. Nothing uses the memory after
-        // this value goes: pages and mappings hand out raw pointers only for their own
-        // lifetime, and the platform's views are dropped before its `ram` (field order).
-        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
 }
 
 /// The descriptors a domain process got from its launcher.
@@ -284,34 +214,6 @@ impl Control {
         let mut buf = [0u8; CTL_REPLY_SIZE + 1];
         let (n, fd) = recv_msg(sock.as_fd(), &mut buf, false).map_err(link)?;
         Ok((CtlReply::from_bytes(&buf[..n]).map_err(link)?, fd))
-    }
-}
-
-/// Where this process maps each of its shareable frames, so that a frame whose page a
-/// transfer swapped can be mapped again in place. Lock order: this before the control socket.
-#[derive(Default)]
-struct PageRegistry(Mutex<HashMap<Frame, Vec<usize>>>);
-
-impl PageRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Frame, Vec<usize>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn add(&self, frame: Frame, map: &Mmap) {
-        self.lock()
-            .entry(frame)
-            .or_default()
-            .push(map.ptr.as_ptr() as usize);
-    }
-
-    fn forget(&self, frame: Frame, map: &Mmap) {
-        let mut reg = self.lock();
-        if let Some(v) = reg.get_mut(&frame) {
-            v.retain(|&a| a != map.ptr.as_ptr() as usize);
-            if v.is_empty() {
-                reg.remove(&frame);
-            }
-        }
     }
 }
 
@@ -562,7 +464,8 @@ impl ProcessPlatform {
 
     /// The page behind our shareable `frame` may have changed (a transfer swapped it): map
     /// the frame's current memfd over every mapping of it in this process. Nothing to do for
-    /// RAM frames or frames not mapped here.
+    /// RAM frames or frames not mapped here. An error means the control link failed, so this
+    /// process's view of the frame may be stale: the domain should treat its link as broken.
     fn refresh_page(&self, frame: Frame) -> Result<()> {
         if frame < self.nr_frames {
             return Ok(());
@@ -812,15 +715,6 @@ impl Platform for ProcessPlatform {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mmap_page_bounds() {
-        let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-        rustix::fs::ftruncate(&fd, 2 * PAGE as u64).unwrap();
-        let m = Mmap::map(&fd, 2 * PAGE, true).unwrap();
-        assert!(m.page(0).is_some() && m.page(1).is_some());
-        assert!(m.page(2).is_none() && m.page(u64::MAX).is_none());
-    }
 
     #[test]
     fn statuses_map_to_platform_errors() {

@@ -185,3 +185,38 @@ fn sandboxed_process_is_killed_and_restarted_with_its_grants() {
     );
     assert!(b.map_grant(a_id, gref, false).is_err());
 }
+
+#[test]
+fn killing_a_mapper_process_releases_its_mappings() {
+    let sys = System::new();
+    let (f_id, b_id) = (domain(&sys, "front"), domain(&sys, "back"));
+    let (front, _fs) = attach(&sys, f_id);
+    let ring = front.alloc_shared_page().unwrap();
+    let gref = front.grant_access(b_id, ring.frame(), false).unwrap();
+    let port = front.evtchn_alloc_unbound(b_id).unwrap();
+    let args = [
+        "back".to_owned(),
+        f_id.to_string(),
+        gref.to_string(),
+        port.to_string(),
+        "1".to_owned(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut back = spawn_in(&sys, b_id, LaunchConfig::new("back", FRAMES, BIN, &args)).unwrap();
+    // The back maps the ring, then binds the port (so a send succeeds), then waits for a
+    // request that never comes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while front.evtchn_notify(port).is_err() {
+        assert!(std::time::Instant::now() < deadline, "back never bound");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        back.wait_exit(Some(Duration::ZERO)).unwrap(),
+        None,
+        "still running"
+    );
+    assert_eq!(front.end_access(gref), Err(PlatformError::GrantInUse(gref)));
+    assert!(matches!(back.kill().unwrap(), ExitReport::Signaled(9)));
+    // The kill's wait released the dead process's mapping.
+    front.end_access(gref).unwrap();
+}
