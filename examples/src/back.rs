@@ -56,9 +56,11 @@ pub fn run(
     let theirs = read_state(xs, &format!("{fdir}/state"));
     // Isolation check for the demo: the frontend's private node is not ours to read.
     match xs.read(0, &format!("/local/domain/{front}/data")) {
-        Err(e) => say(&format!(
-            "backend: reading the frontend's private data: {e:?} (as it should be)"
+        Err(devchan::xenstore::ClientError::Xs(e)) => say(&format!(
+            "backend: reading the frontend's private data: {e} (as it should be)"
         )),
+        Err(e) => return Err(e.into()),
+
         Ok(_) => bail!("backend could read the frontend's private data"),
     }
     xs.watch(&format!("{fdir}/state"), "front")?;

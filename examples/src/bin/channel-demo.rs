@@ -141,7 +141,7 @@ fn run(o: &Opts) -> Result<bool> {
     let front_id: DomId = sys.create_domain(cfg("frontend", o.front.nr_frames()))?;
     let back_port = stores.introduce(back_id)?;
     let front_port = stores.introduce(front_id)?;
-    println!("== toolstack: domain {back_id} (backend, store port {back_port}), domain {front_id} (frontend, store port {front_port}); XenStore ring = frame 6 of each");
+    println!("== toolstack: domain {back_id} (backend, its store port {back_port}), domain {front_id} (frontend, its store port {front_port}); XenStore ring = frame 6 of each");
     let mut admin = socket::connect(&sock)?;
     write_device(&mut admin, front_id, back_id)?;
     println!(
@@ -152,6 +152,7 @@ fn run(o: &Opts) -> Result<bool> {
     let watcher = StateWatcher::start(&sock, front_id, back_id, tl.clone())?;
 
     let prog = domain_program()?;
+    println!("   domain program: {}", prog.display());
     let back_cfg = || {
         let mut c = LaunchConfig::new(
             "backend",
@@ -292,7 +293,10 @@ fn run(o: &Opts) -> Result<bool> {
 
     if o.stay {
         println!("== --stay: xenstored keeps serving; Ctrl-C (or SIGTERM) ends the demo");
-        println!("   XENSTORED_PATH={} xenstore-ls -p /local/domain", sock.display());
+        println!(
+            "   XENSTORED_PATH={} xenstore-ls -p /local/domain",
+            sock.display()
+        );
         wait_for_interrupt();
     }
     drop(admin);
