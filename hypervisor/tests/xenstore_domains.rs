@@ -165,6 +165,11 @@ fn create(r: &mut Rig, name: &str) -> u16 {
 
 /// Start this binary in domain `id` in `role`; `other` is the domain whose secret it probes.
 fn spawn(r: &Rig, id: u16, role: &str, other: u16) -> RunningDomain {
+    r.stores.spawn_in(id, config(role, other)).unwrap()
+}
+
+/// This binary as a domain in `role`.
+fn config(role: &str, other: u16) -> LaunchConfig {
     let mut cfg = LaunchConfig::new(
         "domain",
         16,
@@ -173,7 +178,7 @@ fn spawn(r: &Rig, id: u16, role: &str, other: u16) -> RunningDomain {
     );
     cfg.env.push((ROLE.into(), role.into()));
     cfg.env.push((OTHER.into(), other.to_string().into()));
-    r.stores.spawn_in(id, cfg).unwrap()
+    cfg
 }
 
 /// Wait until `dom`'s service is in a state `ok` accepts.
@@ -308,8 +313,9 @@ fn a_domain_that_scribbles_its_ring_is_cut_off_alone() {
 #[test]
 fn a_restarted_process_reconnects_to_its_store() {
     let mut r = rig();
-    let id = create(&mut r, "d");
-    let mut first = spawn(&r, id, "rw", 9);
+    // Created, introduced and started in one call.
+    let mut first = r.stores.launch(config("rw", 9)).unwrap();
+    let id = first.domid();
     assert_eq!(
         lines_until(&mut first, "watching").last().unwrap(),
         "watching"
