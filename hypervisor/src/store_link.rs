@@ -86,32 +86,56 @@ impl<P: Platform> EventMux<P> {
     }
 
     /// Block until one of `ports` fired or `timeout` passes ([`PlatformError::TimedOut`]).
-    /// Returns those of `ports` that fired, unmasked; other ports that fire meanwhile are
-    /// kept for a later wait.
+    /// Returns every one of `ports` that fired (sorted), unmasked; other ports that fire
+    /// meanwhile are kept, masked, for a later wait that asks for them.
     pub fn wait_any(
         &self,
         ports: &[Port],
         timeout: Option<Duration>,
     ) -> Result<Vec<Port>, PlatformError> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        let mut mine = self.claim(ports);
+        // Whether the claim above already includes everything the platform had pending.
+        let mut fresh = false;
         loop {
-            let mine = self.claim(ports);
             if !mine.is_empty() {
+                if !fresh {
+                    // Remembered from an earlier wait: pick up whatever else is pending now,
+                    // without blocking, so that one wait reports every port asked for that
+                    // fired. The claimed ports are still masked, so none comes back twice.
+                    match self.platform.evtchn_wait(Some(Duration::ZERO)) {
+                        Ok(fired) => {
+                            self.remember(fired);
+                            mine.extend(self.claim(ports));
+                        }
+                        Err(PlatformError::TimedOut) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                mine.sort_unstable();
+                mine.dedup();
                 for p in &mine {
                     self.platform.evtchn_unmask(*p)?;
                 }
                 return Ok(mine);
             }
+            // With no time left this is a non-blocking look, so every wait looks at least once.
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if left.is_some_and(|l| l.is_zero()) {
+            let fired = self.platform.evtchn_wait(left)?;
+            self.remember(fired);
+            mine = self.claim(ports);
+            fresh = true;
+            if mine.is_empty() && left.is_some_and(|l| l.is_zero()) {
                 return Err(PlatformError::TimedOut);
             }
-            let fired = self.platform.evtchn_wait(left)?;
-            self.unclaimed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(fired);
         }
+    }
+
+    fn remember(&self, fired: Vec<Port>) {
+        self.unclaimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(fired);
     }
 
     /// Whether `port` fired and is waiting to be claimed (without blocking or claiming it).
@@ -371,6 +395,152 @@ mod tests {
             assert!(extra <= 1, "more device events than were sent");
         }
         assert!(!mux.has_fired(dev));
+    }
+
+    /// A platform whose only working part is a 2-level event-channel model: `fire` sets a
+    /// port pending; a wait returns (and masks) the pending unmasked ports, or times out at
+    /// once; unmask clears the mask (a port still pending is returned by the next wait).
+    #[derive(Default)]
+    struct FakeEvents {
+        st: Mutex<(BTreeSet<Port>, BTreeSet<Port>)>,
+    }
+
+    impl FakeEvents {
+        fn fire(&self, p: Port) {
+            self.st.lock().unwrap().0.insert(p);
+        }
+    }
+
+    fn no<T>() -> devchan::platform::Result<T> {
+        Err(PlatformError::Link("fake".into()))
+    }
+
+    /// A page type the fake never hands out.
+    struct NoPage;
+    impl devchan::platform::SharedPage for NoPage {
+        fn as_ptr(&self) -> *mut u8 {
+            std::ptr::null_mut()
+        }
+        fn frame(&self) -> devchan::platform::Frame {
+            0
+        }
+    }
+
+    impl Platform for FakeEvents {
+        type Page = NoPage;
+        type Mapping = NoPage;
+        fn domid(&self) -> devchan::grant::DomId {
+            1
+        }
+        fn alloc_shared_page(&self) -> devchan::platform::Result<NoPage> {
+            no()
+        }
+        fn grant_access(&self, _: u16, _: u64, _: bool) -> devchan::platform::Result<u32> {
+            no()
+        }
+        fn end_access(&self, _: u32) -> devchan::platform::Result<()> {
+            no()
+        }
+        fn accept_transfer(&self, _: u16, _: u64) -> devchan::platform::Result<u32> {
+            no()
+        }
+        fn end_transfer(&self, _: u32) -> devchan::platform::Result<Option<u64>> {
+            no()
+        }
+        fn map_grant(&self, _: u16, _: u32, _: bool) -> devchan::platform::Result<NoPage> {
+            no()
+        }
+        fn grant_copy(
+            &self,
+            _: &[devchan::platform::GrantCopyOp],
+        ) -> devchan::platform::Result<Vec<i16>> {
+            no()
+        }
+        fn pin_grant(&self, _: u16, _: u32, _: bool) -> devchan::platform::Result<u64> {
+            no()
+        }
+        fn unpin_grant(&self, _: u64) -> devchan::platform::Result<()> {
+            no()
+        }
+        fn transfer(
+            &self,
+            _: u64,
+            _: u16,
+            _: u32,
+        ) -> devchan::platform::Result<devchan::platform::TransferMode> {
+            no()
+        }
+        fn read_local(&self, _: u64, _: usize, _: &mut [u8]) -> devchan::platform::Result<()> {
+            no()
+        }
+        fn write_local(&self, _: u64, _: usize, _: &[u8]) -> devchan::platform::Result<()> {
+            no()
+        }
+        fn evtchn_alloc_unbound(&self, _: u16) -> devchan::platform::Result<Port> {
+            no()
+        }
+        fn evtchn_bind_interdomain(&self, _: u16, _: Port) -> devchan::platform::Result<Port> {
+            no()
+        }
+        fn evtchn_notify(&self, _: Port) -> devchan::platform::Result<()> {
+            no()
+        }
+        fn evtchn_unmask(&self, p: Port) -> devchan::platform::Result<()> {
+            self.st.lock().unwrap().1.remove(&p);
+            Ok(())
+        }
+        fn evtchn_close(&self, _: Port) -> devchan::platform::Result<()> {
+            no()
+        }
+        fn evtchn_wait(&self, _: Option<Duration>) -> devchan::platform::Result<Vec<Port>> {
+            let mut st = self.st.lock().unwrap();
+            let (pending, masked) = &mut *st;
+            let ready: Vec<Port> = pending.difference(masked).copied().collect();
+            if ready.is_empty() {
+                return Err(PlatformError::TimedOut);
+            }
+            for p in &ready {
+                pending.remove(p);
+                masked.insert(*p);
+            }
+            Ok(ready)
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever mix of events and waits for subsets of ports: a wait returns only ports it
+        /// asked for, and every port that fired and was not yet delivered is delivered to the
+        /// first wait that asks for it (nothing is swallowed by a wait for other ports).
+        #[test]
+        fn no_event_is_lost_or_misdelivered(
+            ops in proptest::collection::vec((proptest::bool::ANY, 1u32..7, 1u8..64), 1..64)
+        ) {
+            let fake = Arc::new(FakeEvents::default());
+            let mux = EventMux::new(Arc::clone(&fake));
+            let mut owed = BTreeSet::new();
+            for (fire, port, set) in ops {
+                if fire {
+                    fake.fire(port);
+                    owed.insert(port);
+                    continue;
+                }
+                let asked: Vec<Port> = (1..7).filter(|p| set & (1 << (p - 1)) != 0).collect();
+                let got = match mux.wait_any(&asked, Some(Duration::from_millis(1))) {
+                    Ok(v) => v,
+                    Err(PlatformError::TimedOut) => Vec::new(),
+                    Err(e) => panic!("{e}"),
+                };
+                for p in &got {
+                    proptest::prop_assert!(asked.contains(p), "{p} delivered to a wait for {asked:?}");
+                }
+                for p in asked.iter().filter(|p| owed.contains(*p)) {
+                    proptest::prop_assert!(got.contains(p), "{p} fired but not delivered to {asked:?}");
+                }
+                for p in &got {
+                    owed.remove(p);
+                }
+            }
+        }
     }
 
     #[test]
