@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use devchan::grant::DomId;
 use hypervisor::domain::DomainConfig;
-use hypervisor::launch::{LaunchConfig, RunningDomain};
+use hypervisor::launch::{ExitReport, LaunchConfig, RunningDomain};
 use hypervisor::system::System;
 use hypervisor::xenstored::domains::DomainStores;
 use hypervisor::xenstored::socket::{self, SocketServer};
@@ -198,10 +198,30 @@ fn run(o: &Opts) -> Result<bool> {
     let mut crashed = false;
     let mut crash_info = String::new();
     let mut front_done = false;
+    let mut restarts = 0;
     while !front_done {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok((who, line)) = rx.recv_timeout(left) else {
+        if Instant::now() >= deadline {
             bail!("the frontend did not finish in time");
+        }
+        // Supervision: a backend process that dies on its own (a signal or an error exit; it
+        // exits 0 only after the frontend closed) is restarted in its domain, as after the
+        // planned crash below.
+        if restarts < 3 {
+            let report = backend.wait_exit(Some(Duration::ZERO))?;
+            if let Some(r) = report.filter(|r| *r != ExitReport::Exited(0)) {
+                restarts += 1;
+                println!("   [manager] backend process died on its own ({r:?}); restarting it");
+                tl.push(
+                    "manager",
+                    format!("pidfd: backend process {r:?} (unplanned)"),
+                );
+                let mut new = stores.spawn_in(back_id, back_cfg())?;
+                forward(&mut new, "backend'", tx.clone());
+                drop(std::mem::replace(&mut backend, new));
+            }
+        }
+        let Ok((who, line)) = rx.recv_timeout(Duration::from_millis(100)) else {
+            continue;
         };
         if line.is_empty() {
             front_done |= who == "frontend";
@@ -279,7 +299,7 @@ fn run(o: &Opts) -> Result<bool> {
     for e in tl.events() {
         println!("     {:>9.1} ms  {:<9} {}", e.at_ms, e.who, e.what);
     }
-    let ok = front_exit == Some(hypervisor::launch::ExitReport::Exited(0))
+    let ok = front_exit == Some(ExitReport::Exited(0))
         && g("failed") == "0"
         && g("verified") == f.requests.to_string();
     println!(
