@@ -69,6 +69,9 @@ struct Stats {
     reissued: u64,
     rtts_us: Vec<u64>,
     outages: Vec<Duration>,
+    /// The longest time without any response while requests were outstanding: what the
+    /// guest saw of a backend restart, whether or not it reached the reissue timeout.
+    max_gap: Duration,
 }
 
 /// Connect to the backend of device 0 and run `cfg`; prints progress and a `summary` line.
@@ -160,6 +163,7 @@ pub fn run(
         reissued: 0,
         rtts_us: Vec::with_capacity(usize::try_from(cfg.requests).unwrap_or(0)),
         outages: Vec::new(),
+        max_gap: Duration::ZERO,
     };
     let mut ids: HashMap<u64, (usize, Instant)> = HashMap::new();
     let mut next_id = 1u64;
@@ -223,6 +227,7 @@ pub fn run(
             }
         }
         if got > 0 {
+            st.max_gap = st.max_gap.max(last_progress.elapsed());
             last_progress = Instant::now();
             if let Some(t0) = outage_since.take() {
                 st.outages.push(t0.elapsed());
@@ -357,7 +362,7 @@ fn print_summary(cfg: &FrontConfig, st: &mut Stats, elapsed: Duration) {
     let secs = elapsed.as_secs_f64().max(1e-9);
     say(&format!(
         "summary requests={} verified={} failed={} duplicates={} reissued={} outages={} \
-         outage_ms={} elapsed_ms={} req_per_s={:.0} p50_us={} p99_us={} max_us={} size={} window={}",
+         outage_ms={} max_gap_us={} elapsed_ms={} req_per_s={:.0} p50_us={} p99_us={} max_us={} size={} window={}",
         cfg.requests,
         st.verified,
         st.failed,
@@ -365,6 +370,7 @@ fn print_summary(cfg: &FrontConfig, st: &mut Stats, elapsed: Duration) {
         st.reissued,
         st.outages.len(),
         if outage_ms.is_empty() { "-".to_string() } else { outage_ms.join(",") },
+        st.max_gap.as_micros(),
         elapsed.as_millis(),
         (st.verified + st.failed) as f64 / secs,
         pct(500),

@@ -43,9 +43,16 @@ fn crash_and_reattach_keeps_every_response_verified() {
     // The frontend noticed the outage (more than one only if this machine stalled the
     // backend for longer than the timeout), reissued what was in flight, and the re-attached
     // backend's replays came back as discarded duplicates.
-    let outage = line(&text, "outage ");
-    assert!(!outage.contains("(0 outage(s))"), "{outage}");
+    let outage = line(&text, "reissue timeouts ");
+    assert!(!outage.contains("(0 time(s))"), "{outage}");
     assert!(!outage.contains("reissued 0,"), "{outage}");
+    // The guest waited at least the restart back-off for a response.
+    let gap: u64 = line(&text, "guest-visible gap ")
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .expect("gap in microseconds");
+    assert!(gap >= 250_000, "gap {gap} us shorter than the 250 ms back-off");
     let crash = line(&text, "backend crash ");
     assert!(crash.contains("pidfd reported it"), "{crash}");
     assert!(text.contains("pidfd: backend process Signaled(9)"));

@@ -7,8 +7,9 @@
 //!              [--crash-after N | --no-crash] [--restart-delay-ms T] [--stay]
 //! ```
 //!
-//! The restart delay stands for a manager's restart back-off: it makes the outage long
-//! enough for the frontend's timeout to notice it and reissue what had no response.
+//! By default the backend is restarted at once and the frontend sees only a short gap in
+//! responses. `--restart-delay-ms` stands for a manager's restart back-off: a delay longer than
+//! the frontend's timeout makes it notice the outage and reissue what had no response.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -46,7 +47,7 @@ fn parse() -> Result<Opts> {
             timeout: Duration::from_millis(200),
         },
         crash_after: None,
-        restart_delay: Duration::from_millis(300),
+        restart_delay: Duration::ZERO,
         stay: false,
     };
     let mut crash = Some(None);
@@ -286,7 +287,11 @@ fn run(o: &Opts) -> Result<bool> {
     if crashed {
         println!("   backend crash     {crash_info}");
         println!(
-            "   outage            {} ms seen by the frontend ({} outage(s)); reissued {}, duplicate responses discarded {}",
+            "   guest-visible gap {} us: the longest wait for any response",
+            g("max_gap_us")
+        );
+        println!(
+            "   reissue timeouts  {} ms ({} time(s)); reissued {}, duplicate responses discarded {}",
             g("outage_ms"),
             g("outages"),
             g("reissued"),
