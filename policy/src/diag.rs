@@ -213,11 +213,11 @@ mod tests {
     fn render_shows_position_caret_and_hint() {
         let src = "x = 1\nsize = \"64 parsecs\"\n";
         let mut sink = Sink::new(src);
-        sink.error(ErrorKind::BadUnit, 13..26, "Unknown unit", Some("write 64MiB".into()));
+        sink.error(ErrorKind::BadUnit, 13..25, "Unknown unit", Some("write 64MiB".into()));
         let e = PolicyErrors { file: "p.toml".into(), source: src.into(), diagnostics: sink.diags };
         let r = e.render();
         assert!(r.contains("p.toml:2:8"), "{r}");
-        assert!(r.contains("^^^^^^^^^^^^^"), "{r}");
+        assert!(r.contains(" ^^^^^^^^^^^^\n"), "{r}");
         assert!(r.contains("hint: write 64MiB"), "{r}");
         assert!(r.contains("size = \"64 parsecs\""), "{r}");
     }

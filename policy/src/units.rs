@@ -250,6 +250,19 @@ pub fn format_rate(rate: Rate) -> String {
     format!("{b}bit/s")
 }
 
+/// Describes bits per second for people, truncated to three decimals: `1.009Gbit/s`.
+pub fn describe_bits_per_sec(bits: u128) -> String {
+    for (unit, mult) in [("Tbit/s", 1_000_000_000_000u128), ("Gbit/s", 1_000_000_000), ("Mbit/s", 1_000_000), ("kbit/s", 1_000)] {
+        if bits >= mult {
+            let milli = bits * 1000 / mult;
+            let frac = format!("{:03}", milli % 1000);
+            let frac = frac.trim_end_matches('0');
+            return if frac.is_empty() { format!("{}{unit}", milli / 1000) } else { format!("{}.{frac}{unit}", milli / 1000) };
+        }
+    }
+    format!("{bits}bit/s")
+}
+
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&format_rate(*self))
@@ -351,6 +364,14 @@ mod tests {
         assert!(matches!(parse_share("0 every 1ms"), Err(UnitError::Zero(_))));
         assert!(matches!(parse_share("1bit/s"), Err(UnitError::TooSmall(_))));
         assert!(matches!(parse_share("10 every 5 fortnights"), Err(UnitError::UnknownUnit { .. })));
+    }
+
+    #[test]
+    fn descriptions() {
+        assert_eq!(describe_bits_per_sec(1_009_600_000), "1.009Gbit/s");
+        assert_eq!(describe_bits_per_sec(10_000_000_000), "10Gbit/s");
+        assert_eq!(describe_bits_per_sec(409_600_000), "409.6Mbit/s");
+        assert_eq!(describe_bits_per_sec(999), "999bit/s");
     }
 
     #[test]

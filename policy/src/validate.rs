@@ -550,7 +550,7 @@ impl<'s, 'a> Validator<'s, 'a> {
                 sum += sh.bits_per_sec();
                 if sum > link_bits {
                     let total: u128 = list.iter().map(|(s, _)| s.bits_per_sec()).sum();
-                    let shown = u64::try_from(total).map_or_else(|_| format!("{total}bit/s"), |b| Rate { bits_per_sec: b }.to_string());
+                    let shown = units::describe_bits_per_sec(total);
                     let rd = raw[*idx].get_ref();
                     let link_span = rd.link.as_ref().map_or(rd.name.span(), Spanned::span);
                     let d = self.err(
@@ -560,7 +560,7 @@ impl<'s, 'a> Validator<'s, 'a> {
                         "lower the shares, or raise the device's `link` (a NIC without `share` is unlimited and not counted)",
                     );
                     d.related.push((link_span, format!("link of `{dev}` ({link})")));
-                    d.related.extend(list[..i].iter().map(|(s, sp)| (sp.clone(), format!("{} bit/s", s.bits_per_sec()))));
+                    d.related.extend(list[..i].iter().map(|(s, sp)| (sp.clone(), units::describe_bits_per_sec(s.bits_per_sec()))));
                     break;
                 }
             }
