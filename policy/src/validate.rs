@@ -514,7 +514,10 @@ impl<'s, 'a> Validator<'s, 'a> {
                     }
                 }
                 let end = offset.checked_add(length);
-                if length == 0 {
+                if offset >= size && a.length.is_none() {
+                    ok = false;
+                    self.err(K::PastEnd, at.clone(), format!("Region starts past the end of `{}`", dev.name), format!("`{}` is {} long; start the region before that", dev.name, units::format_size(size)));
+                } else if length == 0 {
                     ok = false;
                     self.err(K::PastEnd, len_at, "Empty region", format!("the disk `{}` is {} long; the region must hold at least one sector", dev.name, units::format_size(size)));
                 } else if end.is_none_or(|e| e > size) {
