@@ -7,7 +7,11 @@ fn main() -> ExitCode {
     let mut ok = true;
     for path in std::env::args().skip(1) {
         match policy::Policy::load(&path) {
-            Ok(p) => println!("{path}: ok ({} devices, {} guests)", p.devices.len(), p.guests.len()),
+            Ok(p) => println!(
+                "{path}: ok ({} devices, {} guests)",
+                p.devices.len(),
+                p.guests.len()
+            ),
             Err(policy::LoadError::Invalid(e)) => {
                 ok = false;
                 eprint!("{}", e.render());
@@ -18,5 +22,9 @@ fn main() -> ExitCode {
             }
         }
     }
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -103,7 +103,10 @@ pub(crate) struct Sink<'a> {
 
 impl<'a> Sink<'a> {
     pub(crate) fn new(src: &'a str) -> Self {
-        Self { src, diags: Vec::new() }
+        Self {
+            src,
+            diags: Vec::new(),
+        }
     }
 
     /// Records a problem; returns it so the caller can add related labels.
@@ -146,8 +149,14 @@ impl PolicyErrors {
             r.start.min(end)..end
         };
         let mut labels = vec![Label::primary((), clamp(&d.span))];
-        labels.extend(d.related.iter().map(|(s, m)| Label::secondary((), clamp(s)).with_message(m)));
-        let mut cs = CsDiagnostic::error().with_message(&d.message).with_labels(labels);
+        labels.extend(
+            d.related
+                .iter()
+                .map(|(s, m)| Label::secondary((), clamp(s)).with_message(m)),
+        );
+        let mut cs = CsDiagnostic::error()
+            .with_message(&d.message)
+            .with_labels(labels);
         if let Some(h) = &d.hint {
             cs = cs.with_notes(vec![format!("hint: {h}")]);
         }
@@ -163,15 +172,25 @@ impl PolicyErrors {
             match term::emit_into_string(&config, &file, &self.to_codespan(d)) {
                 Ok(s) => out.push_str(&s),
                 // Spans come from our own parser and are clamped; fall back to a one-liner anyway.
-                Err(_) => out.push_str(&format!("{}:{}:{}: {}\n", self.file, d.line, d.column, d.message)),
+                Err(_) => out.push_str(&format!(
+                    "{}:{}:{}: {}\n",
+                    self.file, d.line, d.column, d.message
+                )),
             }
         }
-        out.push_str(&format!("{} error(s) in {}\n", self.diagnostics.len(), self.file));
+        out.push_str(&format!(
+            "{} error(s) in {}\n",
+            self.diagnostics.len(),
+            self.file
+        ));
         out
     }
 
     /// Renders with styles (colour) into a codespan writer, e.g. a `StylesWriter` over a terminal.
-    pub fn render_styled(&self, w: &mut dyn WriteStyle) -> Result<(), codespan_reporting::files::Error> {
+    pub fn render_styled(
+        &self,
+        w: &mut dyn WriteStyle,
+    ) -> Result<(), codespan_reporting::files::Error> {
         let file = SimpleFile::new(&self.file, &self.source);
         let config = Config::default();
         for d in &self.diagnostics {
@@ -213,8 +232,17 @@ mod tests {
     fn render_shows_position_caret_and_hint() {
         let src = "x = 1\nsize = \"64 parsecs\"\n";
         let mut sink = Sink::new(src);
-        sink.error(ErrorKind::BadUnit, 13..25, "Unknown unit", Some("write 64MiB".into()));
-        let e = PolicyErrors { file: "p.toml".into(), source: src.into(), diagnostics: sink.diags };
+        sink.error(
+            ErrorKind::BadUnit,
+            13..25,
+            "Unknown unit",
+            Some("write 64MiB".into()),
+        );
+        let e = PolicyErrors {
+            file: "p.toml".into(),
+            source: src.into(),
+            diagnostics: sink.diags,
+        };
         let r = e.render();
         assert!(r.contains("p.toml:2:8"), "{r}");
         assert!(r.contains(" ^^^^^^^^^^^^\n"), "{r}");

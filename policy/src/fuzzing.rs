@@ -15,7 +15,10 @@ pub fn parse(data: &[u8]) {
         Err(e) => {
             assert!(!e.diagnostics.is_empty(), "an error with no diagnostic");
             for d in &e.diagnostics {
-                assert!(d.span.start <= text.len() && d.line >= 1 && d.column >= 1, "{d:?}");
+                assert!(
+                    d.span.start <= text.len() && d.line >= 1 && d.column >= 1,
+                    "{d:?}"
+                );
             }
             let _ = e.render();
         }

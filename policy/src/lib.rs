@@ -97,7 +97,11 @@ impl Policy {
             _ => {
                 let mut diagnostics = sink.diags;
                 diagnostics.sort_by_key(|d| (d.span.start, d.span.end));
-                Err(PolicyErrors { file: name.to_owned(), source: text.to_owned(), diagnostics })
+                Err(PolicyErrors {
+                    file: name.to_owned(),
+                    source: text.to_owned(),
+                    diagnostics,
+                })
             }
         }
     }
@@ -106,11 +110,18 @@ impl Policy {
     /// file's directory.
     pub fn load(path: impl AsRef<Path>) -> Result<Policy, LoadError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let mut p = Policy::parse(&text, &path.display().to_string())?;
         let dir = path.parent().unwrap_or(Path::new(""));
         for d in &mut p.devices {
-            if let DeviceSpec::Blk { media: BlkMedia::Image(img), .. } = &mut d.spec {
+            if let DeviceSpec::Blk {
+                media: BlkMedia::Image(img),
+                ..
+            } = &mut d.spec
+            {
                 if img.is_relative() {
                     *img = dir.join(&*img);
                 }
@@ -126,7 +137,11 @@ impl Policy {
     }
 
     /// Like [`Policy::diff`], with the set of connected guests given by `connected`.
-    pub fn diff_with(old: &Policy, new: &Policy, connected: impl Fn(&str) -> bool) -> Result<Vec<Change>, ReloadRefused> {
+    pub fn diff_with(
+        old: &Policy,
+        new: &Policy,
+        connected: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Change>, ReloadRefused> {
         reload::diff_with(old, new, connected)
     }
 }

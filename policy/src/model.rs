@@ -42,7 +42,11 @@ pub struct RestartPolicy {
 
 impl Default for RestartPolicy {
     fn default() -> Self {
-        Self { max_restarts: 10, window_us: 60_000_000, heartbeat_us: 1_000_000 }
+        Self {
+            max_restarts: 10,
+            window_us: 60_000_000,
+            heartbeat_us: 1_000_000,
+        }
     }
 }
 
@@ -61,7 +65,11 @@ pub struct PciAddress {
 
 impl fmt::Display for PciAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{}", self.domain, self.bus, self.device, self.function)
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{}",
+            self.domain, self.bus, self.device, self.function
+        )
     }
 }
 
@@ -158,7 +166,11 @@ pub struct MacAddr(pub [u8; 6]);
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -231,17 +243,34 @@ mod tests {
 
     #[test]
     fn region_arithmetic() {
-        let a = Region { offset: 0, length: 1024 };
-        let b = Region { offset: 1024, length: 512 };
+        let a = Region {
+            offset: 0,
+            length: 1024,
+        };
+        let b = Region {
+            offset: 1024,
+            length: 512,
+        };
         assert!(!a.overlaps(&b) && !b.overlaps(&a));
-        assert!(a.overlaps(&Region { offset: 512, length: 1024 }));
+        assert!(a.overlaps(&Region {
+            offset: 512,
+            length: 1024
+        }));
         assert_eq!((b.start_sector(), b.sectors(), b.end()), (2, 1, 1536));
     }
 
     #[test]
     fn display_forms() {
-        assert_eq!(MacAddr([2, 0, 0, 0, 0, 0xab]).to_string(), "02:00:00:00:00:ab");
-        let p = PciAddress { domain: 0, bus: 0, device: 4, function: 0 };
+        assert_eq!(
+            MacAddr([2, 0, 0, 0, 0, 0xab]).to_string(),
+            "02:00:00:00:00:ab"
+        );
+        let p = PciAddress {
+            domain: 0,
+            bus: 0,
+            device: 4,
+            function: 0,
+        };
         assert_eq!(p.to_string(), "0000:00:04.0");
     }
 }

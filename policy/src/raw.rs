@@ -35,7 +35,9 @@ impl<'de> Deserialize<'de> for Quantity {
                 Ok(Quantity::Int(v))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Quantity, E> {
-                i64::try_from(v).map(Quantity::Int).map_err(|_| E::custom("size too large"))
+                i64::try_from(v)
+                    .map(Quantity::Int)
+                    .map_err(|_| E::custom("size too large"))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Quantity, E> {
                 Ok(Quantity::Text(v.to_owned()))
@@ -104,7 +106,10 @@ pub enum GuestKind {
 /// A whole policy file.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(title = "idd policy", description = "Devices, guests and each guest's access to them.")]
+#[schemars(
+    title = "idd policy",
+    description = "Devices, guests and each guest's access to them."
+)]
 pub struct RawPolicy {
     /// Restart defaults for every device's driver domain.
     #[serde(default)]

@@ -52,11 +52,21 @@ pub enum Change {
     /// A NIC or disk removed from a guest (unplugged).
     AccessRemoved { guest: String, device: String },
     /// A NIC's share changed.
-    ShareChanged { guest: String, device: String, old: Option<Share>, new: Option<Share> },
+    ShareChanged {
+        guest: String,
+        device: String,
+        old: Option<Share>,
+        new: Option<Share>,
+    },
     /// A NIC's allowed IPs changed.
     IpsChanged { guest: String, device: String },
     /// A disk region changed (grown in place, or any change while not connected).
-    RegionChanged { guest: String, device: String, old: Region, new: Region },
+    RegionChanged {
+        guest: String,
+        device: String,
+        old: Region,
+        new: Region,
+    },
     /// Any other access change of a guest that is not connected.
     AccessChanged { guest: String, device: String },
 }
@@ -91,16 +101,25 @@ fn keyed<'p, T>(items: &'p [T], device: impl Fn(&T) -> &str) -> Vec<(Key<'p>, &'
         .collect()
 }
 
-fn find<'a, 'p, T>(list: &'a [(Key<'p>, &'p T)], k: &Key<'_>) -> Option<&'p T> {
+fn find<'p, T>(list: &[(Key<'p>, &'p T)], k: &Key<'_>) -> Option<&'p T> {
     list.iter().find(|(key, _)| key == k).map(|(_, t)| *t)
 }
 
 /// Computes the changes from `old` to `new`, treating guests for which `connected` is true as
 /// running. Returns every refusal if any change is unsafe.
-pub fn diff_with(old: &Policy, new: &Policy, connected: impl Fn(&str) -> bool) -> Result<Vec<Change>, ReloadRefused> {
+pub fn diff_with(
+    old: &Policy,
+    new: &Policy,
+    connected: impl Fn(&str) -> bool,
+) -> Result<Vec<Change>, ReloadRefused> {
     let mut changes = Vec::new();
     let mut refused = Vec::new();
-    let mut refuse = |subject: &str, reason: String| refused.push(Refusal { subject: subject.into(), reason });
+    let mut refuse = |subject: &str, reason: String| {
+        refused.push(Refusal {
+            subject: subject.into(),
+            reason,
+        })
+    };
 
     for od in &old.devices {
         match new.device(&od.name) {
@@ -126,16 +145,28 @@ pub fn diff_with(old: &Policy, new: &Policy, connected: impl Fn(&str) -> bool) -
             Some(_) => {}
         }
     }
-    changes.extend(new.devices.iter().filter(|d| old.device(&d.name).is_none()).map(|d| Change::DeviceAdded { device: d.name.clone() }));
+    changes.extend(
+        new.devices
+            .iter()
+            .filter(|d| old.device(&d.name).is_none())
+            .map(|d| Change::DeviceAdded {
+                device: d.name.clone(),
+            }),
+    );
 
     for og in &old.guests {
         let Some(ng) = new.guest(&og.name) else {
-            changes.push(Change::GuestRemoved { guest: og.name.clone() });
+            changes.push(Change::GuestRemoved {
+                guest: og.name.clone(),
+            });
             continue;
         };
         let live = connected(&og.name);
         if ng.kind != og.kind {
-            refuse(&og.name, "its kind changed; remove the guest and add it under a new name".into());
+            refuse(
+                &og.name,
+                "its kind changed; remove the guest and add it under a new name".into(),
+            );
             continue;
         }
         let g = og.name.clone();
@@ -143,54 +174,102 @@ pub fn diff_with(old: &Policy, new: &Policy, connected: impl Fn(&str) -> bool) -
         for (k, o) in &on {
             let device = k.0.to_owned();
             let Some(n) = find(&nn, k) else {
-                changes.push(Change::AccessRemoved { guest: g.clone(), device });
+                changes.push(Change::AccessRemoved {
+                    guest: g.clone(),
+                    device,
+                });
                 continue;
             };
             if o.mac != n.mac {
                 if live {
                     refuse(&g, format!("MAC on `{device}` changed from {} to {}; the frontend reads it only at connect: remove the NIC and add it back", o.mac, n.mac));
                 } else {
-                    changes.push(Change::AccessChanged { guest: g.clone(), device: device.clone() });
+                    changes.push(Change::AccessChanged {
+                        guest: g.clone(),
+                        device: device.clone(),
+                    });
                 }
             }
             if o.share != n.share {
-                changes.push(Change::ShareChanged { guest: g.clone(), device: device.clone(), old: o.share, new: n.share });
+                changes.push(Change::ShareChanged {
+                    guest: g.clone(),
+                    device: device.clone(),
+                    old: o.share,
+                    new: n.share,
+                });
             }
             if o.ips != n.ips {
-                changes.push(Change::IpsChanged { guest: g.clone(), device });
+                changes.push(Change::IpsChanged {
+                    guest: g.clone(),
+                    device,
+                });
             }
         }
-        let (od, nd) = (keyed(&og.disk, |d| &d.device), keyed(&ng.disk, |d| &d.device));
+        let (od, nd) = (
+            keyed(&og.disk, |d| &d.device),
+            keyed(&ng.disk, |d| &d.device),
+        );
         for (k, o) in &od {
             let device = k.0.to_owned();
             let Some(n) = find(&nd, k) else {
-                changes.push(Change::AccessRemoved { guest: g.clone(), device });
+                changes.push(Change::AccessRemoved {
+                    guest: g.clone(),
+                    device,
+                });
                 continue;
             };
             if o.read_only != n.read_only {
                 if live {
                     refuse(&g, format!("read-only on `{device}` changed; the frontend reads the mode only at connect: remove the disk and add it back"));
                 } else {
-                    changes.push(Change::AccessChanged { guest: g.clone(), device: device.clone() });
+                    changes.push(Change::AccessChanged {
+                        guest: g.clone(),
+                        device: device.clone(),
+                    });
                 }
             }
             if o.region != n.region {
                 let grown = n.region.offset == o.region.offset && n.region.length > o.region.length;
                 if live && !grown {
-                    let what = if n.region.offset != o.region.offset { "moved" } else { "shrunk" };
+                    let what = if n.region.offset != o.region.offset {
+                        "moved"
+                    } else {
+                        "shrunk"
+                    };
                     refuse(&g, format!("its region of `{device}` would be {what} while it is connected; only growing in place is live: disconnect the guest first"));
                 } else {
-                    changes.push(Change::RegionChanged { guest: g.clone(), device, old: o.region, new: n.region });
+                    changes.push(Change::RegionChanged {
+                        guest: g.clone(),
+                        device,
+                        old: o.region,
+                        new: n.region,
+                    });
                 }
             }
         }
-        let added_net = nn.iter().filter(|(k, _)| find(&on, k).is_none()).map(|(k, _)| k.0);
-        let added_disk = nd.iter().filter(|(k, _)| find(&od, k).is_none()).map(|(k, _)| k.0);
+        let added_net = nn
+            .iter()
+            .filter(|(k, _)| find(&on, k).is_none())
+            .map(|(k, _)| k.0);
+        let added_disk = nd
+            .iter()
+            .filter(|(k, _)| find(&od, k).is_none())
+            .map(|(k, _)| k.0);
         for device in added_net.chain(added_disk) {
-            changes.push(Change::AccessAdded { guest: g.clone(), device: device.to_owned() });
+            changes.push(Change::AccessAdded {
+                guest: g.clone(),
+                device: device.to_owned(),
+            });
         }
     }
-    changes.extend(new.guests.iter().filter(|g| old.guest(&g.name).is_none()).map(|g| Change::GuestAdded { guest: g.name.clone() }));
+    changes.extend(
+        new.guests
+            .iter()
+            .filter(|g| old.guest(&g.name).is_none())
+            .map(|g| Change::GuestAdded {
+                guest: g.name.clone(),
+            }),
+    );
 
     if refused.is_empty() {
         Ok(changes)
@@ -203,7 +282,10 @@ impl Device {
     /// What the driver domain holds and cannot change live: kind and media (link speed aside).
     fn spec_identity(&self) -> DeviceSpec {
         match &self.spec {
-            DeviceSpec::Net { wire, .. } => DeviceSpec::Net { link: crate::units::Rate { bits_per_sec: 0 }, wire: wire.clone() },
+            DeviceSpec::Net { wire, .. } => DeviceSpec::Net {
+                link: crate::units::Rate { bits_per_sec: 0 },
+                wire: wire.clone(),
+            },
             s => s.clone(),
         }
     }

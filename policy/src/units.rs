@@ -97,7 +97,9 @@ fn whole(num: &str, orig: &str) -> Result<u64, UnitError> {
     if digits.is_empty() {
         return Err(UnitError::NoNumber(orig.into()));
     }
-    digits.parse::<u64>().map_err(|_| UnitError::Overflow(orig.into()))
+    digits
+        .parse::<u64>()
+        .map_err(|_| UnitError::Overflow(orig.into()))
 }
 
 fn size_multiplier(unit: &str) -> Option<u64> {
@@ -121,10 +123,13 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
         return Err(UnitError::Empty("size"));
     }
     let (num, unit) = split_number(s);
-    let mult = size_multiplier(unit)
-        .ok_or_else(|| UnitError::UnknownUnit { what: "size", unit: unit.into() })?;
+    let mult = size_multiplier(unit).ok_or_else(|| UnitError::UnknownUnit {
+        what: "size",
+        unit: unit.into(),
+    })?;
     let n = whole(num, s)?;
-    n.checked_mul(mult).ok_or_else(|| UnitError::Overflow(s.into()))
+    n.checked_mul(mult)
+        .ok_or_else(|| UnitError::Overflow(s.into()))
 }
 
 /// Writes a size with the largest binary unit that divides it exactly: `64MiB`, `1000`.
@@ -148,9 +153,16 @@ pub fn parse_duration_us(s: &str) -> Result<u64, UnitError> {
         "ms" => 1_000,
         "s" => 1_000_000,
         "min" => 60_000_000,
-        _ => return Err(UnitError::UnknownUnit { what: "duration", unit: unit.into() }),
+        _ => {
+            return Err(UnitError::UnknownUnit {
+                what: "duration",
+                unit: unit.into(),
+            })
+        }
     };
-    whole(num, s)?.checked_mul(mult).ok_or_else(|| UnitError::Overflow(s.into()))
+    whole(num, s)?
+        .checked_mul(mult)
+        .ok_or_else(|| UnitError::Overflow(s.into()))
 }
 
 /// Writes microseconds with the largest unit that divides them exactly: `50ms`, `7us`.
@@ -211,8 +223,10 @@ pub fn parse_rate(s: &str) -> Result<Rate, UnitError> {
         return Err(UnitError::Empty("rate"));
     }
     let (num, unit) = split_number(s);
-    let mult = rate_multiplier(unit)
-        .ok_or_else(|| UnitError::UnknownUnit { what: "rate", unit: unit.into() })?;
+    let mult = rate_multiplier(unit).ok_or_else(|| UnitError::UnknownUnit {
+        what: "rate",
+        unit: unit.into(),
+    })?;
     let num: String = num.chars().filter(|&c| c != '_').collect();
     let (int, frac) = num.split_once('.').unwrap_or((&num, ""));
     if int.is_empty() || frac.contains('.') || frac.len() > 12 {
@@ -221,7 +235,11 @@ pub fn parse_rate(s: &str) -> Result<Rate, UnitError> {
     let overflow = || UnitError::Overflow(s.into());
     let scale = 10u128.pow(u32::try_from(frac.len()).map_err(|_| overflow())?);
     let int: u128 = int.parse().map_err(|_| overflow())?;
-    let frac_v: u128 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| overflow())? };
+    let frac_v: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| overflow())?
+    };
     let scaled = int
         .checked_mul(scale)
         .and_then(|v| v.checked_add(frac_v))
@@ -252,12 +270,21 @@ pub fn format_rate(rate: Rate) -> String {
 
 /// Describes bits per second for people, truncated to three decimals: `1.009Gbit/s`.
 pub fn describe_bits_per_sec(bits: u128) -> String {
-    for (unit, mult) in [("Tbit/s", 1_000_000_000_000u128), ("Gbit/s", 1_000_000_000), ("Mbit/s", 1_000_000), ("kbit/s", 1_000)] {
+    for (unit, mult) in [
+        ("Tbit/s", 1_000_000_000_000u128),
+        ("Gbit/s", 1_000_000_000),
+        ("Mbit/s", 1_000_000),
+        ("kbit/s", 1_000),
+    ] {
         if bits >= mult {
             let milli = bits * 1000 / mult;
             let frac = format!("{:03}", milli % 1000);
             let frac = frac.trim_end_matches('0');
-            return if frac.is_empty() { format!("{}{unit}", milli / 1000) } else { format!("{}.{frac}{unit}", milli / 1000) };
+            return if frac.is_empty() {
+                format!("{}{unit}", milli / 1000)
+            } else {
+                format!("{}.{frac}{unit}", milli / 1000)
+            };
         }
     }
     format!("{bits}bit/s")
@@ -301,7 +328,10 @@ pub fn parse_share(s: &str) -> Result<Share, UnitError> {
         return Err(UnitError::Empty("share"));
     }
     let share = if let Some((size, dur)) = s.split_once(" every ") {
-        Share { bytes: parse_size(size)?, interval_us: parse_duration_us(dur)? }
+        Share {
+            bytes: parse_size(size)?,
+            interval_us: parse_duration_us(dur)?,
+        }
     } else {
         let (rate, interval_us) = match s.split_once('@') {
             Some((r, d)) => (parse_rate(r)?, parse_duration_us(d)?),
@@ -322,7 +352,11 @@ pub fn parse_share(s: &str) -> Result<Share, UnitError> {
 
 /// Writes a share in the exact `SIZE every DURATION` form: `64KiB every 1ms`.
 pub fn format_share(share: Share) -> String {
-    format!("{} every {}", format_size(share.bytes), format_duration_us(share.interval_us))
+    format!(
+        "{} every {}",
+        format_size(share.bytes),
+        format_duration_us(share.interval_us)
+    )
 }
 
 #[cfg(test)]
@@ -339,9 +373,15 @@ mod tests {
         assert_eq!(parse_size(" 2 KiB "), Ok(2048));
         assert_eq!(parse_size("1_000"), Ok(1000));
         assert!(matches!(parse_size("1.5G"), Err(UnitError::Fraction(_))));
-        assert!(matches!(parse_size("64 MiBs"), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!(
+            parse_size("64 MiBs"),
+            Err(UnitError::UnknownUnit { .. })
+        ));
         assert!(matches!(parse_size("MiB"), Err(UnitError::NoNumber(_))));
-        assert!(matches!(parse_size("99999999999T"), Err(UnitError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(UnitError::Overflow(_))
+        ));
         assert!(matches!(parse_size(""), Err(UnitError::Empty("size"))));
     }
 
@@ -351,19 +391,49 @@ mod tests {
         assert_eq!(parse_rate("2.5Gbit/s").unwrap().bits_per_sec, 2_500_000_000);
         assert_eq!(parse_rate("10MB/s").unwrap().bits_per_sec, 80_000_000);
         assert_eq!(parse_rate("1Gbps").unwrap().bits_per_sec, 1_000_000_000);
-        assert!(matches!(parse_rate("0.0001bit/s"), Err(UnitError::Fraction(_))));
-        assert!(matches!(parse_rate("100Mbit"), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!(
+            parse_rate("0.0001bit/s"),
+            Err(UnitError::Fraction(_))
+        ));
+        assert!(matches!(
+            parse_rate("100Mbit"),
+            Err(UnitError::UnknownUnit { .. })
+        ));
         // 100 Mbit/s for 50 ms is 625 000 bytes.
-        assert_eq!(parse_share("100Mbit/s"), Ok(Share { bytes: 625_000, interval_us: 50_000 }));
-        assert_eq!(parse_share("100Mbit/s@20ms"), Ok(Share { bytes: 250_000, interval_us: 20_000 }));
+        assert_eq!(
+            parse_share("100Mbit/s"),
+            Ok(Share {
+                bytes: 625_000,
+                interval_us: 50_000
+            })
+        );
+        assert_eq!(
+            parse_share("100Mbit/s@20ms"),
+            Ok(Share {
+                bytes: 250_000,
+                interval_us: 20_000
+            })
+        );
         assert_eq!(
             parse_share("1500 bytes every 100us"),
-            Ok(Share { bytes: 1500, interval_us: 100 })
+            Ok(Share {
+                bytes: 1500,
+                interval_us: 100
+            })
         );
-        assert_eq!(parse_share("100Mbit/s").unwrap().bits_per_sec(), 100_000_000);
-        assert!(matches!(parse_share("0 every 1ms"), Err(UnitError::Zero(_))));
+        assert_eq!(
+            parse_share("100Mbit/s").unwrap().bits_per_sec(),
+            100_000_000
+        );
+        assert!(matches!(
+            parse_share("0 every 1ms"),
+            Err(UnitError::Zero(_))
+        ));
         assert!(matches!(parse_share("1bit/s"), Err(UnitError::TooSmall(_))));
-        assert!(matches!(parse_share("10 every 5 fortnights"), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!(
+            parse_share("10 every 5 fortnights"),
+            Err(UnitError::UnknownUnit { .. })
+        ));
     }
 
     #[test]

@@ -39,7 +39,9 @@ use crate::raw::*;
 use crate::units::{self, Rate, Share};
 
 /// The default link speed of a net device.
-pub const DEFAULT_LINK: Rate = Rate { bits_per_sec: 1_000_000_000 };
+pub const DEFAULT_LINK: Rate = Rate {
+    bits_per_sec: 1_000_000_000,
+};
 /// The default local address of a UDP wire.
 pub const DEFAULT_UDP_BIND: &str = "127.0.0.1:0";
 
@@ -94,7 +96,11 @@ fn check_sub(sink: &mut Sink<'_>, table: &mut DeTable<'_>, key: &str, known: &[&
 }
 
 /// Splits a top-level `[[name]]` value into its tables, reporting other shapes.
-fn tables<'i>(sink: &mut Sink<'_>, key: &str, v: Spanned<DeValue<'i>>) -> Vec<Spanned<DeTable<'i>>> {
+fn tables<'i>(
+    sink: &mut Sink<'_>,
+    key: &str,
+    v: Spanned<DeValue<'i>>,
+) -> Vec<Spanned<DeTable<'i>>> {
     let span = v.span();
     match v.into_inner() {
         DeValue::Array(a) => {
@@ -104,7 +110,12 @@ fn tables<'i>(sink: &mut Sink<'_>, key: &str, v: Spanned<DeValue<'i>>) -> Vec<Sp
                 match e.into_inner() {
                     DeValue::Table(t) => out.push(Spanned::new(s, t)),
                     _ => {
-                        sink.error(K::Type, s, format!("Each `{key}` must be a table"), Some(format!("write a [[{key}]] section")));
+                        sink.error(
+                            K::Type,
+                            s,
+                            format!("Each `{key}` must be a table"),
+                            Some(format!("write a [[{key}]] section")),
+                        );
                     }
                 }
             }
@@ -124,16 +135,26 @@ fn tables<'i>(sink: &mut Sink<'_>, key: &str, v: Spanned<DeValue<'i>>) -> Vec<Sp
 
 /// The string value of `name` in a table, if any (to know the names of entries that failed).
 fn name_of(t: &DeTable<'_>) -> Option<String> {
-    t.iter().find(|(k, _)| k.get_ref().as_ref() == "name").and_then(|(_, v)| v.get_ref().as_str().map(str::to_owned))
+    t.iter()
+        .find(|(k, _)| k.get_ref().as_ref() == "name")
+        .and_then(|(_, v)| v.get_ref().as_str().map(str::to_owned))
 }
 
-fn typed<'de, T: Deserialize<'de>>(sink: &mut Sink<'_>, t: Spanned<DeTable<'de>>) -> Option<Spanned<T>> {
+fn typed<'de, T: Deserialize<'de>>(
+    sink: &mut Sink<'_>,
+    t: Spanned<DeTable<'de>>,
+) -> Option<Spanned<T>> {
     let span = t.span();
     match T::deserialize(toml::de::Deserializer::from(t)) {
         Ok(v) => Some(Spanned::new(span, v)),
         Err(e) => {
             let at = e.span().unwrap_or(span);
-            sink.error(K::Type, at, capitalise(e.message().trim()), Some("see the examples in policy/examples/ or the JSON Schema".into()));
+            sink.error(
+                K::Type,
+                at,
+                capitalise(e.message().trim()),
+                Some("see the examples in policy/examples/ or the JSON Schema".into()),
+            );
             None
         }
     }
@@ -141,7 +162,9 @@ fn typed<'de, T: Deserialize<'de>>(sink: &mut Sink<'_>, t: Spanned<DeTable<'de>>
 
 fn capitalise(s: &str) -> String {
     let mut c = s.chars();
-    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 /// Parses and validates `text`; on failure the sink holds every problem.
@@ -150,7 +173,12 @@ pub(crate) fn parse(sink: &mut Sink<'_>, text: &str) -> Option<Policy> {
     if !errs.is_empty() {
         for e in errs {
             let at = e.span().unwrap_or(0..0);
-            sink.error(K::Syntax, at, capitalise(e.message().trim()), Some("this is not valid TOML; see https://toml.io".into()));
+            sink.error(
+                K::Syntax,
+                at,
+                capitalise(e.message().trim()),
+                Some("this is not valid TOML; see https://toml.io".into()),
+            );
         }
         return None;
     }
@@ -169,7 +197,12 @@ pub(crate) fn parse(sink: &mut Sink<'_>, text: &str) -> Option<Policy> {
                         restart = Some(Spanned::new(span, t));
                     }
                     _ => {
-                        sink.error(K::Type, span, "`restart` must be a table", Some("write a [restart] section".into()));
+                        sink.error(
+                            K::Type,
+                            span,
+                            "`restart` must be a table",
+                            Some("write a [restart] section".into()),
+                        );
                     }
                 }
             }
@@ -179,7 +212,13 @@ pub(crate) fn parse(sink: &mut Sink<'_>, text: &str) -> Option<Policy> {
     let mut raw_devices = Vec::new();
     for mut t in devices {
         check_keys(sink, t.get_mut(), DEVICE_KEYS, "[[device]]");
-        check_sub(sink, t.get_mut(), "restart", RESTART_KEYS, "[device.restart]");
+        check_sub(
+            sink,
+            t.get_mut(),
+            "restart",
+            RESTART_KEYS,
+            "[device.restart]",
+        );
         let name = name_of(t.get_ref());
         match typed::<RawDevice>(sink, t) {
             Some(d) => raw_devices.push(d),
@@ -195,7 +234,11 @@ pub(crate) fn parse(sink: &mut Sink<'_>, text: &str) -> Option<Policy> {
     }
     let top_restart = restart.and_then(|t| typed::<RawRestart>(sink, t));
     let mut v = Validator { sink, broken };
-    let policy = v.policy(top_restart.as_ref().map(Spanned::get_ref), &raw_devices, &raw_guests);
+    let policy = v.policy(
+        top_restart.as_ref().map(Spanned::get_ref),
+        &raw_devices,
+        &raw_guests,
+    );
     Some(policy)
 }
 
@@ -213,7 +256,13 @@ struct Declared<'r> {
 }
 
 impl<'s, 'a> Validator<'s, 'a> {
-    fn err(&mut self, kind: K, span: Range<usize>, msg: impl Into<String>, hint: impl Into<String>) -> &mut crate::diag::Diagnostic {
+    fn err(
+        &mut self,
+        kind: K,
+        span: Range<usize>,
+        msg: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> &mut crate::diag::Diagnostic {
         self.sink.error(kind, span, msg, Some(hint.into()))
     }
 
@@ -222,7 +271,12 @@ impl<'s, 'a> Validator<'s, 'a> {
             Quantity::Int(n) => match u64::try_from(*n) {
                 Ok(n) => Some(n),
                 Err(_) => {
-                    self.err(K::BadUnit, q.span(), "A size cannot be negative", "write a size such as \"64MiB\"");
+                    self.err(
+                        K::BadUnit,
+                        q.span(),
+                        "A size cannot be negative",
+                        "write a size such as \"64MiB\"",
+                    );
                     None
                 }
             },
@@ -231,7 +285,8 @@ impl<'s, 'a> Validator<'s, 'a> {
     }
 
     fn unit<T>(&mut self, span: Range<usize>, r: Result<T, units::UnitError>) -> Option<T> {
-        r.map_err(|e| self.err(K::BadUnit, span, e.to_string(), e.hint())).ok()
+        r.map_err(|e| self.err(K::BadUnit, span, e.to_string(), e.hint()))
+            .ok()
     }
 
     fn restart(&mut self, base: RestartPolicy, r: Option<&RawRestart>) -> RestartPolicy {
@@ -240,15 +295,24 @@ impl<'s, 'a> Validator<'s, 'a> {
         if let Some(m) = &r.max_restarts {
             out.max_restarts = *m.get_ref();
         }
-        for (field, target) in [(&r.window, &mut out.window_us), (&r.heartbeat, &mut out.heartbeat_us)] {
+        for (field, target) in [
+            (&r.window, &mut out.window_us),
+            (&r.heartbeat, &mut out.heartbeat_us),
+        ] {
             if let Some(s) = field {
                 match units::parse_duration_us(s.get_ref()) {
                     Ok(0) => {
-                        self.sink.error(K::BadUnit, s.span(), "A zero duration", Some("give at least 1ms".into()));
+                        self.sink.error(
+                            K::BadUnit,
+                            s.span(),
+                            "A zero duration",
+                            Some("give at least 1ms".into()),
+                        );
                     }
                     Ok(us) => *target = us,
                     Err(e) => {
-                        self.sink.error(K::BadUnit, s.span(), e.to_string(), Some(e.hint()));
+                        self.sink
+                            .error(K::BadUnit, s.span(), e.to_string(), Some(e.hint()));
                     }
                 }
             }
@@ -258,14 +322,24 @@ impl<'s, 'a> Validator<'s, 'a> {
 
     fn not_for(&mut self, field: Option<Range<usize>>, key: &str, why: &str) {
         if let Some(span) = field {
-            self.err(K::NotForKind, span, format!("`{key}` does not apply here: {why}"), format!("remove `{key}`"));
+            self.err(
+                K::NotForKind,
+                span,
+                format!("`{key}` does not apply here: {why}"),
+                format!("remove `{key}`"),
+            );
         }
     }
 
     fn pci(&mut self, s: &Spanned<String>) -> Option<PciAddress> {
         let p = parse_pci(s.get_ref());
         if p.is_none() {
-            self.err(K::BadValue, s.span(), format!("`{}` is not a PCI address", s.get_ref()), "write domain:bus:device.function in hex, e.g. \"0000:00:04.0\"");
+            self.err(
+                K::BadValue,
+                s.span(),
+                format!("`{}` is not a PCI address", s.get_ref()),
+                "write domain:bus:device.function in hex, e.g. \"0000:00:04.0\"",
+            );
         }
         p
     }
@@ -273,7 +347,14 @@ impl<'s, 'a> Validator<'s, 'a> {
     fn socket(&mut self, s: &Spanned<String>) -> Option<SocketAddr> {
         s.get_ref()
             .parse()
-            .map_err(|_| self.err(K::BadValue, s.span(), format!("`{}` is not a socket address", s.get_ref()), "write ip:port, e.g. \"127.0.0.1:7000\" or \"[::1]:7000\""))
+            .map_err(|_| {
+                self.err(
+                    K::BadValue,
+                    s.span(),
+                    format!("`{}` is not a socket address", s.get_ref()),
+                    "write ip:port, e.g. \"127.0.0.1:7000\" or \"[::1]:7000\"",
+                )
+            })
             .ok()
     }
 
@@ -289,16 +370,31 @@ impl<'s, 'a> Validator<'s, 'a> {
                 self.not_for(span(&d.link), "link", why);
                 let size = match &d.size {
                     None => {
-                        self.err(K::Missing, d.name.span(), format!("virtio-blk device `{name}` needs a `size`"), "add a line such as size = \"64MiB\"");
+                        self.err(
+                            K::Missing,
+                            d.name.span(),
+                            format!("virtio-blk device `{name}` needs a `size`"),
+                            "add a line such as size = \"64MiB\"",
+                        );
                         None
                     }
                     Some(q) => match self.size(q)? {
                         0 => {
-                            self.err(K::BadUnit, q.span(), "A disk cannot be empty", "give a size of at least 512 bytes");
+                            self.err(
+                                K::BadUnit,
+                                q.span(),
+                                "A disk cannot be empty",
+                                "give a size of at least 512 bytes",
+                            );
                             None
                         }
                         n if n % SECTOR_SIZE != 0 => {
-                            self.err(K::Misaligned, q.span(), format!("Disk size {n} is not a whole number of 512-byte sectors"), "round it to a multiple of 512");
+                            self.err(
+                                K::Misaligned,
+                                q.span(),
+                                format!("Disk size {n} is not a whole number of 512-byte sectors"),
+                                "round it to a multiple of 512",
+                            );
                             None
                         }
                         n => Some(n),
@@ -306,17 +402,30 @@ impl<'s, 'a> Validator<'s, 'a> {
                 };
                 let media = match (&d.image, &d.pci) {
                     (Some(_), Some(p)) => {
-                        self.err(K::NotForKind, p.span(), "A device has either `image` or `pci`, not both", "remove one");
+                        self.err(
+                            K::NotForKind,
+                            p.span(),
+                            "A device has either `image` or `pci`, not both",
+                            "remove one",
+                        );
                         None
                     }
                     (Some(i), None) => Some(BlkMedia::Image(PathBuf::from(i.get_ref()))),
                     (None, Some(p)) => self.pci(p).map(BlkMedia::Pci),
                     (None, None) => {
-                        self.err(K::Missing, d.name.span(), format!("virtio-blk device `{name}` needs an `image`"), "add a line such as image = \"disk0.img\" (created if missing)");
+                        self.err(
+                            K::Missing,
+                            d.name.span(),
+                            format!("virtio-blk device `{name}` needs an `image`"),
+                            "add a line such as image = \"disk0.img\" (created if missing)",
+                        );
                         None
                     }
                 };
-                DeviceSpec::Blk { size: size?, media: media? }
+                DeviceSpec::Blk {
+                    size: size?,
+                    media: media?,
+                }
             }
             DeviceKind::VirtioNet => {
                 let why = "only virtio-blk devices have it";
@@ -326,7 +435,12 @@ impl<'s, 'a> Validator<'s, 'a> {
                     None => Some(DEFAULT_LINK),
                     Some(l) => match self.unit(l.span(), units::parse_rate(l.get_ref()))? {
                         Rate { bits_per_sec: 0 } => {
-                            self.err(K::BadUnit, l.span(), "A link cannot be 0 bit/s", "write a speed such as \"1Gbit/s\"");
+                            self.err(
+                                K::BadUnit,
+                                l.span(),
+                                "A link cannot be 0 bit/s",
+                                "write a speed such as \"1Gbit/s\"",
+                            );
                             None
                         }
                         r => Some(r),
@@ -345,17 +459,33 @@ impl<'s, 'a> Validator<'s, 'a> {
                     self.not_for(span(&d.peer), "peer", "only a udp wire has it");
                     match &d.ifname {
                         None => {
-                            self.err(K::Missing, d.name.span(), format!("tap device `{name}` needs an `ifname`"), "add a line such as ifname = \"tap0\"");
+                            self.err(
+                                K::Missing,
+                                d.name.span(),
+                                format!("tap device `{name}` needs an `ifname`"),
+                                "add a line such as ifname = \"tap0\"",
+                            );
                             None
                         }
                         Some(i) if !valid_ifname(i.get_ref()) => {
-                            self.err(K::BadValue, i.span(), format!("`{}` is not a Linux interface name", i.get_ref()), "use 1 to 15 bytes, no '/', ':' or spaces");
+                            self.err(
+                                K::BadValue,
+                                i.span(),
+                                format!("`{}` is not a Linux interface name", i.get_ref()),
+                                "use 1 to 15 bytes, no '/', ':' or spaces",
+                            );
                             None
                         }
-                        Some(i) => Some(Wire::Tap { ifname: i.get_ref().clone() }),
+                        Some(i) => Some(Wire::Tap {
+                            ifname: i.get_ref().clone(),
+                        }),
                     }
                 } else {
-                    self.not_for(span(&d.ifname), "ifname", "only a tap wire has it (add wire = \"tap\")");
+                    self.not_for(
+                        span(&d.ifname),
+                        "ifname",
+                        "only a tap wire has it (add wire = \"tap\")",
+                    );
                     let bind = match &d.bind {
                         None => DEFAULT_UDP_BIND.parse().ok(),
                         Some(b) => self.socket(b),
@@ -363,47 +493,94 @@ impl<'s, 'a> Validator<'s, 'a> {
                     let peer = d.peer.as_ref().map(|p| self.socket(p));
                     match (bind, peer) {
                         (Some(bind), None) => Some(Wire::Udp { bind, peer: None }),
-                        (Some(bind), Some(Some(peer))) => Some(Wire::Udp { bind, peer: Some(peer) }),
+                        (Some(bind), Some(Some(peer))) => Some(Wire::Udp {
+                            bind,
+                            peer: Some(peer),
+                        }),
                         _ => None,
                     }
                 };
-                DeviceSpec::Net { link: link?, wire: wire? }
+                DeviceSpec::Net {
+                    link: link?,
+                    wire: wire?,
+                }
             }
         };
         let standby = d.standby.as_ref().is_some_and(|s| *s.get_ref());
         let restart = self.restart(restart, d.restart.as_ref().map(Spanned::get_ref));
-        Some(Device { name, spec, standby, restart })
+        Some(Device {
+            name,
+            spec,
+            standby,
+            restart,
+        })
     }
 
     /// Looks up an access entry's device and checks its kind.
-    fn lookup<'p>(&mut self, devices: &'p HashMap<String, (usize, Device)>, dev: &Spanned<String>, want: DeviceKind, section: &str) -> Option<&'p (usize, Device)> {
+    fn lookup<'p>(
+        &mut self,
+        devices: &'p HashMap<String, (usize, Device)>,
+        dev: &Spanned<String>,
+        want: DeviceKind,
+        section: &str,
+    ) -> Option<&'p (usize, Device)> {
         let name = dev.get_ref();
         let Some(found) = devices.get(name) else {
             if !self.broken.contains(name) {
-                let mut known: Vec<&str> = devices.iter().filter(|(_, (_, d))| d.kind() == want).map(|(n, _)| n.as_str()).collect();
+                let mut known: Vec<&str> = devices
+                    .iter()
+                    .filter(|(_, (_, d))| d.kind() == want)
+                    .map(|(n, _)| n.as_str())
+                    .collect();
                 known.sort_unstable();
                 let hint = match did_you_mean(name, &known) {
-                    _ if known.is_empty() => format!("declare it in a [[device]] with kind = \"{}\"", want.as_str()),
-                    h => h.replace("keys here", "declared devices").replace("did you mean", "did you mean device"),
+                    _ if known.is_empty() => format!(
+                        "declare it in a [[device]] with kind = \"{}\"",
+                        want.as_str()
+                    ),
+                    h => h
+                        .replace("keys here", "declared devices")
+                        .replace("did you mean", "did you mean device"),
                 };
-                self.err(K::UnknownDevice, dev.span(), format!("Unknown device `{name}`"), hint);
+                self.err(
+                    K::UnknownDevice,
+                    dev.span(),
+                    format!("Unknown device `{name}`"),
+                    hint,
+                );
             }
             return None;
         };
         if found.1.kind() != want {
-            let other = if want == DeviceKind::VirtioBlk { "[[guest.net]]" } else { "[[guest.disk]]" };
+            let other = if want == DeviceKind::VirtioBlk {
+                "[[guest.net]]"
+            } else {
+                "[[guest.disk]]"
+            };
             self.err(
                 K::KindMismatch,
                 dev.span(),
-                format!("`{name}` is a {} device, but {section} needs a {} device", found.1.kind().as_str(), want.as_str()),
-                format!("move this entry to {other}, or name a {} device", want.as_str()),
+                format!(
+                    "`{name}` is a {} device, but {section} needs a {} device",
+                    found.1.kind().as_str(),
+                    want.as_str()
+                ),
+                format!(
+                    "move this entry to {other}, or name a {} device",
+                    want.as_str()
+                ),
             );
             return None;
         }
         Some(found)
     }
 
-    fn policy(&mut self, top: Option<&RawRestart>, raw_devices: &[Spanned<RawDevice>], raw_guests: &[Spanned<RawGuest>]) -> Policy {
+    fn policy(
+        &mut self,
+        top: Option<&RawRestart>,
+        raw_devices: &[Spanned<RawDevice>],
+        raw_guests: &[Spanned<RawGuest>],
+    ) -> Policy {
         let restart = self.restart(RestartPolicy::default(), top);
         let mut devices = Vec::new();
         let mut by_name: HashMap<String, (usize, Device)> = HashMap::new();
@@ -412,7 +589,14 @@ impl<'s, 'a> Validator<'s, 'a> {
             let d = d.get_ref();
             let name = d.name.get_ref();
             if let Some(first) = name_spans.get(name).cloned() {
-                self.err(K::DuplicateName, d.name.span(), format!("Device `{name}` is declared twice"), "give each device its own name").related.push((first, "first declared here".into()));
+                self.err(
+                    K::DuplicateName,
+                    d.name.span(),
+                    format!("Device `{name}` is declared twice"),
+                    "give each device its own name",
+                )
+                .related
+                .push((first, "first declared here".into()));
                 continue;
             }
             name_spans.insert(name.clone(), d.name.span());
@@ -435,14 +619,25 @@ impl<'s, 'a> Validator<'s, 'a> {
             let g = g.get_ref();
             let gname = g.name.get_ref();
             if let Some(first) = guest_spans.get(gname).cloned() {
-                self.err(K::DuplicateName, g.name.span(), format!("Guest `{gname}` is declared twice"), "give each guest its own name").related.push((first, "first declared here".into()));
+                self.err(
+                    K::DuplicateName,
+                    g.name.span(),
+                    format!("Guest `{gname}` is declared twice"),
+                    "give each guest its own name",
+                )
+                .related
+                .push((first, "first declared here".into()));
             } else {
                 guest_spans.insert(gname.clone(), g.name.span());
             }
             let mut net = Vec::new();
             for (nidx, n) in g.net.iter().enumerate() {
                 let n = n.get_ref();
-                let Some((didx, _)) = self.lookup(&by_name, &n.device, DeviceKind::VirtioNet, "[[guest.net]]") else { continue };
+                let Some((didx, _)) =
+                    self.lookup(&by_name, &n.device, DeviceKind::VirtioNet, "[[guest.net]]")
+                else {
+                    continue;
+                };
                 let (mac, mac_span) = match &n.mac {
                     Some(m) => match parse_mac(m.get_ref()) {
                         Ok(mac) => (Some(mac), m.span()),
@@ -452,16 +647,31 @@ impl<'s, 'a> Validator<'s, 'a> {
                         }
                     },
                     None => match (u8::try_from(*didx), u8::try_from(gidx), u8::try_from(nidx)) {
-                        (Ok(d), Ok(gi), Ok(ni)) => (Some(MacAddr([0x02, 0x1d, 0xd0, d, gi, ni])), n.device.span()),
+                        (Ok(d), Ok(gi), Ok(ni)) => (
+                            Some(MacAddr([0x02, 0x1d, 0xd0, d, gi, ni])),
+                            n.device.span(),
+                        ),
                         _ => {
-                            self.err(K::Missing, n.device.span(), "Too many devices or guests to generate a MAC", "give this NIC a `mac`");
+                            self.err(
+                                K::Missing,
+                                n.device.span(),
+                                "Too many devices or guests to generate a MAC",
+                                "give this NIC a `mac`",
+                            );
                             (None, n.device.span())
                         }
                     },
                 };
                 if let Some(mac) = mac {
                     if let Some(first) = macs.get(&mac).cloned() {
-                        self.err(K::DuplicateMac, mac_span.clone(), format!("MAC {mac} is used twice"), "give each NIC its own MAC (or leave `mac` out to have one generated)").related.push((first, "first used here".into()));
+                        self.err(
+                            K::DuplicateMac,
+                            mac_span.clone(),
+                            format!("MAC {mac} is used twice"),
+                            "give each NIC its own MAC (or leave `mac` out to have one generated)",
+                        )
+                        .related
+                        .push((first, "first used here".into()));
                     } else {
                         macs.insert(mac, mac_span);
                     }
@@ -469,10 +679,18 @@ impl<'s, 'a> Validator<'s, 'a> {
                 let mut ips = Vec::new();
                 for ip in n.ips.iter().flatten() {
                     let s = ip.get_ref().trim();
-                    match s.parse::<IpNet>().or_else(|_| s.parse::<IpAddr>().map(IpNet::from)) {
+                    match s
+                        .parse::<IpNet>()
+                        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    {
                         Ok(net) => ips.push(net),
                         Err(_) => {
-                            self.err(K::BadValue, ip.span(), format!("`{s}` is not an IP address or network"), "write an address (\"10.0.0.2\") or a network (\"10.0.0.0/24\")");
+                            self.err(
+                                K::BadValue,
+                                ip.span(),
+                                format!("`{s}` is not an IP address or network"),
+                                "write an address (\"10.0.0.2\") or a network (\"10.0.0.0/24\")",
+                            );
                         }
                     }
                 }
@@ -481,20 +699,34 @@ impl<'s, 'a> Validator<'s, 'a> {
                     Some(s) => {
                         let sh = self.unit(s.span(), units::parse_share(s.get_ref()));
                         if let Some(sh) = sh {
-                            shares.entry(n.device.get_ref().clone()).or_default().push((sh, s.span()));
+                            shares
+                                .entry(n.device.get_ref().clone())
+                                .or_default()
+                                .push((sh, s.span()));
                         }
                         sh
                     }
                 };
                 if let Some(mac) = mac {
-                    net.push(NetAccess { device: n.device.get_ref().clone(), mac, ips, share });
+                    net.push(NetAccess {
+                        device: n.device.get_ref().clone(),
+                        mac,
+                        ips,
+                        share,
+                    });
                 }
             }
             let mut disk = Vec::new();
             for a in &g.disk {
                 let a = a.get_ref();
-                let Some((_, dev)) = self.lookup(&by_name, &a.device, DeviceKind::VirtioBlk, "[[guest.disk]]") else { continue };
-                let DeviceSpec::Blk { size, .. } = dev.spec else { continue };
+                let Some((_, dev)) =
+                    self.lookup(&by_name, &a.device, DeviceKind::VirtioBlk, "[[guest.disk]]")
+                else {
+                    continue;
+                };
+                let DeviceSpec::Blk { size, .. } = dev.spec else {
+                    continue;
+                };
                 let offset = match &a.offset {
                     Some(o) => self.size(o),
                     None => Some(0),
@@ -503,30 +735,72 @@ impl<'s, 'a> Validator<'s, 'a> {
                     Some(l) => self.size(l),
                     None => offset.map(|o| size.saturating_sub(o)),
                 };
-                let (Some(offset), Some(length)) = (offset, length) else { continue };
-                let at = a.offset.as_ref().or(a.length.as_ref()).map_or(a.device.span(), Spanned::span);
+                let (Some(offset), Some(length)) = (offset, length) else {
+                    continue;
+                };
+                let at = a
+                    .offset
+                    .as_ref()
+                    .or(a.length.as_ref())
+                    .map_or(a.device.span(), Spanned::span);
                 let len_at = a.length.as_ref().map_or(at.clone(), Spanned::span);
                 let mut ok = true;
-                for (v, sp, what) in [(offset, at.clone(), "offset"), (length, len_at.clone(), "length")] {
+                for (v, sp, what) in [
+                    (offset, at.clone(), "offset"),
+                    (length, len_at.clone(), "length"),
+                ] {
                     if v % SECTOR_SIZE != 0 {
                         ok = false;
-                        self.err(K::Misaligned, sp, format!("Region {what} {v} is not a whole number of 512-byte sectors"), format!("round it to a multiple of 512 (e.g. \"{}\")", units::format_size(v / SECTOR_SIZE * SECTOR_SIZE)));
+                        self.err(
+                            K::Misaligned,
+                            sp,
+                            format!("Region {what} {v} is not a whole number of 512-byte sectors"),
+                            format!(
+                                "round it to a multiple of 512 (e.g. \"{}\")",
+                                units::format_size(v / SECTOR_SIZE * SECTOR_SIZE)
+                            ),
+                        );
                     }
                 }
                 let end = offset.checked_add(length);
                 if offset >= size && a.length.is_none() {
                     ok = false;
-                    self.err(K::PastEnd, at.clone(), format!("Region starts past the end of `{}`", dev.name), format!("`{}` is {} long; start the region before that", dev.name, units::format_size(size)));
+                    self.err(
+                        K::PastEnd,
+                        at.clone(),
+                        format!("Region starts past the end of `{}`", dev.name),
+                        format!(
+                            "`{}` is {} long; start the region before that",
+                            dev.name,
+                            units::format_size(size)
+                        ),
+                    );
                 } else if length == 0 {
                     ok = false;
-                    self.err(K::PastEnd, len_at, "Empty region", format!("the disk `{}` is {} long; the region must hold at least one sector", dev.name, units::format_size(size)));
-                } else if end.is_none_or(|e| e > size) {
+                    self.err(
+                        K::PastEnd,
+                        len_at,
+                        "Empty region",
+                        format!(
+                            "the disk `{}` is {} long; the region must hold at least one sector",
+                            dev.name,
+                            units::format_size(size)
+                        ),
+                    );
+                } else if end.map_or(true, |e| e > size) {
                     ok = false;
                     self.err(
                         K::PastEnd,
                         len_at,
                         format!("Region ends past the end of `{}`", dev.name),
-                        format!("`{}` is {} long; this region needs {} (offset {} + length {})", dev.name, units::format_size(size), end.map_or("more than 2^64 bytes".into(), units::format_size), units::format_size(offset), units::format_size(length)),
+                        format!(
+                            "`{}` is {} long; this region needs {} (offset {} + length {})",
+                            dev.name,
+                            units::format_size(size),
+                            end.map_or("more than 2^64 bytes".into(), units::format_size),
+                            units::format_size(offset),
+                            units::format_size(length)
+                        ),
                     );
                 }
                 if !ok {
@@ -534,19 +808,51 @@ impl<'s, 'a> Validator<'s, 'a> {
                 }
                 let region = Region { offset, length };
                 let read_only = a.read_only.as_ref().is_some_and(|r| *r.get_ref());
-                regions.entry(dev.name.clone()).or_default().push(Declared { guest: g.name.get_ref(), region, read_only, span: at });
-                disk.push(DiskAccess { device: dev.name.clone(), region, read_only });
+                regions.entry(dev.name.clone()).or_default().push(Declared {
+                    guest: g.name.get_ref(),
+                    region,
+                    read_only,
+                    span: at,
+                });
+                disk.push(DiskAccess {
+                    device: dev.name.clone(),
+                    region,
+                    read_only,
+                });
             }
-            guests.push(Guest { name: gname.clone(), kind: g.kind.as_ref().map(|k| *k.get_ref()).unwrap_or_default(), net, disk });
+            guests.push(Guest {
+                name: gname.clone(),
+                kind: g.kind.as_ref().map(|k| *k.get_ref()).unwrap_or_default(),
+                net,
+                disk,
+            });
         }
         self.check_shares(&by_name, raw_devices, &shares);
         self.check_overlaps(&regions);
-        Policy { restart, devices, guests }
+        Policy {
+            restart,
+            devices,
+            guests,
+        }
     }
 
-    fn check_shares(&mut self, by_name: &HashMap<String, (usize, Device)>, raw: &[Spanned<RawDevice>], shares: &HashMap<String, Vec<(Share, Range<usize>)>>) {
+    fn check_shares(
+        &mut self,
+        by_name: &HashMap<String, (usize, Device)>,
+        raw: &[Spanned<RawDevice>],
+        shares: &HashMap<String, Vec<(Share, Range<usize>)>>,
+    ) {
         for (dev, list) in shares {
-            let Some((idx, Device { spec: DeviceSpec::Net { link, .. }, .. })) = by_name.get(dev) else { continue };
+            let Some((
+                idx,
+                Device {
+                    spec: DeviceSpec::Net { link, .. },
+                    ..
+                },
+            )) = by_name.get(dev)
+            else {
+                continue;
+            };
             let link_bits = u128::from(link.bits_per_sec);
             let mut sum = 0u128;
             for (i, (sh, span)) in list.iter().enumerate() {
@@ -562,8 +868,11 @@ impl<'s, 'a> Validator<'s, 'a> {
                         format!("Shares on `{dev}` add up to {shown}, more than its {link} link"),
                         "lower the shares, or raise the device's `link` (a NIC without `share` is unlimited and not counted)",
                     );
-                    d.related.push((link_span, format!("link of `{dev}` ({link})")));
-                    d.related.extend(list[..i].iter().map(|(s, sp)| (sp.clone(), units::describe_bits_per_sec(s.bits_per_sec()))));
+                    d.related
+                        .push((link_span, format!("link of `{dev}` ({link})")));
+                    d.related.extend(list[..i].iter().map(|(s, sp)| {
+                        (sp.clone(), units::describe_bits_per_sec(s.bits_per_sec()))
+                    }));
                     break;
                 }
             }
@@ -573,7 +882,10 @@ impl<'s, 'a> Validator<'s, 'a> {
     fn check_overlaps(&mut self, regions: &HashMap<String, Vec<Declared<'_>>>) {
         for (dev, list) in regions {
             for (j, b) in list.iter().enumerate() {
-                if let Some(a) = list[..j].iter().find(|a| a.region.overlaps(&b.region) && !(a.read_only && b.read_only)) {
+                if let Some(a) = list[..j]
+                    .iter()
+                    .find(|a| a.region.overlaps(&b.region) && !(a.read_only && b.read_only))
+                {
                     self.err(
                         K::Overlap,
                         b.span.clone(),
@@ -616,10 +928,19 @@ pub fn parse_pci(s: &str) -> Option<PciAddress> {
         [b, v] => ("0", *b, *v),
         _ => return None,
     };
-    let hex = |x: &str, max: usize| (!x.is_empty() && x.len() <= max).then(|| u32::from_str_radix(x, 16).ok()).flatten();
+    let hex = |x: &str, max: usize| {
+        (!x.is_empty() && x.len() <= max)
+            .then(|| u32::from_str_radix(x, 16).ok())
+            .flatten()
+    };
     let device = u8::try_from(hex(device, 2)?).ok().filter(|&d| d < 32)?;
     let function = u8::try_from(hex(function, 1)?).ok().filter(|&f| f < 8)?;
-    Some(PciAddress { domain: u16::try_from(hex(domain, 4)?).ok()?, bus: u8::try_from(hex(bus, 2)?).ok()?, device, function })
+    Some(PciAddress {
+        domain: u16::try_from(hex(domain, 4)?).ok()?,
+        bus: u8::try_from(hex(bus, 2)?).ok()?,
+        device,
+        function,
+    })
 }
 
 fn span<T>(f: &Option<Spanned<T>>) -> Option<Range<usize>> {
@@ -627,7 +948,11 @@ fn span<T>(f: &Option<Spanned<T>>) -> Option<Range<usize>> {
 }
 
 fn valid_ifname(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 15 && s != "." && s != ".." && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
 #[cfg(test)]
@@ -636,19 +961,47 @@ mod tests {
 
     #[test]
     fn macs() {
-        assert_eq!(parse_mac("02:00:00:00:00:01"), Ok(MacAddr([2, 0, 0, 0, 0, 1])));
-        assert_eq!(parse_mac("02-AB-00-00-00-01"), Ok(MacAddr([2, 0xab, 0, 0, 0, 1])));
-        assert!(parse_mac("01:00:5e:00:00:01").unwrap_err().contains("multicast"));
-        assert!(parse_mac("ff:ff:ff:ff:ff:ff").unwrap_err().contains("multicast"));
-        assert!(parse_mac("00:00:00:00:00:00").unwrap_err().contains("all-zero"));
+        assert_eq!(
+            parse_mac("02:00:00:00:00:01"),
+            Ok(MacAddr([2, 0, 0, 0, 0, 1]))
+        );
+        assert_eq!(
+            parse_mac("02-AB-00-00-00-01"),
+            Ok(MacAddr([2, 0xab, 0, 0, 0, 1]))
+        );
+        assert!(parse_mac("01:00:5e:00:00:01")
+            .unwrap_err()
+            .contains("multicast"));
+        assert!(parse_mac("ff:ff:ff:ff:ff:ff")
+            .unwrap_err()
+            .contains("multicast"));
+        assert!(parse_mac("00:00:00:00:00:00")
+            .unwrap_err()
+            .contains("all-zero"));
         assert!(parse_mac("02:00:00:00:00").is_err());
         assert!(parse_mac("02:00:00:00:00:zz").is_err());
     }
 
     #[test]
     fn pci_addresses() {
-        assert_eq!(parse_pci("0000:00:04.0"), Some(PciAddress { domain: 0, bus: 0, device: 4, function: 0 }));
-        assert_eq!(parse_pci("01:1f.7"), Some(PciAddress { domain: 0, bus: 1, device: 0x1f, function: 7 }));
+        assert_eq!(
+            parse_pci("0000:00:04.0"),
+            Some(PciAddress {
+                domain: 0,
+                bus: 0,
+                device: 4,
+                function: 0
+            })
+        );
+        assert_eq!(
+            parse_pci("01:1f.7"),
+            Some(PciAddress {
+                domain: 0,
+                bus: 1,
+                device: 0x1f,
+                function: 7
+            })
+        );
         assert_eq!(parse_pci("0000:00:20.0"), None, "device 32");
         assert_eq!(parse_pci("0000:00:04.8"), None, "function 8");
         assert_eq!(parse_pci("00:04"), None);
