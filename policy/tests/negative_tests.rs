@@ -320,7 +320,7 @@ fn bad_addresses_and_names() {
         [
             (K::BadValue, 11, 8),
             (K::BadValue, 16, 10),
-            (K::BadValue, 19, 45)
+            (K::BadValue, 19, 46)
         ]
     );
 }

@@ -290,9 +290,9 @@ impl<'s, 'a> Validator<'s, 'a> {
     }
 
     /// Looks up an access entry's device and checks its kind.
-    fn lookup<'p>(
+    fn lookup(
         &mut self,
-        devices: &'p HashMap<String, (usize, DeviceKind)>,
+        devices: &HashMap<String, (usize, DeviceKind)>,
         dev: &Spanned<String>,
         want: DeviceKind,
         section: &str,
