@@ -375,12 +375,9 @@ impl<'s, 'a> Validator<'s, 'a> {
             }
             name_spans.insert(name.clone(), d.name.span());
             kinds.insert(name.clone(), (idx, *d.kind.get_ref()));
-            match self.device(d, restart) {
-                Some(dev) => {
-                    by_name.insert(name.clone(), (idx, dev.clone()));
-                    devices.push(dev);
-                }
-                None => {}
+            if let Some(dev) = self.device(d, restart) {
+                by_name.insert(name.clone(), (idx, dev.clone()));
+                devices.push(dev);
             }
         }
         let mut guests = Vec::new();
