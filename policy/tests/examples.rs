@@ -249,5 +249,9 @@ fn checked_in_schema_is_current() {
         policy::schema::write_json_schema(&path).unwrap();
     }
     let on_disk: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    assert_eq!(on_disk, policy::schema::json_schema(), "run with UPDATE_SCHEMA=1 to regenerate");
+    assert_eq!(
+        on_disk,
+        policy::schema::json_schema(),
+        "run with UPDATE_SCHEMA=1 to regenerate"
+    );
 }

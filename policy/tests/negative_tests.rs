@@ -224,7 +224,10 @@ disk = [{ device = "disk0", offset = "32MiB", read_only = RO_B }]
     // Both read-only: allowed.
     Policy::parse(&case(true, true), "t.toml").unwrap();
     let e = Policy::parse(&case(false, false), "t.toml").unwrap_err();
-    assert_eq!(e.diagnostics[0].related[0].1, "`a`'s region (0, writable)");
+    assert_eq!(
+        e.diagnostics[0].related[0].1,
+        "`a`'s region (0..40MiB, writable)"
+    );
 }
 
 #[test]

@@ -670,7 +670,13 @@ impl<'s, 'a> Validator<'s, 'a> {
                         "writable regions of one disk must not overlap (read-only regions may overlap each other)",
                     )
                     .related
-                    .push((a.span.clone(), format!("`{}`'s region ({}{})", a.guest, units::format_size(a.region.offset), if a.read_only { ", read-only" } else { ", writable" })));
+                    .push((a.span.clone(), format!(
+                        "`{}`'s region ({}..{}, {})",
+                        a.guest,
+                        units::format_size(a.region.offset),
+                        units::format_size(a.region.end()),
+                        if a.read_only { "read-only" } else { "writable" }
+                    )));
                 }
             }
         }
