@@ -227,7 +227,7 @@ build_images() {
 QEMU_PID=
 TAIL_PID=
 cleanup_qemu() {
-  [ -n "$TAIL_PID" ] && kill "$TAIL_PID" 2>/dev/null
+  if [ -n "$TAIL_PID" ]; then kill "$TAIL_PID" 2>/dev/null || true; fi
   if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
     kill "$QEMU_PID" 2>/dev/null; sleep 1; kill -9 "$QEMU_PID" 2>/dev/null || true
   fi
@@ -284,8 +284,8 @@ check_results() {
   grep -E 'TESTBED (TIME|OBSERVE|INFO)' <<<"$clean" | sed 's/^.*TESTBED /  /' || true
   passes=$(grep -E 'TESTBED PASS ' <<<"$clean" | sed 's/^.*TESTBED /  /' || true)
   fails=$(grep -E 'TESTBED FAIL ' <<<"$clean" | sed 's/^.*TESTBED /  /' || true)
-  [ -n "$passes" ] && echo "$passes"
-  [ -n "$fails" ] && echo "$fails"
+  if [ -n "$passes" ]; then echo "$passes"; fi
+  if [ -n "$fails" ]; then echo "$fails"; fi
   for req in guest-blk-pattern guest-net-ping dom0-disk-checksum; do
     grep -qE "TESTBED PASS $req( |$)" <<<"$clean" || missing+=("$req")
   done
@@ -294,7 +294,7 @@ check_results() {
   fi
   grep -q 'TESTBED-END' <<<"$clean" || missing+=("TESTBED-END (dom0 did not finish)")
   if [ -n "$fails" ] || [ ${#missing[@]} -gt 0 ]; then
-    [ ${#missing[@]} -gt 0 ] && echo "  missing: ${missing[*]}"
+    if [ ${#missing[@]} -gt 0 ]; then echo "  missing: ${missing[*]}"; fi
     echo "xen-testbed: FAIL (BACKEND=$BACKEND, total $(elapsed)s)"
     exit 1
   fi

@@ -45,30 +45,35 @@ backend_attach() {
   vif_address "$d"
 }
 
-# Two experiments, one after the other, while the guest runs I/O and ping:
+# Three experiments, one after the other, while the guest runs I/O and ping:
 #  A) driver unbind/rebind via sysfs (the backend driver instance goes away, the XenStore
 #     directory stays): what a backend restart inside the same dom0 kernel looks like.
 #  B) the backend directory is removed and written again (what a toolstack detach/attach, or a
 #     restarted driver domain re-creating its devices, looks like to the frontend).
+#  C) a toolstack detach (online=0, state=5 as `xl block-detach`/`network-detach` write), then
+#     a fresh attach with new frontend and backend directories (`xl block-attach`).
 backend_teardown_cycle() {
   d=$DOMID
   say "INFO xen-backend devices: $(ls /sys/bus/xen-backend/devices | tr '\n' ' ')"
   t=$(up)
-  say "OBSERVE A) unbind vbd-$d-51712 + vif-$d-0 at dom0 uptime $t"
+  say "OBSERVE A) unbind vbd-$d-51712 + vif-$d-0 at window +$(dt "$TWIN" "$t")s"
   echo "vbd-$d-51712" >/sys/bus/xen-backend/drivers/vbd/unbind || say "OBSERVE A) vbd unbind failed"
   echo "vif-$d-0" >/sys/bus/xen-backend/drivers/vif/unbind || say "OBSERVE A) vif unbind failed"
   watch_states 3 "A) after unbind"
-  say "OBSERVE A) rebind at +$(dt "$t" "$(up)")s"
+  say "OBSERVE A) rebind at window +$(dt "$TWIN" "$(up)")s"
   echo "vbd-$d-51712" >/sys/bus/xen-backend/drivers/vbd/bind || say "OBSERVE A) vbd bind failed"
   echo "vif-$d-0" >/sys/bus/xen-backend/drivers/vif/bind || say "OBSERVE A) vif bind failed"
+  # netback's remove deleted hotplug-status; the vif hotplug script (udev "online") would
+  # write it again. There is no udev here: do what the script does.
+  xenstore-write "$(vif_be "$d" 0)/hotplug-status" connected
   vif_address "$d"
   watch_states 8 "A) after rebind"
 
   t=$(up)
-  say "OBSERVE B) remove backend directories at dom0 uptime $t"
+  say "OBSERVE B) remove backend directories at window +$(dt "$TWIN" "$t")s"
   xenstore-rm "$(vbd_be "$d" 51712)" "$(vif_be "$d" 0)"
   watch_states 3 "B) after remove"
-  say "OBSERVE B) re-create backend directories at +$(dt "$t" "$(up)")s"
+  say "OBSERVE B) re-create backend directories at window +$(dt "$TWIN" "$(up)")s"
   be=$(vbd_be "$d" 51712)
   xenstore-write "$be/frontend" "$(vbd_fe "$d" 51712)" "$be/frontend-id" "$d" "$be/online" 1 \
     "$be/state" 1 "$be/mode" w "$be/type" phy "$be/dev" 51712 "$be/physical-device" "$PHYS" \
@@ -78,5 +83,18 @@ backend_teardown_cycle() {
     "$be/state" 1 "$be/handle" 0 "$be/mac" "$MAC" "$be/script" /bin/true "$be/hotplug-status" connected "$be/type" vif &&
     xenstore-chmod -r "$be" n0 "r$d"
   vif_address "$d"
-  watch_states 10 "B) after re-create"
+  watch_states 8 "B) after re-create"
+
+  t=$(up)
+  say "OBSERVE C) toolstack detach (backend online=0, state=5 Closing) at window +$(dt "$TWIN" "$t")s"
+  for be in "$(vbd_be "$d" 51712)" "$(vif_be "$d" 0)"; do
+    xenstore-write "$be/online" 0 "$be/state" 5
+  done
+  watch_states 6 "C) after detach"
+  say "OBSERVE C) attach again (fresh front+back directories) at window +$(dt "$TWIN" "$(up)")s"
+  xenstore-rm "$(vbd_be "$d" 51712)" "$(vif_be "$d" 0)" "$(vbd_fe "$d" 51712)" "$(vif_fe "$d" 0)"
+  xs_vbd "$d" 51712 1 physical-device "$PHYS" params "$LOOP"
+  xs_vif "$d" 0 "$MAC" 1 script /bin/true hotplug-status connected type vif
+  vif_address "$d"
+  watch_states 10 "C) after attach"
 }
