@@ -280,7 +280,8 @@ check_results() {
   clean=$(tr -d '\r' <"$log")
   echo "serial log: $log"
   echo "QEMU wall time: ${QEMU_WALL}s"
-  for m in "${!MILESTONES[@]}"; do echo "  milestone at ${MILESTONES[$m]}s: $m"; done | sort -t: -k1,1 -n -k2
+  for m in "${!MILESTONES[@]}"; do printf '  milestone %4ss after QEMU start: %s\n' "${MILESTONES[$m]}" "$m"; done |
+    sort -k2,2n
   grep -E 'TESTBED (TIME|OBSERVE|INFO)' <<<"$clean" | sed 's/^.*TESTBED /  /' || true
   passes=$(grep -E 'TESTBED PASS ' <<<"$clean" | sed 's/^.*TESTBED /  /' || true)
   fails=$(grep -E 'TESTBED FAIL ' <<<"$clean" | sed 's/^.*TESTBED /  /' || true)

@@ -11,12 +11,23 @@ vbd_be() { echo "/local/domain/0/backend/vbd/$1/$2"; }
 vif_fe() { echo "/local/domain/$1/device/vif/$2"; }
 vif_be() { echo "/local/domain/0/backend/vif/$1/$2"; }
 
+# New nodes inherit their parent's permissions (when dom0 creates them). Give the parents the
+# device's permissions first, so that a running guest that probes the moment the directory
+# appears can already read both sides (chmod -r afterwards only closes a window otherwise).
+xs_parents() {
+  d=$1 fe=$2 be=$3
+  xenstore-exists "${fe%/*}" || xenstore-write "${fe%/*}" ""
+  xenstore-exists "${be%/*}" || xenstore-write "${be%/*}" ""
+  xenstore-chmod "${fe%/*}" "n$d" r0 && xenstore-chmod "${be%/*}" n0 "r$d"
+}
+
 # xs_vbd DOMID VDEV BACKEND_STATE [KEY VALUE]...   (keys below the backend directory)
 xs_vbd() {
   d=$1 v=$2 s=$3; shift 3
   fe=$(vbd_fe "$d" "$v") be=$(vbd_be "$d" "$v")
   extra=""
   while [ $# -ge 2 ]; do extra="$extra $be/$1 $2"; shift 2; done
+  xs_parents "$d" "$fe" "$be" || return 1
   # One xenstore-write is one transaction: the backend sees the whole directory at once.
   # shellcheck disable=SC2086
   xenstore-write \
@@ -34,6 +45,7 @@ xs_vif() {
   fe=$(vif_fe "$d" "$h") be=$(vif_be "$d" "$h")
   extra=""
   while [ $# -ge 2 ]; do extra="$extra $be/$1 $2"; shift 2; done
+  xs_parents "$d" "$fe" "$be" || return 1
   # shellcheck disable=SC2086
   xenstore-write \
     "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/state" 1 "$fe/handle" "$h" "$fe/mac" "$mac" \
