@@ -280,6 +280,9 @@ check_results() {
   clean=$(tr -d '\r' <"$log")
   echo "serial log: $log"
   echo "QEMU wall time: ${QEMU_WALL}s"
+  if ! grep -qF "(XEN) Xen version" <<<"$clean"; then
+    echo "  Xen never started; QEMU said:"; sed 's/^/    /' "$log.qemu" | tail -20
+  fi
   for m in "${!MILESTONES[@]}"; do printf '  milestone %4ss after QEMU start: %s\n' "${MILESTONES[$m]}" "$m"; done |
     sort -k2,2n
   grep -E 'TESTBED (TIME|OBSERVE|INFO)' <<<"$clean" | sed 's/^.*TESTBED /  /' || true
