@@ -27,6 +27,7 @@ TB=$HERE/xen-testbed
 BACKEND=${BACKEND:-kernel}
 CACHE=${XEN_TESTBED_CACHE:-$REPO/target/xen-testbed}
 TIMEOUT=${XEN_TESTBED_TIMEOUT:-600}
+# shellcheck disable=SC2034 # used by host-lib.sh
 TEARDOWN=${XEN_TESTBED_TEARDOWN:-1}
 
 case $BACKEND in

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Shared by the dom0 and domU init scripts (busybox ash). Needs KVER from /etc/testbed.conf.
 
 # Seconds since boot, 10 ms resolution (busybox date has no %N).

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Host-side helpers of ci/xen-testbed.sh (sourced, bash). They use the caller's variables
 # TB, REPO, CACHE, BACKEND, TIMEOUT, TEARDOWN, START.
 

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # BACKEND=kernel: Xen's own kernel backends in dom0 (xen-blkback on a file-backed loop device,
 # xen-netback with the vif addressed in dom0). The peer the project's backends are compared to.
 #

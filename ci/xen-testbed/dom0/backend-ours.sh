@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # BACKEND=ours: the project's userspace backends (idd-blk, idd-net as Xen backends), copied by
 # the host into /opt/idd/bin (IDD_BINARIES). Same interface as backend-kernel.sh.
 #

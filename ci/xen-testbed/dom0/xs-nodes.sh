@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # The toolstack part: XenStore nodes for a guest's vbd and vif, written by hand (no libxl
 # device handling). Backend-independent; the backend scripts pass the state the backend
 # directory starts in and any extra backend keys (KEY VALUE ...).
