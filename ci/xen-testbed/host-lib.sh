@@ -19,8 +19,10 @@ die() { local rc=$1; shift; echo "xen-testbed: $*" >&2; exit "$rc"; }
 step() { printf '\n== xen-testbed [%4ds] %s\n' "$((SECONDS - START))" "$*"; }
 elapsed() { echo $((SECONDS - START)); }
 
+# Root is needed only to install what is missing; without root and without QEMU the testbed
+# skips, without root and something else missing it is a setup error.
 install_host_packages() {
-  if [ "${XEN_TESTBED_NO_UPDATE:-0}" != 1 ]; then
+  if [ "${XEN_TESTBED_NO_UPDATE:-0}" != 1 ] && [ "$(id -u)" -eq 0 ]; then
     apt-get update -qq || echo "xen-testbed: apt-get update failed; trying the cached lists"
   fi
   local need=() p
@@ -28,6 +30,13 @@ install_host_packages() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
   done
   [ ${#need[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v qemu-system-x86_64 >/dev/null; then
+      echo "SKIPPED: qemu-system-x86 is not installed and installing it needs root"
+      exit 0
+    fi
+    die 2 "missing ${need[*]}; run as root to install them"
+  fi
   echo "installing ${need[*]}"
   if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" \
       >"$CACHE/apt-install.log" 2>&1; then
