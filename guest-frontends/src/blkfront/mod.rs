@@ -508,17 +508,23 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
                 break;
             };
             if let Err(e) = chan.issue(&mut self.pool, id, piece) {
+                // The piece waits again; a connection that cannot take requests (the backend
+                // domain is gone, its grants refused) is dropped and rebuilt.
                 let _ = self.shadow.unstart(id);
-                if any {
-                    chan.push()?;
-                }
-                return Err(e.into());
+                tracing::warn!(error = %e, "issuing a request failed");
+                self.force_reconnect("issue failed");
+                return self.write_state();
             }
             any = true;
         }
         if any {
             self.last_progress = Instant::now();
-            chan.push()?;
+            if let Err(e) = chan.push() {
+                // Notifying fails when the backend's end of the port is gone.
+                tracing::warn!(error = %e, "notifying the backend failed");
+                self.force_reconnect("notify failed");
+                return self.write_state();
+            }
         }
         Ok(())
     }
@@ -687,6 +693,7 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
                 Some(v) => XenbusState::from_xenstore(&v).unwrap_or(XenbusState::Unknown),
             };
             let action = self.hs.on_peer(peer);
+            tracing::debug!(ours = %self.hs.state(), %peer, ?action, "xenbus");
             match action {
                 Action::Wait => {
                     let restart = self.hs.state() == XenbusState::Closed
