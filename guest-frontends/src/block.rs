@@ -76,7 +76,7 @@ pub trait BlockDevice: Send + Sync {
         let zeros = vec![0u8; 256 * 1024];
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
+            let n = usize::try_from(len - done).map_or(zeros.len(), |n| n.min(zeros.len()));
             self.write_at(offset + done, &zeros[..n])?;
             done += n as u64;
         }
@@ -172,6 +172,15 @@ fn blk(e: BlkError) -> DevError {
 
 const SECTOR: u64 = SECTOR_SIZE as u64;
 
+/// A length or offset derived from an in-memory buffer's size, as a usize.
+fn us(x: u64) -> DevResult<usize> {
+    usize::try_from(x).map_err(|_| DevError::OutOfRange {
+        offset: x,
+        len: 0,
+        size: 0,
+    })
+}
+
 impl<P: Platform, S: FrontStore> BlockDevice for Mutex<BlkFront<P, S>> {
     fn size(&self) -> u64 {
         self.lock().unwrap_or_else(|p| p.into_inner()).capacity()
@@ -195,9 +204,9 @@ impl<P: Platform, S: FrontStore> BlockDevice for Mutex<BlkFront<P, S>> {
         if start == offset && end == offset + buf.len() as u64 {
             return f.read(offset / SECTOR, buf).map_err(blk);
         }
-        let mut tmp = vec![0u8; (end - start) as usize];
+        let mut tmp = vec![0u8; us(end - start)?];
         f.read(start / SECTOR, &mut tmp).map_err(blk)?;
-        let skip = (offset - start) as usize;
+        let skip = us(offset - start)?;
         buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
         Ok(())
     }
@@ -210,14 +219,17 @@ impl<P: Platform, S: FrontStore> BlockDevice for Mutex<BlkFront<P, S>> {
             return f.write(offset / SECTOR, data).map_err(blk);
         }
         // Read-modify-write the partial sectors, under the lock so no other user interleaves.
-        let mut tmp = vec![0u8; (end - start) as usize];
+        let mut tmp = vec![0u8; us(end - start)?];
         f.read(start / SECTOR, &mut tmp).map_err(blk)?;
-        let skip = (offset - start) as usize;
+        let skip = us(offset - start)?;
         tmp[skip..skip + data.len()].copy_from_slice(data);
         f.write(start / SECTOR, &tmp).map_err(blk)
     }
     fn flush(&self) -> DevResult<()> {
-        self.lock().unwrap_or_else(|p| p.into_inner()).flush().map_err(blk)
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush()
+            .map_err(blk)
     }
     fn trim(&self, offset: u64, len: u64) -> DevResult<()> {
         let mut f = self.lock().unwrap_or_else(|p| p.into_inner());

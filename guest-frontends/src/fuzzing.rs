@@ -31,14 +31,15 @@ impl BlockDevice for MemDevice {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
         let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         check(m.len() as u64, offset, buf.len() as u64)?;
-        let o = offset as usize;
+        // In bounds of the vector (checked), so it fits a usize.
+        let o = usize::try_from(offset).unwrap_or(0);
         buf.copy_from_slice(&m[o..o + buf.len()]);
         Ok(())
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> DevResult<()> {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         check(m.len() as u64, offset, data.len() as u64)?;
-        let o = offset as usize;
+        let o = usize::try_from(offset).unwrap_or(0);
         m[o..o + data.len()].copy_from_slice(data);
         Ok(())
     }
@@ -100,13 +101,11 @@ pub fn shadow_ops(data: &[u8]) {
         match op[0] % 5 {
             0 | 1 => {
                 let sector = u64::from(op[1] % 32);
-                let sectors = usize::from(op[2] % 8) + 1;
+                let sectors = u32::from(op[2] % 8) + 1;
                 let op = if op[0] % 5 == 0 {
-                    PieceOp::Write(vec![0; sectors * 512])
+                    PieceOp::Write(vec![0; sectors as usize * 512])
                 } else {
-                    PieceOp::Read {
-                        sectors: sectors as u32,
-                    }
+                    PieceOp::Read { sectors }
                 };
                 t.push(Piece {
                     token: submitted,
@@ -171,12 +170,16 @@ fn assert_no_overlapping_writes(t: &ShadowTable) {
         .collect();
     for (i, a) in writes.iter().enumerate() {
         for b in &writes[i + 1..] {
-            assert!(a.1 <= b.0 || b.1 <= a.0, "overlapping writes in flight: {a:?} {b:?}");
+            assert!(
+                a.1 <= b.0 || b.1 <= a.0,
+                "overlapping writes in flight: {a:?} {b:?}"
+            );
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::nbd::proto::*;

@@ -12,5 +12,5 @@
 
 pub mod blkfront;
 pub mod block;
-pub mod nbd;
 pub mod fuzzing;
+pub mod nbd;

@@ -6,6 +6,7 @@
 //! The reconnect test kills the backend domain with requests in flight, brings up a new IDD
 //! domain on the same image, points the frontend at it, and checks that every acknowledged
 //! write reads back.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,16 +101,28 @@ impl World {
             })
             .unwrap();
         let plat = Arc::new(LocalPlatform::new(self.sys.clone(), idd).unwrap());
-        let device = FileDevice::new(self.image.try_clone().unwrap(), iommu.device(), false).unwrap();
+        let device =
+            FileDevice::new(self.image.try_clone().unwrap(), iommu.device(), false).unwrap();
         let back_dir = format!("/local/domain/{idd}/backend/vbd/{}/{DEVID}", self.guest);
         let mut xs = self.xs();
         let fd = self.front_dir();
-        xs.write(NO_TX, &format!("{back_dir}/frontend"), fd.as_bytes()).unwrap();
-        xs.write(NO_TX, &format!("{back_dir}/frontend-id"), self.guest.to_string().as_bytes())
+        xs.write(NO_TX, &format!("{back_dir}/frontend"), fd.as_bytes())
             .unwrap();
+        xs.write(
+            NO_TX,
+            &format!("{back_dir}/frontend-id"),
+            self.guest.to_string().as_bytes(),
+        )
+        .unwrap();
         // The manager's signal: the frontend now names the new backend.
-        xs.write(NO_TX, &format!("{fd}/backend-id"), idd.to_string().as_bytes()).unwrap();
-        xs.write(NO_TX, &format!("{fd}/backend"), back_dir.as_bytes()).unwrap();
+        xs.write(
+            NO_TX,
+            &format!("{fd}/backend-id"),
+            idd.to_string().as_bytes(),
+        )
+        .unwrap();
+        xs.write(NO_TX, &format!("{fd}/backend"), back_dir.as_bytes())
+            .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let guest = self.guest;
         let st = stop.clone();
@@ -173,7 +186,8 @@ fn run_backend(
     let mut back: Option<Blkback<LocalPlatform, FileDevice>> = None;
     let mut hs = Handshake::new(Role::Backend);
     let w = |xs: &mut Client<UnixStream>, k: &str, v: String| {
-        xs.write(NO_TX, &format!("{back_dir}/{k}"), v.as_bytes()).unwrap();
+        xs.write(NO_TX, &format!("{back_dir}/{k}"), v.as_bytes())
+            .unwrap();
     };
     while !stop.load(Ordering::Acquire) {
         let peer = xs
@@ -210,7 +224,9 @@ fn run_backend(
                 assert_eq!(proto, b"x86_64-abi");
                 let mut b = Blkback::new(
                     plat.clone(),
-                    device.take().expect("one attach per backend domain in this test"),
+                    device
+                        .take()
+                        .expect("one attach per backend domain in this test"),
                     BackendConfig {
                         batch: 8,
                         scratch_frame: 7,
@@ -264,9 +280,14 @@ fn connects_reads_writes_flushes_discards() {
     let info = f.backend_info().unwrap();
     assert!(info.flush && info.discard && info.max_indirect_segments == 16);
     // Small, direct (11 pages), indirect (16 pages) and multi-piece sizes.
-    for (i, (sector, len)) in [(0u64, 512usize), (9, 4096 * 11), (200, 4096 * 16), (1000, 300 * 1024)]
-        .into_iter()
-        .enumerate()
+    for (i, (sector, len)) in [
+        (0u64, 512usize),
+        (9, 4096 * 11),
+        (200, 4096 * 16),
+        (1000, 300 * 1024),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let data = pattern(i as u64, len);
         f.write(sector, &data).unwrap();
@@ -281,14 +302,20 @@ fn connects_reads_writes_flushes_discards() {
     f.discard(1000, 8, false).unwrap();
     let mut z = vec![1u8; 4096];
     f.read(1000, &mut z).unwrap();
-    assert!(z.iter().all(|b| *b == 0), "discarded sectors read as zeroes");
+    assert!(
+        z.iter().all(|b| *b == 0),
+        "discarded sectors read as zeroes"
+    );
     // Bounds and alignment are checked before anything reaches the ring.
     assert!(f.read(SECTORS, &mut [0u8; 512]).is_err());
     assert!(f.write(SECTORS - 1, &[0u8; 1024]).is_err());
     assert!(f.write(0, &[0u8; 100]).is_err());
     // Queue depth: 24 writes in flight at once, then read them all back.
     let tokens: Vec<_> = (0..24u64)
-        .map(|i| f.submit_write(2000 + i * 16, pattern(100 + i, 8192)).unwrap())
+        .map(|i| {
+            f.submit_write(2000 + i * 16, pattern(100 + i, 8192))
+                .unwrap()
+        })
         .collect();
     for t in tokens {
         f.wait(t).unwrap();
@@ -416,7 +443,11 @@ fn nbd_clients_through_blkfront_and_blkback() {
     let mut img = vec![0u8; 5000];
     w.image.read_exact_at(&mut img, 1000).unwrap();
     assert!(img.iter().all(|b| *b == 0x11));
-    if Command::new("nbdcopy").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("nbdcopy")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         let src = w.dir.path().join("in.img");
         let data = pattern(7, (SECTORS * 512) as usize);
         std::fs::write(&src, &data).unwrap();
@@ -431,7 +462,10 @@ fn nbd_clients_through_blkfront_and_blkback() {
             .status()
             .unwrap();
         assert!(ok.success());
-        assert!(std::fs::read(&out).unwrap() == data, "nbdcopy round trip differs");
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "nbdcopy round trip differs"
+        );
     } else {
         eprintln!("SKIPPED nbdcopy part: libnbd-bin is not installed");
     }

@@ -1,6 +1,7 @@
 //! Real NBD clients against the adapter: `qemu-io`, `qemu-img` (Debian `qemu-utils`) and
 //! `nbdcopy` (`libnbd-bin`), over a file-backed export. Each test skips, saying so, when its
 //! tool is missing.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::process::Command;
 use std::sync::Arc;
@@ -98,7 +99,10 @@ fn qemu_io_writes_and_verifies_a_pattern() {
         String::from_utf8_lossy(&oob.stdout),
         String::from_utf8_lossy(&oob.stderr)
     );
-    assert!(text.contains("error") || text.contains("Input/output") || text.contains("Invalid"), "{text}");
+    assert!(
+        text.contains("error") || text.contains("Input/output") || text.contains("Invalid"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -111,7 +115,9 @@ fn qemu_img_info_and_convert_round_trip() {
     let info = run(Command::new("qemu-img").args(["info", &srv.uri()]));
     assert!(info.contains("2 MiB") || info.contains("2097152"), "{info}");
     let src = dir.path().join("src.img");
-    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(&src, &data).unwrap();
     run(Command::new("qemu-img").args([
         "convert",
@@ -134,7 +140,15 @@ fn qemu_img_info_and_convert_round_trip() {
         back.to_str().unwrap(),
     ]));
     assert_eq!(std::fs::read(&back).unwrap(), data);
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &srv.uri()]));
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        src.to_str().unwrap(),
+        &srv.uri(),
+    ]));
 }
 
 fn sha256(path: &std::path::Path) -> String {
@@ -151,7 +165,9 @@ fn nbdcopy_in_and_out_with_checksums() {
     let size = 8 << 20;
     let (srv, _dev) = server(&dir, size);
     let src = dir.path().join("in.img");
-    let data: Vec<u8> = (0..size as u32).map(|i| (i.wrapping_mul(40503) >> 7) as u8).collect();
+    let data: Vec<u8> = (0..size as u32)
+        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+        .collect();
     std::fs::write(&src, &data).unwrap();
     // nbdcopy uses several connections at once (the export says CAN_MULTI_CONN).
     run(Command::new("nbdcopy").args(["--connections=4", src.to_str().unwrap(), &srv.uri()]));
@@ -170,12 +186,20 @@ fn nbdinfo_lists_the_export() {
     let uri = format!("nbd+unix:///?socket={}", srv.path().display());
     let list = run(Command::new("nbdinfo").args(["--list", &uri]));
     assert!(list.contains("disk"), "{list}");
-    let info = run(Command::new("nbdinfo").arg(format!("nbd+unix:///disk?socket={}", srv.path().display())));
+    let info =
+        run(Command::new("nbdinfo")
+            .arg(format!("nbd+unix:///disk?socket={}", srv.path().display())));
     assert!(info.contains("1048576"), "{info}");
-    assert!(info.contains("can_flush: true") || info.contains("can_flush"), "{info}");
+    assert!(
+        info.contains("can_flush: true") || info.contains("can_flush"),
+        "{info}"
+    );
     // An export that does not exist is refused by NBD_OPT_GO.
     let bad = Command::new("nbdinfo")
-        .arg(format!("nbd+unix:///nosuch?socket={}", srv.path().display()))
+        .arg(format!(
+            "nbd+unix:///nosuch?socket={}",
+            srv.path().display()
+        ))
         .output()
         .unwrap();
     assert!(!bad.status.success());

@@ -379,10 +379,7 @@ impl<P: Platform> Channel<P> {
         match &piece.op {
             PieceOp::Read { .. } => BlkRequest::Read(rw),
             PieceOp::Write(_) => BlkRequest::Write(rw),
-            PieceOp::Flush => BlkRequest::Flush(RwRequest {
-                sector: 0,
-                ..rw
-            }),
+            PieceOp::Flush => BlkRequest::Flush(RwRequest { sector: 0, ..rw }),
             PieceOp::Discard { sectors, secure } => BlkRequest::Discard(DiscardRequest {
                 id: u64::from(id),
                 handle: self.handle,
@@ -419,7 +416,12 @@ impl<P: Platform> Channel<P> {
 
     /// Request `id` was answered: copy read data into `out` (if given) and release its
     /// grants and pages.
-    pub fn finish(&mut self, pool: &mut PagePool<P>, id: u32, out: Option<&mut [u8]>) -> Result<()> {
+    pub fn finish(
+        &mut self,
+        pool: &mut PagePool<P>,
+        id: u32,
+        out: Option<&mut [u8]>,
+    ) -> Result<()> {
         let Some(held) = self.held.get_mut(id as usize).and_then(Option::take) else {
             return Ok(());
         };
@@ -451,9 +453,7 @@ impl<P: Platform> Channel<P> {
         }
         let _ = self.platform.evtchn_close(self.port);
         let reusable = self.platform.end_access(self.ring_gref).is_ok();
-        let Self { ring, page, .. } = self;
-        drop(ring);
-        reusable.then_some(page)
+        reusable.then_some(self.page)
     }
 }
 

@@ -250,7 +250,8 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
 
     /// Disk size in bytes.
     pub fn capacity(&self) -> u64 {
-        self.info.map_or(0, |i| i.sectors.saturating_mul(SECTOR_SIZE as u64))
+        self.info
+            .map_or(0, |i| i.sectors.saturating_mul(SECTOR_SIZE as u64))
     }
 
     /// What the backend advertised when the current (or last) connection was made.
@@ -360,7 +361,7 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
     }
 
     fn split(&self, sector: u64, len: usize, data: Option<Vec<u8>>) -> Vec<Piece> {
-        let per = self.piece_sectors() as usize * SECTOR_SIZE;
+        let per = usize::try_from(self.piece_sectors()).unwrap_or(8) * SECTOR_SIZE;
         (0..len)
             .step_by(per.max(SECTOR_SIZE))
             .map(|off| {
@@ -641,7 +642,10 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
     fn force_reconnect(&mut self, why: &str) {
         tracing::info!(why, "dropping the backend connection");
         self.drop_channel();
-        if !matches!(self.hs.state(), XenbusState::Closed | XenbusState::Initialising) {
+        if !matches!(
+            self.hs.state(),
+            XenbusState::Closed | XenbusState::Initialising
+        ) {
             self.hs = Handshake::resume(Role::Frontend, XenbusState::Closing);
         }
     }
@@ -661,7 +665,10 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
         };
         let path = String::from_utf8(path).map_err(|e| StoreError::Malformed {
             key: format!("{dir}/backend"),
-            value: String::from_utf8_lossy(e.as_bytes()).chars().take(32).collect(),
+            value: String::from_utf8_lossy(e.as_bytes())
+                .chars()
+                .take(32)
+                .collect(),
         })?;
         let key = format!("{dir}/backend-id");
         let id = store::read_u64(&mut self.store, &key)?;
@@ -705,11 +712,18 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
                 }
                 Action::PublishRing => {
                     self.drop_channel();
-                    let ch = Channel::new(self.platform.clone(), backend_id, self.spare_ring.take())?;
+                    let ch =
+                        Channel::new(self.platform.clone(), backend_id, self.spare_ring.take())?;
                     let d = &self.cfg.front_dir;
                     self.store.write_all(&[
-                        (format!("{d}/ring-ref"), ch.ring_ref().to_string().into_bytes()),
-                        (format!("{d}/event-channel"), ch.port().to_string().into_bytes()),
+                        (
+                            format!("{d}/ring-ref"),
+                            ch.ring_ref().to_string().into_bytes(),
+                        ),
+                        (
+                            format!("{d}/event-channel"),
+                            ch.port().to_string().into_bytes(),
+                        ),
                         (format!("{d}/protocol"), PROTOCOL.as_bytes().to_vec()),
                         (
                             format!("{d}/state"),
@@ -723,7 +737,9 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
                 Action::Connect => {
                     let info = BackendInfo::read(&mut self.store, &dir)?;
                     if let Some(ch) = self.chan.as_mut() {
-                        let ind = info.max_indirect_segments.min(self.cfg.max_indirect_segments);
+                        let ind = info
+                            .max_indirect_segments
+                            .min(self.cfg.max_indirect_segments);
                         ch.set_features(self.cfg.handle, if ind > 11 { ind } else { 0 });
                     }
                     self.info = Some(info);

@@ -189,9 +189,11 @@ impl ShadowTable {
             let ok = match p.op {
                 PieceOp::Flush => !self.mutation_before(p.seq),
                 _ if p.is_mutation() => {
-                    !self.inflight.iter().any(|(_, f)| {
-                        f.piece.is_mutation() && f.piece.overlaps(p)
-                    }) && !skipped.iter().any(|s| s.is_mutation() && s.overlaps(p))
+                    !self
+                        .inflight
+                        .iter()
+                        .any(|(_, f)| f.piece.is_mutation() && f.piece.overlaps(p))
+                        && !skipped.iter().any(|s| s.is_mutation() && s.overlaps(p))
                 }
                 _ => !skipped.iter().any(|s| s.is_mutation() && s.overlaps(p)),
             };
@@ -205,9 +207,7 @@ impl ShadowTable {
 
     /// A mutation submitted before `seq` is still unanswered.
     fn mutation_before(&self, seq: u64) -> bool {
-        self.waiting
-            .iter()
-            .any(|p| p.seq < seq && p.is_mutation())
+        self.waiting.iter().any(|p| p.seq < seq && p.is_mutation())
             || self
                 .inflight
                 .iter()
@@ -220,7 +220,10 @@ impl ShadowTable {
         if !self.has_free_id() {
             return Err(ShadowError::NoFreeId);
         }
-        let piece = self.waiting.remove(idx).ok_or(ShadowError::NoSuchPiece(idx))?;
+        let piece = self
+            .waiting
+            .remove(idx)
+            .ok_or(ShadowError::NoSuchPiece(idx))?;
         self.inflight
             .alloc(InFlightPiece { piece, wire_op })
             .map_err(|_| ShadowError::NoFreeId)
@@ -292,8 +295,9 @@ impl ShadowTable {
             let mut done = 0u64;
             while done < n {
                 let k = max.min(n - done);
-                let off = (done as usize) * devchan::blkif::SECTOR_SIZE;
-                let len = (k as usize) * devchan::blkif::SECTOR_SIZE;
+                // Both below n, the sectors of a piece held in memory: they fit a usize.
+                let off = usize::try_from(done).unwrap_or(0) * devchan::blkif::SECTOR_SIZE;
+                let len = usize::try_from(k).unwrap_or(0) * devchan::blkif::SECTOR_SIZE;
                 let op = match &p.op {
                     PieceOp::Write(d) => PieceOp::Write(d[off..off + len].to_vec()),
                     _ => PieceOp::Read {
@@ -343,6 +347,7 @@ pub fn direct_op(op: &PieceOp) -> u8 {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

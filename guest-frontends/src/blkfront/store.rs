@@ -241,7 +241,15 @@ mod tests {
     fn numbers_are_strict() {
         assert_eq!(parse_u64("k", b"42").unwrap(), 42);
         assert_eq!(parse_u64("k", b" 42\n").unwrap(), 42);
-        for bad in [&b""[..], b"-1", b"+1", b"0x10", b"1 2", b"\xff", b"99999999999999999999999"] {
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"+1",
+            b"0x10",
+            b"1 2",
+            b"\xff",
+            b"99999999999999999999999",
+        ] {
             assert!(parse_u64("k", bad).is_err(), "{bad:?}");
         }
     }

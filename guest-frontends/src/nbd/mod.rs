@@ -150,7 +150,10 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &Export) -> Result<bool, Nb
                     reply(s, NBD_REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
                 } else {
                     let name = export.name.as_bytes();
-                    let mut v = u32::try_from(name.len()).unwrap_or(0).to_be_bytes().to_vec();
+                    let mut v = u32::try_from(name.len())
+                        .unwrap_or(0)
+                        .to_be_bytes()
+                        .to_vec();
                     v.extend_from_slice(name);
                     reply(s, NBD_REP_SERVER, &v)?;
                     reply(s, NBD_REP_ACK, &[])?;
@@ -214,7 +217,8 @@ pub fn transmission<S: Read + Write>(s: &mut S, export: &Export) -> Result<(), N
             _ => 0,
         };
         let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
-        let then_fua = |r: Result<(), DevError>| r.and_then(|()| if fua { dev.flush() } else { Ok(()) });
+        let then_fua =
+            |r: Result<(), DevError>| r.and_then(|()| if fua { dev.flush() } else { Ok(()) });
         let result: Result<(), u32> = if req.flags & !known_flags != 0 {
             Err(NBD_EINVAL)
         } else {
@@ -241,18 +245,29 @@ pub fn transmission<S: Read + Write>(s: &mut S, export: &Export) -> Result<(), N
                 }
                 NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES if !req.in_bounds(size) => Err(NBD_ENOSPC),
                 NBD_CMD_TRIM if !req.in_bounds(size) => Err(NBD_EINVAL),
-                NBD_CMD_WRITE => then_fua(dev.write_at(req.offset, &payload)).map_err(|e| errno(&e)),
-                NBD_CMD_WRITE_ZEROES => then_fua(dev.write_zeroes(req.offset, u64::from(req.length)))
-                    .map_err(|e| errno(&e)),
-                NBD_CMD_TRIM => then_fua(dev.trim(req.offset, u64::from(req.length)))
-                    .map_err(|e| errno(&e)),
+                NBD_CMD_WRITE => {
+                    then_fua(dev.write_at(req.offset, &payload)).map_err(|e| errno(&e))
+                }
+                NBD_CMD_WRITE_ZEROES => {
+                    then_fua(dev.write_zeroes(req.offset, u64::from(req.length)))
+                        .map_err(|e| errno(&e))
+                }
+                NBD_CMD_TRIM => {
+                    then_fua(dev.trim(req.offset, u64::from(req.length))).map_err(|e| errno(&e))
+                }
                 NBD_CMD_FLUSH => dev.flush().map_err(|e| errno(&e)),
                 _ => Err(NBD_EINVAL),
             }
         };
         let err = result.err().unwrap_or(0);
         if err != 0 {
-            tracing::debug!(kind = req.kind, offset = req.offset, len = req.length, err, "NBD error reply");
+            tracing::debug!(
+                kind = req.kind,
+                offset = req.offset,
+                len = req.length,
+                err,
+                "NBD error reply"
+            );
         }
         s.write_all(&simple_reply(err, req.cookie))?;
         s.flush()?;
@@ -297,13 +312,14 @@ impl NbdServer {
                     }
                     let Ok(mut c) = conn else { continue };
                     let ex = export.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("nbd-client".into())
-                        .spawn(move || {
-                            if let Err(e) = serve(&mut c, &ex) {
-                                tracing::debug!(error = %e, "NBD client session ended");
-                            }
-                        });
+                    let _ =
+                        std::thread::Builder::new()
+                            .name("nbd-client".into())
+                            .spawn(move || {
+                                if let Err(e) = serve(&mut c, &ex) {
+                                    tracing::debug!(error = %e, "NBD client session ended");
+                                }
+                            });
                 }
             })?;
         Ok(Self {

@@ -290,8 +290,14 @@ mod tests {
         assert!(InfoRequest::parse(&[]).is_err());
         assert!(InfoRequest::parse(&[0, 0, 0, 5, b'a']).is_err());
         assert!(InfoRequest::parse(&[0xff, 0xff, 0xff, 0xff]).is_err());
-        assert!(InfoRequest::parse(&[0, 0, 0, 0, 0, 1]).is_err(), "count 1, no entry");
-        assert!(InfoRequest::parse(&[0, 0, 0, 0, 0, 0, 9]).is_err(), "trailing byte");
+        assert!(
+            InfoRequest::parse(&[0, 0, 0, 0, 0, 1]).is_err(),
+            "count 1, no entry"
+        );
+        assert!(
+            InfoRequest::parse(&[0, 0, 0, 0, 0, 0, 9]).is_err(),
+            "trailing byte"
+        );
         let ok = InfoRequest::parse(&[0, 0, 0, 1, b'x', 0, 1, 0, 3]).unwrap();
         assert_eq!(ok.name, b"x");
         assert_eq!(ok.infos, vec![NBD_INFO_BLOCK_SIZE]);
