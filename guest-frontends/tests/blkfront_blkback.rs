@@ -18,7 +18,7 @@ use devchan::grant::DomId;
 use devchan::xenbus::{Action, Handshake, Role, XenbusState};
 use devchan::xenstore::client::NO_TX;
 use devchan::xenstore::Client;
-use guest_frontends::blkfront::{BlkFront, BlkFrontConfig};
+use guest_frontends::blkfront::{BlkFront, BlkFrontConfig, Stats};
 use guest_frontends::block::BlockDevice;
 use guest_frontends::nbd::{Export, NbdServer};
 use hypervisor::domain::DomainConfig;
@@ -91,6 +91,10 @@ impl World {
 
     /// Start a new IDD domain serving the image and point the frontend at it.
     fn start_backend(&self) -> BackendDriver {
+        self.start_backend_mode(Mode::Blkback)
+    }
+
+    fn start_backend_mode(&self, mode: Mode) -> BackendDriver {
         let iommu = Iommu::new(512);
         let idd = self
             .sys
@@ -101,8 +105,7 @@ impl World {
             })
             .unwrap();
         let plat = Arc::new(LocalPlatform::new(self.sys.clone(), idd).unwrap());
-        let device =
-            FileDevice::new(self.image.try_clone().unwrap(), iommu.device(), false).unwrap();
+        let image = self.image.try_clone().unwrap();
         let back_dir = format!("/local/domain/{idd}/backend/vbd/{}/{DEVID}", self.guest);
         let mut xs = self.xs();
         let fd = self.front_dir();
@@ -124,15 +127,19 @@ impl World {
         xs.write(NO_TX, &format!("{fd}/backend"), back_dir.as_bytes())
             .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let close = Arc::new(AtomicBool::new(false));
         let guest = self.guest;
-        let st = stop.clone();
+        let (st, cl) = (stop.clone(), close.clone());
         let xs = self.xs();
         let thread = std::thread::spawn(move || {
-            run_backend(plat, device, xs, guest, &fd, &back_dir, &st);
+            let device =
+                move || FileDevice::new(image.try_clone().unwrap(), iommu.device(), false).unwrap();
+            run_backend(plat, &device, xs, guest, &fd, &back_dir, &st, &cl, mode);
         });
         BackendDriver {
             idd,
             stop,
+            close,
             thread: Some(thread),
         }
     }
@@ -149,10 +156,27 @@ impl World {
 struct BackendDriver {
     idd: DomId,
     stop: Arc<AtomicBool>,
+    close: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// What the backend domain runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The real blkback.
+    Blkback,
+    /// A broken backend: answers every request with an id that was never issued, then
+    /// answers the same id twice.
+    Hostile,
+}
+
 impl BackendDriver {
+    /// Close the device from the backend side (XenBus `Closing`), then serve again when the
+    /// frontend comes back.
+    fn close(&self) {
+        self.close.store(true, Ordering::Release);
+    }
+
     /// Crash: stop serving at once (answering nothing more) and destroy the domain, which
     /// releases its mappings and pins.
     fn kill(mut self, sys: &System) {
@@ -173,17 +197,21 @@ impl Drop for BackendDriver {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_backend(
     plat: Arc<LocalPlatform>,
-    device: FileDevice,
+    device: &dyn Fn() -> FileDevice,
     mut xs: Client<UnixStream>,
     guest: DomId,
     front_dir: &str,
     back_dir: &str,
     stop: &AtomicBool,
+    close: &AtomicBool,
+    mode: Mode,
 ) {
-    let mut device = Some(device);
     let mut back: Option<Blkback<LocalPlatform, FileDevice>> = None;
+    let mut hostile: Option<Hostile> = None;
+    let mut journal_frame = 8;
     let mut hs = Handshake::new(Role::Backend);
     let w = |xs: &mut Client<UnixStream>, k: &str, v: String| {
         xs.write(NO_TX, &format!("{back_dir}/{k}"), v.as_bytes())
@@ -195,7 +223,10 @@ fn run_backend(
             .ok()
             .and_then(|v| XenbusState::from_xenstore(&v).ok())
             .unwrap_or(XenbusState::Unknown);
-        let action = hs.on_peer(peer);
+        let mut action = hs.on_peer(peer);
+        if close.swap(false, Ordering::AcqRel) {
+            action = hs.close();
+        }
         match action {
             Action::Advertise => {
                 w(&mut xs, "sectors", SECTORS.to_string());
@@ -222,11 +253,15 @@ fn run_backend(
                 let remote_port = rd(&mut xs, "event-channel");
                 let proto = xs.read(NO_TX, &format!("{front_dir}/protocol")).unwrap();
                 assert_eq!(proto, b"x86_64-abi");
+                if mode == Mode::Hostile {
+                    hostile = Some(Hostile::new(&plat, guest, ring_ref, remote_port));
+                    hs.completed(action);
+                    w(&mut xs, "state", hs.state().to_xenstore());
+                    continue;
+                }
                 let mut b = Blkback::new(
                     plat.clone(),
-                    device
-                        .take()
-                        .expect("one attach per backend domain in this test"),
+                    device(),
                     BackendConfig {
                         batch: 8,
                         scratch_frame: 7,
@@ -241,12 +276,17 @@ fn run_backend(
                         sectors: SECTORS,
                     },
                     read_only: false,
-                    journal_frame: 8,
+                    journal_frame,
                 })
                 .unwrap();
+                // A later attach (after a close) gets a fresh journal.
+                journal_frame += 2;
                 back = Some(b);
             }
-            Action::TearDown(_) => back = None,
+            Action::TearDown(_) => {
+                back = None;
+                hostile = None;
+            }
             Action::Wait | Action::PublishRing | Action::Connect => {}
         }
         if let Some(s) = hs.completed(action) {
@@ -260,7 +300,46 @@ fn run_backend(
                     b.run_once(Duration::from_millis(2)).unwrap();
                 }
             }
-            None => std::thread::sleep(Duration::from_millis(5)),
+            None => match hostile.as_mut() {
+                Some(h) => h.serve(&plat),
+                None => std::thread::sleep(Duration::from_millis(5)),
+            },
+        }
+    }
+}
+
+/// The broken backend of [`Mode::Hostile`].
+struct Hostile {
+    ring: devchan::blkif::BlkifBackRing,
+    _map: hypervisor::local::LocalMapping,
+    port: devchan::platform::Port,
+}
+
+impl Hostile {
+    fn new(plat: &LocalPlatform, guest: DomId, ring_ref: u32, remote_port: u32) -> Self {
+        use devchan::platform::{Platform, SharedPage};
+        let map = plat.map_grant(guest, ring_ref, false).unwrap();
+        let base = std::ptr::NonNull::new(map.as_ptr()).unwrap();
+        // SAFETY: the mapping is a live 4 KiB page kept in the same struct (dropped after the
+        // ring, field order); it is accessed only through this ring.
+        let ring = unsafe { devchan::blkif::BlkifBackRing::attach(base, 4096).unwrap() };
+        let port = plat.evtchn_bind_interdomain(guest, remote_port).unwrap();
+        Self {
+            ring,
+            _map: map,
+            port,
+        }
+    }
+
+    fn serve(&mut self, plat: &LocalPlatform) {
+        use devchan::blkif::{BlkStatus, BlkifResponse};
+        use devchan::platform::Platform;
+        std::thread::sleep(Duration::from_millis(5));
+        while let Ok(Some(req)) = self.ring.get_request() {
+            let bogus = BlkifResponse::new(req.id + 1000, req.operation, BlkStatus::Okay);
+            if self.ring.put_response(&bogus).is_ok() && self.ring.push_responses() {
+                let _ = plat.evtchn_notify(self.port);
+            }
         }
     }
 }
@@ -329,14 +408,12 @@ fn connects_reads_writes_flushes_discards() {
     assert_eq!(f.stats().protocol_errors, 0);
 }
 
-#[test]
-fn reconnects_to_a_new_backend_and_reissues() {
-    let w = World::new();
-    let b1 = w.start_backend();
+/// A writer keeping 16 writes in flight (overlapping each other at random) while `disrupt`
+/// runs; the model of the disk is updated only when a write is acknowledged, in submission
+/// order (the order the shadow table keeps overlapping writes in). Afterwards every byte of
+/// the disk, read through the frontend and straight from the image, must match the model.
+fn workload_across(w: &World, disrupt: impl FnOnce() -> Vec<BackendDriver>) -> (u64, Stats) {
     let f = Arc::new(Mutex::new(w.frontend()));
-    let first_backend = f.lock().unwrap().backend_domain();
-    // Writer: keeps 16 writes in flight over the whole disk, remembering what was
-    // acknowledged; the model is updated only on acknowledgement.
     let model = Arc::new(Mutex::new(vec![0u8; (SECTORS * 512) as usize]));
     let done = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -349,8 +426,8 @@ fn reconnects_to_a_new_backend_and_reissues() {
                 let batch: Vec<_> = (0..16u64)
                     .map(|i| {
                         let seed = round * 16 + i;
-                        // 4 KiB..64 KiB at a spread of sectors, never overlapping in a batch.
-                        let sector = (i * 512 + (seed * 8) % 256) % (SECTORS - 128);
+                        // 4 KiB..64 KiB anywhere: writes in a batch overlap.
+                        let sector = (seed.wrapping_mul(2_654_435_761) >> 7) % (SECTORS - 128);
                         let data = pattern(seed, 4096 * (1 + (seed % 16) as usize));
                         let t = f.submit_write(sector, data.clone()).unwrap();
                         (t, sector, data)
@@ -368,20 +445,13 @@ fn reconnects_to_a_new_backend_and_reissues() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    // Crash the IDD with requests in flight; the manager starts a new one.
-    b1.kill(&w.sys);
-    std::thread::sleep(Duration::from_millis(100));
-    let _b2 = w.start_backend();
+    let _keep = disrupt();
     std::thread::sleep(Duration::from_millis(800));
     done.store(true, Ordering::Release);
     let acked = writer.join().unwrap();
     let mut f = f.lock().unwrap();
     let stats = f.stats();
-    assert!(acked >= 64, "acked {acked}");
-    assert_eq!(stats.connects, 2, "{stats:?}");
-    assert_ne!(f.backend_domain(), first_backend);
     eprintln!("acked {acked} writes; {stats:?}");
-    // Every acknowledged write reads back, through the new backend and in the image.
     let model = model.lock().unwrap();
     let mut all = vec![0u8; model.len()];
     f.read(0, &mut all).unwrap();
@@ -389,6 +459,77 @@ fn reconnects_to_a_new_backend_and_reissues() {
     let mut img = vec![0u8; model.len()];
     w.image.read_exact_at(&mut img, 0).unwrap();
     assert!(img == *model, "image differs from the acknowledged writes");
+    assert!(acked >= 64, "acked {acked}");
+    (acked, stats)
+}
+
+#[test]
+fn reconnects_to_a_new_backend_and_reissues() {
+    let w = World::new();
+    let b1 = w.start_backend();
+    let (_, stats) = workload_across(&w, || {
+        // Crash the IDD with requests in flight; the manager starts a new one at once.
+        b1.kill(&w.sys);
+        std::thread::sleep(Duration::from_millis(50));
+        vec![w.start_backend()]
+    });
+    assert_eq!((stats.connects, stats.disconnects), (2, 1), "{stats:?}");
+    assert_eq!(stats.protocol_errors, 0);
+}
+
+#[test]
+fn reconnects_after_a_stall_when_the_manager_is_slow() {
+    let w = World::new();
+    let b1 = w.start_backend();
+    let (_, stats) = workload_across(&w, || {
+        // The IDD dies and nothing is said for longer than the stall timeout (500 ms): the
+        // frontend gives up on it, then connects to the new one when it is named.
+        b1.kill(&w.sys);
+        std::thread::sleep(Duration::from_millis(1200));
+        vec![w.start_backend()]
+    });
+    assert_eq!(stats.connects, 2, "{stats:?}");
+    assert!(stats.reissued > 0, "{stats:?}");
+}
+
+#[test]
+fn reconnects_when_the_backend_closes() {
+    let w = World::new();
+    let b1 = w.start_backend();
+    let (_, stats) = workload_across(&w, || {
+        // The backend says Closing (XenBus) with requests in flight, then serves again.
+        b1.close();
+        vec![b1]
+    });
+    assert_eq!(stats.connects, 2, "{stats:?}");
+}
+
+#[test]
+fn a_backend_that_answers_unknown_ids_is_dropped() {
+    let w = World::new();
+    let bad = w.start_backend_mode(Mode::Hostile);
+    let mut cfg = BlkFrontConfig::new(w.guest, DEVID);
+    cfg.io_timeout = Some(Duration::from_secs(30));
+    let mut f = BlkFront::connect(w.guest_plat.clone(), w.xs(), cfg).unwrap();
+    let t = f.submit_write(64, pattern(1, 8192)).unwrap();
+    // The bogus answer is a protocol error: the frontend drops the connection, nothing is
+    // completed, and the write is still owed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.stats().protocol_errors == 0 {
+        assert!(Instant::now() < deadline, "no protocol error seen");
+        assert!(f.poll(Duration::from_millis(20)).unwrap().is_empty());
+    }
+    assert!(!f.is_connected() || f.stats().connects > 1);
+    // The manager replaces the broken backend; the write completes there.
+    bad.kill(&w.sys);
+    let _good = w.start_backend();
+    f.wait(t).unwrap();
+    let mut b = vec![0u8; 8192];
+    f.read(64, &mut b).unwrap();
+    assert_eq!(b, pattern(1, 8192));
+    let mut img = vec![0u8; 8192];
+    w.image.read_exact_at(&mut img, 64 * 512).unwrap();
+    assert_eq!(img, pattern(1, 8192));
 }
 
 #[test]
