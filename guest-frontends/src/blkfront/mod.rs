@@ -504,7 +504,10 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
                 }
             }
             let op = chan.wire_op(piece);
-            let id = self.shadow.start(idx, op).map_err(|_| BlkError::TimedOut)?;
+            // Cannot fail: a free id and the waiting piece were checked just above.
+            let Ok(id) = self.shadow.start(idx, op) else {
+                break;
+            };
             let Some(piece) = self.shadow.inflight(u64::from(id)) else {
                 break;
             };
