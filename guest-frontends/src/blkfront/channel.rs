@@ -702,7 +702,7 @@ mod tests {
         assert_eq!(pool.available(), 6);
         assert!(ch.teardown(&mut pool).is_none());
         assert_eq!(pool.available(), 8);
-        drop(back);
+        let _ = back;
         drop(map);
     }
 }
