@@ -472,6 +472,7 @@ fn piece_pages(piece: &Piece) -> usize {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use devchan::blkif::{BlkStatus, BlkifBackRing, BlkifResponse, BLKIF_OP_WRITE};
