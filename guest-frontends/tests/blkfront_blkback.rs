@@ -11,12 +11,9 @@
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devchan::grant::DomId;
-use devchan::xenbus::{Action, Handshake, Role, XenbusState};
-use devchan::xenstore::client::NO_TX;
 use devchan::xenstore::Client;
 use guest_frontends::blkfront::{BlkFront, BlkFrontConfig, Stats};
 use guest_frontends::block::BlockDevice;
@@ -26,13 +23,10 @@ use hypervisor::local::LocalPlatform;
 use hypervisor::system::System;
 use hypervisor::xenstored::socket::{self, ServerHandle, SocketServer};
 use hypervisor::xenstored::Xenstored;
-use idd_blk::blkback::{BackendConfig, Blkback, ChannelConfig, Region};
-use idd_blk::device::FileDevice;
-use iospace::iommu::Iommu;
 use std::os::unix::net::UnixStream;
 
-const DEVID: u16 = 51712;
-const SECTORS: u64 = 8192; // 4 MiB
+mod common;
+use common::*;
 
 struct World {
     sys: Arc<System>,
@@ -85,63 +79,13 @@ impl World {
         socket::connect(self.xs.path()).unwrap()
     }
 
-    fn front_dir(&self) -> String {
-        format!("/local/domain/{}/device/vbd/{DEVID}", self.guest)
-    }
-
     /// Start a new IDD domain serving the image and point the frontend at it.
     fn start_backend(&self) -> BackendDriver {
         self.start_backend_mode(Mode::Blkback)
     }
 
     fn start_backend_mode(&self, mode: Mode) -> BackendDriver {
-        let iommu = Iommu::new(512);
-        let idd = self
-            .sys
-            .create_domain(DomainConfig {
-                name: "idd-blk".into(),
-                nr_frames: 32,
-                iommu: Some(iommu.clone()),
-            })
-            .unwrap();
-        let plat = Arc::new(LocalPlatform::new(self.sys.clone(), idd).unwrap());
-        let image = self.image.try_clone().unwrap();
-        let back_dir = format!("/local/domain/{idd}/backend/vbd/{}/{DEVID}", self.guest);
-        let mut xs = self.xs();
-        let fd = self.front_dir();
-        xs.write(NO_TX, &format!("{back_dir}/frontend"), fd.as_bytes())
-            .unwrap();
-        xs.write(
-            NO_TX,
-            &format!("{back_dir}/frontend-id"),
-            self.guest.to_string().as_bytes(),
-        )
-        .unwrap();
-        // The manager's signal: the frontend now names the new backend.
-        xs.write(
-            NO_TX,
-            &format!("{fd}/backend-id"),
-            idd.to_string().as_bytes(),
-        )
-        .unwrap();
-        xs.write(NO_TX, &format!("{fd}/backend"), back_dir.as_bytes())
-            .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let close = Arc::new(AtomicBool::new(false));
-        let guest = self.guest;
-        let (st, cl) = (stop.clone(), close.clone());
-        let xs = self.xs();
-        let thread = std::thread::spawn(move || {
-            let device =
-                move || FileDevice::new(image.try_clone().unwrap(), iommu.device(), false).unwrap();
-            run_backend(plat, &device, xs, guest, &fd, &back_dir, &st, &cl, mode);
-        });
-        BackendDriver {
-            idd,
-            stop,
-            close,
-            thread: Some(thread),
-        }
+        start_idd(&self.sys, &self.image, self.xs.path(), self.guest, mode)
     }
 
     fn frontend(&self) -> BlkFront<LocalPlatform, Client<UnixStream>> {
@@ -150,204 +94,6 @@ impl World {
         cfg.io_timeout = Some(Duration::from_secs(30));
         BlkFront::connect(self.guest_plat.clone(), self.xs(), cfg).unwrap()
     }
-}
-
-/// A backend domain running blkback, driven through XenStore by this test.
-struct BackendDriver {
-    idd: DomId,
-    stop: Arc<AtomicBool>,
-    close: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// What the backend domain runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// The real blkback.
-    Blkback,
-    /// A broken backend: answers every request with an id that was never issued, then
-    /// answers the same id twice.
-    Hostile,
-}
-
-impl BackendDriver {
-    /// Close the device from the backend side (XenBus `Closing`), then serve again when the
-    /// frontend comes back.
-    fn close(&self) {
-        self.close.store(true, Ordering::Release);
-    }
-
-    /// Crash: stop serving at once (answering nothing more) and destroy the domain, which
-    /// releases its mappings and pins.
-    fn kill(mut self, sys: &System) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        sys.destroy_domain(self.idd).unwrap();
-    }
-}
-
-impl Drop for BackendDriver {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_backend(
-    plat: Arc<LocalPlatform>,
-    device: &dyn Fn() -> FileDevice,
-    mut xs: Client<UnixStream>,
-    guest: DomId,
-    front_dir: &str,
-    back_dir: &str,
-    stop: &AtomicBool,
-    close: &AtomicBool,
-    mode: Mode,
-) {
-    let mut back: Option<Blkback<LocalPlatform, FileDevice>> = None;
-    let mut hostile: Option<Hostile> = None;
-    let mut journal_frame = 8;
-    let mut hs = Handshake::new(Role::Backend);
-    let w = |xs: &mut Client<UnixStream>, k: &str, v: String| {
-        xs.write(NO_TX, &format!("{back_dir}/{k}"), v.as_bytes())
-            .unwrap();
-    };
-    while !stop.load(Ordering::Acquire) {
-        let peer = xs
-            .read(NO_TX, &format!("{front_dir}/state"))
-            .ok()
-            .and_then(|v| XenbusState::from_xenstore(&v).ok())
-            .unwrap_or(XenbusState::Unknown);
-        let mut action = hs.on_peer(peer);
-        if close.swap(false, Ordering::AcqRel) {
-            action = hs.close();
-        }
-        match action {
-            Action::Advertise => {
-                w(&mut xs, "sectors", SECTORS.to_string());
-                w(&mut xs, "sector-size", "512".into());
-                w(&mut xs, "info", "0".into());
-                w(&mut xs, "feature-flush-cache", "1".into());
-                w(&mut xs, "feature-discard", "1".into());
-                w(&mut xs, "feature-max-indirect-segments", "16".into());
-            }
-            Action::MapRing { resume: true } => {
-                // A new backend domain cannot re-attach to a ring granted to its predecessor:
-                // ask the frontend to reconnect by closing.
-                let a = hs.close();
-                hs.completed(a);
-                w(&mut xs, "state", hs.state().to_xenstore());
-                continue;
-            }
-            Action::MapRing { resume: false } => {
-                let rd = |xs: &mut Client<UnixStream>, k: &str| -> u32 {
-                    let v = xs.read(NO_TX, &format!("{front_dir}/{k}")).unwrap();
-                    String::from_utf8(v).unwrap().parse().unwrap()
-                };
-                let ring_ref = rd(&mut xs, "ring-ref");
-                let remote_port = rd(&mut xs, "event-channel");
-                let proto = xs.read(NO_TX, &format!("{front_dir}/protocol")).unwrap();
-                assert_eq!(proto, b"x86_64-abi");
-                if mode == Mode::Hostile {
-                    hostile = Some(Hostile::new(&plat, guest, ring_ref, remote_port));
-                    hs.completed(action);
-                    w(&mut xs, "state", hs.state().to_xenstore());
-                    continue;
-                }
-                let mut b = Blkback::new(
-                    plat.clone(),
-                    device(),
-                    BackendConfig {
-                        batch: 8,
-                        scratch_frame: 7,
-                    },
-                );
-                b.attach(ChannelConfig {
-                    guest,
-                    ring_ref,
-                    remote_port,
-                    region: Region {
-                        offset: 0,
-                        sectors: SECTORS,
-                    },
-                    read_only: false,
-                    journal_frame,
-                })
-                .unwrap();
-                // A later attach (after a close) gets a fresh journal.
-                journal_frame += 2;
-                back = Some(b);
-            }
-            Action::TearDown(_) => {
-                back = None;
-                hostile = None;
-            }
-            Action::Wait | Action::PublishRing | Action::Connect => {}
-        }
-        if let Some(s) = hs.completed(action) {
-            w(&mut xs, "state", s.to_xenstore());
-            continue;
-        }
-        match back.as_mut() {
-            Some(b) => {
-                let until = Instant::now() + Duration::from_millis(20);
-                while Instant::now() < until && !stop.load(Ordering::Acquire) {
-                    b.run_once(Duration::from_millis(2)).unwrap();
-                }
-            }
-            None => match hostile.as_mut() {
-                Some(h) => h.serve(&plat),
-                None => std::thread::sleep(Duration::from_millis(5)),
-            },
-        }
-    }
-}
-
-/// The broken backend of [`Mode::Hostile`].
-struct Hostile {
-    ring: devchan::blkif::BlkifBackRing,
-    _map: hypervisor::local::LocalMapping,
-    port: devchan::platform::Port,
-}
-
-impl Hostile {
-    fn new(plat: &LocalPlatform, guest: DomId, ring_ref: u32, remote_port: u32) -> Self {
-        use devchan::platform::{Platform, SharedPage};
-        let map = plat.map_grant(guest, ring_ref, false).unwrap();
-        let base = std::ptr::NonNull::new(map.as_ptr()).unwrap();
-        // SAFETY: the mapping is a live 4 KiB page kept in the same struct (dropped after the
-        // ring, field order); it is accessed only through this ring.
-        let ring = unsafe { devchan::blkif::BlkifBackRing::attach(base, 4096).unwrap() };
-        let port = plat.evtchn_bind_interdomain(guest, remote_port).unwrap();
-        Self {
-            ring,
-            _map: map,
-            port,
-        }
-    }
-
-    fn serve(&mut self, plat: &LocalPlatform) {
-        use devchan::blkif::{BlkStatus, BlkifResponse};
-        use devchan::platform::Platform;
-        std::thread::sleep(Duration::from_millis(5));
-        while let Ok(Some(req)) = self.ring.get_request() {
-            let bogus = BlkifResponse::new(req.id + 1000, req.operation, BlkStatus::Okay);
-            if self.ring.put_response(&bogus).is_ok() && self.ring.push_responses() {
-                let _ = plat.evtchn_notify(self.port);
-            }
-        }
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((i.wrapping_mul(31) ^ seed.wrapping_mul(0x9e37_79b9)) % 251) as u8)
-        .collect()
 }
 
 #[test]
