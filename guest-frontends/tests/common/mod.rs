@@ -103,7 +103,7 @@ pub fn start_idd(
 
 /// A backend domain running blkback, driven through XenStore by this test.
 pub struct BackendDriver {
-    idd: DomId,
+    pub idd: DomId,
     stop: Arc<AtomicBool>,
     close: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
