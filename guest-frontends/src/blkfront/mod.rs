@@ -28,6 +28,13 @@
 //! only when every piece of it was answered `BLKIF_RSP_OKAY` by some backend; the shadow
 //! table's ordering rules make a reissued write harmless (see [`shadow`]).
 //!
+//! # Watching the backend
+//!
+//! Instead of XenStore watches, the frontend reads the backend's `state` and its own
+//! `backend`/`backend-id` whenever a wait on the event channel passes
+//! [`BlkFrontConfig::poll_interval`] without an event: plain reads work over every transport,
+//! and a busy device (events arriving) costs no XenStore traffic.
+//!
 //! # Threads
 //!
 //! [`BlkFront`] is driven by its caller (`&mut self`, no thread of its own): the blocking calls
@@ -600,14 +607,17 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
             }
             _ => None,
         };
-        if let Some(chan) = self.chan.as_mut() {
-            chan.finish(&mut self.pool, id, out)
-                .map_err(|e| e.to_string())?;
-        }
+        // The piece is answered whatever happens now: a local failure to copy its data out
+        // fails the caller's operation, it does not make the backend wrong.
+        let copied = match self.chan.as_mut() {
+            Some(chan) => chan.finish(&mut self.pool, id, out).is_ok(),
+            None => true,
+        };
         let Some(op) = self.ops.get_mut(&piece.token) else {
             return Ok(()); // the caller gave up on it
         };
         match status {
+            BlkStatus::Okay if !copied => op.error = Some(BlkError::Io),
             BlkStatus::Okay => {}
             BlkStatus::Error => op.error = Some(BlkError::Io),
             BlkStatus::NotSupported => op.error = Some(BlkError::NotSupported),
