@@ -565,7 +565,15 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
                 self.force_reconnect("stalled");
                 self.write_state()?;
             }
-            self.drive_xenbus()?;
+            if let Err(e) = self.drive_xenbus() {
+                // Before the first connection the caller hears of it (a misconfigured device);
+                // afterwards a failed reconnect attempt (a backend not ready, malformed keys)
+                // is retried at the next interval, and requests wait (up to `io_timeout`).
+                if self.stats.connects == 0 {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "reconnect attempt failed; retrying");
+            }
         }
         self.kick()
     }
