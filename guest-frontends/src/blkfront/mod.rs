@@ -448,7 +448,10 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
         Ok(t)
     }
 
-    /// Wait for operation `token`; a read's data is returned (empty for the others).
+    /// Wait for operation `token`; a read's data is returned (empty for the others). After
+    /// [`BlkError::TimedOut`] the operation is abandoned: its pieces not yet on a ring are
+    /// dropped, those already issued may still complete (a timed-out write leaves its sectors
+    /// unspecified).
     pub fn wait(&mut self, token: Token) -> Result<Vec<u8>> {
         let deadline = self.cfg.io_timeout.map(|t| Instant::now() + t);
         loop {
