@@ -252,8 +252,22 @@ fn reconnects_when_the_backend_closes() {
 
 #[test]
 fn a_backend_that_answers_unknown_ids_is_dropped() {
+    hostile_backend_is_dropped(Lie::UnknownId);
+}
+
+#[test]
+fn a_backend_that_answers_an_unknown_status_is_dropped() {
+    hostile_backend_is_dropped(Lie::BadStatus);
+}
+
+#[test]
+fn a_backend_whose_response_index_runs_ahead_is_dropped() {
+    hostile_backend_is_dropped(Lie::Overflow);
+}
+
+fn hostile_backend_is_dropped(lie: Lie) {
     let w = World::new();
-    let bad = w.start_backend_mode(Mode::Hostile);
+    let bad = w.start_backend_mode(Mode::Hostile(lie));
     let mut cfg = BlkFrontConfig::new(w.guest, DEVID);
     cfg.io_timeout = Some(Duration::from_secs(30));
     let mut f = BlkFront::connect(w.guest_plat.clone(), w.xs(), cfg).unwrap();

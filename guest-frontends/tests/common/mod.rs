@@ -110,13 +110,23 @@ pub struct BackendDriver {
 }
 
 /// What the backend domain runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Mode {
     /// The real blkback.
     Blkback,
-    /// A broken backend: answers every request with an id that was never issued, then
-    /// answers the same id twice.
-    Hostile,
+    /// A broken backend (see [`Lie`]).
+    Hostile(Lie),
+}
+
+/// How a hostile backend breaks the protocol.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Lie {
+    /// Answers every request with an id that was never issued.
+    UnknownId,
+    /// Answers with the right id and a status that does not exist.
+    BadStatus,
+    /// Publishes a response producer index far ahead of the requests.
+    Overflow,
 }
 
 impl BackendDriver {
@@ -202,8 +212,8 @@ fn run_backend(
                 let remote_port = rd(&mut xs, "event-channel");
                 let proto = xs.read(NO_TX, &format!("{front_dir}/protocol")).unwrap();
                 assert_eq!(proto, b"x86_64-abi");
-                if mode == Mode::Hostile {
-                    hostile = Some(Hostile::new(&plat, guest, ring_ref, remote_port));
+                if let Mode::Hostile(lie) = mode {
+                    hostile = Some(Hostile::new(&plat, guest, ring_ref, remote_port, lie));
                     hs.completed(action);
                     w(&mut xs, "state", hs.state().to_xenstore());
                     continue;
@@ -260,12 +270,13 @@ fn run_backend(
 /// The broken backend of [`Mode::Hostile`].
 struct Hostile {
     ring: devchan::blkif::BlkifBackRing,
-    _map: hypervisor::local::LocalMapping,
+    map: hypervisor::local::LocalMapping,
     port: devchan::platform::Port,
+    lie: Lie,
 }
 
 impl Hostile {
-    fn new(plat: &LocalPlatform, guest: DomId, ring_ref: u32, remote_port: u32) -> Self {
+    fn new(plat: &LocalPlatform, guest: DomId, ring_ref: u32, remote_port: u32, lie: Lie) -> Self {
         use devchan::platform::{Platform, SharedPage};
         let map = plat.map_grant(guest, ring_ref, false).unwrap();
         let base = std::ptr::NonNull::new(map.as_ptr()).unwrap();
@@ -275,8 +286,9 @@ impl Hostile {
         let port = plat.evtchn_bind_interdomain(guest, remote_port).unwrap();
         Self {
             ring,
-            _map: map,
+            map,
             port,
+            lie,
         }
     }
 
@@ -285,8 +297,30 @@ impl Hostile {
         use devchan::platform::Platform;
         std::thread::sleep(Duration::from_millis(5));
         while let Ok(Some(req)) = self.ring.get_request() {
-            let bogus = BlkifResponse::new(req.id + 1000, req.operation, BlkStatus::Okay);
-            if self.ring.put_response(&bogus).is_ok() && self.ring.push_responses() {
+            let rsp = match self.lie {
+                Lie::UnknownId => BlkifResponse::new(req.id + 1000, req.operation, BlkStatus::Okay),
+                Lie::BadStatus => BlkifResponse {
+                    status: 7,
+                    ..BlkifResponse::new(req.id, req.operation, BlkStatus::Okay)
+                },
+                Lie::Overflow => {
+                    use devchan::platform::SharedPage;
+                    // rsp_prod (offset 8 of the shared header) far ahead of any request.
+                    // SAFETY: offset 8 is the 4-aligned rsp_prod word inside the mapped
+                    // page; the frontend reads it atomically, a volatile store is what a
+                    // hostile peer's plain store looks like.
+                    unsafe {
+                        self.map
+                            .as_ptr()
+                            .add(8)
+                            .cast::<u32>()
+                            .write_volatile(1 << 20)
+                    };
+                    let _ = plat.evtchn_notify(self.port);
+                    continue;
+                }
+            };
+            if self.ring.put_response(&rsp).is_ok() && self.ring.push_responses() {
                 let _ = plat.evtchn_notify(self.port);
             }
         }
