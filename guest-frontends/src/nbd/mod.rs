@@ -315,15 +315,24 @@ impl NbdServer {
                         break;
                     }
                     let Ok(mut c) = conn else { continue };
-                    let ex = export.clone();
-                    let _ =
+                    if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                        clients.fetch_sub(1, Ordering::AcqRel);
+                        tracing::warn!("too many NBD clients; connection refused");
+                        continue;
+                    }
+                    let (ex, n) = (export.clone(), clients.clone());
+                    let spawned =
                         std::thread::Builder::new()
                             .name("nbd-client".into())
                             .spawn(move || {
                                 if let Err(e) = serve(&mut c, &ex) {
                                     tracing::debug!(error = %e, "NBD client session ended");
                                 }
+                                n.fetch_sub(1, Ordering::AcqRel);
                             });
+                    if spawned.is_err() {
+                        clients.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
             })?;
         Ok(Self {
