@@ -213,7 +213,13 @@ fn run_backend(
                 let proto = xs.read(NO_TX, &format!("{front_dir}/protocol")).unwrap();
                 assert_eq!(proto, b"x86_64-abi");
                 if let Mode::Hostile(lie) = mode {
-                    hostile = Some(Hostile::new(&plat, guest, ring_ref, remote_port, lie));
+                    hostile = Hostile::new(&plat, guest, ring_ref, remote_port, lie);
+                    if hostile.is_none() {
+                        let a = hs.close();
+                        hs.completed(a);
+                        w(&mut xs, "state", hs.state().to_xenstore());
+                        continue;
+                    }
                     hs.completed(action);
                     w(&mut xs, "state", hs.state().to_xenstore());
                     continue;
@@ -226,7 +232,7 @@ fn run_backend(
                         scratch_frame: 7,
                     },
                 );
-                b.attach(ChannelConfig {
+                let attached = b.attach(ChannelConfig {
                     guest,
                     ring_ref,
                     remote_port,
@@ -236,10 +242,17 @@ fn run_backend(
                     },
                     read_only: false,
                     journal_frame,
-                })
-                .unwrap();
+                });
                 // A later attach (after a close) gets a fresh journal.
                 journal_frame += 2;
+                if attached.is_err() {
+                    // A stale ring-ref (granted to the backend this one replaced): ask the
+                    // frontend to start over, as Linux's blkback does on a failed map.
+                    let a = hs.close();
+                    hs.completed(a);
+                    w(&mut xs, "state", hs.state().to_xenstore());
+                    continue;
+                }
                 back = Some(b);
             }
             Action::TearDown(_) => {
@@ -276,20 +289,26 @@ struct Hostile {
 }
 
 impl Hostile {
-    fn new(plat: &LocalPlatform, guest: DomId, ring_ref: u32, remote_port: u32, lie: Lie) -> Self {
+    fn new(
+        plat: &LocalPlatform,
+        guest: DomId,
+        ring_ref: u32,
+        remote_port: u32,
+        lie: Lie,
+    ) -> Option<Self> {
         use devchan::platform::{Platform, SharedPage};
-        let map = plat.map_grant(guest, ring_ref, false).unwrap();
+        let map = plat.map_grant(guest, ring_ref, false).ok()?;
         let base = std::ptr::NonNull::new(map.as_ptr()).unwrap();
         // SAFETY: the mapping is a live 4 KiB page kept in the same struct (dropped after the
         // ring, field order); it is accessed only through this ring.
         let ring = unsafe { devchan::blkif::BlkifBackRing::attach(base, 4096).unwrap() };
-        let port = plat.evtchn_bind_interdomain(guest, remote_port).unwrap();
-        Self {
+        let port = plat.evtchn_bind_interdomain(guest, remote_port).ok()?;
+        Some(Self {
             ring,
             map,
             port,
             lie,
-        }
+        })
     }
 
     fn serve(&mut self, plat: &LocalPlatform) {
