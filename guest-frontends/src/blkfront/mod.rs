@@ -470,6 +470,29 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
         }
     }
 
+    /// The result of operation `token` if it has completed, without waiting (`None`: still
+    /// outstanding, or unknown).
+    pub fn take(&mut self, token: Token) -> Option<Result<Vec<u8>>> {
+        self.done.remove(&token)
+    }
+
+    /// Operation `token` was submitted and its result not yet collected.
+    pub fn is_pending(&self, token: Token) -> bool {
+        self.ops.contains_key(&token) || self.done.contains_key(&token)
+    }
+
+    /// Give up on operation `token` (see [`Self::wait`] on timeouts).
+    pub fn cancel(&mut self, token: Token) {
+        self.shadow.cancel_waiting(token);
+        self.ops.remove(&token);
+        self.done.remove(&token);
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &BlkFrontConfig {
+        &self.cfg
+    }
+
     /// Wait up to `timeout` for progress; returns the operations that completed (their
     /// results stay available to [`Self::wait`] until collected).
     pub fn poll(&mut self, timeout: Duration) -> Result<Vec<Token>> {
