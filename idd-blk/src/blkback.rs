@@ -230,12 +230,20 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
         &self.device
     }
 
+    /// Requests waiting in the elevator and at the device (for stall reports).
+    pub fn queued(&self) -> (usize, usize) {
+        (self.elevator.len(), self.at_device.len())
+    }
+
     /// Serve a guest disk: map its ring, bind its port, and resume from the channel's journal
     /// if it belongs to this ring. Returns the channel's index.
     pub fn attach(&mut self, cfg: ChannelConfig) -> Result<usize, BlkbackError> {
         let capacity = self.device.capacity();
         let Region { offset, sectors } = cfg.region;
-        if !offset.checked_add(sectors).is_some_and(|end| end <= capacity) {
+        if !offset
+            .checked_add(sectors)
+            .is_some_and(|end| end <= capacity)
+        {
             return Err(BlkbackError::Region {
                 offset,
                 sectors,
@@ -252,9 +260,7 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
         };
         // SAFETY: `base` is a live 4 KiB page mapping owned by `mapping`, which the channel
         // keeps (and drops after the ring); it is accessed only through this ring.
-        let probe = unsafe { BlkifBackRing::attach(base, PAGE_SIZE)? };
-        let rsp_prod = probe.rsp_prod_pvt();
-        drop(probe);
+        let rsp_prod = unsafe { BlkifBackRing::attach(base, PAGE_SIZE)? }.rsp_prod_pvt();
         let (mut journal, opened) = Journal::open(p, cfg.journal_frame, id, rsp_prod)?;
         let (ring, port, replay) = match opened {
             Opened::Fresh => {
@@ -287,7 +293,12 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 (ring, local_port, replay)
             }
         };
-        tracing::info!(guest = cfg.guest, port, replay = replay.len(), "blkback channel attached");
+        tracing::info!(
+            guest = cfg.guest,
+            port,
+            replay = replay.len(),
+            "blkback channel attached"
+        );
         self.channels.push(Channel {
             cfg,
             ring,
@@ -328,11 +339,16 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
 
     /// One round of work without waiting: take batches round-robin, dispatch, collect
     /// completions, publish responses. Returns the number of requests taken plus completed.
+    ///
+    /// Every completion is published before the next dispatch, so a request that conflicts
+    /// with an earlier one starts only after the earlier one's response is out: a restarted
+    /// backend never replays a request whose later conflicting requests already ran.
     pub fn poll(&mut self) -> Result<usize, BlkbackError> {
-        let mut work = self.consume_round()?;
+        let mut work = self.reap()?;
+        self.publish()?;
+        work += self.consume_round()?;
         work += self.dispatch()?;
         work += self.reap()?;
-        work += self.dispatch()?;
         self.publish()?;
         Ok(work)
     }
@@ -389,7 +405,10 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
     }
 
     /// The next request of `chan`: a journal replay first, then the ring.
-    fn next_request(&mut self, chan: usize) -> Result<Option<(RingIdx, BlkifRequest)>, BlkbackError> {
+    fn next_request(
+        &mut self,
+        chan: usize,
+    ) -> Result<Option<(RingIdx, BlkifRequest)>, BlkbackError> {
         let p = &*self.platform;
         let c = &mut self.channels[chan];
         if c.failed.is_some() {
@@ -451,7 +470,12 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 };
                 (ops, r.sector, r.segments.to_vec(), None)
             }
-            BlkRequest::Discard(d) => (vec![DevOp::Discard], d.sector, Vec::new(), Some(d.nr_sectors)),
+            BlkRequest::Discard(d) => (
+                vec![DevOp::Discard],
+                d.sector,
+                Vec::new(),
+                Some(d.nr_sectors),
+            ),
             BlkRequest::Indirect(r) => {
                 let segs = self.indirect_segments(c.cfg.guest, &r)?;
                 let op = match r.op {
@@ -461,7 +485,11 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 (vec![op], r.sector, segs, None)
             }
         };
-        if ro && ops.iter().any(|o| matches!(o, DevOp::Write | DevOp::Discard)) {
+        if ro
+            && ops
+                .iter()
+                .any(|o| matches!(o, DevOp::Write | DevOp::Discard))
+        {
             return Err(Refusal::Error);
         }
         let sectors = nr.unwrap_or_else(|| segs.iter().map(Segment::sectors).sum());
@@ -551,7 +579,11 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                     for iova in pins {
                         let _ = p.unpin_grant(iova);
                     }
-                    self.respond(chan, idx, BlkifResponse::new(raw.id, raw.operation, BlkStatus::Error));
+                    self.respond(
+                        chan,
+                        idx,
+                        BlkifResponse::new(raw.id, raw.operation, BlkStatus::Error),
+                    );
                     return Ok(());
                 }
             }
@@ -717,5 +749,75 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::FileDevice;
+    use hypervisor::domain::DomainConfig;
+    use hypervisor::local::LocalPlatform;
+    use hypervisor::system::System;
+    use iospace::iommu::Iommu;
+
+    fn backend() -> Blkback<LocalPlatform, FileDevice> {
+        let sys = System::new();
+        let iommu = Iommu::new(8);
+        let d = sys
+            .create_domain(DomainConfig {
+                name: "idd".into(),
+                nr_frames: 16,
+                iommu: Some(iommu.clone()),
+            })
+            .unwrap();
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(100 * 512).unwrap();
+        Blkback::new(
+            Arc::new(LocalPlatform::new(sys, d).unwrap()),
+            FileDevice::new(f, iommu.device(), false).unwrap(),
+            BackendConfig {
+                batch: 0,
+                scratch_frame: 7,
+            },
+        )
+    }
+
+    #[test]
+    fn regions_must_fit_the_device() {
+        let mut b = backend();
+        for (offset, sectors) in [(0, 101), (50, 51), (u64::MAX, 2)] {
+            let cfg = ChannelConfig {
+                guest: 9,
+                ring_ref: 8,
+                remote_port: 1,
+                region: Region { offset, sectors },
+                read_only: false,
+                journal_frame: 8,
+            };
+            assert!(matches!(b.attach(cfg), Err(BlkbackError::Region { .. })));
+        }
+        // In range, but no such guest: the ring mapping fails cleanly.
+        let cfg = ChannelConfig {
+            guest: 9,
+            ring_ref: 8,
+            remote_port: 1,
+            region: Region {
+                offset: 0,
+                sectors: 100,
+            },
+            read_only: false,
+            journal_frame: 8,
+        };
+        assert!(matches!(b.attach(cfg), Err(BlkbackError::Platform(_))));
+        assert_eq!(b.poll().unwrap(), 0, "no channels, no work");
+        assert_eq!(b.cfg.batch, 1, "a zero batch is raised to one");
+    }
+
+    #[test]
+    fn tokens_are_unique_per_channel_and_slot() {
+        assert_ne!(token(0, 5), token(1, 5));
+        assert_ne!(token(0, 5), token(0, 6));
+        assert_eq!(token(2, u32::MAX) >> 32, 2);
     }
 }

@@ -156,7 +156,13 @@ impl Journal {
         Ok(u32::from_le_bytes(b))
     }
 
-    fn write<P: Platform>(&self, p: &P, page: u64, off: usize, data: &[u8]) -> Result<(), JournalError> {
+    fn write<P: Platform>(
+        &self,
+        p: &P,
+        page: u64,
+        off: usize,
+        data: &[u8],
+    ) -> Result<(), JournalError> {
         // Program order of the journal stores is the crash-safety argument: keep the compiler
         // from moving them across each other (a process crash makes every store it executed
         // visible; the next process of the domain reads the same memfd).
@@ -187,7 +193,9 @@ impl Journal {
         let mut page = vec![0u8; 4096];
         p.read_local(frame, 0, &mut page)
             .map_err(JournalError::Memory)?;
-        let u = |off: usize| u32::from_le_bytes([page[off], page[off + 1], page[off + 2], page[off + 3]]);
+        let u = |off: usize| {
+            u32::from_le_bytes([page[off], page[off + 1], page[off + 2], page[off + 3]])
+        };
         let same = u(0) == MAGIC
             && u16::from_le_bytes([page[OFF_GUEST], page[OFF_GUEST + 1]]) == id.guest
             && u(OFF_RING_REF) == id.ring_ref
@@ -213,7 +221,7 @@ impl Journal {
             // Published: rsp_idx is behind rsp_prod (within one ring).
             let published = answering & (1 << slot) != 0 && {
                 let behind = rsp_prod.wrapping_sub(rsp_idx);
-                behind >= 1 && behind <= BLKIF_RING_SIZE
+                (1..=BLKIF_RING_SIZE).contains(&behind)
             };
             if published {
                 continue;
@@ -262,10 +270,13 @@ impl Journal {
             self.answering = 0;
         } else {
             // Drop the stale answering marks and slots resume decided against.
-            self.write(p, 1, 0, &[0u8; 4096])?;
+            // `valid` first: once it lists only the slots to replay, the answering marks
+            // no longer matter (clearing them first could make a published slot look
+            // unpublished after a crash in between).
+            self.write_u32(p, OFF_VALID, self.valid)?;
             self.answering = 0;
             self.write_u32(p, OFF_ANSWERING, 0)?;
-            self.write_u32(p, OFF_VALID, self.valid)?;
+            self.write(p, 1, 0, &[0u8; 4096])?;
         }
         self.write(p, 0, OFF_GUEST, &id.guest.to_le_bytes())?;
         self.write_u32(p, OFF_RING_REF, id.ring_ref)?;
@@ -297,7 +308,12 @@ impl Journal {
     }
 
     /// Record the IOVAs pinned for ring index `idx` (replacing earlier ones).
-    pub fn pins<P: Platform>(&self, p: &P, idx: RingIdx, iovas: &[u64]) -> Result<(), JournalError> {
+    pub fn pins<P: Platform>(
+        &self,
+        p: &P,
+        idx: RingIdx,
+        iovas: &[u64],
+    ) -> Result<(), JournalError> {
         if iovas.len() > PINS_PER_SLOT {
             return Err(JournalError::TooManyPins);
         }
@@ -311,7 +327,12 @@ impl Journal {
 
     /// Record that the response for ring index `idx` is put at response index `rsp_idx`
     /// (before the response is written to the ring).
-    pub fn answering<P: Platform>(&mut self, p: &P, idx: RingIdx, rsp_idx: RingIdx) -> Result<(), JournalError> {
+    pub fn answering<P: Platform>(
+        &mut self,
+        p: &P,
+        idx: RingIdx,
+        rsp_idx: RingIdx,
+    ) -> Result<(), JournalError> {
         let (slot, bit) = mask(idx);
         self.write_u32(p, SLOT_BASE + slot * SLOT_SIZE + 4, rsp_idx)?;
         self.answering |= bit;
@@ -427,11 +448,18 @@ mod tests {
         j.write(&p, 0, base, &rec).unwrap();
         j.write_u32(&p, OFF_VALID, j.valid | bit).unwrap();
         let (_, o) = resume(&p, 0);
-        let Opened::Resume { replay, req_cons, .. } = o else {
+        let Opened::Resume {
+            replay, req_cons, ..
+        } = o
+        else {
             panic!()
         };
         assert_eq!(req_cons, 1);
-        assert_eq!(replay.len(), 1, "index 1 is still in the ring, not in the journal");
+        assert_eq!(
+            replay.len(),
+            1,
+            "index 1 is still in the ring, not in the journal"
+        );
     }
 
     #[test]
@@ -440,15 +468,21 @@ mod tests {
         let (mut j, _) = resume(&p, 0);
         j.init(&p, ID, 1, 0, true).unwrap();
         let other = RingId { ring_ref: 10, ..ID };
-        assert!(matches!(Journal::open(&p, 8, other, 0).unwrap().1, Opened::Fresh));
+        assert!(matches!(
+            Journal::open(&p, 8, other, 0).unwrap().1,
+            Opened::Fresh
+        ));
         // Garbage slot indexes (as a corrupted page could hold) are ignored, never a panic.
-        p.write_local(8, OFF_VALID, &u32::MAX.to_le_bytes()).unwrap();
+        p.write_local(8, OFF_VALID, &u32::MAX.to_le_bytes())
+            .unwrap();
         for s in 0..SLOTS {
             p.write_local(8, SLOT_BASE + s * SLOT_SIZE, &0xdead_beefu32.to_le_bytes())
                 .unwrap();
         }
         let (_, o) = resume(&p, 0);
-        let Opened::Resume { replay, .. } = o else { panic!() };
+        let Opened::Resume { replay, .. } = o else {
+            panic!()
+        };
         assert!(replay.is_empty());
         assert!(j.pins(&p, 0, &[1; PINS_PER_SLOT + 1]).is_err());
     }

@@ -1,5 +1,6 @@
 //! blkback end to end with a frontend written here: two guests on one image, each in its own
 //! region, over real grants, event channels and IOMMU pins (`LocalPlatform`).
+#![allow(clippy::cast_possible_truncation)] // small test numbers
 
 mod common;
 
@@ -19,10 +20,24 @@ fn two_guests_write_and_read_back_in_their_regions() {
     let mut a = rig.guest("a");
     let mut b = rig.guest("b");
     let mut back = rig.backend(8);
-    back.attach(a.channel(Region { offset: 0, sectors: 128 }, false, journal_frame(0)))
-        .unwrap();
-    back.attach(b.channel(Region { offset: 128, sectors: 128 }, false, journal_frame(1)))
-        .unwrap();
+    back.attach(a.channel(
+        Region {
+            offset: 0,
+            sectors: 128,
+        },
+        false,
+        journal_frame(0),
+    ))
+    .unwrap();
+    back.attach(b.channel(
+        Region {
+            offset: 128,
+            sectors: 128,
+        },
+        false,
+        journal_frame(1),
+    ))
+    .unwrap();
     for (g, seed) in [(&mut a, 1u64), (&mut b, 2)] {
         for p in 0..4 {
             g.fill(p, &pattern(seed * 10 + p as u64));
@@ -70,10 +85,24 @@ fn region_read_only_and_malformed_requests_get_errors() {
     let mut g = rig.guest("g");
     let mut ro = rig.guest("ro");
     let mut back = rig.backend(8);
-    back.attach(g.channel(Region { offset: 64, sectors: 16 }, false, journal_frame(0)))
-        .unwrap();
-    back.attach(ro.channel(Region { offset: 0, sectors: 64 }, true, journal_frame(1)))
-        .unwrap();
+    back.attach(g.channel(
+        Region {
+            offset: 64,
+            sectors: 16,
+        },
+        false,
+        journal_frame(0),
+    ))
+    .unwrap();
+    back.attach(ro.channel(
+        Region {
+            offset: 0,
+            sectors: 64,
+        },
+        true,
+        journal_frame(1),
+    ))
+    .unwrap();
     g.fill(0, &pattern(5));
     // Past the end of the 16-sector region (sector 9 + 8 > 16).
     let out = g.rw(true, 9, &[0]);
@@ -118,7 +147,11 @@ fn region_read_only_and_malformed_requests_get_errors() {
     assert_eq!(by_id(903), BLKIF_RSP_ERROR);
     assert_eq!(by_id(ok.id()), BLKIF_RSP_OKAY);
     assert_eq!(rig.read_image(64 + 8, 4096), pattern(5));
-    assert_eq!(rig.read_image(64 + 16, 512), vec![0; 512], "nothing past the region");
+    assert_eq!(
+        rig.read_image(64 + 16, 512),
+        vec![0; 512],
+        "nothing past the region"
+    );
 
     // The read-only guest may read and flush, not write or discard.
     ro.fill(0, &pattern(6));
@@ -158,8 +191,15 @@ fn flush_with_data_discard_and_indirect() {
     let rig = Rig::new(256);
     let mut g = rig.guest("g");
     let mut back = rig.backend(8);
-    back.attach(g.channel(Region { offset: 32, sectors: 200 }, false, journal_frame(0)))
-        .unwrap();
+    back.attach(g.channel(
+        Region {
+            offset: 32,
+            sectors: 200,
+        },
+        false,
+        journal_frame(0),
+    ))
+    .unwrap();
     // Flush carrying data (Linux blkfront's FUA/preflush writes): written, then flushed.
     g.fill(0, &pattern(1));
     let BlkRequest::Write(w) = g.rw(true, 0, &[0]) else {
@@ -200,7 +240,10 @@ fn flush_with_data_discard_and_indirect() {
     assert!(rs.iter().all(|r| r.status == BLKIF_RSP_OKAY), "{rs:?}");
     assert_eq!(rig.read_image(32, 4096), pattern(1));
     for p in 0..n {
-        assert_eq!(rig.read_image(32 + 16 + 8 * p as u64, 4096), pattern(100 + p as u64));
+        assert_eq!(
+            rig.read_image(32 + 16 + 8 * p as u64, 4096),
+            pattern(100 + p as u64)
+        );
     }
     // Discard the first 8 sectors of the indirect data, then read it all back indirectly.
     g.post(&BlkRequest::Discard(DiscardRequest {
@@ -232,10 +275,24 @@ fn round_robin_takes_a_bounded_batch_from_each_guest() {
     let mut a = rig.guest("a");
     let mut b = rig.guest("b");
     let mut back = rig.backend(4);
-    back.attach(a.channel(Region { offset: 0, sectors: 512 }, false, journal_frame(0)))
-        .unwrap();
-    back.attach(b.channel(Region { offset: 512, sectors: 512 }, false, journal_frame(1)))
-        .unwrap();
+    back.attach(a.channel(
+        Region {
+            offset: 0,
+            sectors: 512,
+        },
+        false,
+        journal_frame(0),
+    ))
+    .unwrap();
+    back.attach(b.channel(
+        Region {
+            offset: 512,
+            sectors: 512,
+        },
+        false,
+        journal_frame(1),
+    ))
+    .unwrap();
     // a floods its ring; b posts 3.
     for i in 0..30 {
         let r = a.rw(false, i * 8, &[i as usize]);
@@ -262,10 +319,24 @@ fn hostile_ring_index_fails_only_that_channel() {
     let mut a = rig.guest("a");
     let mut b = rig.guest("b");
     let mut back = rig.backend(8);
-    back.attach(a.channel(Region { offset: 0, sectors: 128 }, false, journal_frame(0)))
-        .unwrap();
-    back.attach(b.channel(Region { offset: 128, sectors: 128 }, false, journal_frame(1)))
-        .unwrap();
+    back.attach(a.channel(
+        Region {
+            offset: 0,
+            sectors: 128,
+        },
+        false,
+        journal_frame(0),
+    ))
+    .unwrap();
+    back.attach(b.channel(
+        Region {
+            offset: 128,
+            sectors: 128,
+        },
+        false,
+        journal_frame(1),
+    ))
+    .unwrap();
     // a claims 1000 requests on a 32-slot ring.
     let rr = a.rw(false, 0, &[0]);
     a.post(&rr);
