@@ -647,26 +647,35 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
             Some(chan) => chan.finish(&mut self.pool, id, out).is_ok(),
             None => true,
         };
-        let Some(op) = self.ops.get_mut(&piece.token) else {
-            return Ok(()); // the caller gave up on it
+        let error = match status {
+            BlkStatus::Okay if !copied => Some(BlkError::Io),
+            BlkStatus::Okay => None,
+            BlkStatus::Error => Some(BlkError::Io),
+            BlkStatus::NotSupported => Some(BlkError::NotSupported),
         };
-        match status {
-            BlkStatus::Okay if !copied => op.error = Some(BlkError::Io),
-            BlkStatus::Okay => {}
-            BlkStatus::Error => op.error = Some(BlkError::Io),
-            BlkStatus::NotSupported => op.error = Some(BlkError::NotSupported),
+        self.settle(piece.token, error);
+        Ok(())
+    }
+
+    /// One piece of operation `token` is done (with `error`, if any); the operation is done
+    /// when all its pieces are.
+    fn settle(&mut self, token: Token, error: Option<BlkError>) {
+        let Some(op) = self.ops.get_mut(&token) else {
+            return; // the caller gave up on it
+        };
+        if error.is_some() {
+            op.error = error;
         }
         op.remaining -= 1;
         if op.remaining == 0 {
-            if let Some(op) = self.ops.remove(&piece.token) {
+            if let Some(op) = self.ops.remove(&token) {
                 let r = match op.error {
                     Some(e) => Err(e),
                     None => Ok(op.buf),
                 };
-                self.done.insert(piece.token, r);
+                self.done.insert(token, r);
             }
         }
-        Ok(())
     }
 
     fn protocol_error(&mut self, e: &dyn std::fmt::Display) {
@@ -805,7 +814,27 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
     }
 
     /// Pieces queued for a backend that allowed larger requests than the new one: split.
+    /// Flushes queued for a backend without `feature-flush-cache` are done (it has no cache
+    /// to flush, as for a flush submitted to it); discards for one without `feature-discard`
+    /// fail with [`BlkError::NotSupported`].
     fn resplit(&mut self) {
+        let info = self.info.unwrap_or(BackendInfo {
+            sectors: 0,
+            sector_size: 512,
+            info: 0,
+            flush: false,
+            discard: false,
+            max_indirect_segments: 0,
+        });
+        let dropped = self.shadow.take_waiting(|p| match p.op {
+            PieceOp::Flush => !info.flush,
+            PieceOp::Discard { .. } => !info.discard,
+            _ => false,
+        });
+        for p in dropped {
+            let err = matches!(p.op, PieceOp::Discard { .. }).then_some(BlkError::NotSupported);
+            self.settle(p.token, err);
+        }
         let max = self.piece_sectors();
         for (token, extra) in self.shadow.split_waiting(max) {
             if let Some(op) = self.ops.get_mut(&token) {
