@@ -44,6 +44,11 @@
 //!   overdue mappings as `Unrevocable`: the manager then destroys their holder, which releases
 //!   them. `destroy_domain` releases everything the domain held and strips every use others
 //!   held of its grants (mappings of its shareable pages stay valid for their holders).
+//! * **XenStore.** Frame 6 of every domain is its `xenstore_domain_interface` page (Xen's
+//!   `store_mfn`). [`xenstored::domains::DomainStores`] introduces a domain: its store port is
+//!   allocated unbound in the domain for the store domain (Xen's `store_evtchn`), passed to
+//!   its process as `PDOM_STORE_PORT`, and bound by xenstored, which serves the ring until the
+//!   domain is released or destroyed. The domain side is [`store_link`].
 //! * **Locking.** The domain table is an `RwLock` read on every call; per-domain mutexes guard
 //!   ports, the active grant table and holdings. Copies move bytes with no lock held.
 
@@ -57,5 +62,6 @@ pub mod hypercall;
 pub mod process;
 pub mod launch;
 pub mod sandbox;
+pub mod store_link;
 pub mod xenstored;
 pub mod fuzzing;

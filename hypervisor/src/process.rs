@@ -401,6 +401,13 @@ impl ProcessPlatform {
         self.hc.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The domain's XenStore ring page (frame `layout::XENSTORE_FRAME` of its RAM, Xen's
+    /// `store_mfn`); the pointer is valid while `self` lives (`store_link` builds its client
+    /// on it).
+    pub fn xenstore_page(&self) -> Option<NonNull<u8>> {
+        self.ram.page(layout::XENSTORE_FRAME).and_then(NonNull::new)
+    }
+
     /// Notify the other end of `port` without waiting for the hypervisor: the send is posted
     /// in the hypercall page and the doorbell rung, and this returns at once. A failure (a bad
     /// port) is not returned but counted in [`ProcessPlatform::posted_failures`], as with Xen

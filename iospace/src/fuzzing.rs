@@ -16,6 +16,7 @@ use crate::emu::virtio_blk::{BlkConfig, VirtioBlk};
 use crate::emu::virtio_pci::{common, VirtioPci, MSIX_BAR, VIRTIO_BAR};
 use crate::emu::{PciBus, PciDevice, StubDevice};
 use crate::iommu::{DmaPage, Iommu, IommuEntry, PAGE_SIZE};
+use crate::pci::bar::bar_offset;
 use crate::pci::{Bdf, COMMAND, CONFIG_SPACE_SIZE};
 use crate::space::{IoSpace, COMMAND_POLICY_BITS};
 use std::sync::Arc;
@@ -55,7 +56,7 @@ pub fn config_ops(data: &[u8]) {
             2 => space.config_write(target, offset, &value[..width]).is_ok(),
             _ => {
                 // BAR-sizing shaped writes: all ones, then a read, on a BAR offset.
-                let bar = 0x10 + (offset % 6) * 4;
+                let bar = bar_offset(usize::from(offset % 6));
                 let w = space.config_write(target, bar, &[0xff; 4]).is_ok();
                 let r = space.config_read(target, bar, 4).is_ok();
                 refused += u64::from(!w) + u64::from(!r);

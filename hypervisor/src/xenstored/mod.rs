@@ -21,6 +21,7 @@
 //! or close that one connection (broken framing, broken ring indexes), and the store bounds
 //! what each unprivileged domain can consume.
 
+pub mod domains;
 pub mod ring;
 pub mod socket;
 

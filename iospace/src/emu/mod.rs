@@ -12,8 +12,8 @@
 
 use crate::pci::bar::{size_bars, Bar, BarKind, BarRegisters};
 use crate::pci::{
-    self, caps, status, Bdf, ConfigAccess, PciError, BAR0, CAPABILITIES_POINTER, COMMAND,
-    CONFIG_SPACE_SIZE, HEADER_END, NUM_BARS, ROM_ADDRESS, STATUS,
+    self, caps, status, Bdf, ConfigAccess, DeviceInfo, PciError, BAR0, CAPABILITIES_POINTER,
+    COMMAND, CONFIG_SPACE_SIZE, HEADER_END, NUM_BARS, ROM_ADDRESS, STATUS,
 };
 use crate::space::Irq;
 
@@ -350,6 +350,18 @@ impl PciBus {
         lock(&self.devices).keys().copied().collect()
     }
 
+    /// Every plugged function with what its config space says (header, sized BARs,
+    /// capabilities), in slot order.
+    pub fn scan(&self) -> Vec<(Bdf, pci::Result<DeviceInfo>)> {
+        let devs: Vec<(Bdf, Arc<dyn PciDevice>)> = lock(&self.devices)
+            .iter()
+            .map(|(b, d)| (*b, d.clone()))
+            .collect();
+        devs.into_iter()
+            .map(|(b, d)| (b, DeviceInfo::probe(&mut DeviceConfig(d.as_ref()))))
+            .collect()
+    }
+
     /// Config read as the bus answers it: all ones for an empty slot.
     pub fn config_read(&self, bdf: Bdf, offset: u16) -> u32 {
         self.device(bdf).map_or(u32::MAX, |d| d.config_read(offset))
@@ -470,7 +482,6 @@ impl PciDevice for StubDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::DeviceInfo;
 
     #[test]
     fn bus_plugs_sizes_and_places_bars() {
@@ -499,5 +510,9 @@ mod tests {
         );
         assert_eq!(info.msix().unwrap().table_size, 4);
         assert_eq!(info.header.interrupt_pin, 1);
+        let scan = bus.scan();
+        assert_eq!(scan.len(), 1);
+        assert_eq!(scan[0].0, bdf);
+        assert_eq!(scan[0].1.as_ref().unwrap(), &info);
     }
 }

@@ -32,6 +32,7 @@
 pub mod bar;
 pub mod caps;
 pub mod sysfs;
+pub mod names;
 
 pub use bar::{Bar, BarKind};
 pub use caps::{Capability, VirtioCap};
@@ -347,21 +348,21 @@ impl Header {
         self.status & status::CAP_LIST != 0
     }
 
-    /// The vendor's name from the embedded PCI ID database.
+    /// The vendor's name from the system's PCI ID database ([`names`]).
     pub fn vendor_name(&self) -> Option<&'static str> {
-        pci_ids::Vendors::iter()
-            .find(|v| v.id() == self.vendor_id)
-            .map(|v| v.name())
+        names::db()?.vendors.get(&self.vendor_id).map(|v| v.name.as_str())
     }
 
-    /// The device's name from the embedded PCI ID database.
+    /// The device's name from the system's PCI ID database.
     pub fn device_name(&self) -> Option<&'static str> {
-        pci_ids::Device::from_vid_pid(self.vendor_id, self.device_id).map(|d| d.name())
+        let vendor = names::db()?.vendors.get(&self.vendor_id)?;
+        vendor.devices.get(&self.device_id).map(|d| d.name.as_str())
     }
 
-    /// The class/subclass name from the embedded PCI ID database.
+    /// The class/subclass name from the system's PCI ID database.
     pub fn class_name(&self) -> Option<&'static str> {
-        pci_ids::Subclass::from_cid_sid(self.class, self.subclass).map(|s| s.name())
+        let class = names::db()?.classes.get(&self.class)?;
+        class.subclasses.get(&self.subclass).map(|s| s.name.as_str())
     }
 
     /// "vendor device" as lspci would print it, with hex ids where the database has no name.
