@@ -240,10 +240,7 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
     pub fn attach(&mut self, cfg: ChannelConfig) -> Result<usize, BlkbackError> {
         let capacity = self.device.capacity();
         let Region { offset, sectors } = cfg.region;
-        if !offset
-            .checked_add(sectors)
-            .is_some_and(|end| end <= capacity)
-        {
+        if offset.checked_add(sectors).is_none_or(|end| end > capacity) {
             return Err(BlkbackError::Region {
                 offset,
                 sectors,
