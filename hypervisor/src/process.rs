@@ -493,7 +493,7 @@ impl ProcessPlatform {
     }
 
     fn local(&self, frame: Frame, offset: usize, len: usize) -> Result<*mut u8> {
-        if frame >= self.nr_frames || !offset.checked_add(len).is_some_and(|e| e <= PAGE) {
+        if frame >= self.nr_frames || offset.checked_add(len).is_none_or(|e| e > PAGE) {
             return Err(PlatformError::BadFrame(frame));
         }
         let p = self.ram.page(frame).ok_or(PlatformError::BadFrame(frame))?;

@@ -243,7 +243,7 @@ impl Server {
     pub fn is_finished(&self) -> bool {
         self.thread
             .as_ref()
-            .map_or(true, std::thread::JoinHandle::is_finished)
+            .is_none_or(std::thread::JoinHandle::is_finished)
     }
 
     /// Stop the server and wait for it.

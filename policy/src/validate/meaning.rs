@@ -564,7 +564,7 @@ impl<'s, 'a> Validator<'s, 'a> {
                             units::format_size(size)
                         ),
                     );
-                } else if end.map_or(true, |e| e > size) {
+                } else if end.is_none_or(|e| e > size) {
                     ok = false;
                     self.err(
                         K::PastEnd,
