@@ -15,7 +15,8 @@ use std::process::Command;
 
 #[test]
 fn xen_testbed_guest_io_through_backends() {
-    if std::env::var_os("XEN_TESTBED").is_none() {
+    // `ci/test.sh` runs the testbed script itself as a step; this test is for running it alone.
+    if std::env::var("XEN_TESTBED").as_deref() != Ok("1") {
         eprintln!("xen_testbed: skipped (set XEN_TESTBED=1 to boot the emulated Xen host)");
         return;
     }
