@@ -6,6 +6,7 @@ set -euo pipefail
 need=()
 [ -f /usr/include/xen/grant_table.h ] || need+=(libxen-dev)
 command -v xenstore-read >/dev/null 2>&1 || need+=(xenstore-utils)
+command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 [ -f /usr/share/misc/pci.ids ] || need+=(pci.ids)
 
