@@ -252,9 +252,7 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
         };
         // SAFETY: `base` is a live 4 KiB page mapping owned by `mapping`, which the channel
         // keeps (and drops after the ring); it is accessed only through this ring.
-        let probe = unsafe { BlkifBackRing::attach(base, PAGE_SIZE)? };
-        let rsp_prod = probe.rsp_prod_pvt();
-        drop(probe);
+        let rsp_prod = unsafe { BlkifBackRing::attach(base, PAGE_SIZE)? }.rsp_prod_pvt();
         let (mut journal, opened) = Journal::open(p, cfg.journal_frame, id, rsp_prod)?;
         let (ring, port, replay) = match opened {
             Opened::Fresh => {
@@ -328,11 +326,16 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
 
     /// One round of work without waiting: take batches round-robin, dispatch, collect
     /// completions, publish responses. Returns the number of requests taken plus completed.
+    ///
+    /// Every completion is published before the next dispatch, so a request that conflicts
+    /// with an earlier one starts only after the earlier one's response is out: a restarted
+    /// backend never replays a request whose later conflicting requests already ran.
     pub fn poll(&mut self) -> Result<usize, BlkbackError> {
-        let mut work = self.consume_round()?;
+        let mut work = self.reap()?;
+        self.publish()?;
+        work += self.consume_round()?;
         work += self.dispatch()?;
         work += self.reap()?;
-        work += self.dispatch()?;
         self.publish()?;
         Ok(work)
     }

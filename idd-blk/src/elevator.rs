@@ -178,6 +178,7 @@ impl Elevator {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // sector numbers in tests are tiny
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -213,7 +213,7 @@ impl Journal {
             // Published: rsp_idx is behind rsp_prod (within one ring).
             let published = answering & (1 << slot) != 0 && {
                 let behind = rsp_prod.wrapping_sub(rsp_idx);
-                behind >= 1 && behind <= BLKIF_RING_SIZE
+                (1..=BLKIF_RING_SIZE).contains(&behind)
             };
             if published {
                 continue;
@@ -262,10 +262,13 @@ impl Journal {
             self.answering = 0;
         } else {
             // Drop the stale answering marks and slots resume decided against.
-            self.write(p, 1, 0, &[0u8; 4096])?;
+            // `valid` first: once it lists only the slots to replay, the answering marks
+            // no longer matter (clearing them first could make a published slot look
+            // unpublished after a crash in between).
+            self.write_u32(p, OFF_VALID, self.valid)?;
             self.answering = 0;
             self.write_u32(p, OFF_ANSWERING, 0)?;
-            self.write_u32(p, OFF_VALID, self.valid)?;
+            self.write(p, 1, 0, &[0u8; 4096])?;
         }
         self.write(p, 0, OFF_GUEST, &id.guest.to_le_bytes())?;
         self.write_u32(p, OFF_RING_REF, id.ring_ref)?;

@@ -1,5 +1,6 @@
 //! blkback end to end with a frontend written here: two guests on one image, each in its own
 //! region, over real grants, event channels and IOMMU pins (`LocalPlatform`).
+#![allow(clippy::cast_possible_truncation)] // small test numbers
 
 mod common;
 

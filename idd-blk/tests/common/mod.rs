@@ -222,8 +222,8 @@ impl Front {
 }
 
 /// Run `back` until `front` has `n` responses; returns them.
-pub fn run_until<D: idd_blk::device::BlockDevice>(
-    back: &mut Blkback<LocalPlatform, D>,
+pub fn run_until<P: Platform, D: idd_blk::device::BlockDevice>(
+    back: &mut Blkback<P, D>,
     front: &mut Front,
     n: usize,
 ) -> Vec<BlkifResponse> {

@@ -1,0 +1,313 @@
+//! The I/O Space handle the virtio driver programs its device through.
+//!
+//! [`IoAccess`] is what a driver may do to its device: read its parsed config, write config
+//! registers through the virtualised view, read and write MMIO inside its BARs, and wait for
+//! its MSI-X vectors. Every access is checked (and refusals counted) by the
+//! `iospace::space::IoSpace` behind it:
+//!
+//! * [`LocalIo`]: the `IoSpace` in this process (the manager's own tests, in-process IDDs);
+//! * [`RemoteIo`]: the `IoSpace` in domain 0, reached over a Unix stream socket that the
+//!   manager hands the IDD before it enters its sandbox; [`serve`] is domain 0's end. MMIO and
+//!   config accesses are synchronous calls, like trapped accesses; interrupts are collected
+//!   by the server and returned by a wait call.
+//!
+//! # Wire format (little-endian)
+//!
+//! Request, 24 bytes: `op: u8`, `len: u8` (1..=8), `_pad: u16`, `arg: u32` (config offset,
+//! or wait timeout in ms), `addr: u64` (MMIO address), `data: [u8; 8]` (write data).
+//!
+//! Response, 16 bytes: `status: i32` ([`ST_OK`], [`ST_REFUSED`], [`ST_MALFORMED`]),
+//! `irqs: u32` (for a wait: bit `v` = MSI-X vector `v` fired), `data: [u8; 8]` (read data).
+
+use iospace::pci::{self, ConfigAccess, DeviceInfo, PciError};
+use iospace::space::{IoSpace, Irq};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Read MMIO.
+pub const OP_MMIO_READ: u8 = 1;
+/// Write MMIO.
+pub const OP_MMIO_WRITE: u8 = 2;
+/// Read config space.
+pub const OP_CONFIG_READ: u8 = 3;
+/// Write config space.
+pub const OP_CONFIG_WRITE: u8 = 4;
+/// Wait for interrupts.
+pub const OP_WAIT_IRQ: u8 = 5;
+/// Success.
+pub const ST_OK: i32 = 0;
+/// The I/O Space refused the access.
+pub const ST_REFUSED: i32 = -1;
+/// The request was malformed.
+pub const ST_MALFORMED: i32 = -2;
+/// Request size.
+pub const REQUEST_LEN: usize = 24;
+/// Response size.
+pub const RESPONSE_LEN: usize = 16;
+/// MSI-X vectors a wait reports (bits of `irqs`).
+pub const MAX_VECTORS: u16 = 32;
+
+/// Why an I/O Space access failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    /// The I/O Space refused it.
+    #[error("I/O Space refused the access")]
+    Refused,
+    /// The access was malformed (length).
+    #[error("Malformed I/O Space access")]
+    Malformed,
+    /// The link to domain 0 failed.
+    #[error("I/O Space link failed")]
+    Link(#[source] std::io::Error),
+    /// The device's config space could not be parsed.
+    #[error("Parsing the device's config space failed")]
+    Probe(#[source] PciError),
+}
+
+/// What a driver may do to its device.
+pub trait IoAccess: Send {
+    /// The device's parsed config space.
+    fn info(&self) -> &DeviceInfo;
+    /// Write 1, 2 or 4 bytes of config space (through the virtualised view).
+    fn config_write(&self, offset: u16, data: &[u8]) -> Result<(), IoError>;
+    /// MMIO read of 1..=8 bytes.
+    fn mmio_read(&self, addr: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    /// MMIO write of 1..=8 bytes.
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> Result<(), IoError>;
+    /// Wait up to `timeout` for interrupts; bit `v` of the result = MSI-X vector `v` fired
+    /// (each firing is reported once).
+    fn wait_irq(&self, timeout: Duration) -> Result<u32, IoError>;
+}
+
+/// Eventfds bound to the first MSI-X vectors of a space.
+struct Vectors(Vec<EventFd>);
+
+impl Vectors {
+    fn bind(space: &IoSpace) -> Self {
+        let n = space.irqs().msix_vectors.min(MAX_VECTORS);
+        let mut v = Vec::new();
+        for i in 0..n {
+            let Ok(fd) = EventFd::new(EFD_NONBLOCK) else {
+                break;
+            };
+            let bound = fd
+                .try_clone()
+                .is_ok_and(|c| space.bind_irq(Irq::MsiX(i), Some(c)).is_ok());
+            if !bound {
+                break;
+            }
+            v.push(fd);
+        }
+        Self(v)
+    }
+
+    fn wait(&self, timeout: Duration) -> Result<u32, IoError> {
+        let mut pfds: Vec<libc::pollfd> = self
+            .0
+            .iter()
+            .map(|f| libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the call's duration.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(IoError::Link(e));
+            }
+        }
+        let mut bits = 0u32;
+        for (i, f) in self.0.iter().enumerate() {
+            if f.read().is_ok() {
+                bits |= 1 << i;
+            }
+        }
+        Ok(bits)
+    }
+
+    fn unbind(&self, space: &IoSpace) {
+        for i in 0..self.0.len() {
+            let _ = space.bind_irq(Irq::MsiX(u16::try_from(i).unwrap_or(0)), None);
+        }
+    }
+}
+
+/// The I/O Space in this process.
+pub struct LocalIo {
+    space: Arc<IoSpace>,
+    vectors: Vectors,
+}
+
+impl LocalIo {
+    /// Drive the device behind `space`; its MSI-X vectors are bound to eventfds here.
+    pub fn new(space: Arc<IoSpace>) -> Self {
+        let vectors = Vectors::bind(&space);
+        Self { space, vectors }
+    }
+}
+
+impl Drop for LocalIo {
+    fn drop(&mut self) {
+        self.vectors.unbind(&self.space);
+    }
+}
+
+impl IoAccess for LocalIo {
+    fn info(&self) -> &DeviceInfo {
+        self.space.info()
+    }
+    fn config_write(&self, offset: u16, data: &[u8]) -> Result<(), IoError> {
+        self.space
+            .config_write(self.space.bdf(), offset, data)
+            .map_err(|_| IoError::Refused)
+    }
+    fn mmio_read(&self, addr: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.space.mmio_read(addr, buf).map_err(|_| IoError::Refused)
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> Result<(), IoError> {
+        self.space.mmio_write(addr, data).map_err(|_| IoError::Refused)
+    }
+    fn wait_irq(&self, timeout: Duration) -> Result<u32, IoError> {
+        self.vectors.wait(timeout)
+    }
+}
+
+/// The IDD's end of a remote I/O Space.
+pub struct RemoteIo {
+    stream: UnixStream,
+    info: DeviceInfo,
+}
+
+struct RemoteConfig<'a>(&'a UnixStream);
+
+fn call(s: &UnixStream, op: u8, len: usize, arg: u32, addr: u64, data: &[u8]) -> Result<(u32, [u8; 8]), IoError> {
+    if len > 8 || data.len() > 8 {
+        return Err(IoError::Malformed);
+    }
+    let mut req = [0u8; REQUEST_LEN];
+    req[0] = op;
+    req[1] = u8::try_from(len).map_err(|_| IoError::Malformed)?;
+    req[4..8].copy_from_slice(&arg.to_le_bytes());
+    req[8..16].copy_from_slice(&addr.to_le_bytes());
+    req[16..16 + data.len()].copy_from_slice(data);
+    let mut w = s;
+    w.write_all(&req).map_err(IoError::Link)?;
+    let mut rsp = [0u8; RESPONSE_LEN];
+    let mut r = s;
+    r.read_exact(&mut rsp).map_err(IoError::Link)?;
+    match i32::from_le_bytes([rsp[0], rsp[1], rsp[2], rsp[3]]) {
+        ST_OK => {}
+        ST_REFUSED => return Err(IoError::Refused),
+        _ => return Err(IoError::Malformed),
+    }
+    let irqs = u32::from_le_bytes([rsp[4], rsp[5], rsp[6], rsp[7]]);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&rsp[8..16]);
+    Ok((irqs, out))
+}
+
+impl ConfigAccess for RemoteConfig<'_> {
+    fn read_u32(&self, offset: u16) -> pci::Result<u32> {
+        let (_, d) = call(self.0, OP_CONFIG_READ, 4, offset.into(), 0, &[])
+            .map_err(|_| PciError::BadOffset(offset))?;
+        Ok(u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
+    }
+    fn write_u32(&mut self, offset: u16, value: u32) -> pci::Result<()> {
+        call(self.0, OP_CONFIG_WRITE, 4, offset.into(), 0, &value.to_le_bytes())
+            .map(|_| ())
+            .map_err(|_| PciError::ReadOnly)
+    }
+}
+
+impl RemoteIo {
+    /// Connect over `stream` (already connected to domain 0's [`serve`]) and parse the
+    /// device's config space through it.
+    pub fn new(stream: UnixStream) -> Result<Self, IoError> {
+        let info = DeviceInfo::probe(&mut RemoteConfig(&stream)).map_err(IoError::Probe)?;
+        Ok(Self { stream, info })
+    }
+}
+
+impl IoAccess for RemoteIo {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    fn config_write(&self, offset: u16, data: &[u8]) -> Result<(), IoError> {
+        call(&self.stream, OP_CONFIG_WRITE, data.len(), offset.into(), 0, data).map(|_| ())
+    }
+    fn mmio_read(&self, addr: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let (_, d) = call(&self.stream, OP_MMIO_READ, buf.len(), 0, addr, &[])?;
+        buf.copy_from_slice(&d[..buf.len()]);
+        Ok(())
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> Result<(), IoError> {
+        call(&self.stream, OP_MMIO_WRITE, data.len(), 0, addr, data).map(|_| ())
+    }
+    fn wait_irq(&self, timeout: Duration) -> Result<u32, IoError> {
+        let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        call(&self.stream, OP_WAIT_IRQ, 0, ms, 0, &[]).map(|(irqs, _)| irqs)
+    }
+}
+
+/// Domain 0's end: serve the IDD's accesses to `space` on `stream` until it closes (the IDD
+/// process died or exited). Every access goes through the I/O Space's checks; a malformed
+/// request is answered [`ST_MALFORMED`], never trusted.
+pub fn serve(space: &IoSpace, mut stream: UnixStream) -> std::io::Result<()> {
+    let vectors = Vectors::bind(space);
+    let result = (|| loop {
+        let mut req = [0u8; REQUEST_LEN];
+        match stream.read_exact(&mut req) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let (op, len) = (req[0], usize::from(req[1]));
+        let arg = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&req[8..16]);
+        let addr = u64::from_le_bytes(a);
+        let mut rsp = [0u8; RESPONSE_LEN];
+        let status = if len > 8 {
+            ST_MALFORMED
+        } else {
+            let data = &req[16..16 + len];
+            let offset = u16::try_from(arg).unwrap_or(u16::MAX);
+            let r = match op {
+                OP_MMIO_READ if len > 0 => space.mmio_read(addr, &mut rsp[8..8 + len]).map_err(|_| ST_REFUSED),
+                OP_MMIO_WRITE if len > 0 => space.mmio_write(addr, data).map_err(|_| ST_REFUSED),
+                OP_CONFIG_READ => match space.config_read(space.bdf(), offset, len) {
+                    Ok(v) => {
+                        rsp[8..12].copy_from_slice(&v.to_le_bytes());
+                        Ok(())
+                    }
+                    Err(_) => Err(ST_REFUSED),
+                },
+                OP_CONFIG_WRITE => space.config_write(space.bdf(), offset, data).map_err(|_| ST_REFUSED),
+                OP_WAIT_IRQ => {
+                    let t = Duration::from_millis(u64::from(arg.min(1000)));
+                    match vectors.wait(t) {
+                        Ok(bits) => {
+                            rsp[4..8].copy_from_slice(&bits.to_le_bytes());
+                            Ok(())
+                        }
+                        Err(_) => Err(ST_REFUSED),
+                    }
+                }
+                _ => Err(ST_MALFORMED),
+            };
+            r.err().unwrap_or(ST_OK)
+        };
+        rsp[..4].copy_from_slice(&status.to_le_bytes());
+        stream.write_all(&rsp)?;
+    })();
+    vectors.unbind(space);
+    result
+}
