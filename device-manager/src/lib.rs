@@ -36,6 +36,7 @@
 pub mod fault;
 pub mod manager;
 pub mod recovery;
+pub mod remote_io;
 pub mod toolstack;
 
 /// The block size of the guests' workloads.

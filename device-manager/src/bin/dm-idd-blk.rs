@@ -25,7 +25,6 @@
 //! `--channel GUEST:RING_REF:PORT:OFFSET:SECTORS[:ro]` per guest disk.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,7 +38,7 @@ use device_manager::toolstack::ChannelSpec;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
 use idd_blk::blkback::{BackendConfig, Blkback};
-use idd_blk::io::RemoteIo;
+use device_manager::remote_io::ManagedIo;
 use idd_blk::virtio::VirtioBlkDriver;
 
 /// Heartbeat period.
@@ -75,11 +74,12 @@ fn run(args: Args) -> Result<()> {
     // The only thing opened before the sandbox: the link to the device's I/O Space.
     let stream = UnixStream::connect(&args.device_socket)
         .with_context(|| format!("connecting to {}", args.device_socket.display()))?;
+    // The device's config space is parsed over the link (domain 0 checks every access).
+    let io = ManagedIo::new(stream).context("I/O Space link")?;
     let mut sandbox = SandboxConfig::default();
-    sandbox.keep_fds.push(stream.as_raw_fd());
+    sandbox.keep_fds.push(io.raw_fd());
     let (platform, _report) = ProcessPlatform::enter(sandbox).context("entering the sandbox")?;
     let platform = Arc::new(platform);
-    let io = RemoteIo::new(stream).context("I/O Space link")?;
     let driver = VirtioBlkDriver::probe(platform.clone(), io, DRIVER_FRAMES).context("virtio-blk probe")?;
     let mut back = Blkback::new(
         platform,
