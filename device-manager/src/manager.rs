@@ -153,13 +153,12 @@ pub struct Manager {
 
 fn serve_io_space(listener: UnixListener, space: Arc<IoSpace>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        // One link at a time, in order: a new IDD process's link is served only once the
+        // dead one's has ended, so the old link's teardown (unbinding the MSI-X vectors)
+        // cannot undo the new link's setup.
         for s in listener.incoming() {
             let Ok(s) = s else { return };
-            let space = space.clone();
-            // One IDD process at a time; its link ends when the process dies.
-            std::thread::spawn(move || {
-                let _ = idd_blk::io::serve(&space, s);
-            });
+            let _ = idd_blk::io::serve(&space, s);
         }
     })
 }

@@ -156,7 +156,8 @@ fn xorshift(s: &mut u64) -> u64 {
 fn workload(secs: f64, blocks: u64, seed: u64, depth: usize, probe_oob: bool) -> Result<()> {
     let spb = BLOCK as u64 / 512;
     let mut f = connect(if probe_oob { spb } else { 0 })?;
-    let capacity = f.capacity() - if probe_oob { spb } else { 0 };
+    // capacity() is in bytes.
+    let capacity = f.capacity() / 512 - if probe_oob { spb } else { 0 };
     if blocks == 0 || blocks * spb > capacity || depth == 0 {
         bail!("{blocks} blocks do not fit a disk of {capacity} sectors (or depth 0)");
     }
@@ -240,7 +241,10 @@ fn workload(secs: f64, blocks: u64, seed: u64, depth: usize, probe_oob: bool) ->
         match f.write(capacity, &[0x5a; BLOCK]) {
             Ok(()) => "accepted",
             Err(BlkError::Io) => "error",
-            Err(_) => "other",
+            Err(e) => {
+                eprintln!("blk-guest: out-of-region write: {e:?}");
+                "other"
+            }
         }
     } else {
         "none"
