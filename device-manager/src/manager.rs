@@ -123,6 +123,7 @@ struct Device {
     image: PathBuf,
     sectors: u64,
     _bus: PciBus,
+    pci: Arc<VirtioPci<VirtioBlk>>,
     iommu: Arc<Iommu>,
     sock: PathBuf,
     _listener: std::thread::JoinHandle<()>,
@@ -158,7 +159,10 @@ fn serve_io_space(listener: UnixListener, space: Arc<IoSpace>) -> std::thread::J
         // cannot undo the new link's setup.
         for s in listener.incoming() {
             let Ok(s) = s else { return };
-            let _ = idd_blk::io::serve(&space, s);
+            let r = idd_blk::io::serve(&space, s);
+            if std::env::var_os("DM_DEBUG").is_some() {
+                eprintln!("[dom0] I/O Space link ended: {r:?}");
+            }
         }
     })
 }
@@ -210,6 +214,7 @@ impl Manager {
         let pci = Arc::new(VirtioPci::new(Arc::new(blk), iommu.device(), 11)?);
         let bus = PciBus::new();
         let bdf = bus.plug(4, pci.clone())?;
+        let pci_dev = pci.clone();
         let space = Arc::new(IoSpace::new(bdf, pci)?);
         let dev_sock = dir.path().join(format!("{}.iospace", dev.name));
         let listener = serve_io_space(UnixListener::bind(&dev_sock)?, space);
@@ -276,6 +281,7 @@ impl Manager {
                 image: image.clone(),
                 sectors,
                 _bus: bus,
+                pci: pci_dev,
                 iommu,
                 sock: dev_sock,
                 _listener: listener,
@@ -428,6 +434,9 @@ impl Manager {
         loop {
             match p.lines.recv_timeout(wait) {
                 Ok(Line::Text(at, l)) => {
+                    if self.cfg.verbose && std::env::var_os("DM_DEBUG").is_some() {
+                        eprintln!("[idd] {l}");
+                    }
                     if l == "ready" || l.starts_with("hb ") {
                         p.last_beat = at;
                     }
@@ -567,6 +576,13 @@ impl Manager {
             std::thread::sleep(Duration::from_micros(200));
         }
         let first_response = t3.elapsed();
+        if std::env::var_os("DM_DEBUG").is_some() {
+            eprintln!(
+                "[dom0] after recovery: device status {:#x}, {} IOMMU entries",
+                self.dev.pci.device_status(),
+                self.dev.iommu.len()
+            );
+        }
         let r = Recovery {
             seq: u32::try_from(self.recoveries.len() + 1).unwrap_or(u32::MAX),
             cause,

@@ -10,7 +10,8 @@
 //! # stdout protocol (read by the manager)
 //!
 //! * `ready`: every channel is attached (re-attached) and served from now on.
-//! * `hb N`: heartbeat, at most every [`HEARTBEAT`] from the serving loop; a process that
+//! * `hb N in_flight=K channels=C/R/A/E,..`: heartbeat (with each channel's consumed,
+//!   replayed, answered and error counts), at most every [`HEARTBEAT`] from the serving loop; a process that
 //!   stops printing them (stopped, spinning, deadlocked) misses the manager's deadline.
 //! * `failed CHAN`: a channel's ring became impossible (a corrupted ring); it is no longer served.
 //!
@@ -89,6 +90,7 @@ fn run(args: Args) -> Result<()> {
             scratch_frame: SCRATCH_FRAME,
         },
     );
+    let nchan = channels.len();
     for c in channels {
         back.attach(c)
             .with_context(|| format!("channel of domain {}", c.guest))?;
@@ -107,7 +109,11 @@ fn run(args: Args) -> Result<()> {
         if last.elapsed() >= HEARTBEAT {
             beats += 1;
             last = Instant::now();
-            writeln!(out, "hb {beats}")?;
+            let st: Vec<String> = (0..nchan)
+                .filter_map(|c| back.stats(c))
+                .map(|s| format!("{}/{}/{}/{}", s.consumed, s.replayed, s.answered, s.errors))
+                .collect();
+            writeln!(out, "hb {beats} in_flight={} channels={}", back.in_flight(), st.join(","))?;
             out.flush()?;
         }
     }
