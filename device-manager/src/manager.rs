@@ -32,7 +32,7 @@ use iospace::space::IoSpace;
 use policy::{BlkMedia, DeviceSpec, GuestKind, Policy};
 
 use crate::fault::Fault;
-use crate::layout::{GUEST_FRAMES, IDD_FRAMES, MAX_CHANNELS};
+use crate::layout::{GUEST_FRAMES, IDD_FRAMES, JOURNAL_FIRST_FRAME, MAX_CHANNELS};
 use crate::recovery::{Cause, Recovery};
 use crate::toolstack::{self, ChannelSpec, RingView, VbdNodes};
 use crate::VBD_DEVID;
@@ -548,6 +548,15 @@ impl Manager {
         // Lift the deadline again for the next process (one day is "none").
         self.sys
             .set_holder_deadline(self.idd, Instant::now() + Duration::from_secs(86_400))?;
+        // The journals' pin tables list IOVAs the dead process pinned, for the next process
+        // to unpin. They are all revoked now, and the IOMMU hands freed IOVAs out again (the
+        // new process's own queue pins may get them): clear the tables, or the new process
+        // would unpin someone else's fresh mapping. The request slots (page 0) stay: the
+        // new process replays them and pins again.
+        let mem = self.sys.domain(self.idd)?.memory().clone();
+        for i in 0..self.channels.len() as u64 {
+            mem.write(JOURNAL_FIRST_FRAME + 2 * i + 1, 0, &[0u8; 4096])?;
+        }
         let revoke = t0.elapsed();
         // Spawn in the same domain.
         let t1 = Instant::now();

@@ -113,7 +113,13 @@ fn run(args: Args) -> Result<()> {
                 .filter_map(|c| back.stats(c))
                 .map(|s| format!("{}/{}/{}/{}", s.consumed, s.replayed, s.answered, s.errors))
                 .collect();
-            writeln!(out, "hb {beats} in_flight={} channels={}", back.in_flight(), st.join(","))?;
+            writeln!(
+                out,
+                "hb {beats} in_flight={} at_device={} channels={}",
+                back.in_flight(),
+                idd_blk::device::BlockDevice::in_flight(back.device()),
+                st.join(",")
+            )?;
             out.flush()?;
         }
     }
