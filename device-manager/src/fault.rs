@@ -38,7 +38,9 @@ impl FromStr for Fault {
         match s.split_once(':') {
             None if s == "crash" => Ok(Self::Crash),
             None if s == "hang" => Ok(Self::Hang),
-            Some(("corrupt", g)) if !g.is_empty() => Ok(Self::Corrupt { guest: g.to_owned() }),
+            Some(("corrupt", g)) if !g.is_empty() => Ok(Self::Corrupt {
+                guest: g.to_owned(),
+            }),
             _ => Err(BadFault(s.chars().take(64).collect())),
         }
     }

@@ -77,7 +77,14 @@ pub fn fnv64(data: &[u8]) -> u64 {
 /// pseudo-random pattern, different for every triple; starts with the triple, readable in a
 /// hex dump).
 pub fn pattern(seed: u64, block: u64, version: u64) -> Vec<u8> {
-    let mut s = fnv64(&[seed.to_le_bytes(), block.to_le_bytes(), version.to_le_bytes()].concat()) | 1;
+    let mut s = fnv64(
+        &[
+            seed.to_le_bytes(),
+            block.to_le_bytes(),
+            version.to_le_bytes(),
+        ]
+        .concat(),
+    ) | 1;
     let mut out = Vec::with_capacity(BLOCK);
     out.extend_from_slice(&seed.to_le_bytes());
     out.extend_from_slice(&block.to_le_bytes());

@@ -63,7 +63,10 @@ impl ManagerConfig {
                     return Ok(p);
                 }
             }
-            bail!("{name} not found next to {} (build the device-manager crate)", exe.display())
+            bail!(
+                "{name} not found next to {} (build the device-manager crate)",
+                exe.display()
+            )
         };
         Ok(Self {
             idd_program: find("dm-idd-blk")?,
@@ -84,7 +87,10 @@ enum Line {
 fn forward(d: &mut RunningDomain, tx: Sender<Line>) {
     if let Some(out) = d.child_mut().stdout.take() {
         std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(std::result::Result::ok) {
+            for line in BufReader::new(out)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
                 if tx.send(Line::Text(Instant::now(), line)).is_err() {
                     return;
                 }
@@ -268,7 +274,11 @@ impl Manager {
                 lines: None,
             });
         }
-        ensure!(!guests.is_empty(), "no process guest has a disk on {}", dev.name);
+        ensure!(
+            !guests.is_empty(),
+            "no process guest has a disk on {}",
+            dev.name
+        );
         Ok(Self {
             cfg,
             sys,
@@ -377,7 +387,11 @@ impl Manager {
                 if let Some(r) = toolstack::frontend_ring(&mut self.admin, &g.nodes)? {
                     break r;
                 }
-                ensure!(Instant::now() < deadline, "guest {} did not publish its ring", g.name);
+                ensure!(
+                    Instant::now() < deadline,
+                    "guest {} did not publish its ring",
+                    g.name
+                );
                 std::thread::sleep(Duration::from_millis(2));
             };
             g.ring = Some(RingView::new(self.sys.clone(), g.domid, gref));
@@ -465,7 +479,10 @@ impl Manager {
             if let Some(r) = p.run.wait_exit(Some(Duration::ZERO))? {
                 bail!("the IDD process ended before it was ready: {r:?}");
             }
-            ensure!(Instant::now() < deadline, "the IDD process did not get ready");
+            ensure!(
+                Instant::now() < deadline,
+                "the IDD process did not get ready"
+            );
         }
         Ok(())
     }
@@ -477,13 +494,19 @@ impl Manager {
             Fault::Hang => libc::SIGSTOP,
             Fault::Corrupt { guest } => {
                 let i = self.guest_index(guest)?;
-                let ring = self.guests[i].ring.as_ref().context("that guest has no ring yet")?;
+                let ring = self.guests[i]
+                    .ring
+                    .as_ref()
+                    .context("that guest has no ring yet")?;
                 ring.corrupt()?;
                 return Ok(());
             }
         };
         let p = self.idd_proc.as_mut().context("no IDD process")?;
-        ensure!(p.run.wait_exit(Some(Duration::ZERO))?.is_none(), "the IDD process is not running");
+        ensure!(
+            p.run.wait_exit(Some(Duration::ZERO))?.is_none(),
+            "the IDD process is not running"
+        );
         let pid = i32::try_from(p.run.child_mut().id())?;
         self.fault_at = Some(Instant::now());
         // SAFETY: kill(2) on our own child, not reaped yet (checked just above), so the pid
@@ -522,10 +545,17 @@ impl Manager {
 
     fn recover(&mut self, cause: Cause) -> Result<Recovery> {
         let t_detect = Instant::now();
-        let detect = self.fault_at.take().map_or(Duration::ZERO, |f| t_detect - f);
+        let detect = self
+            .fault_at
+            .take()
+            .map_or(Duration::ZERO, |f| t_detect - f);
         // Restart budget.
         self.restarts.push_back(t_detect);
-        while self.restarts.front().is_some_and(|t| t_detect - *t > self.window) {
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| t_detect - *t > self.window)
+        {
             self.restarts.pop_front();
         }
         ensure!(
@@ -639,7 +669,11 @@ impl Manager {
     }
 
     /// Wait for guest `name`'s process to end; returns how it ended and every line it printed.
-    pub fn wait_guest(&mut self, name: &str, timeout: Duration) -> Result<(ExitReport, Vec<String>)> {
+    pub fn wait_guest(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(ExitReport, Vec<String>)> {
         let i = self.guest_index(name)?;
         let deadline = Instant::now() + timeout;
         let mut lines = Vec::new();

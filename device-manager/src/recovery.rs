@@ -134,7 +134,14 @@ mod tests {
         assert_eq!(p.max, Duration::from_millis(100));
         assert_eq!(p.count, 100);
         let one = Percentiles::of(&[Duration::from_millis(7)]).unwrap();
-        assert_eq!((one.p50, one.p99, one.max), (Duration::from_millis(7), Duration::from_millis(7), Duration::from_millis(7)));
+        assert_eq!(
+            (one.p50, one.p99, one.max),
+            (
+                Duration::from_millis(7),
+                Duration::from_millis(7),
+                Duration::from_millis(7)
+            )
+        );
         assert!(Percentiles::of(&[]).is_none());
     }
 

@@ -27,7 +27,14 @@ use iospace::pci::{ConfigAccess, DeviceInfo, PciError};
 /// Offset of the command register's dword.
 const COMMAND_DWORD: u16 = 4;
 
-fn call(s: &File, op: u8, len: usize, arg: u32, addr: u64, data: &[u8]) -> Result<(u32, [u8; 8]), IoError> {
+fn call(
+    s: &File,
+    op: u8,
+    len: usize,
+    arg: u32,
+    addr: u64,
+    data: &[u8],
+) -> Result<(u32, [u8; 8]), IoError> {
     if len > 8 || data.len() > 8 {
         return Err(IoError::Malformed);
     }
@@ -55,7 +62,8 @@ struct ProbeConfig<'a>(&'a File);
 
 impl ConfigAccess for ProbeConfig<'_> {
     fn read_u32(&self, offset: u16) -> iospace::pci::Result<u32> {
-        let (_, d) = call(self.0, OP_CONFIG_READ, 4, offset.into(), 0, &[]).map_err(|_| PciError::BadOffset(offset))?;
+        let (_, d) = call(self.0, OP_CONFIG_READ, 4, offset.into(), 0, &[])
+            .map_err(|_| PciError::BadOffset(offset))?;
         Ok(u32::from_le_bytes([d[0], d[1], d[2], d[3]]))
     }
     fn write_u32(&mut self, offset: u16, value: u32) -> iospace::pci::Result<()> {
@@ -63,9 +71,16 @@ impl ConfigAccess for ProbeConfig<'_> {
             // Decoding is fixed by domain 0 (see the module docs).
             return Ok(());
         }
-        call(self.0, OP_CONFIG_WRITE, 4, offset.into(), 0, &value.to_le_bytes())
-            .map(|_| ())
-            .map_err(|_| PciError::ReadOnly)
+        call(
+            self.0,
+            OP_CONFIG_WRITE,
+            4,
+            offset.into(),
+            0,
+            &value.to_le_bytes(),
+        )
+        .map(|_| ())
+        .map_err(|_| PciError::ReadOnly)
     }
 }
 
@@ -95,7 +110,15 @@ impl IoAccess for ManagedIo {
         &self.info
     }
     fn config_write(&self, offset: u16, data: &[u8]) -> Result<(), IoError> {
-        call(&self.stream, OP_CONFIG_WRITE, data.len(), offset.into(), 0, data).map(|_| ())
+        call(
+            &self.stream,
+            OP_CONFIG_WRITE,
+            data.len(),
+            offset.into(),
+            0,
+            data,
+        )
+        .map(|_| ())
     }
     fn mmio_read(&self, addr: u64, buf: &mut [u8]) -> Result<(), IoError> {
         if buf.len() > 8 {
@@ -148,7 +171,10 @@ mod tests {
         assert!(io.info().msix().is_some());
         // Outside every BAR: refused by domain 0, not served.
         let mut buf = [0u8; 4];
-        assert!(matches!(io.mmio_read(0x10, &mut buf), Err(IoError::Refused)));
+        assert!(matches!(
+            io.mmio_read(0x10, &mut buf),
+            Err(IoError::Refused)
+        ));
         drop(io);
         t.join().unwrap().unwrap();
     }

@@ -189,7 +189,11 @@ pub fn write_vbd(xs: &mut Client<UnixStream>, n: &VbdNodes) -> Result<()> {
     let s = |v: &str| v.to_owned();
     let mut nodes: Vec<(String, String, &[Perm])> = vec![
         (format!("/local/domain/{}/device", n.guest), s(""), &fperm),
-        (format!("/local/domain/{}/device/vbd", n.guest), s(""), &fperm),
+        (
+            format!("/local/domain/{}/device/vbd", n.guest),
+            s(""),
+            &fperm,
+        ),
         (fdir.clone(), s(""), &fperm),
     ];
     for (k, v) in [
@@ -236,10 +240,14 @@ pub fn write_vbd(xs: &mut Client<UnixStream>, n: &VbdNodes) -> Result<()> {
         nodes.push((format!("{bdir}/{k}"), v, &bperm));
     }
     loop {
-        let tx = xs.transaction_start().map_err(st("transaction_start", ""))?;
+        let tx = xs
+            .transaction_start()
+            .map_err(st("transaction_start", ""))?;
         for (path, value, perms) in &nodes {
-            xs.write(tx, path, value.as_bytes()).map_err(st("write", path))?;
-            xs.set_perms(tx, path, perms).map_err(st("set_perms", path))?;
+            xs.write(tx, path, value.as_bytes())
+                .map_err(st("write", path))?;
+            xs.set_perms(tx, path, perms)
+                .map_err(st("set_perms", path))?;
         }
         match xs.transaction_end(tx, true) {
             Ok(()) => return Ok(()),
@@ -279,7 +287,10 @@ fn read_num(xs: &mut Client<UnixStream>, key: &str) -> Result<u32> {
 /// If the frontend of `n` is `Initialised` (or later), the ring it published: (ring-ref,
 /// event-channel). Values come from the guest: parsed strictly, and the protocol must be
 /// `x86_64-abi`.
-pub fn frontend_ring(xs: &mut Client<UnixStream>, n: &VbdNodes) -> Result<Option<(GrantRef, Port)>> {
+pub fn frontend_ring(
+    xs: &mut Client<UnixStream>,
+    n: &VbdNodes,
+) -> Result<Option<(GrantRef, Port)>> {
     let fdir = front_dir(n.guest, n.devid);
     let s = read_state(xs, &format!("{fdir}/state"));
     if !matches!(s, XenbusState::Initialised | XenbusState::Connected) {
@@ -337,19 +348,27 @@ impl RingView {
             gref: self.gref,
             msg,
         };
-        let d = self.sys.domain(self.guest).map_err(|e| err(e.to_string()))?;
-        let frame = d.grant_entries().frame(self.gref).map_err(|e| err(e.to_string()))?;
+        let d = self
+            .sys
+            .domain(self.guest)
+            .map_err(|e| err(e.to_string()))?;
+        let frame = d
+            .grant_entries()
+            .frame(self.gref)
+            .map_err(|e| err(e.to_string()))?;
         Ok((d, u64::from(frame)))
     }
 
     fn word(&self, off: usize) -> Result<u32> {
         let (d, frame) = self.frame()?;
         let mut b = [0u8; 4];
-        d.memory().read(frame, off, &mut b).map_err(|e| ToolstackError::Ring {
-            dom: self.guest,
-            gref: self.gref,
-            msg: e.to_string(),
-        })?;
+        d.memory()
+            .read(frame, off, &mut b)
+            .map_err(|e| ToolstackError::Ring {
+                dom: self.guest,
+                gref: self.gref,
+                msg: e.to_string(),
+            })?;
         Ok(u32::from_le_bytes(b))
     }
 
@@ -392,13 +411,23 @@ mod tests {
         };
         assert_eq!(c.to_string(), "3:9:4:2048:4096:ro");
         assert_eq!(c.to_string().parse::<ChannelSpec>().unwrap(), c);
-        let rw = ChannelSpec { read_only: false, ..c };
+        let rw = ChannelSpec {
+            read_only: false,
+            ..c
+        };
         assert_eq!(rw.to_string().parse::<ChannelSpec>().unwrap(), rw);
     }
 
     #[test]
     fn channel_spec_rejects_garbage() {
-        for s in ["", "1:2:3:4", "1:2:3:4:5:rw", "70000:1:1:1:1", "1:x:3:4:5", "1:2:3:4:5:ro:7"] {
+        for s in [
+            "",
+            "1:2:3:4",
+            "1:2:3:4:5:rw",
+            "70000:1:1:1:1",
+            "1:x:3:4:5",
+            "1:2:3:4:5:ro:7",
+        ] {
             assert!(s.parse::<ChannelSpec>().is_err(), "{s}");
         }
     }

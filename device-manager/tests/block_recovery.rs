@@ -22,6 +22,7 @@ use hypervisor::launch::ExitReport;
 use policy::Policy;
 
 const BLOCKS: u64 = 256;
+const REGION_BYTES: usize = BLOCK * 256;
 
 fn policy(dir: &Path, heartbeat: &str) -> Policy {
     let text = format!(
@@ -78,7 +79,16 @@ fn run(m: &mut Manager, secs: &str, faults: usize, fault: &Fault, every: Duratio
         let blocks = BLOCKS.to_string();
         m.start_guest(
             name,
-            &["workload", "--secs", secs, "--blocks", &blocks, "--seed", seed, "--probe-oob"],
+            &[
+                "workload",
+                "--secs",
+                secs,
+                "--blocks",
+                &blocks,
+                "--seed",
+                seed,
+                "--probe-oob",
+            ],
         )
         .unwrap();
     }
@@ -95,7 +105,10 @@ fn run(m: &mut Manager, secs: &str, faults: usize, fault: &Fault, every: Duratio
         }
         m.supervise(Duration::from_millis(5)).unwrap();
     }
-    assert_eq!(injected, faults, "the guests finished before every fault was injected");
+    assert_eq!(
+        injected, faults,
+        "the guests finished before every fault was injected"
+    );
     let mut summaries = Vec::new();
     for name in ["alice", "bob"] {
         let (exit, lines) = m.wait_guest(name, Duration::from_secs(10)).unwrap();
@@ -120,9 +133,18 @@ fn check_data(m: &Manager, summaries: &[String]) {
     for (g, s) in m.guests().iter().zip(summaries) {
         assert_eq!(field(s, "mismatches"), "0", "{}: {s}", g.name);
         assert_eq!(field(s, "verified"), BLOCKS.to_string(), "{}: {s}", g.name);
-        assert_eq!(field(s, "oob"), "error", "{}: the write past its region was not refused", g.name);
-        assert!(field(s, "writes").parse::<u64>().unwrap() > 100, "{}: too little work: {s}", g.name);
-        let mut region = vec![0u8; BLOCK * BLOCKS as usize];
+        assert_eq!(
+            field(s, "oob"),
+            "error",
+            "{}: the write past its region was not refused",
+            g.name
+        );
+        assert!(
+            field(s, "writes").parse::<u64>().unwrap() > 100,
+            "{}: too little work: {s}",
+            g.name
+        );
+        let mut region = vec![0u8; REGION_BYTES];
         f.read_exact_at(&mut region, g.region.offset * 512).unwrap();
         assert_eq!(
             format!("{:016x}", fnv64(&region)),
@@ -132,7 +154,10 @@ fn check_data(m: &Manager, summaries: &[String]) {
         );
     }
     // Alice's out-of-region write aimed at Bob's first block: covered by Bob's digest above.
-    assert_eq!(m.guests()[0].region.offset + m.guests()[0].region.sectors, m.guests()[1].region.offset);
+    assert_eq!(
+        m.guests()[0].region.offset + m.guests()[0].region.sectors,
+        m.guests()[1].region.offset
+    );
 }
 
 #[test]
@@ -146,7 +171,10 @@ fn two_guests_survive_fifty_idd_crashes_without_losing_an_acknowledged_write() {
     assert_eq!(rs.len(), 50);
     for r in rs {
         eprintln!("{r}");
-        assert!(matches!(&r.cause, Cause::Exited(how) if how.contains("Signaled(6)")), "{r}");
+        assert!(
+            matches!(&r.cause, Cause::Exited(how) if how.contains("Signaled(6)")),
+            "{r}"
+        );
     }
     let outage = Percentiles::of(&rs.iter().map(|r| r.outage()).collect::<Vec<_>>()).unwrap();
     let detect = Percentiles::of(&rs.iter().map(|r| r.detect).collect::<Vec<_>>()).unwrap();
@@ -155,7 +183,11 @@ fn two_guests_survive_fifty_idd_crashes_without_losing_an_acknowledged_write() {
     eprintln!("  detect: {detect}; re-attach: {reattach}");
     eprintln!("test took {:.1} s", t.elapsed().as_secs_f64());
     // Nothing is left pinned for a device that is idle now except the driver's own queue.
-    assert!(m.iommu_entries() <= 2 + 32, "{} IOMMU entries left", m.iommu_entries());
+    assert!(
+        m.iommu_entries() <= 2 + 32,
+        "{} IOMMU entries left",
+        m.iommu_entries()
+    );
 }
 
 #[test]
@@ -168,7 +200,13 @@ fn a_hung_idd_misses_its_heartbeat_and_is_replaced() {
     assert_eq!(rs.len(), 3);
     for r in rs {
         eprintln!("{r}");
-        assert!(matches!(r.cause, Cause::Hung(d) if d >= Duration::from_millis(300)), "{r}");
-        assert!(r.detect >= Duration::from_millis(250), "detected before the deadline: {r}");
+        assert!(
+            matches!(r.cause, Cause::Hung(d) if d >= Duration::from_millis(300)),
+            "{r}"
+        );
+        assert!(
+            r.detect >= Duration::from_millis(250),
+            "detected before the deadline: {r}"
+        );
     }
 }

@@ -38,7 +38,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use devchan::platform::{Platform, PlatformError, Port};
 use device_manager::{fnv64, pattern, BLOCK, VBD_DEVID};
-use guest_frontends::blkfront::{BlkError, BlkFront, BlkFrontConfig, EventWait, FrontStore, StoreError};
+use guest_frontends::blkfront::{
+    BlkError, BlkFront, BlkFrontConfig, EventWait, FrontStore, StoreError,
+};
 use guest_frontends::nbd::{self, Export};
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
@@ -104,7 +106,10 @@ impl FrontStore for Store {
             return Ok(v);
         }
         Ok(v.map(|v| {
-            let n: u64 = std::str::from_utf8(&v).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+            let n: u64 = std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
             (n + self.extra_sectors).to_string().into_bytes()
         }))
     }
@@ -119,7 +124,8 @@ impl FrontStore for Store {
 type Front = BlkFront<ProcessPlatform, Store>;
 
 fn connect(extra_sectors: u64) -> Result<Front> {
-    let (platform, _report) = ProcessPlatform::enter(SandboxConfig::default()).context("sandbox")?;
+    let (platform, _report) =
+        ProcessPlatform::enter(SandboxConfig::default()).context("sandbox")?;
     connect_entered(platform, extra_sectors)
 }
 
@@ -192,16 +198,28 @@ fn workload(secs: f64, blocks: u64, seed: u64, depth: usize, probe_oob: bool) ->
                 version[i] += 1;
                 let data = pattern(seed, block, version[i]);
                 let token = f.submit_write(block * spb, data).context("submit write")?;
-                Op { token, block, write: Some(version[i]) }
+                Op {
+                    token,
+                    block,
+                    write: Some(version[i]),
+                }
             } else {
                 let token = f.submit_read(block * spb, BLOCK).context("submit read")?;
-                Op { token, block, write: None }
+                Op {
+                    token,
+                    block,
+                    write: None,
+                }
             };
             inflight.push_back(op);
         }
         // Complete in submission order (the frontend keeps later results until asked).
-        let Some(op) = inflight.pop_front() else { continue };
-        let data = f.wait(op.token).with_context(|| format!("block {}", op.block))?;
+        let Some(op) = inflight.pop_front() else {
+            continue;
+        };
+        let data = f
+            .wait(op.token)
+            .with_context(|| format!("block {}", op.block))?;
         let gap = last_done.elapsed();
         max_gap = max_gap.max(gap);
         last_done = Instant::now();
@@ -266,7 +284,8 @@ fn workload(secs: f64, blocks: u64, seed: u64, depth: usize, probe_oob: bool) ->
 
 fn nbd_export(socket: &std::path::Path) -> Result<()> {
     let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
     let mut sandbox = SandboxConfig::default();
     sandbox.keep_fds.push(listener.as_raw_fd());
     let (platform, _report) = ProcessPlatform::enter(sandbox).context("sandbox")?;

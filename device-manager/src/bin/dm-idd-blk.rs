@@ -35,11 +35,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use device_manager::layout::{DRIVER_FRAMES, JOURNAL_FIRST_FRAME, SCRATCH_FRAME};
+use device_manager::remote_io::ManagedIo;
 use device_manager::toolstack::ChannelSpec;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
 use idd_blk::blkback::{BackendConfig, Blkback};
-use device_manager::remote_io::ManagedIo;
 use idd_blk::virtio::VirtioBlkDriver;
 
 /// Heartbeat period.
@@ -81,7 +81,8 @@ fn run(args: Args) -> Result<()> {
     sandbox.keep_fds.push(io.raw_fd());
     let (platform, _report) = ProcessPlatform::enter(sandbox).context("entering the sandbox")?;
     let platform = Arc::new(platform);
-    let driver = VirtioBlkDriver::probe(platform.clone(), io, DRIVER_FRAMES).context("virtio-blk probe")?;
+    let driver =
+        VirtioBlkDriver::probe(platform.clone(), io, DRIVER_FRAMES).context("virtio-blk probe")?;
     let mut back = Blkback::new(
         platform,
         driver,
@@ -100,7 +101,8 @@ fn run(args: Args) -> Result<()> {
     out.flush()?;
     let (mut beats, mut last, mut reported) = (0u64, Instant::now(), 0);
     loop {
-        back.run_once(Duration::from_millis(20)).context("serving")?;
+        back.run_once(Duration::from_millis(20))
+            .context("serving")?;
         let failed = back.failed();
         for (chan, _) in failed.iter().skip(reported) {
             writeln!(out, "failed {chan}")?;

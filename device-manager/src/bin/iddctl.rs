@@ -93,16 +93,38 @@ fn run(a: &RunArgs) -> Result<bool> {
     cfg.heartbeat = a.heartbeat_ms.map(Duration::from_millis);
     cfg.verbose = true;
     let mut m = Manager::start(&policy, cfg)?;
-    println!("== domain 0 up; xenstored at {}", m.xenstored_socket().display());
+    println!(
+        "== domain 0 up; xenstored at {}",
+        m.xenstored_socket().display()
+    );
     let (img, sectors) = m.image();
-    println!("== device: virtio-blk-pci, image {} ({sectors} sectors); IDD domain {}", img.display(), m.idd());
+    println!(
+        "== device: virtio-blk-pci, image {} ({sectors} sectors); IDD domain {}",
+        img.display(),
+        m.idd()
+    );
     let names: Vec<String> = m.guests().iter().map(|g| g.name.clone()).collect();
     for (i, n) in names.iter().enumerate() {
         let g = &m.guests()[i];
-        println!("   guest {n}: domain {}, region sectors {}+{}", g.domid, g.region.offset, g.region.sectors);
+        println!(
+            "   guest {n}: domain {}, region sectors {}+{}",
+            g.domid, g.region.offset, g.region.sectors
+        );
         let secs = a.secs.to_string();
         let seed = (i + 1).to_string();
-        m.start_guest(n, &["workload", "--secs", &secs, "--blocks", "256", "--seed", &seed, "--probe-oob"])?;
+        m.start_guest(
+            n,
+            &[
+                "workload",
+                "--secs",
+                &secs,
+                "--blocks",
+                "256",
+                "--seed",
+                &seed,
+                "--probe-oob",
+            ],
+        )?;
     }
     m.connect(Duration::from_secs(20))?;
     println!("== IDD serving {} guest disk(s)", names.len());
@@ -131,19 +153,34 @@ fn run(a: &RunArgs) -> Result<bool> {
     let mut ok = true;
     for n in &names {
         let (exit, lines) = m.wait_guest(n, Duration::from_secs(10))?;
-        let summary = lines.iter().rev().find(|l| l.starts_with("summary ")).cloned().unwrap_or_default();
+        let summary = lines
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("summary "))
+            .cloned()
+            .unwrap_or_default();
         println!("   guest {n}: {exit:?} {summary}");
         ok &= exit == ExitReport::Exited(0) && summary.contains(" mismatches=0 ");
     }
     if !m.failed_channels().is_empty() {
-        println!("   channels the IDD refused (corrupted rings): {:?}", m.failed_channels());
+        println!(
+            "   channels the IDD refused (corrupted rings): {:?}",
+            m.failed_channels()
+        );
     }
     let outages: Vec<Duration> = m.recoveries().iter().map(|r| r.outage()).collect();
     match Percentiles::of(&outages) {
         Some(p) => println!("== recoveries: {p}"),
         None => println!("== no recoveries"),
     }
-    println!("== {}", if ok { "OK: every acknowledged write read back" } else { "FAILED" });
+    println!(
+        "== {}",
+        if ok {
+            "OK: every acknowledged write read back"
+        } else {
+            "FAILED"
+        }
+    );
     Ok(ok)
 }
 
