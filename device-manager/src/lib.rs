@@ -35,6 +35,7 @@
 
 pub mod fault;
 pub mod manager;
+pub mod queue_fit;
 pub mod recovery;
 pub mod remote_io;
 pub mod toolstack;

@@ -147,6 +147,8 @@ pub struct Manager {
     idd: DomId,
     idd_proc: Option<IddProcess>,
     channels: Vec<ChannelSpec>,
+    /// The guest (index into `guests`) of each channel.
+    chan_guest: Vec<usize>,
     guests: Vec<GuestDisk>,
     heartbeat: Duration,
     max_restarts: u32,
@@ -155,6 +157,8 @@ pub struct Manager {
     recoveries: Vec<Recovery>,
     fault_at: Option<Instant>,
     failed_channels: Vec<usize>,
+    /// Failed channels already reconnected (by index at the time of failure).
+    reset_done: Vec<usize>,
     _dir: tempfile::TempDir,
 }
 
@@ -299,6 +303,7 @@ impl Manager {
             idd,
             idd_proc: None,
             channels: Vec::new(),
+            chan_guest: Vec::new(),
             guests,
             heartbeat,
             max_restarts: dev.restart.max_restarts,
@@ -307,6 +312,7 @@ impl Manager {
             recoveries: Vec::new(),
             fault_at: None,
             failed_channels: Vec::new(),
+            reset_done: Vec::new(),
             _dir: dir,
         })
     }
@@ -379,7 +385,8 @@ impl Manager {
     pub fn connect(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut channels = Vec::new();
-        for g in &mut self.guests {
+        let mut chan_guest = Vec::new();
+        for (gi, g) in self.guests.iter_mut().enumerate() {
             if g.process.is_none() {
                 continue;
             }
@@ -402,8 +409,10 @@ impl Manager {
                 region: g.region,
                 read_only: g.nodes.read_only,
             });
+            chan_guest.push(gi);
         }
         self.channels = channels;
+        self.chan_guest = chan_guest;
         self.spawn_idd()?;
         self.wait_ready(deadline.saturating_duration_since(Instant::now()))?;
         for g in &self.guests {
@@ -498,7 +507,7 @@ impl Manager {
                     .ring
                     .as_ref()
                     .context("that guest has no ring yet")?;
-                ring.corrupt()?;
+                ring.corrupt(Duration::from_millis(50))?;
                 return Ok(());
             }
         };
@@ -524,6 +533,15 @@ impl Manager {
         let until = Instant::now() + timeout;
         loop {
             self.drain_idd(Duration::ZERO, false)?;
+            if let Some(chan) = self
+                .failed_channels
+                .iter()
+                .copied()
+                .find(|c| !self.reset_done.contains(c))
+            {
+                self.reset_done.push(chan);
+                return self.reset_channel(chan, Duration::from_secs(20)).map(Some);
+            }
             let p = self.idd_proc.as_mut().context("no IDD process")?;
             let left = until.saturating_duration_since(Instant::now());
             let slice = left.min(Duration::from_millis(5));
@@ -637,6 +655,67 @@ impl Manager {
         }
         tracing::info!("{r}");
         self.recoveries.push(r.clone());
+        Ok(r)
+    }
+
+    /// Wait until the frontend state of guest `gi` is one of `want`.
+    fn wait_front(&mut self, gi: usize, want: &[XenbusState], deadline: Instant) -> Result<()> {
+        let key = format!(
+            "{}/state",
+            toolstack::front_dir(self.guests[gi].domid, VBD_DEVID)
+        );
+        loop {
+            let s = toolstack::read_state(&mut self.admin, &key);
+            if want.contains(&s) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "guest {}: frontend state {s}, waiting for {want:?}",
+                self.guests[gi].name
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The IDD refused channel `chan` (a corrupted ring): take the backend through
+    /// `Closing` → `Closed` → `InitWait` so the frontend drops that ring and publishes a new
+    /// one (blkfront's reconnect; it reissues what had no answer), then restart the IDD
+    /// process with the new ring (the other guests see a process restart).
+    pub fn reset_channel(&mut self, chan: usize, timeout: Duration) -> Result<Recovery> {
+        let t0 = Instant::now();
+        let deadline = t0 + timeout;
+        let gi = *self.chan_guest.get(chan).context("no such channel")?;
+        let nodes = self.guests[gi].nodes.clone();
+        toolstack::set_backend_state(&mut self.admin, &nodes, XenbusState::Closing)?;
+        self.wait_front(gi, &[XenbusState::Closed, XenbusState::Closing], deadline)?;
+        toolstack::set_backend_state(&mut self.admin, &nodes, XenbusState::Closed)?;
+        self.wait_front(
+            gi,
+            &[XenbusState::Initialising, XenbusState::Closed],
+            deadline,
+        )?;
+        toolstack::set_backend_state(&mut self.admin, &nodes, XenbusState::InitWait)?;
+        self.wait_front(gi, &[XenbusState::Initialised], deadline)?;
+        let (gref, port) = toolstack::frontend_ring(&mut self.admin, &nodes)?
+            .context("frontend Initialised without a ring")?;
+        self.guests[gi].ring = Some(RingView::new(self.sys.clone(), nodes.guest, gref));
+        self.channels[chan].ring_ref = gref;
+        self.channels[chan].port = port;
+        // The new ring goes to a new process (the channel list is its command line). The
+        // recovery's "detect" phase is the XenBus reconnect, from t0.
+        if let Some(p) = self.idd_proc.as_mut() {
+            p.run.kill()?;
+        }
+        self.fault_at = Some(t0);
+        let mut r = self.recover(Cause::Exited("restarted for a reconnected channel".into()))?;
+        toolstack::set_backend_state(&mut self.admin, &nodes, XenbusState::Connected)?;
+        self.failed_channels.retain(|c| *c != chan);
+        self.reset_done.retain(|c| *c != chan);
+        r.cause = Cause::Exited(format!("channel {chan} ring refused; frontend reconnected"));
+        if let Some(last) = self.recoveries.last_mut() {
+            last.cause = r.cause.clone();
+        }
         Ok(r)
     }
 

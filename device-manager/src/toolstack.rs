@@ -378,18 +378,26 @@ impl RingView {
     }
 
     /// Fault injection: make `req_prod` claim more requests than the ring holds, as a
-    /// corrupted or hostile frontend would.
-    pub fn corrupt(&self) -> Result<()> {
+    /// corrupted or hostile frontend would, and keep it so for `hold` (the real frontend
+    /// rewrites `req_prod` at its next push).
+    pub fn corrupt(&self, hold: std::time::Duration) -> Result<()> {
         let (d, frame) = self.frame()?;
-        let rsp = self.word(RSP_PROD)?;
-        let bogus = rsp.wrapping_add(10_000);
-        d.memory()
-            .write(frame, REQ_PROD, &bogus.to_le_bytes())
-            .map_err(|e| ToolstackError::Ring {
-                dom: self.guest,
-                gref: self.gref,
-                msg: e.to_string(),
-            })
+        let until = std::time::Instant::now() + hold;
+        loop {
+            let rsp = self.word(RSP_PROD)?;
+            let bogus = rsp.wrapping_add(10_000);
+            d.memory()
+                .write(frame, REQ_PROD, &bogus.to_le_bytes())
+                .map_err(|e| ToolstackError::Ring {
+                    dom: self.guest,
+                    gref: self.gref,
+                    msg: e.to_string(),
+                })?;
+            if std::time::Instant::now() >= until {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
     }
 }
 

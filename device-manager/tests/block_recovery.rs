@@ -210,3 +210,25 @@ fn a_hung_idd_misses_its_heartbeat_and_is_replaced() {
         );
     }
 }
+
+#[test]
+fn a_corrupted_ring_is_refused_and_its_guest_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path(), "2s");
+    let fault = Fault::Corrupt {
+        guest: "alice".into(),
+    };
+    let summaries = run(&mut m, "3", 1, &fault, Duration::from_millis(800));
+    check_data(&m, &summaries);
+    let rs = m.recoveries();
+    assert_eq!(rs.len(), 1, "{rs:?}");
+    eprintln!("{}", rs[0]);
+    assert!(
+        matches!(&rs[0].cause, Cause::Exited(s) if s.contains("ring refused")),
+        "{}",
+        rs[0]
+    );
+    // Alice reconnected once (a new ring); Bob only saw a process restart.
+    assert_eq!(field(&summaries[0], "reconnects"), "1", "{}", summaries[0]);
+    assert_eq!(field(&summaries[1], "reconnects"), "0", "{}", summaries[1]);
+}

@@ -72,6 +72,24 @@ enum Mode {
         #[arg(long)]
         probe_oob: bool,
     },
+    /// Throughput: one access pattern for a while, as fast as the frontend goes.
+    Bench {
+        /// `randread`, `randwrite`, `seqread` or `seqwrite`.
+        #[arg(long)]
+        pattern: String,
+        /// Bytes per operation (a multiple of 512).
+        #[arg(long, default_value_t = 4096)]
+        bs: usize,
+        /// Operations in flight.
+        #[arg(long, default_value_t = 16)]
+        depth: usize,
+        /// How long.
+        #[arg(long, default_value_t = 2.0)]
+        secs: f64,
+        /// Bytes of the disk used (from its start).
+        #[arg(long, default_value_t = 8 << 20)]
+        span: u64,
+    },
     /// Export the disk over NBD on a Unix socket.
     Nbd {
         /// Socket path.
@@ -282,6 +300,60 @@ fn workload(secs: f64, blocks: u64, seed: u64, depth: usize, probe_oob: bool) ->
     Ok(())
 }
 
+/// `blk-guest bench`: prints `result ops=N bytes=B secs=S`.
+fn bench(pattern: &str, bs: usize, depth: usize, secs: f64, span: u64) -> Result<()> {
+    let (random, write) = match pattern {
+        "randread" => (true, false),
+        "randwrite" => (true, true),
+        "seqread" => (false, false),
+        "seqwrite" => (false, true),
+        _ => bail!("unknown pattern {pattern}"),
+    };
+    if bs == 0 || bs % 512 != 0 || depth == 0 {
+        bail!("--bs must be a positive multiple of 512 and --depth positive");
+    }
+    let mut f = connect(0)?;
+    let span = span.min(f.capacity());
+    let slots = span / bs as u64;
+    if slots == 0 {
+        bail!("--span smaller than one operation");
+    }
+    let spo = bs as u64 / 512;
+    let data = vec![0xa5u8; bs];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = 0u64;
+    let mut inflight = VecDeque::new();
+    let (mut ops, mut bytes) = (0u64, 0u64);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    while Instant::now() < end || !inflight.is_empty() {
+        while Instant::now() < end && inflight.len() < depth {
+            let slot = if random {
+                xorshift(&mut rng) % slots
+            } else {
+                next = (next + 1) % slots;
+                next
+            };
+            let t = if write {
+                f.submit_write(slot * spo, data.clone())?
+            } else {
+                f.submit_read(slot * spo, bs)?
+            };
+            inflight.push_back(t);
+        }
+        if let Some(t) = inflight.pop_front() {
+            f.wait(t)?;
+            ops += 1;
+            bytes += bs as u64;
+        }
+    }
+    println!(
+        "result ops={ops} bytes={bytes} secs={:.6}",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn nbd_export(socket: &std::path::Path) -> Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener =
@@ -312,6 +384,13 @@ fn main() -> ExitCode {
             depth,
             probe_oob,
         } => workload(secs, blocks, seed, depth, probe_oob),
+        Mode::Bench {
+            pattern,
+            bs,
+            depth,
+            secs,
+            span,
+        } => bench(&pattern, bs, depth, secs, span),
         Mode::Nbd { socket } => nbd_export(&socket),
     };
     match r {

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use device_manager::layout::{DRIVER_FRAMES, JOURNAL_FIRST_FRAME, SCRATCH_FRAME};
+use device_manager::queue_fit::QueueFit;
 use device_manager::remote_io::ManagedIo;
 use device_manager::toolstack::ChannelSpec;
 use hypervisor::process::ProcessPlatform;
@@ -85,7 +86,7 @@ fn run(args: Args) -> Result<()> {
         VirtioBlkDriver::probe(platform.clone(), io, DRIVER_FRAMES).context("virtio-blk probe")?;
     let mut back = Blkback::new(
         platform,
-        driver,
+        QueueFit::new(driver),
         BackendConfig {
             batch: args.batch,
             scratch_frame: SCRATCH_FRAME,
