@@ -6,16 +6,16 @@
 //! file and renders them like a compiler does, through `codespan-reporting`:
 //!
 //! ```text
-//! error: region overlaps a writable region of `disk0`
-//!   ┌─ two-guests.toml:18:10
+//! error: Region of `bob` overlaps the region of `alice` on `disk0`
+//!    ┌─ my-policy.toml:13:38
 //!    │
-//! 12 │ offset = "0"
-//!    │          --- `alice`'s region is here
+//!  9 │ disk = [{ device = "disk0", length = "40MiB" }]
+//!    │                                      ------- `alice`'s region (0..40MiB, writable)
 //!    ·
-//! 18 │ offset = "16MiB"
-//!    │          ^^^^^^^ this region
+//! 13 │ disk = [{ device = "disk0", offset = "32MiB" }]
+//!    │                                      ^^^^^^^
 //!    │
-//!    = hint: give each writer its own range, or make both read-only
+//!    = hint: writable regions of one disk must not overlap (read-only regions may overlap each other)
 //! ```
 
 use std::fmt;

@@ -131,6 +131,7 @@ pub const ROOT_KEYS: &[&str] = &["restart", "device", "guest"];
 /// When and how a driver domain is restarted.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Restart")]
 pub struct RawRestart {
     /// Restarts allowed within `window` before the device is marked failed (default 10).
     #[schemars(with = "Option<u32>")]
@@ -149,6 +150,7 @@ pub const RESTART_KEYS: &[&str] = &["max_restarts", "window", "heartbeat"];
 /// One `[[device]]`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Device")]
 pub struct RawDevice {
     /// Unique device name, used by guests' access entries.
     #[schemars(with = "String")]
@@ -198,6 +200,7 @@ pub const DEVICE_KEYS: &[&str] = &[
 /// One `[[guest]]`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Guest")]
 pub struct RawGuest {
     /// Unique guest name.
     #[schemars(with = "String")]
@@ -221,6 +224,7 @@ pub const GUEST_KEYS: &[&str] = &["name", "kind", "net", "disk"];
 /// One `[[guest.net]]`: a NIC on a virtio-net device.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "NetAccess")]
 pub struct RawNetAccess {
     /// The virtio-net device's name.
     #[schemars(with = "String")]
@@ -245,6 +249,7 @@ pub const NET_KEYS: &[&str] = &["device", "mac", "ips", "share"];
 /// One `[[guest.disk]]`: a region of a virtio-blk device.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "DiskAccess")]
 pub struct RawDiskAccess {
     /// The virtio-blk device's name.
     #[schemars(with = "String")]

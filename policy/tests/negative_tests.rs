@@ -224,7 +224,10 @@ disk = [{ device = "disk0", offset = "32MiB", read_only = RO_B }]
     // Both read-only: allowed.
     Policy::parse(&case(true, true), "t.toml").unwrap();
     let e = Policy::parse(&case(false, false), "t.toml").unwrap_err();
-    assert_eq!(e.diagnostics[0].related[0].1, "`a`'s region (0, writable)");
+    assert_eq!(
+        e.diagnostics[0].related[0].1,
+        "`a`'s region (0..40MiB, writable)"
+    );
 }
 
 #[test]
@@ -308,4 +311,19 @@ fn all_errors_are_collected_in_source_order() {
     assert_eq!(got, sorted);
     let r = Policy::parse(&text, "t.toml").unwrap_err().render();
     assert!(r.ends_with("6 error(s) in t.toml\n"), "{r}");
+}
+
+#[test]
+fn bad_addresses_and_names() {
+    let text = DEVICES.replace("wire = \"udp\"", "wire = \"udp\"\npeer = \"localhost:7000\"")
+        + "[[device]]\nname = \"tap\"\nkind = \"virtio-net\"\nwire = \"tap\"\nifname = \"a/b\"\n"
+        + "[[guest]]\nname = \"g\"\nnet = [{ device = \"net0\", ips = [\"10.0.0.1\", \"10.0.0.300\", \"fd00::/64\"] }]\n";
+    assert_eq!(
+        errs(&text),
+        [
+            (K::BadValue, 11, 8),
+            (K::BadValue, 16, 10),
+            (K::BadValue, 19, 46)
+        ]
+    );
 }

@@ -1,27 +1,4 @@
-//! From TOML text to a validated [`Policy`], collecting every problem.
-//!
-//! Three passes, each collecting all it finds:
-//!
-//! 1. TOML syntax (`toml`'s recoverable parser). Syntax errors stop here: checking a half-read
-//!    file would report problems that are not there.
-//! 2. Shape: unknown keys anywhere (all of them, with a did-you-mean hint; they are then dropped
-//!    so the rest can be checked), `device`/`guest` written as tables instead of arrays of
-//!    tables, then each `[[device]]`, `[[guest]]` and `[restart]` deserialized on its own, so a
-//!    wrong type in one entry does not hide problems in the others.
-//! 3. Meaning: names, kinds, units, MACs, addresses, regions, shares.
-//!
-//! ## Rules
-//!
-//! * Device names are unique, guest names are unique (the two are separate namespaces).
-//! * A `[[guest.net]]` names a virtio-net device, a `[[guest.disk]]` a virtio-blk device.
-//! * MACs are unique across the whole file, unicast (bit 0 of the first octet clear) and not
-//!   all-zero. Omitted MACs are generated as `02:1d:d0:DD:GG:NN` (device, guest, NIC index).
-//! * Regions are whole 512-byte sectors, non-empty and inside the disk. Two regions of one disk
-//!   may overlap only if **both** are read-only (a shared base image): a writer under a reader
-//!   would change data the reader's cache believes stable, and two writers corrupt each other.
-//! * The explicit shares on one net device add up to at most its link (default 1 Gbit/s); a NIC
-//!   without a share is unlimited and is not counted.
-//! * A device is either emulated (`image` for blk, `wire` for net) or passed through (`pci`).
+//! Pass 3: the meaning of the typed entries (names, kinds, units, MACs, regions, shares).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -29,222 +6,18 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 use ipnet::IpNet;
-use serde::Deserialize;
-use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+use super::values::{parse_mac, parse_pci, valid_ifname};
+use super::{did_you_mean, DEFAULT_LINK, DEFAULT_UDP_BIND};
 use crate::diag::{ErrorKind as K, Sink};
 use crate::model::*;
 use crate::raw::*;
 use crate::units::{self, Rate, Share};
 
-/// The default link speed of a net device.
-pub const DEFAULT_LINK: Rate = Rate {
-    bits_per_sec: 1_000_000_000,
-};
-/// The default local address of a UDP wire.
-pub const DEFAULT_UDP_BIND: &str = "127.0.0.1:0";
-
-fn did_you_mean(word: &str, known: &[&str]) -> String {
-    let best = known
-        .iter()
-        .map(|k| (strsim::levenshtein(word, k), *k))
-        .min()
-        .filter(|(d, k)| *d <= 2 || k.contains(word) || word.contains(k));
-    let list = known.join(", ");
-    match best {
-        Some((_, k)) => format!("did you mean `{k}`? keys here: {list}"),
-        None => format!("keys here: {list}"),
-    }
-}
-
-/// Drops (and reports) every key of `table` not in `known`.
-fn check_keys(sink: &mut Sink<'_>, table: &mut DeTable<'_>, known: &[&str], what: &str) {
-    for (k, v) in std::mem::take(table) {
-        let key: &str = k.get_ref();
-        if known.contains(&key) {
-            table.insert(k, v);
-        } else {
-            sink.error(
-                K::UnknownKey,
-                k.span(),
-                format!("Unknown key `{key}` in {what}"),
-                Some(did_you_mean(key, known)),
-            );
-        }
-    }
-}
-
-/// Checks keys in the sub-table or array of sub-tables under `key`.
-fn check_sub(sink: &mut Sink<'_>, table: &mut DeTable<'_>, key: &str, known: &[&str], what: &str) {
-    for (k, v) in table.iter_mut() {
-        if k.get_ref().as_ref() != key {
-            continue;
-        }
-        match v.get_mut() {
-            DeValue::Table(t) => check_keys(sink, t, known, what),
-            DeValue::Array(a) => {
-                for e in a.iter_mut() {
-                    if let DeValue::Table(t) = e.get_mut() {
-                        check_keys(sink, t, known, what);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Splits a top-level `[[name]]` value into its tables, reporting other shapes.
-fn tables<'i>(
-    sink: &mut Sink<'_>,
-    key: &str,
-    v: Spanned<DeValue<'i>>,
-) -> Vec<Spanned<DeTable<'i>>> {
-    let span = v.span();
-    match v.into_inner() {
-        DeValue::Array(a) => {
-            let mut out = Vec::new();
-            for e in a.into_iter() {
-                let s = e.span();
-                match e.into_inner() {
-                    DeValue::Table(t) => out.push(Spanned::new(s, t)),
-                    _ => {
-                        sink.error(
-                            K::Type,
-                            s,
-                            format!("Each `{key}` must be a table"),
-                            Some(format!("write a [[{key}]] section")),
-                        );
-                    }
-                }
-            }
-            out
-        }
-        _ => {
-            sink.error(
-                K::Type,
-                span,
-                format!("`{key}` must be a list of tables"),
-                Some(format!("write [[{key}]] (two brackets), once per {key}")),
-            );
-            Vec::new()
-        }
-    }
-}
-
-/// The string value of `name` in a table, if any (to know the names of entries that failed).
-fn name_of(t: &DeTable<'_>) -> Option<String> {
-    t.iter()
-        .find(|(k, _)| k.get_ref().as_ref() == "name")
-        .and_then(|(_, v)| v.get_ref().as_str().map(str::to_owned))
-}
-
-fn typed<'de, T: Deserialize<'de>>(
-    sink: &mut Sink<'_>,
-    t: Spanned<DeTable<'de>>,
-) -> Option<Spanned<T>> {
-    let span = t.span();
-    match T::deserialize(toml::de::Deserializer::from(t)) {
-        Ok(v) => Some(Spanned::new(span, v)),
-        Err(e) => {
-            let at = e.span().unwrap_or(span);
-            sink.error(
-                K::Type,
-                at,
-                capitalise(e.message().trim()),
-                Some("see the examples in policy/examples/ or the JSON Schema".into()),
-            );
-            None
-        }
-    }
-}
-
-fn capitalise(s: &str) -> String {
-    let mut c = s.chars();
-    c.next()
-        .map(|f| f.to_uppercase().chain(c).collect())
-        .unwrap_or_default()
-}
-
-/// Parses and validates `text`; on failure the sink holds every problem.
-pub(crate) fn parse(sink: &mut Sink<'_>, text: &str) -> Option<Policy> {
-    let (root, errs) = DeTable::parse_recoverable(text);
-    if !errs.is_empty() {
-        for e in errs {
-            let at = e.span().unwrap_or(0..0);
-            sink.error(
-                K::Syntax,
-                at,
-                capitalise(e.message().trim()),
-                Some("this is not valid TOML; see https://toml.io".into()),
-            );
-        }
-        return None;
-    }
-    let (mut devices, mut guests, mut restart) = (Vec::new(), Vec::new(), None);
-    let mut root = root.into_inner();
-    check_keys(sink, &mut root, ROOT_KEYS, "the top level");
-    for (k, v) in root {
-        match k.get_ref().as_ref() {
-            "device" => devices = tables(sink, "device", v),
-            "guest" => guests = tables(sink, "guest", v),
-            _ => {
-                let span = v.span();
-                match v.into_inner() {
-                    DeValue::Table(mut t) => {
-                        check_keys(sink, &mut t, RESTART_KEYS, "[restart]");
-                        restart = Some(Spanned::new(span, t));
-                    }
-                    _ => {
-                        sink.error(
-                            K::Type,
-                            span,
-                            "`restart` must be a table",
-                            Some("write a [restart] section".into()),
-                        );
-                    }
-                }
-            }
-        }
-    }
-    let mut broken = HashSet::new();
-    let mut raw_devices = Vec::new();
-    for mut t in devices {
-        check_keys(sink, t.get_mut(), DEVICE_KEYS, "[[device]]");
-        check_sub(
-            sink,
-            t.get_mut(),
-            "restart",
-            RESTART_KEYS,
-            "[device.restart]",
-        );
-        let name = name_of(t.get_ref());
-        match typed::<RawDevice>(sink, t) {
-            Some(d) => raw_devices.push(d),
-            None => broken.extend(name),
-        }
-    }
-    let mut raw_guests = Vec::new();
-    for mut t in guests {
-        check_keys(sink, t.get_mut(), GUEST_KEYS, "[[guest]]");
-        check_sub(sink, t.get_mut(), "net", NET_KEYS, "[[guest.net]]");
-        check_sub(sink, t.get_mut(), "disk", DISK_KEYS, "[[guest.disk]]");
-        raw_guests.extend(typed::<RawGuest>(sink, t));
-    }
-    let top_restart = restart.and_then(|t| typed::<RawRestart>(sink, t));
-    let mut v = Validator { sink, broken };
-    let policy = v.policy(
-        top_restart.as_ref().map(Spanned::get_ref),
-        &raw_devices,
-        &raw_guests,
-    );
-    Some(policy)
-}
-
-struct Validator<'s, 'a> {
-    sink: &'s mut Sink<'a>,
-    broken: HashSet<String>,
+pub(super) struct Validator<'s, 'a> {
+    pub(super) sink: &'s mut Sink<'a>,
+    pub(super) broken: HashSet<String>,
 }
 
 /// A region as declared, for the overlap check.
@@ -517,19 +290,19 @@ impl<'s, 'a> Validator<'s, 'a> {
     }
 
     /// Looks up an access entry's device and checks its kind.
-    fn lookup<'p>(
+    fn lookup(
         &mut self,
-        devices: &'p HashMap<String, (usize, Device)>,
+        devices: &HashMap<String, (usize, DeviceKind)>,
         dev: &Spanned<String>,
         want: DeviceKind,
         section: &str,
-    ) -> Option<&'p (usize, Device)> {
+    ) -> Option<usize> {
         let name = dev.get_ref();
         let Some(found) = devices.get(name) else {
             if !self.broken.contains(name) {
                 let mut known: Vec<&str> = devices
                     .iter()
-                    .filter(|(_, (_, d))| d.kind() == want)
+                    .filter(|(_, (_, k))| *k == want)
                     .map(|(n, _)| n.as_str())
                     .collect();
                 known.sort_unstable();
@@ -551,7 +324,7 @@ impl<'s, 'a> Validator<'s, 'a> {
             }
             return None;
         };
-        if found.1.kind() != want {
+        if found.1 != want {
             let other = if want == DeviceKind::VirtioBlk {
                 "[[guest.net]]"
             } else {
@@ -562,7 +335,7 @@ impl<'s, 'a> Validator<'s, 'a> {
                 dev.span(),
                 format!(
                     "`{name}` is a {} device, but {section} needs a {} device",
-                    found.1.kind().as_str(),
+                    found.1.as_str(),
                     want.as_str()
                 ),
                 format!(
@@ -572,10 +345,10 @@ impl<'s, 'a> Validator<'s, 'a> {
             );
             return None;
         }
-        Some(found)
+        Some(found.0)
     }
 
-    fn policy(
+    pub(super) fn policy(
         &mut self,
         top: Option<&RawRestart>,
         raw_devices: &[Spanned<RawDevice>],
@@ -584,6 +357,7 @@ impl<'s, 'a> Validator<'s, 'a> {
         let restart = self.restart(RestartPolicy::default(), top);
         let mut devices = Vec::new();
         let mut by_name: HashMap<String, (usize, Device)> = HashMap::new();
+        let mut kinds: HashMap<String, (usize, DeviceKind)> = HashMap::new();
         let mut name_spans: HashMap<String, Range<usize>> = HashMap::new();
         for (idx, d) in raw_devices.iter().enumerate() {
             let d = d.get_ref();
@@ -600,14 +374,10 @@ impl<'s, 'a> Validator<'s, 'a> {
                 continue;
             }
             name_spans.insert(name.clone(), d.name.span());
-            match self.device(d, restart) {
-                Some(dev) => {
-                    by_name.insert(name.clone(), (idx, dev.clone()));
-                    devices.push(dev);
-                }
-                None => {
-                    self.broken.insert(name.clone());
-                }
+            kinds.insert(name.clone(), (idx, *d.kind.get_ref()));
+            if let Some(dev) = self.device(d, restart) {
+                by_name.insert(name.clone(), (idx, dev.clone()));
+                devices.push(dev);
             }
         }
         let mut guests = Vec::new();
@@ -633,8 +403,8 @@ impl<'s, 'a> Validator<'s, 'a> {
             let mut net = Vec::new();
             for (nidx, n) in g.net.iter().enumerate() {
                 let n = n.get_ref();
-                let Some((didx, _)) =
-                    self.lookup(&by_name, &n.device, DeviceKind::VirtioNet, "[[guest.net]]")
+                let Some(didx) =
+                    self.lookup(&kinds, &n.device, DeviceKind::VirtioNet, "[[guest.net]]")
                 else {
                     continue;
                 };
@@ -646,7 +416,7 @@ impl<'s, 'a> Validator<'s, 'a> {
                             (None, m.span())
                         }
                     },
-                    None => match (u8::try_from(*didx), u8::try_from(gidx), u8::try_from(nidx)) {
+                    None => match (u8::try_from(didx), u8::try_from(gidx), u8::try_from(nidx)) {
                         (Ok(d), Ok(gi), Ok(ni)) => (
                             Some(MacAddr([0x02, 0x1d, 0xd0, d, gi, ni])),
                             n.device.span(),
@@ -719,9 +489,16 @@ impl<'s, 'a> Validator<'s, 'a> {
             let mut disk = Vec::new();
             for a in &g.disk {
                 let a = a.get_ref();
-                let Some((_, dev)) =
-                    self.lookup(&by_name, &a.device, DeviceKind::VirtioBlk, "[[guest.disk]]")
-                else {
+                if self
+                    .lookup(&kinds, &a.device, DeviceKind::VirtioBlk, "[[guest.disk]]")
+                    .is_none()
+                {
+                    continue;
+                }
+                // A disk with its own errors has no trusted size: check the units only.
+                let Some((_, dev)) = by_name.get(a.device.get_ref()) else {
+                    let _ = a.offset.as_ref().map(|o| self.size(o));
+                    let _ = a.length.as_ref().map(|l| self.size(l));
                     continue;
                 };
                 let DeviceSpec::Blk { size, .. } = dev.spec else {
@@ -893,125 +670,19 @@ impl<'s, 'a> Validator<'s, 'a> {
                         "writable regions of one disk must not overlap (read-only regions may overlap each other)",
                     )
                     .related
-                    .push((a.span.clone(), format!("`{}`'s region ({}{})", a.guest, units::format_size(a.region.offset), if a.read_only { ", read-only" } else { ", writable" })));
+                    .push((a.span.clone(), format!(
+                        "`{}`'s region ({}..{}, {})",
+                        a.guest,
+                        units::format_size(a.region.offset),
+                        units::format_size(a.region.end()),
+                        if a.read_only { "read-only" } else { "writable" }
+                    )));
                 }
             }
         }
     }
 }
 
-/// Parses a MAC written as six hex pairs separated by `:` or `-`; says why not.
-pub fn parse_mac(s: &str) -> Result<MacAddr, &'static str> {
-    let parts: Vec<&str> = s.split([':', '-']).collect();
-    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
-        return Err("is not a MAC address (six hex pairs such as 02:00:00:00:00:01)");
-    }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(&parts) {
-        *b = u8::from_str_radix(p, 16).map_err(|_| "has a pair that is not hex")?;
-    }
-    if mac == [0; 6] {
-        return Err("is the all-zero MAC");
-    }
-    if mac[0] & 1 != 0 {
-        return Err("is a multicast MAC (bit 0 of the first octet is set)");
-    }
-    Ok(MacAddr(mac))
-}
-
-/// Parses `dddd:bb:dd.f` (hex; the domain may be left out).
-pub fn parse_pci(s: &str) -> Option<PciAddress> {
-    let (rest, function) = s.rsplit_once('.')?;
-    let parts: Vec<&str> = rest.split(':').collect();
-    let (domain, bus, device) = match parts.as_slice() {
-        [d, b, v] => (*d, *b, *v),
-        [b, v] => ("0", *b, *v),
-        _ => return None,
-    };
-    let hex = |x: &str, max: usize| {
-        (!x.is_empty() && x.len() <= max)
-            .then(|| u32::from_str_radix(x, 16).ok())
-            .flatten()
-    };
-    let device = u8::try_from(hex(device, 2)?).ok().filter(|&d| d < 32)?;
-    let function = u8::try_from(hex(function, 1)?).ok().filter(|&f| f < 8)?;
-    Some(PciAddress {
-        domain: u16::try_from(hex(domain, 4)?).ok()?,
-        bus: u8::try_from(hex(bus, 2)?).ok()?,
-        device,
-        function,
-    })
-}
-
 fn span<T>(f: &Option<Spanned<T>>) -> Option<Range<usize>> {
     f.as_ref().map(Spanned::span)
-}
-
-fn valid_ifname(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 15
-        && s != "."
-        && s != ".."
-        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn macs() {
-        assert_eq!(
-            parse_mac("02:00:00:00:00:01"),
-            Ok(MacAddr([2, 0, 0, 0, 0, 1]))
-        );
-        assert_eq!(
-            parse_mac("02-AB-00-00-00-01"),
-            Ok(MacAddr([2, 0xab, 0, 0, 0, 1]))
-        );
-        assert!(parse_mac("01:00:5e:00:00:01")
-            .unwrap_err()
-            .contains("multicast"));
-        assert!(parse_mac("ff:ff:ff:ff:ff:ff")
-            .unwrap_err()
-            .contains("multicast"));
-        assert!(parse_mac("00:00:00:00:00:00")
-            .unwrap_err()
-            .contains("all-zero"));
-        assert!(parse_mac("02:00:00:00:00").is_err());
-        assert!(parse_mac("02:00:00:00:00:zz").is_err());
-    }
-
-    #[test]
-    fn pci_addresses() {
-        assert_eq!(
-            parse_pci("0000:00:04.0"),
-            Some(PciAddress {
-                domain: 0,
-                bus: 0,
-                device: 4,
-                function: 0
-            })
-        );
-        assert_eq!(
-            parse_pci("01:1f.7"),
-            Some(PciAddress {
-                domain: 0,
-                bus: 1,
-                device: 0x1f,
-                function: 7
-            })
-        );
-        assert_eq!(parse_pci("0000:00:20.0"), None, "device 32");
-        assert_eq!(parse_pci("0000:00:04.8"), None, "function 8");
-        assert_eq!(parse_pci("00:04"), None);
-    }
-
-    #[test]
-    fn ifnames() {
-        assert!(valid_ifname("tap0"));
-        assert!(!valid_ifname("a-very-long-interface"));
-        assert!(!valid_ifname("a/b"));
-        assert!(!valid_ifname(""));
-    }
 }
