@@ -7,6 +7,7 @@ need=()
 [ -f /usr/include/xen/grant_table.h ] || need+=(libxen-dev)
 command -v xenstore-read >/dev/null 2>&1 || need+=(xenstore-utils)
 command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin)
+command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 [ -f /usr/share/misc/pci.ids ] || need+=(pci.ids)
 

@@ -13,7 +13,9 @@ use std::sync::Mutex;
 use devchan::blkif::SECTOR_SIZE;
 use devchan::platform::Platform;
 
+use crate::blkfront::shadow::Token;
 use crate::blkfront::{BlkError, BlkFront, FrontStore};
+use std::time::{Duration, Instant};
 
 /// Why a block operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +183,38 @@ fn us(x: u64) -> DevResult<usize> {
     })
 }
 
+/// Run one operation on a shared frontend: submit it under the lock, then take turns driving
+/// the ring (each turn holds the lock for at most one event wait) until its result is there.
+/// Several threads' requests are on the ring together, so the queue depth is the number of
+/// users (NBD connections), not 1.
+fn run_op<P: Platform, S: FrontStore>(
+    m: &Mutex<BlkFront<P, S>>,
+    submit: impl FnOnce(&mut BlkFront<P, S>) -> Result<Token, BlkError>,
+) -> DevResult<Vec<u8>> {
+    let lock = || m.lock().unwrap_or_else(|p| p.into_inner());
+    let (token, timeout) = {
+        let mut f = lock();
+        (submit(&mut f).map_err(blk)?, f.config().io_timeout)
+    };
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let mut f = lock();
+        if let Some(r) = f.take(token) {
+            return r.map_err(blk);
+        }
+        if !f.is_pending(token) {
+            return Err(blk(BlkError::UnknownToken(token)));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            f.cancel(token);
+            return Err(blk(BlkError::TimedOut));
+        }
+        f.poll(Duration::ZERO).map_err(blk)?;
+        drop(f);
+        std::thread::yield_now();
+    }
+}
+
 impl<P: Platform, S: FrontStore> BlockDevice for Mutex<BlkFront<P, S>> {
     fn size(&self) -> u64 {
         self.lock().unwrap_or_else(|p| p.into_inner()).capacity()
@@ -197,28 +231,25 @@ impl<P: Platform, S: FrontStore> BlockDevice for Mutex<BlkFront<P, S>> {
         f.backend_info().is_some_and(|i| i.discard)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> DevResult<()> {
-        let mut f = self.lock().unwrap_or_else(|p| p.into_inner());
-        check(f.capacity(), offset, buf.len() as u64)?;
+        check(self.size(), offset, buf.len() as u64)?;
         let start = offset / SECTOR * SECTOR;
         let end = (offset + buf.len() as u64).div_ceil(SECTOR) * SECTOR;
-        if start == offset && end == offset + buf.len() as u64 {
-            return f.read(offset / SECTOR, buf).map_err(blk);
-        }
-        let mut tmp = vec![0u8; us(end - start)?];
-        f.read(start / SECTOR, &mut tmp).map_err(blk)?;
+        let len = us(end - start)?;
+        let data = run_op(self, |f| f.submit_read(start / SECTOR, len))?;
         let skip = us(offset - start)?;
-        buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
+        buf.copy_from_slice(&data[skip..skip + buf.len()]);
         Ok(())
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> DevResult<()> {
-        let mut f = self.lock().unwrap_or_else(|p| p.into_inner());
-        check(f.capacity(), offset, data.len() as u64)?;
+        check(self.size(), offset, data.len() as u64)?;
         let start = offset / SECTOR * SECTOR;
         let end = (offset + data.len() as u64).div_ceil(SECTOR) * SECTOR;
         if start == offset && end == offset + data.len() as u64 {
-            return f.write(offset / SECTOR, data).map_err(blk);
+            return run_op(self, |f| f.submit_write(offset / SECTOR, data.to_vec())).map(drop);
         }
-        // Read-modify-write the partial sectors, under the lock so no other user interleaves.
+        // Read-modify-write the partial sectors, all under the lock so that no other user's
+        // write to the same sectors can land between the read and the write.
+        let mut f = self.lock().unwrap_or_else(|p| p.into_inner());
         let mut tmp = vec![0u8; us(end - start)?];
         f.read(start / SECTOR, &mut tmp).map_err(blk)?;
         let skip = us(offset - start)?;
@@ -226,21 +257,17 @@ impl<P: Platform, S: FrontStore> BlockDevice for Mutex<BlkFront<P, S>> {
         f.write(start / SECTOR, &tmp).map_err(blk)
     }
     fn flush(&self) -> DevResult<()> {
-        self.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .flush()
-            .map_err(blk)
+        run_op(self, BlkFront::submit_flush).map(drop)
     }
     fn trim(&self, offset: u64, len: u64) -> DevResult<()> {
-        let mut f = self.lock().unwrap_or_else(|p| p.into_inner());
-        check(f.capacity(), offset, len)?;
+        check(self.size(), offset, len)?;
         // Only whole sectors inside the range may be discarded.
         let start = offset.div_ceil(SECTOR);
         let end = (offset + len) / SECTOR;
         if end <= start {
             return Ok(());
         }
-        f.discard(start, end - start, false).map_err(blk)
+        run_op(self, |f| f.submit_discard(start, end - start, false)).map(drop)
     }
 }
 

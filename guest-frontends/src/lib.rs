@@ -8,7 +8,16 @@
 //! * [`block`]: the [`block::BlockDevice`] trait the adapters export (blkfront, a plain file).
 //! * [`nbd`]: an NBD server (fixed newstyle handshake, simple replies) on a Unix socket, so
 //!   `qemu-io`, `qemu-img` and `nbdcopy` can use a guest's disk.
-//! * [`fuzzing`]: fuzz target bodies (NBD request parsing), also run by the unit tests.
+//! * [`fuzzing`]: fuzz target bodies (NBD sessions, the shadow table), also run by the unit
+//!   tests; `guest-frontends/fuzz` is the cargo-fuzz crate.
+//!
+//! The `blkfront-domain` program runs blkfront in a sandboxed process domain (XenStore over
+//! its ring, events through `hypervisor::store_link::EventMux`) with a verifying workload.
+//!
+//! Tests: `tests/nbd_clients.rs` (qemu-io, qemu-img, nbdcopy, nbdinfo against a file export),
+//! `tests/blkfront_blkback.rs` (blkfront against the real blkback, including reconnects and a
+//! hostile backend, and the NBD clients end to end), `tests/process_domain.rs` (blkfront in a
+//! process domain across an IDD crash).
 
 pub mod blkfront;
 pub mod block;

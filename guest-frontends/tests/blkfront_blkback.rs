@@ -11,14 +11,11 @@
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devchan::grant::DomId;
-use devchan::xenbus::{Action, Handshake, Role, XenbusState};
-use devchan::xenstore::client::NO_TX;
 use devchan::xenstore::Client;
-use guest_frontends::blkfront::{BlkFront, BlkFrontConfig};
+use guest_frontends::blkfront::{BlkFront, BlkFrontConfig, Stats};
 use guest_frontends::block::BlockDevice;
 use guest_frontends::nbd::{Export, NbdServer};
 use hypervisor::domain::DomainConfig;
@@ -26,13 +23,10 @@ use hypervisor::local::LocalPlatform;
 use hypervisor::system::System;
 use hypervisor::xenstored::socket::{self, ServerHandle, SocketServer};
 use hypervisor::xenstored::Xenstored;
-use idd_blk::blkback::{BackendConfig, Blkback, ChannelConfig, Region};
-use idd_blk::device::FileDevice;
-use iospace::iommu::Iommu;
 use std::os::unix::net::UnixStream;
 
-const DEVID: u16 = 51712;
-const SECTORS: u64 = 8192; // 4 MiB
+mod common;
+use common::*;
 
 struct World {
     sys: Arc<System>,
@@ -85,56 +79,13 @@ impl World {
         socket::connect(self.xs.path()).unwrap()
     }
 
-    fn front_dir(&self) -> String {
-        format!("/local/domain/{}/device/vbd/{DEVID}", self.guest)
-    }
-
     /// Start a new IDD domain serving the image and point the frontend at it.
     fn start_backend(&self) -> BackendDriver {
-        let iommu = Iommu::new(512);
-        let idd = self
-            .sys
-            .create_domain(DomainConfig {
-                name: "idd-blk".into(),
-                nr_frames: 32,
-                iommu: Some(iommu.clone()),
-            })
-            .unwrap();
-        let plat = Arc::new(LocalPlatform::new(self.sys.clone(), idd).unwrap());
-        let device =
-            FileDevice::new(self.image.try_clone().unwrap(), iommu.device(), false).unwrap();
-        let back_dir = format!("/local/domain/{idd}/backend/vbd/{}/{DEVID}", self.guest);
-        let mut xs = self.xs();
-        let fd = self.front_dir();
-        xs.write(NO_TX, &format!("{back_dir}/frontend"), fd.as_bytes())
-            .unwrap();
-        xs.write(
-            NO_TX,
-            &format!("{back_dir}/frontend-id"),
-            self.guest.to_string().as_bytes(),
-        )
-        .unwrap();
-        // The manager's signal: the frontend now names the new backend.
-        xs.write(
-            NO_TX,
-            &format!("{fd}/backend-id"),
-            idd.to_string().as_bytes(),
-        )
-        .unwrap();
-        xs.write(NO_TX, &format!("{fd}/backend"), back_dir.as_bytes())
-            .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let guest = self.guest;
-        let st = stop.clone();
-        let xs = self.xs();
-        let thread = std::thread::spawn(move || {
-            run_backend(plat, device, xs, guest, &fd, &back_dir, &st);
-        });
-        BackendDriver {
-            idd,
-            stop,
-            thread: Some(thread),
-        }
+        self.start_backend_mode(Mode::Blkback)
+    }
+
+    fn start_backend_mode(&self, mode: Mode) -> BackendDriver {
+        start_idd(&self.sys, &self.image, self.xs.path(), self.guest, mode)
     }
 
     fn frontend(&self) -> BlkFront<LocalPlatform, Client<UnixStream>> {
@@ -143,132 +94,6 @@ impl World {
         cfg.io_timeout = Some(Duration::from_secs(30));
         BlkFront::connect(self.guest_plat.clone(), self.xs(), cfg).unwrap()
     }
-}
-
-/// A backend domain running blkback, driven through XenStore by this test.
-struct BackendDriver {
-    idd: DomId,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl BackendDriver {
-    /// Crash: stop serving at once (answering nothing more) and destroy the domain, which
-    /// releases its mappings and pins.
-    fn kill(mut self, sys: &System) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        sys.destroy_domain(self.idd).unwrap();
-    }
-}
-
-impl Drop for BackendDriver {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn run_backend(
-    plat: Arc<LocalPlatform>,
-    device: FileDevice,
-    mut xs: Client<UnixStream>,
-    guest: DomId,
-    front_dir: &str,
-    back_dir: &str,
-    stop: &AtomicBool,
-) {
-    let mut device = Some(device);
-    let mut back: Option<Blkback<LocalPlatform, FileDevice>> = None;
-    let mut hs = Handshake::new(Role::Backend);
-    let w = |xs: &mut Client<UnixStream>, k: &str, v: String| {
-        xs.write(NO_TX, &format!("{back_dir}/{k}"), v.as_bytes())
-            .unwrap();
-    };
-    while !stop.load(Ordering::Acquire) {
-        let peer = xs
-            .read(NO_TX, &format!("{front_dir}/state"))
-            .ok()
-            .and_then(|v| XenbusState::from_xenstore(&v).ok())
-            .unwrap_or(XenbusState::Unknown);
-        let action = hs.on_peer(peer);
-        match action {
-            Action::Advertise => {
-                w(&mut xs, "sectors", SECTORS.to_string());
-                w(&mut xs, "sector-size", "512".into());
-                w(&mut xs, "info", "0".into());
-                w(&mut xs, "feature-flush-cache", "1".into());
-                w(&mut xs, "feature-discard", "1".into());
-                w(&mut xs, "feature-max-indirect-segments", "16".into());
-            }
-            Action::MapRing { resume: true } => {
-                // A new backend domain cannot re-attach to a ring granted to its predecessor:
-                // ask the frontend to reconnect by closing.
-                let a = hs.close();
-                hs.completed(a);
-                w(&mut xs, "state", hs.state().to_xenstore());
-                continue;
-            }
-            Action::MapRing { resume: false } => {
-                let rd = |xs: &mut Client<UnixStream>, k: &str| -> u32 {
-                    let v = xs.read(NO_TX, &format!("{front_dir}/{k}")).unwrap();
-                    String::from_utf8(v).unwrap().parse().unwrap()
-                };
-                let ring_ref = rd(&mut xs, "ring-ref");
-                let remote_port = rd(&mut xs, "event-channel");
-                let proto = xs.read(NO_TX, &format!("{front_dir}/protocol")).unwrap();
-                assert_eq!(proto, b"x86_64-abi");
-                let mut b = Blkback::new(
-                    plat.clone(),
-                    device
-                        .take()
-                        .expect("one attach per backend domain in this test"),
-                    BackendConfig {
-                        batch: 8,
-                        scratch_frame: 7,
-                    },
-                );
-                b.attach(ChannelConfig {
-                    guest,
-                    ring_ref,
-                    remote_port,
-                    region: Region {
-                        offset: 0,
-                        sectors: SECTORS,
-                    },
-                    read_only: false,
-                    journal_frame: 8,
-                })
-                .unwrap();
-                back = Some(b);
-            }
-            Action::TearDown(_) => back = None,
-            Action::Wait | Action::PublishRing | Action::Connect => {}
-        }
-        if let Some(s) = hs.completed(action) {
-            w(&mut xs, "state", s.to_xenstore());
-            continue;
-        }
-        match back.as_mut() {
-            Some(b) => {
-                let until = Instant::now() + Duration::from_millis(20);
-                while Instant::now() < until && !stop.load(Ordering::Acquire) {
-                    b.run_once(Duration::from_millis(2)).unwrap();
-                }
-            }
-            None => std::thread::sleep(Duration::from_millis(5)),
-        }
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((i.wrapping_mul(31) ^ seed.wrapping_mul(0x9e37_79b9)) % 251) as u8)
-        .collect()
 }
 
 #[test]
@@ -329,14 +154,12 @@ fn connects_reads_writes_flushes_discards() {
     assert_eq!(f.stats().protocol_errors, 0);
 }
 
-#[test]
-fn reconnects_to_a_new_backend_and_reissues() {
-    let w = World::new();
-    let b1 = w.start_backend();
+/// A writer keeping 16 writes in flight (overlapping each other at random) while `disrupt`
+/// runs; the model of the disk is updated only when a write is acknowledged, in submission
+/// order (the order the shadow table keeps overlapping writes in). Afterwards every byte of
+/// the disk, read through the frontend and straight from the image, must match the model.
+fn workload_across(w: &World, disrupt: impl FnOnce() -> Vec<BackendDriver>) -> (u64, Stats) {
     let f = Arc::new(Mutex::new(w.frontend()));
-    let first_backend = f.lock().unwrap().backend_domain();
-    // Writer: keeps 16 writes in flight over the whole disk, remembering what was
-    // acknowledged; the model is updated only on acknowledgement.
     let model = Arc::new(Mutex::new(vec![0u8; (SECTORS * 512) as usize]));
     let done = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -349,8 +172,8 @@ fn reconnects_to_a_new_backend_and_reissues() {
                 let batch: Vec<_> = (0..16u64)
                     .map(|i| {
                         let seed = round * 16 + i;
-                        // 4 KiB..64 KiB at a spread of sectors, never overlapping in a batch.
-                        let sector = (i * 512 + (seed * 8) % 256) % (SECTORS - 128);
+                        // 4 KiB..64 KiB anywhere: writes in a batch overlap.
+                        let sector = (seed.wrapping_mul(2_654_435_761) >> 7) % (SECTORS - 128);
                         let data = pattern(seed, 4096 * (1 + (seed % 16) as usize));
                         let t = f.submit_write(sector, data.clone()).unwrap();
                         (t, sector, data)
@@ -368,20 +191,13 @@ fn reconnects_to_a_new_backend_and_reissues() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    // Crash the IDD with requests in flight; the manager starts a new one.
-    b1.kill(&w.sys);
-    std::thread::sleep(Duration::from_millis(100));
-    let _b2 = w.start_backend();
+    let _keep = disrupt();
     std::thread::sleep(Duration::from_millis(800));
     done.store(true, Ordering::Release);
     let acked = writer.join().unwrap();
     let mut f = f.lock().unwrap();
     let stats = f.stats();
-    assert!(acked >= 64, "acked {acked}");
-    assert_eq!(stats.connects, 2, "{stats:?}");
-    assert_ne!(f.backend_domain(), first_backend);
     eprintln!("acked {acked} writes; {stats:?}");
-    // Every acknowledged write reads back, through the new backend and in the image.
     let model = model.lock().unwrap();
     let mut all = vec![0u8; model.len()];
     f.read(0, &mut all).unwrap();
@@ -389,6 +205,91 @@ fn reconnects_to_a_new_backend_and_reissues() {
     let mut img = vec![0u8; model.len()];
     w.image.read_exact_at(&mut img, 0).unwrap();
     assert!(img == *model, "image differs from the acknowledged writes");
+    assert!(acked >= 64, "acked {acked}");
+    (acked, stats)
+}
+
+#[test]
+fn reconnects_to_a_new_backend_and_reissues() {
+    let w = World::new();
+    let b1 = w.start_backend();
+    let (_, stats) = workload_across(&w, || {
+        // Crash the IDD with requests in flight; the manager starts a new one at once.
+        b1.kill(&w.sys);
+        std::thread::sleep(Duration::from_millis(50));
+        vec![w.start_backend()]
+    });
+    assert_eq!((stats.connects, stats.disconnects), (2, 1), "{stats:?}");
+    assert_eq!(stats.protocol_errors, 0);
+}
+
+#[test]
+fn reconnects_after_a_stall_when_the_manager_is_slow() {
+    let w = World::new();
+    let b1 = w.start_backend();
+    let (_, stats) = workload_across(&w, || {
+        // The IDD dies and nothing is said for longer than the stall timeout (500 ms): the
+        // frontend gives up on it, then connects to the new one when it is named.
+        b1.kill(&w.sys);
+        std::thread::sleep(Duration::from_millis(1200));
+        vec![w.start_backend()]
+    });
+    assert_eq!(stats.connects, 2, "{stats:?}");
+    assert!(stats.reissued > 0, "{stats:?}");
+}
+
+#[test]
+fn reconnects_when_the_backend_closes() {
+    let w = World::new();
+    let b1 = w.start_backend();
+    let (_, stats) = workload_across(&w, || {
+        // The backend says Closing (XenBus) with requests in flight, then serves again.
+        b1.close();
+        vec![b1]
+    });
+    assert_eq!(stats.connects, 2, "{stats:?}");
+}
+
+#[test]
+fn a_backend_that_answers_unknown_ids_is_dropped() {
+    hostile_backend_is_dropped(Lie::UnknownId);
+}
+
+#[test]
+fn a_backend_that_answers_an_unknown_status_is_dropped() {
+    hostile_backend_is_dropped(Lie::BadStatus);
+}
+
+#[test]
+fn a_backend_whose_response_index_runs_ahead_is_dropped() {
+    hostile_backend_is_dropped(Lie::Overflow);
+}
+
+fn hostile_backend_is_dropped(lie: Lie) {
+    let w = World::new();
+    let bad = w.start_backend_mode(Mode::Hostile(lie));
+    let mut cfg = BlkFrontConfig::new(w.guest, DEVID);
+    cfg.io_timeout = Some(Duration::from_secs(30));
+    let mut f = BlkFront::connect(w.guest_plat.clone(), w.xs(), cfg).unwrap();
+    let t = f.submit_write(64, pattern(1, 8192)).unwrap();
+    // The bogus answer is a protocol error: the frontend drops the connection, nothing is
+    // completed, and the write is still owed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.stats().protocol_errors == 0 {
+        assert!(Instant::now() < deadline, "no protocol error seen");
+        assert!(f.poll(Duration::from_millis(20)).unwrap().is_empty());
+    }
+    assert!(!f.is_connected() || f.stats().connects > 1);
+    // The manager replaces the broken backend; the write completes there.
+    bad.kill(&w.sys);
+    let _good = w.start_backend();
+    f.wait(t).unwrap();
+    let mut b = vec![0u8; 8192];
+    f.read(64, &mut b).unwrap();
+    assert_eq!(b, pattern(1, 8192));
+    let mut img = vec![0u8; 8192];
+    w.image.read_exact_at(&mut img, 64 * 512).unwrap();
+    assert_eq!(img, pattern(1, 8192));
 }
 
 #[test]
@@ -472,3 +373,42 @@ fn nbd_clients_through_blkfront_and_blkback() {
 }
 
 use std::process::Command;
+
+#[test]
+fn concurrent_users_share_the_ring_and_unaligned_writes_do_not_clobber() {
+    let w = World::new();
+    let _b = w.start_backend();
+    let f = Arc::new(Mutex::new(w.frontend()));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let dev: Arc<dyn BlockDevice> = f.clone();
+            std::thread::spawn(move || {
+                for round in 0..20u64 {
+                    // Each thread owns 50 bytes of the same two sectors (read-modify-write)...
+                    let b = u8::try_from(t * 20 + round).unwrap();
+                    dev.write_at(t * 200 + 7, &[b; 50]).unwrap();
+                    // ...and a 64 KiB area of its own, written whole.
+                    let data = pattern(t * 100 + round, 64 * 1024);
+                    dev.write_at((1 + t) * (256 << 10), &data).unwrap();
+                    let mut back = vec![0u8; data.len()];
+                    dev.read_at((1 + t) * (256 << 10), &mut back).unwrap();
+                    assert!(back == data);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let dev: Arc<dyn BlockDevice> = f.clone();
+    let mut head = vec![0u8; 1024];
+    dev.read_at(0, &mut head).unwrap();
+    for t in 0..4u64 {
+        let want = u8::try_from(t * 20 + 19).unwrap();
+        let at = (t * 200 + 7) as usize;
+        assert!(
+            head[at..at + 50].iter().all(|x| *x == want),
+            "thread {t}'s bytes lost"
+        );
+    }
+}

@@ -230,12 +230,17 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
         &self.device
     }
 
+    /// Requests waiting in the elevator and at the device (for stall reports).
+    pub fn queued(&self) -> (usize, usize) {
+        (self.elevator.len(), self.at_device.len())
+    }
+
     /// Serve a guest disk: map its ring, bind its port, and resume from the channel's journal
     /// if it belongs to this ring. Returns the channel's index.
     pub fn attach(&mut self, cfg: ChannelConfig) -> Result<usize, BlkbackError> {
         let capacity = self.device.capacity();
         let Region { offset, sectors } = cfg.region;
-        if !offset.checked_add(sectors).is_some_and(|end| end <= capacity) {
+        if offset.checked_add(sectors).is_none_or(|end| end > capacity) {
             return Err(BlkbackError::Region {
                 offset,
                 sectors,
@@ -268,8 +273,10 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 replay,
                 stale_pins,
             } => {
+                // Normally already released by `journal::release_stale_pins` before anything
+                // else was pinned; if not, nothing of this process has been pinned for this
+                // channel yet, so the recorded IOVAs are still the old process's.
                 for iova in stale_pins {
-                    // The manager may have revoked it already; either way it is gone.
                     let _ = p.unpin_grant(iova);
                 }
                 // SAFETY: as above.
@@ -285,7 +292,12 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 (ring, local_port, replay)
             }
         };
-        tracing::info!(guest = cfg.guest, port, replay = replay.len(), "blkback channel attached");
+        tracing::info!(
+            guest = cfg.guest,
+            port,
+            replay = replay.len(),
+            "blkback channel attached"
+        );
         self.channels.push(Channel {
             cfg,
             ring,
@@ -392,7 +404,10 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
     }
 
     /// The next request of `chan`: a journal replay first, then the ring.
-    fn next_request(&mut self, chan: usize) -> Result<Option<(RingIdx, BlkifRequest)>, BlkbackError> {
+    fn next_request(
+        &mut self,
+        chan: usize,
+    ) -> Result<Option<(RingIdx, BlkifRequest)>, BlkbackError> {
         let p = &*self.platform;
         let c = &mut self.channels[chan];
         if c.failed.is_some() {
@@ -454,7 +469,12 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 };
                 (ops, r.sector, r.segments.to_vec(), None)
             }
-            BlkRequest::Discard(d) => (vec![DevOp::Discard], d.sector, Vec::new(), Some(d.nr_sectors)),
+            BlkRequest::Discard(d) => (
+                vec![DevOp::Discard],
+                d.sector,
+                Vec::new(),
+                Some(d.nr_sectors),
+            ),
             BlkRequest::Indirect(r) => {
                 let segs = self.indirect_segments(c.cfg.guest, &r)?;
                 let op = match r.op {
@@ -464,7 +484,11 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                 (vec![op], r.sector, segs, None)
             }
         };
-        if ro && ops.iter().any(|o| matches!(o, DevOp::Write | DevOp::Discard)) {
+        if ro
+            && ops
+                .iter()
+                .any(|o| matches!(o, DevOp::Write | DevOp::Discard))
+        {
             return Err(Refusal::Error);
         }
         let sectors = nr.unwrap_or_else(|| segs.iter().map(Segment::sectors).sum());
@@ -554,7 +578,11 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                     for iova in pins {
                         let _ = p.unpin_grant(iova);
                     }
-                    self.respond(chan, idx, BlkifResponse::new(raw.id, raw.operation, BlkStatus::Error));
+                    self.respond(
+                        chan,
+                        idx,
+                        BlkifResponse::new(raw.id, raw.operation, BlkStatus::Error),
+                    );
                     return Ok(());
                 }
             }
@@ -720,5 +748,75 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::FileDevice;
+    use hypervisor::domain::DomainConfig;
+    use hypervisor::local::LocalPlatform;
+    use hypervisor::system::System;
+    use iospace::iommu::Iommu;
+
+    fn backend() -> Blkback<LocalPlatform, FileDevice> {
+        let sys = System::new();
+        let iommu = Iommu::new(8);
+        let d = sys
+            .create_domain(DomainConfig {
+                name: "idd".into(),
+                nr_frames: 16,
+                iommu: Some(iommu.clone()),
+            })
+            .unwrap();
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(100 * 512).unwrap();
+        Blkback::new(
+            Arc::new(LocalPlatform::new(sys, d).unwrap()),
+            FileDevice::new(f, iommu.device(), false).unwrap(),
+            BackendConfig {
+                batch: 0,
+                scratch_frame: 7,
+            },
+        )
+    }
+
+    #[test]
+    fn regions_must_fit_the_device() {
+        let mut b = backend();
+        for (offset, sectors) in [(0, 101), (50, 51), (u64::MAX, 2)] {
+            let cfg = ChannelConfig {
+                guest: 9,
+                ring_ref: 8,
+                remote_port: 1,
+                region: Region { offset, sectors },
+                read_only: false,
+                journal_frame: 8,
+            };
+            assert!(matches!(b.attach(cfg), Err(BlkbackError::Region { .. })));
+        }
+        // In range, but no such guest: the ring mapping fails cleanly.
+        let cfg = ChannelConfig {
+            guest: 9,
+            ring_ref: 8,
+            remote_port: 1,
+            region: Region {
+                offset: 0,
+                sectors: 100,
+            },
+            read_only: false,
+            journal_frame: 8,
+        };
+        assert!(matches!(b.attach(cfg), Err(BlkbackError::Platform(_))));
+        assert_eq!(b.poll().unwrap(), 0, "no channels, no work");
+        assert_eq!(b.cfg.batch, 1, "a zero batch is raised to one");
+    }
+
+    #[test]
+    fn tokens_are_unique_per_channel_and_slot() {
+        assert_ne!(token(0, 5), token(1, 5));
+        assert_ne!(token(0, 5), token(0, 6));
+        assert_eq!(token(2, u32::MAX) >> 32, 2);
     }
 }

@@ -122,7 +122,9 @@ pub fn check_request(req: &DevRequest, capacity: u64) -> Result<(), DeviceError>
         .checked_add(req.nr_sectors)
         .ok_or(DeviceError::Malformed("sector range overflows"))?;
     if end > capacity {
-        return Err(DeviceError::Malformed("sector range past the end of the device"));
+        return Err(DeviceError::Malformed(
+            "sector range past the end of the device",
+        ));
     }
     let bytes: u64 = req.segs.iter().map(|s| u64::from(s.len)).sum();
     let ok = match req.op {
@@ -137,7 +139,9 @@ pub fn check_request(req: &DevRequest, capacity: u64) -> Result<(), DeviceError>
     if ok {
         Ok(())
     } else {
-        Err(DeviceError::Malformed("data segments do not match the sector count"))
+        Err(DeviceError::Malformed(
+            "data segments do not match the sector count",
+        ))
     }
 }
 
@@ -237,8 +241,8 @@ impl BlockDevice for FileDevice {
         if self.done.len() >= self.queue_depth() {
             return Err(DeviceError::Busy);
         }
-        let ok = !(self.read_only && req.op.modifies() && req.op != DevOp::Flush)
-            && self.execute(&req);
+        let ok =
+            !(self.read_only && req.op.modifies() && req.op != DevOp::Flush) && self.execute(&req);
         self.done.push_back(Completion {
             token: req.token,
             ok,
@@ -313,7 +317,10 @@ mod tests {
             sector: 63,
             ..req(5, DevOp::Write, ro)
         };
-        assert!(matches!(dev.submit(off_end), Err(DeviceError::Malformed(_))));
+        assert!(matches!(
+            dev.submit(off_end),
+            Err(DeviceError::Malformed(_))
+        ));
         dev.submit(DevRequest {
             token: 6,
             op: DevOp::Discard,

@@ -216,7 +216,14 @@ mod tests {
         let out = e.dispatch(&[], 16);
         let shape: Vec<_> = out
             .iter()
-            .map(|m| (m.request.op, m.request.sector, m.request.nr_sectors, m.parts.clone()))
+            .map(|m| {
+                (
+                    m.request.op,
+                    m.request.sector,
+                    m.request.nr_sectors,
+                    m.parts.clone(),
+                )
+            })
             .collect();
         assert_eq!(
             shape,

@@ -44,9 +44,11 @@
 //! 1. *Consume* ring index `k`: write slot `k mod 32`, set its `valid` bit, then advance
 //!    `req_cons`. A crash before `req_cons` moved leaves a valid slot at or past `req_cons`,
 //!    which resume ignores: the request is still in the ring and is consumed again.
-//! 2. *Pin*: record each IOVA after the pin, zero it after the unpin. Resume unpins what is
-//!    recorded (a crash between a pin and its record leaks that pin until the manager
-//!    revokes the dead process's pins).
+//! 2. *Pin*: record each IOVA after the pin, zero it after the unpin. A restarted process
+//!    unpins what is recorded ([`release_stale_pins`]) before it pins anything itself (IOVAs
+//!    are recycled). A crash between a pin and its record leaks that pin until the manager
+//!    revokes the dead process's pins (`System::set_holder_deadline` + `revoke_overdue`),
+//!    which the manager should do on every IDD restart.
 //! 3. *Answer*: write `rsp_idx` (the response index), set `answering`, put the response,
 //!    push; then clear `valid` and `answering`. On resume, an answering slot whose `rsp_idx`
 //!    is below the shared `rsp_prod` was published: it is dropped, never answered twice.
@@ -136,6 +138,32 @@ pub enum Opened {
     },
 }
 
+/// Unpin every IOVA the pin table in `journal_frame + 1` records, and clear the table.
+/// Returns how many were recorded.
+///
+/// A restarted process must call this for every channel *before it pins anything*: IOVAs
+/// are recycled, so once the manager has revoked a dead process's pins and the process has
+/// pinned something new, a recorded IOVA may name the new pin.
+pub fn release_stale_pins<P: Platform>(p: &P, journal_frame: Frame) -> Result<usize, JournalError> {
+    let mut pins = vec![0u8; 4096];
+    p.read_local(journal_frame + 1, 0, &mut pins)
+        .map_err(JournalError::Memory)?;
+    let mut n = 0;
+    for c in pins.chunks_exact(8) {
+        let iova = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        if iova != 0 {
+            // Revoked by the manager already, or released now: gone either way.
+            let _ = p.unpin_grant(iova);
+            n += 1;
+        }
+    }
+    if n > 0 {
+        p.write_local(journal_frame + 1, 0, &[0u8; 4096])
+            .map_err(JournalError::Memory)?;
+    }
+    Ok(n)
+}
+
 /// One channel's journal.
 pub struct Journal {
     frame: Frame,
@@ -156,7 +184,13 @@ impl Journal {
         Ok(u32::from_le_bytes(b))
     }
 
-    fn write<P: Platform>(&self, p: &P, page: u64, off: usize, data: &[u8]) -> Result<(), JournalError> {
+    fn write<P: Platform>(
+        &self,
+        p: &P,
+        page: u64,
+        off: usize,
+        data: &[u8],
+    ) -> Result<(), JournalError> {
         // Program order of the journal stores is the crash-safety argument: keep the compiler
         // from moving them across each other (a process crash makes every store it executed
         // visible; the next process of the domain reads the same memfd).
@@ -187,7 +221,9 @@ impl Journal {
         let mut page = vec![0u8; 4096];
         p.read_local(frame, 0, &mut page)
             .map_err(JournalError::Memory)?;
-        let u = |off: usize| u32::from_le_bytes([page[off], page[off + 1], page[off + 2], page[off + 3]]);
+        let u = |off: usize| {
+            u32::from_le_bytes([page[off], page[off + 1], page[off + 2], page[off + 3]])
+        };
         let same = u(0) == MAGIC
             && u16::from_le_bytes([page[OFF_GUEST], page[OFF_GUEST + 1]]) == id.guest
             && u(OFF_RING_REF) == id.ring_ref
@@ -300,7 +336,12 @@ impl Journal {
     }
 
     /// Record the IOVAs pinned for ring index `idx` (replacing earlier ones).
-    pub fn pins<P: Platform>(&self, p: &P, idx: RingIdx, iovas: &[u64]) -> Result<(), JournalError> {
+    pub fn pins<P: Platform>(
+        &self,
+        p: &P,
+        idx: RingIdx,
+        iovas: &[u64],
+    ) -> Result<(), JournalError> {
         if iovas.len() > PINS_PER_SLOT {
             return Err(JournalError::TooManyPins);
         }
@@ -314,7 +355,12 @@ impl Journal {
 
     /// Record that the response for ring index `idx` is put at response index `rsp_idx`
     /// (before the response is written to the ring).
-    pub fn answering<P: Platform>(&mut self, p: &P, idx: RingIdx, rsp_idx: RingIdx) -> Result<(), JournalError> {
+    pub fn answering<P: Platform>(
+        &mut self,
+        p: &P,
+        idx: RingIdx,
+        rsp_idx: RingIdx,
+    ) -> Result<(), JournalError> {
         let (slot, bit) = mask(idx);
         self.write_u32(p, SLOT_BASE + slot * SLOT_SIZE + 4, rsp_idx)?;
         self.answering |= bit;
@@ -417,6 +463,22 @@ mod tests {
     }
 
     #[test]
+    fn stale_pins_are_released_once() {
+        let p = plat();
+        let (mut j, _) = resume(&p, 0);
+        j.init(&p, ID, 1, 0, true).unwrap();
+        j.pins(&p, 3, &[0x5000, 0x6000]).unwrap();
+        j.pins(&p, 7, &[0x7000]).unwrap();
+        assert_eq!(release_stale_pins(&p, 8).unwrap(), 3);
+        assert_eq!(release_stale_pins(&p, 8).unwrap(), 0);
+        let (_, o) = resume(&p, 0);
+        let Opened::Resume { stale_pins, .. } = o else {
+            panic!()
+        };
+        assert!(stale_pins.is_empty());
+    }
+
+    #[test]
     fn consumed_but_req_cons_not_advanced_is_not_replayed() {
         let p = plat();
         let (mut j, _) = resume(&p, 0);
@@ -430,11 +492,18 @@ mod tests {
         j.write(&p, 0, base, &rec).unwrap();
         j.write_u32(&p, OFF_VALID, j.valid | bit).unwrap();
         let (_, o) = resume(&p, 0);
-        let Opened::Resume { replay, req_cons, .. } = o else {
+        let Opened::Resume {
+            replay, req_cons, ..
+        } = o
+        else {
             panic!()
         };
         assert_eq!(req_cons, 1);
-        assert_eq!(replay.len(), 1, "index 1 is still in the ring, not in the journal");
+        assert_eq!(
+            replay.len(),
+            1,
+            "index 1 is still in the ring, not in the journal"
+        );
     }
 
     #[test]
@@ -443,15 +512,21 @@ mod tests {
         let (mut j, _) = resume(&p, 0);
         j.init(&p, ID, 1, 0, true).unwrap();
         let other = RingId { ring_ref: 10, ..ID };
-        assert!(matches!(Journal::open(&p, 8, other, 0).unwrap().1, Opened::Fresh));
+        assert!(matches!(
+            Journal::open(&p, 8, other, 0).unwrap().1,
+            Opened::Fresh
+        ));
         // Garbage slot indexes (as a corrupted page could hold) are ignored, never a panic.
-        p.write_local(8, OFF_VALID, &u32::MAX.to_le_bytes()).unwrap();
+        p.write_local(8, OFF_VALID, &u32::MAX.to_le_bytes())
+            .unwrap();
         for s in 0..SLOTS {
             p.write_local(8, SLOT_BASE + s * SLOT_SIZE, &0xdead_beefu32.to_le_bytes())
                 .unwrap();
         }
         let (_, o) = resume(&p, 0);
-        let Opened::Resume { replay, .. } = o else { panic!() };
+        let Opened::Resume { replay, .. } = o else {
+            panic!()
+        };
         assert!(replay.is_empty());
         assert!(j.pins(&p, 0, &[1; PINS_PER_SLOT + 1]).is_err());
     }

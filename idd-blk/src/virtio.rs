@@ -24,6 +24,7 @@
 //! | ring | 2048 | used ring: `flags`, `idx`, `ring[QUEUE_SIZE]` of `{id: le32, len: le32}` |
 //! | hdr | 32 h | request header of the chain whose head is descriptor `h`: `type`, `reserved`, `sector`, then (discard) one `{sector: le64, num_sectors: le32, flags: le32}` |
 //! | hdr | 2048 + h | status byte of that chain |
+//! | hdr | 4064 | the driver's own pins and self-grants (`PIN_RECORD`), released by the next process of the domain |
 //!
 //! A request is one chain: header (device-readable), data segments (the pinned guest IOVAs;
 //! device-writable for reads), status (device-writable).
@@ -37,9 +38,9 @@
 //! The device is reset when the driver is dropped, before the pins go away.
 
 use crate::device::{check_request, BlockDevice, Completion, DevOp, DevRequest, DeviceError};
+use crate::io::{IoAccess, IoError};
 use devchan::grant::GrantRef;
 use devchan::platform::{Frame, Platform};
-use crate::io::{IoAccess, IoError};
 use iospace::pci::caps::{self, virtio as vcap, Capability};
 use std::collections::BTreeMap;
 use std::sync::atomic::{fence, Ordering};
@@ -62,6 +63,10 @@ const AVAIL: usize = 1024;
 const USED: usize = 2048;
 const HDR_SLOT: usize = 32;
 const STATUS_BASE: usize = 2048;
+/// How long chains may sit unused before the doorbell is rung again.
+const KICK_AFTER: Duration = Duration::from_millis(200);
+/// Kicks without progress before the device is reset and the chains resubmitted.
+const RESET_AFTER_KICKS: u32 = 3;
 /// Most data segments per request we use (the device's `seg_max` may lower it).
 pub const MAX_SEGMENTS: usize = 32;
 
@@ -143,12 +148,22 @@ pub struct VirtioBlkDriver<P: Platform, I: IoAccess> {
     avail_idx: u16,
     used_seen: u16,
     /// Head descriptor → (token, descriptors of the chain).
-    inflight: BTreeMap<u16, (u64, Vec<u16>)>,
+    inflight: BTreeMap<u16, (DevRequest, Vec<u16>)>,
+    notify_base: u64,
+    notify_multiplier: u32,
+    /// Kicks since the device last used a chain.
+    stalled_kicks: u32,
+    /// Device resets after a stall.
+    resets: u64,
     capacity: u64,
     read_only: bool,
     seg_max: usize,
     /// MSI-X vectors seen firing and not yet handled.
     irq_bits: u32,
+    /// When the device last used a chain (or we last kicked it).
+    last_used: std::time::Instant,
+    /// Doorbells rung again because nothing moved.
+    kicks: u64,
     broken: bool,
 }
 
@@ -162,6 +177,41 @@ fn pin_own<P: Platform>(p: &P, frame: Frame) -> Result<Pinned, VirtioError> {
             Err(e.into())
         }
     }
+}
+
+/// Where in the hdr frame the driver records its own pins (so a restarted process of the
+/// domain releases the ones its predecessor left): `magic: le32`, `_pad: le32`,
+/// `ring_gref: le32`, `hdr_gref: le32`, `ring_iova: le64`, `hdr_iova: le64`.
+const PIN_RECORD: usize = 4096 - 32;
+/// `"VQP1"`: the pin record is valid.
+const PIN_MAGIC: u32 = u32::from_le_bytes(*b"VQP1");
+const _: () = assert!(STATUS_BASE + QUEUE_SIZE as usize <= PIN_RECORD);
+
+/// Release the pins and self-grants an earlier process of this domain recorded in `hdr`.
+fn release_previous<P: Platform>(p: &P, hdr: Frame) -> Result<(), VirtioError> {
+    let mut r = [0u8; 32];
+    p.read_local(hdr, PIN_RECORD, &mut r)?;
+    let u32_at = |o: usize| u32::from_le_bytes([r[o], r[o + 1], r[o + 2], r[o + 3]]);
+    let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
+    if u32_at(0) == PIN_MAGIC {
+        for (gref, iova) in [(u32_at(8), u64_at(16)), (u32_at(12), u64_at(24))] {
+            // Either may be gone already (the manager revoked it); both outcomes are fine.
+            let _ = p.unpin_grant(iova);
+            let _ = p.end_access(gref);
+        }
+        p.write_local(hdr, PIN_RECORD, &[0u8; 32])?;
+    }
+    Ok(())
+}
+
+fn record_pins<P: Platform>(p: &P, ring: &Pinned, hdr: &Pinned) -> Result<(), VirtioError> {
+    let mut r = [0u8; 32];
+    r[0..4].copy_from_slice(&PIN_MAGIC.to_le_bytes());
+    r[8..12].copy_from_slice(&ring.gref.to_le_bytes());
+    r[12..16].copy_from_slice(&hdr.gref.to_le_bytes());
+    r[16..24].copy_from_slice(&ring.iova.to_le_bytes());
+    r[24..32].copy_from_slice(&hdr.iova.to_le_bytes());
+    Ok(p.write_local(hdr.frame, PIN_RECORD, &r)?)
 }
 
 fn access(e: impl std::fmt::Display) -> DeviceError {
@@ -207,7 +257,12 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
             let entry = msix_table + u64::from(v) * caps::MSIX_ENTRY_SIZE;
             io.mmio_write(entry + 12, &0u32.to_le_bytes())?;
         }
+        // Reset before touching the queue memory: a device still running a previous
+        // process's queue (a restart) could otherwise write its used ring into the page we
+        // are about to clear. Reset returns only once the device has stopped all DMA.
+        io.mmio_write(common + common::DEVICE_STATUS, &[0])?;
         let p = &*platform;
+        release_previous(p, frames.hdr)?;
         let ring = pin_own(p, frames.ring)?;
         let hdr = match pin_own(p, frames.hdr) {
             Ok(h) => h,
@@ -217,6 +272,7 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
                 return Err(e);
             }
         };
+        record_pins(p, &ring, &hdr)?;
         let mut d = Self {
             platform,
             io,
@@ -230,10 +286,16 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
             avail_idx: 0,
             used_seen: 0,
             inflight: BTreeMap::new(),
+            notify_base,
+            notify_multiplier: ncap.notify_off_multiplier,
+            stalled_kicks: 0,
+            resets: 0,
             capacity: 0,
             read_only: false,
             seg_max: MAX_SEGMENTS,
             irq_bits: 0,
+            last_used: std::time::Instant::now(),
+            kicks: 0,
             broken: false,
         };
         // From here on, Drop resets the device and releases the pins.
@@ -342,10 +404,32 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
         s |= VIRTIO_CONFIG_S_DRIVER_OK;
         self.set_status(s)?;
         let got = self.status()?;
-        if u32::from(got) & VIRTIO_CONFIG_S_DRIVER_OK == 0 || u32::from(got) & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+        if u32::from(got) & VIRTIO_CONFIG_S_DRIVER_OK == 0
+            || u32::from(got) & VIRTIO_CONFIG_S_NEEDS_RESET != 0
+        {
             return Err(VirtioError::StatusRefused(got));
         }
         Ok(())
+    }
+
+    /// A one-line description of the queue and device state (for stall reports).
+    pub fn describe(&self) -> String {
+        let mut used = [0u8; 2];
+        let _ = self
+            .platform
+            .read_local(self.ring.frame, USED + 2, &mut used);
+        format!(
+            "status {:#x}, avail {}, used seen {} (device {}), {} chains in flight, {} free descriptors, irqs {:#x}, {} kicks, {} resets",
+            self.status().unwrap_or(0xff),
+            self.avail_idx,
+            self.used_seen,
+            u16::from_le_bytes(used),
+            self.inflight.len(),
+            self.free.len(),
+            self.irq_bits,
+            self.kicks,
+            self.resets
+        )
     }
 
     fn put(&self, frame: Frame, off: usize, data: &[u8]) -> Result<(), DeviceError> {
@@ -356,13 +440,49 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
         self.platform.read_local(frame, off, buf).map_err(access)
     }
 
-    fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) -> Result<(), DeviceError> {
+    fn write_desc(
+        &self,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) -> Result<(), DeviceError> {
         let mut d = [0u8; 16];
         d[..8].copy_from_slice(&addr.to_le_bytes());
         d[8..12].copy_from_slice(&len.to_le_bytes());
         d[12..14].copy_from_slice(&flags.to_le_bytes());
         d[14..].copy_from_slice(&next.to_le_bytes());
         self.put(self.ring.frame, usize::from(i) * 16, &d)
+    }
+
+    /// The device stopped using chains: reset it (which stops all its DMA), rebuild the
+    /// queue in the same pinned memory and resubmit every chain that was in flight. Requests
+    /// in flight never conflict with each other (the elevator's rule), so running them again,
+    /// in any order, is safe.
+    fn restart(&mut self) -> Result<(), DeviceError> {
+        self.resets += 1;
+        tracing::warn!(
+            resets = self.resets,
+            "virtio-blk stalled; resetting the device"
+        );
+        let pending: Vec<DevRequest> = std::mem::take(&mut self.inflight)
+            .into_values()
+            .map(|(r, _)| r)
+            .collect();
+        self.set_status(0).map_err(access)?;
+        self.put(self.ring.frame, 0, &[0u8; 4096])?;
+        self.put(self.hdr.frame, 0, &[0u8; PIN_RECORD])?;
+        self.avail_idx = 0;
+        self.used_seen = 0;
+        self.stalled_kicks = 0;
+        self.irq_bits = 0;
+        self.init(self.notify_base, self.notify_multiplier)
+            .map_err(access)?;
+        for r in pending {
+            self.submit(r)?;
+        }
+        Ok(())
     }
 
     fn check_config_irq(&mut self) -> Result<(), DeviceError> {
@@ -407,7 +527,9 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
         self.check_config_irq()?;
         check_request(&req, self.capacity)?;
         if req.segs.len() > self.seg_max {
-            return Err(DeviceError::Malformed("more segments than the device takes"));
+            return Err(DeviceError::Malformed(
+                "more segments than the device takes",
+            ));
         }
         let need = req.segs.len() + 2;
         if self.free.len() < need {
@@ -436,13 +558,31 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
         let result = (|| {
             self.put(self.hdr.frame, slot * HDR_SLOT, &h)?;
             self.put(self.hdr.frame, STATUS_BASE + slot, &[0xff])?;
-            self.write_desc(descs[0], self.hdr.iova + (slot * HDR_SLOT) as u64, hdr_len, F_NEXT, descs[1])?;
+            self.write_desc(
+                descs[0],
+                self.hdr.iova + (slot * HDR_SLOT) as u64,
+                hdr_len,
+                F_NEXT,
+                descs[1],
+            )?;
             let data_flags = if req.op == DevOp::Read { F_WRITE } else { 0 };
             for (k, s) in req.segs.iter().enumerate() {
-                self.write_desc(descs[k + 1], s.iova, s.len, data_flags | F_NEXT, descs[k + 2])?;
+                self.write_desc(
+                    descs[k + 1],
+                    s.iova,
+                    s.len,
+                    data_flags | F_NEXT,
+                    descs[k + 2],
+                )?;
             }
             let last = descs[need - 1];
-            self.write_desc(last, self.hdr.iova + (STATUS_BASE + slot) as u64, 1, F_WRITE, 0)?;
+            self.write_desc(
+                last,
+                self.hdr.iova + (STATUS_BASE + slot) as u64,
+                1,
+                F_WRITE,
+                0,
+            )?;
             let at = AVAIL + 4 + 2 * usize::from(self.avail_idx % self.qsize);
             self.put(self.ring.frame, at, &head.to_le_bytes())?;
             // Release: the descriptors and the ring entry are visible to the device before
@@ -462,7 +602,10 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
             self.broken = true;
             return Err(e);
         }
-        self.inflight.insert(head, (req.token, descs));
+        if self.inflight.is_empty() {
+            self.last_used = std::time::Instant::now();
+        }
+        self.inflight.insert(head, (req, descs));
         Ok(())
     }
 
@@ -483,7 +626,9 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
             self.get(self.ring.frame, at, &mut e)?;
             self.used_seen = self.used_seen.wrapping_add(1);
             let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-            let Some((token, descs)) = u16::try_from(id).ok().and_then(|h| self.inflight.remove(&h))
+            let Some((req, descs)) = u16::try_from(id)
+                .ok()
+                .and_then(|h| self.inflight.remove(&h))
             else {
                 self.broken = true;
                 return Err(DeviceError::NeedsReset);
@@ -491,8 +636,10 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
             let mut st = [0xffu8];
             self.get(self.hdr.frame, STATUS_BASE + usize::from(descs[0]), &mut st)?;
             self.free.extend(descs);
+            self.last_used = std::time::Instant::now();
+            self.stalled_kicks = 0;
             out.push(Completion {
-                token,
+                token: req.token,
                 ok: st[0] == 0,
             });
         }
@@ -500,6 +647,20 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
+        // Chains outstanding and nothing used for a while: ring the doorbell again. A
+        // notification is idempotent (the device pops only what it has not seen), and this
+        // recovers from one lost while the device was being reset under us.
+        if !self.inflight.is_empty() && self.last_used.elapsed() > KICK_AFTER {
+            self.last_used = std::time::Instant::now();
+            self.kicks += 1;
+            self.stalled_kicks += 1;
+            if self.stalled_kicks > RESET_AFTER_KICKS {
+                return self.restart();
+            }
+            self.io
+                .mmio_write(self.notify, &0u16.to_le_bytes())
+                .map_err(access)?;
+        }
         if self.irq_bits & (1 << QUEUE_VECTOR) != 0 {
             self.irq_bits &= !(1 << QUEUE_VECTOR);
             return Ok(());
@@ -519,5 +680,38 @@ impl<P: Platform, I: IoAccess> Drop for VirtioBlkDriver<P, I> {
             let _ = p.unpin_grant(pin.iova);
             let _ = p.end_access(pin.gref);
         }
+        let _ = p.write_local(self.hdr.frame, PIN_RECORD, &[0u8; 32]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::LocalIo;
+    use hypervisor::domain::DomainConfig;
+    use hypervisor::local::LocalPlatform;
+    use hypervisor::system::System;
+    use iospace::emu::{PciBus, StubDevice};
+    use iospace::space::IoSpace;
+
+    #[test]
+    fn a_device_without_virtio_capabilities_is_refused_and_nothing_is_pinned() {
+        let stub = Arc::new(StubDevice::new(StubDevice::example_config()));
+        let bus = PciBus::new();
+        let bdf = bus.plug(3, stub.clone()).unwrap();
+        let space = Arc::new(IoSpace::new(bdf, stub).unwrap());
+        let sys = System::new();
+        let iommu = iospace::iommu::Iommu::new(8);
+        let d = sys
+            .create_domain(DomainConfig {
+                name: "idd".into(),
+                nr_frames: 16,
+                iommu: Some(iommu.clone()),
+            })
+            .unwrap();
+        let p = Arc::new(LocalPlatform::new(sys, d).unwrap());
+        let r = VirtioBlkDriver::probe(p, LocalIo::new(space), DriverFrames { ring: 8, hdr: 9 });
+        assert!(matches!(r, Err(VirtioError::MissingCapability(_))));
+        assert!(iommu.is_empty());
     }
 }

@@ -13,9 +13,7 @@ mod common;
 use common::*;
 use devchan::blkif::{BlkRequest, BLKIF_RSP_OKAY};
 use devchan::grant::{DomId, GrantRef};
-use devchan::platform::{
-    Frame, GrantCopyOp, Platform, PlatformError, Port, Result, TransferMode,
-};
+use devchan::platform::{Frame, GrantCopyOp, Platform, PlatformError, Port, Result, TransferMode};
 use hypervisor::local::{LocalMapping, LocalPage, LocalPlatform};
 use idd_blk::blkback::{BackendConfig, Blkback, Region};
 use idd_blk::device::{BlockDevice, Completion, DevRequest, DeviceError, FileDevice};
@@ -209,7 +207,11 @@ fn killed_backend_resumes_from_its_journal_nothing_skipped_nothing_twice() {
         // A new backend process: a fresh platform handle with a random lifetime.
         // The first process lives through its fresh attach: a death between binding the
         // port and recording it in the journal loses the port (see journal.rs).
-        let budget = if crashes == 0 { 1000 } else { 20 + (rnd() % 120) as i64 };
+        let budget = if crashes == 0 {
+            1000
+        } else {
+            20 + (rnd() % 120) as i64
+        };
         let plat = Arc::new(Mortal {
             inner: rig.idd.clone(),
             budget: AtomicI64::new(budget),
@@ -229,8 +231,11 @@ fn killed_backend_resumes_from_its_journal_nothing_skipped_nothing_twice() {
         );
         if let Err(e) = back.attach(chan) {
             assert!(
-                matches!(&e, idd_blk::blkback::BlkbackError::Platform(PlatformError::Link(_))
-                    | idd_blk::blkback::BlkbackError::Journal(_)),
+                matches!(
+                    &e,
+                    idd_blk::blkback::BlkbackError::Platform(PlatformError::Link(_))
+                        | idd_blk::blkback::BlkbackError::Journal(_)
+                ),
                 "attach failed for another reason than the process dying: {e:?}"
             );
             crashes += 1;
@@ -301,13 +306,18 @@ fn killed_backend_resumes_from_its_journal_nothing_skipped_nothing_twice() {
     let left = outstanding.len();
     let rs = run_until(&mut back, &mut g, left);
     for r in rs {
-        let o = outstanding.remove(&r.id).expect("answered twice or never asked");
+        let o = outstanding
+            .remove(&r.id)
+            .expect("answered twice or never asked");
         if !o.write {
             assert_eq!(g.page(o.page), o.expect);
         }
     }
     assert!(outstanding.is_empty());
-    assert!(g.answered.values().all(|c| *c == 1), "an id was answered twice");
+    assert!(
+        g.answered.values().all(|c| *c == 1),
+        "an id was answered twice"
+    );
     // The media holds the sequential result of every write.
     for (b, data) in model.iter().enumerate() {
         assert_eq!(&rig.read_image(40 + 8 * b as u64, 4096), data, "block {b}");
@@ -317,10 +327,15 @@ fn killed_backend_resumes_from_its_journal_nothing_skipped_nothing_twice() {
     // take every page back.
     let now = std::time::Instant::now();
     for (_, gref) in &g.pages {
-        rig.sys.set_grant_deadline(g.plat.domid(), *gref, now).unwrap();
+        rig.sys
+            .set_grant_deadline(g.plat.domid(), *gref, now)
+            .unwrap();
     }
     let leaked = rig.sys.revoke_overdue().len();
-    assert!(leaked as u32 <= crashes, "{leaked} leaked pins for {crashes} crashes");
+    assert!(
+        leaked as u32 <= crashes,
+        "{leaked} leaked pins for {crashes} crashes"
+    );
     for (_, gref) in &g.pages {
         g.plat.end_access(*gref).unwrap();
     }

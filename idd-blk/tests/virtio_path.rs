@@ -82,7 +82,8 @@ fn image(r: &VirtioRig, sector: u64, len: usize) -> Vec<u8> {
 #[test]
 fn driver_probes_and_moves_data_through_pinned_iovas_only() {
     let r = rig(2048);
-    let mut drv = VirtioBlkDriver::probe(r.idd.clone(), LocalIo::new(r.space.clone()), FRAMES).unwrap();
+    let mut drv =
+        VirtioBlkDriver::probe(r.idd.clone(), LocalIo::new(r.space.clone()), FRAMES).unwrap();
     assert_eq!(drv.capacity(), 2048);
     assert!(!drv.read_only());
     // The driver's queue memory is pinned: two IOMMU entries.
@@ -192,10 +193,24 @@ fn guest_disk_through_blkback_and_the_virtio_driver() {
     );
     let mut a = Front::new(&r.sys, r.idd.domid(), "a");
     let mut b = Front::new(&r.sys, r.idd.domid(), "b");
-    back.attach(a.channel(Region { offset: 0, sectors: 1024 }, false, journal_frame(0)))
-        .unwrap();
-    back.attach(b.channel(Region { offset: 1024, sectors: 1024 }, true, journal_frame(1)))
-        .unwrap();
+    back.attach(a.channel(
+        Region {
+            offset: 0,
+            sectors: 1024,
+        },
+        false,
+        journal_frame(0),
+    ))
+    .unwrap();
+    back.attach(b.channel(
+        Region {
+            offset: 1024,
+            sectors: 1024,
+        },
+        true,
+        journal_frame(1),
+    ))
+    .unwrap();
     // Guest a writes 16 consecutive pages with one request per page: the elevator merges them.
     for p in 0..16 {
         a.fill(p, &pattern(500 + p as u64));
@@ -242,4 +257,55 @@ fn guest_disk_through_blkback_and_the_virtio_driver() {
     assert_eq!(ok, [false, false, true]);
     // Only the driver's two queue pages remain pinned.
     assert_eq!(r.iommu.len(), 2);
+}
+
+/// A driver that dies with chains at the device (its process was killed: no Drop, no reset),
+/// then a new driver of the same domain probes the same device and must be served.
+#[test]
+fn a_new_driver_after_a_dead_one_with_chains_in_flight_is_served() {
+    let r = rig(2048);
+    let p = &*r.idd;
+    let mut pins = Vec::new();
+    for f in 24..28u64 {
+        p.write_local(f, 0, &pattern(f)).unwrap();
+        let g = p.grant_access(p.domid(), f, false).unwrap();
+        pins.push(p.pin_grant(p.domid(), g, true).unwrap());
+    }
+    let write = |token: u64, iova: u64| DevRequest {
+        token,
+        op: DevOp::Write,
+        sector: token * 8,
+        nr_sectors: 8,
+        segs: vec![IovaSeg { iova, len: 4096 }],
+    };
+    for round in 0..5u64 {
+        let mut old =
+            VirtioBlkDriver::probe(r.idd.clone(), LocalIo::new(r.space.clone()), FRAMES).unwrap();
+        for (i, iova) in pins.iter().enumerate() {
+            old.submit(write(i as u64 + 10 * round, *iova)).unwrap();
+        }
+        // The process dies: nothing of the driver runs any more.
+        std::mem::forget(old);
+        let mut new =
+            VirtioBlkDriver::probe(r.idd.clone(), LocalIo::new(r.space.clone()), FRAMES).unwrap();
+        for (i, iova) in pins.iter().enumerate() {
+            new.submit(write(i as u64 + 100 + 10 * round, *iova))
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while out.len() < pins.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: only {} of {} completions: {}",
+                out.len(),
+                pins.len(),
+                new.describe()
+            );
+            new.poll(&mut out).unwrap();
+            new.wait(Duration::from_millis(5)).unwrap();
+        }
+        assert!(out.iter().all(|c| c.ok), "{out:?}");
+        std::mem::forget(new);
+    }
 }

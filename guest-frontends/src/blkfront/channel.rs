@@ -470,3 +470,240 @@ fn piece_pages(piece: &Piece) -> usize {
         PieceOp::Flush | PieceOp::Discard { .. } => 0,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use devchan::blkif::{BlkStatus, BlkifBackRing, BlkifResponse, BLKIF_OP_WRITE};
+    use devchan::platform::{CopyPtr, GrantCopyOp};
+    use hypervisor::domain::DomainConfig;
+    use hypervisor::local::LocalPlatform;
+    use hypervisor::system::System;
+
+    struct Pair {
+        front: Arc<LocalPlatform>,
+        back: LocalPlatform,
+    }
+
+    fn pair() -> Pair {
+        let sys = System::new();
+        let cfg = |n: &str| DomainConfig {
+            name: n.into(),
+            nr_frames: 16,
+            iommu: None,
+        };
+        let f = sys.create_domain(cfg("front")).unwrap();
+        let b = sys.create_domain(cfg("back")).unwrap();
+        Pair {
+            front: Arc::new(LocalPlatform::new(sys.clone(), f).unwrap()),
+            back: LocalPlatform::new(sys, b).unwrap(),
+        }
+    }
+
+    fn write_piece(sector: u64, pages: usize) -> Piece {
+        let data = (0..pages * PAGE_SIZE).map(|i| (i % 253) as u8).collect();
+        Piece {
+            token: 1,
+            seq: 0,
+            sector,
+            offset: 0,
+            op: PieceOp::Write(data),
+        }
+    }
+
+    /// Copy one granted page of the frontend into a buffer, as a backend would.
+    fn copy_out(p: &Pair, gref: GrantRef) -> Vec<u8> {
+        let st = p
+            .back
+            .grant_copy(&[GrantCopyOp {
+                src: CopyPtr::Grant {
+                    domid: p.front.domid(),
+                    gref,
+                    offset: 0,
+                },
+                dst: CopyPtr::Local {
+                    frame: 8,
+                    offset: 0,
+                },
+                len: 4096,
+            }])
+            .unwrap();
+        assert_eq!(st, vec![0]);
+        let mut b = vec![0u8; 4096];
+        p.back.read_local(8, 0, &mut b).unwrap();
+        b
+    }
+
+    fn back_ring(p: &Pair, ch: &Channel<LocalPlatform>) -> (BlkifBackRing, impl Sized) {
+        let map = p
+            .back
+            .map_grant(p.front.domid(), ch.ring_ref(), false)
+            .unwrap();
+        let base = core::ptr::NonNull::new(map.as_ptr()).unwrap();
+        // SAFETY: the mapping is a live 4 KiB page returned alongside the ring, which the
+        // test keeps alive at least as long as the ring; only rings access it.
+        let ring = unsafe { BlkifBackRing::attach(base, PAGE_SIZE).unwrap() };
+        p.back
+            .evtchn_bind_interdomain(p.front.domid(), ch.port())
+            .unwrap();
+        (ring, map)
+    }
+
+    #[test]
+    fn direct_write_request_names_granted_data() {
+        let p = pair();
+        let mut pool = PagePool::new(64);
+        let mut ch = Channel::new(p.front.clone(), p.back.domid(), None).unwrap();
+        ch.set_features(7, 0);
+        let piece = write_piece(100, 3);
+        assert_eq!(ch.pages_needed(&piece), 3);
+        assert_eq!(ch.wire_op(&piece), BLKIF_OP_WRITE);
+        ch.issue(&mut pool, 5, &piece).unwrap();
+        let (mut back, _map) = back_ring(&p, &ch);
+        ch.push().unwrap();
+        let raw = back.get_request().unwrap().unwrap();
+        let BlkRequest::Write(r) = BlkRequest::decode(&raw, 0).unwrap() else {
+            panic!("not a write")
+        };
+        assert_eq!((r.id, r.handle, r.sector, r.segments.len()), (5, 7, 100, 3));
+        let PieceOp::Write(data) = &piece.op else {
+            unreachable!()
+        };
+        for (i, s) in r.segments.iter().enumerate() {
+            assert_eq!((s.first_sect, s.last_sect), (0, 7));
+            assert_eq!(
+                copy_out(&p, s.gref),
+                data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+            );
+        }
+        // Writes are granted read-only: the backend cannot write into them.
+        let st = p
+            .back
+            .grant_copy(&[GrantCopyOp {
+                src: CopyPtr::Local {
+                    frame: 8,
+                    offset: 0,
+                },
+                dst: CopyPtr::Grant {
+                    domid: p.front.domid(),
+                    gref: r.segments[0].gref,
+                    offset: 0,
+                },
+                len: 16,
+            }])
+            .unwrap();
+        assert_ne!(st, vec![0]);
+        back.put_response(&BlkifResponse::new(5, BLKIF_OP_WRITE, BlkStatus::Okay))
+            .unwrap();
+        back.push_responses();
+        let rsps = ch.take_responses().unwrap();
+        assert_eq!(rsps.len(), 1);
+        assert_eq!(pool.available(), 64 - 3);
+        ch.finish(&mut pool, 5, None).unwrap();
+        assert_eq!(pool.available(), 64, "pages back in the pool");
+        // The grants are gone.
+        let st = p
+            .back
+            .grant_copy(&[GrantCopyOp {
+                src: CopyPtr::Grant {
+                    domid: p.front.domid(),
+                    gref: r.segments[0].gref,
+                    offset: 0,
+                },
+                dst: CopyPtr::Local {
+                    frame: 8,
+                    offset: 0,
+                },
+                len: 16,
+            }])
+            .unwrap();
+        assert_ne!(st, vec![0]);
+    }
+
+    #[test]
+    fn large_pieces_go_indirect_only_when_offered() {
+        let p = pair();
+        let mut pool = PagePool::new(64);
+        let mut ch = Channel::new(p.front.clone(), p.back.domid(), None).unwrap();
+        let piece = write_piece(8, 20);
+        assert!(matches!(
+            ch.issue(&mut pool, 0, &piece),
+            Err(ChannelError::TooLarge(20))
+        ));
+        assert_eq!(pool.available(), 64, "nothing held after a refusal");
+        ch.set_features(0, 32);
+        assert_eq!(ch.pages_needed(&piece), 21);
+        assert_eq!(ch.wire_op(&piece), BLKIF_OP_INDIRECT);
+        ch.issue(&mut pool, 0, &piece).unwrap();
+        let (mut back, _map) = back_ring(&p, &ch);
+        ch.push().unwrap();
+        let raw = back.get_request().unwrap().unwrap();
+        let BlkRequest::Indirect(r) = BlkRequest::decode(&raw, 32).unwrap() else {
+            panic!("not indirect")
+        };
+        assert_eq!((r.op, r.nr_segments, r.pages()), (IndirectOp::Write, 20, 1));
+        let segs_page = copy_out(&p, r.grefs()[0]);
+        let segs = r.segments(&segs_page).unwrap();
+        assert_eq!(segs.len(), 20);
+        let PieceOp::Write(data) = &piece.op else {
+            unreachable!()
+        };
+        assert_eq!(copy_out(&p, segs[19].gref), data[19 * PAGE_SIZE..]);
+    }
+
+    #[test]
+    fn reads_copy_answered_data_and_teardown_releases_everything() {
+        let p = pair();
+        let mut pool = PagePool::new(8);
+        let mut ch = Channel::new(p.front.clone(), p.back.domid(), None).unwrap();
+        let piece = Piece {
+            token: 1,
+            seq: 0,
+            sector: 0,
+            offset: 0,
+            op: PieceOp::Read { sectors: 9 },
+        };
+        assert_eq!(ch.pages_needed(&piece), 2);
+        ch.issue(&mut pool, 1, &piece).unwrap();
+        ch.issue(&mut pool, 2, &piece).unwrap();
+        let (mut back, map) = back_ring(&p, &ch);
+        ch.push().unwrap();
+        let BlkRequest::Read(r) =
+            BlkRequest::decode(&back.get_request().unwrap().unwrap(), 0).unwrap()
+        else {
+            panic!("not a read")
+        };
+        assert_eq!(r.segments[1].last_sect, 0, "9 sectors: 8 + 1");
+        // The backend fills the pages.
+        p.back.write_local(8, 0, &[0x77; 4096]).unwrap();
+        for s in r.segments.iter() {
+            let st = p
+                .back
+                .grant_copy(&[GrantCopyOp {
+                    src: CopyPtr::Local {
+                        frame: 8,
+                        offset: 0,
+                    },
+                    dst: CopyPtr::Grant {
+                        domid: p.front.domid(),
+                        gref: s.gref,
+                        offset: 0,
+                    },
+                    len: 4096,
+                }])
+                .unwrap();
+            assert_eq!(st, vec![0]);
+        }
+        let mut out = vec![0u8; 9 * 512];
+        ch.finish(&mut pool, 1, Some(&mut out)).unwrap();
+        assert!(out.iter().all(|b| *b == 0x77));
+        // Request 2 is never answered: teardown ends its grants; the ring page is still
+        // mapped by the backend, so it is not offered for reuse.
+        assert_eq!(pool.available(), 6);
+        assert!(ch.teardown(&mut pool).is_none());
+        assert_eq!(pool.available(), 8);
+        let _ = back;
+        drop(map);
+    }
+}

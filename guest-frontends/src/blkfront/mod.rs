@@ -28,6 +28,13 @@
 //! only when every piece of it was answered `BLKIF_RSP_OKAY` by some backend; the shadow
 //! table's ordering rules make a reissued write harmless (see [`shadow`]).
 //!
+//! # Watching the backend
+//!
+//! Instead of XenStore watches, the frontend reads the backend's `state` and its own
+//! `backend`/`backend-id` whenever a wait on the event channel passes
+//! [`BlkFrontConfig::poll_interval`] without an event: plain reads work over every transport,
+//! and a busy device (events arriving) costs no XenStore traffic.
+//!
 //! # Threads
 //!
 //! [`BlkFront`] is driven by its caller (`&mut self`, no thread of its own): the blocking calls
@@ -35,6 +42,7 @@
 //! a mutex ([`crate::block::BlockDevice`] is implemented for `Mutex<BlkFront>`).
 
 pub mod channel;
+mod connect;
 pub mod shadow;
 pub mod store;
 
@@ -45,7 +53,7 @@ use std::time::{Duration, Instant};
 use devchan::blkif::{BlkStatus, BlkifResponse, SECTOR_SIZE};
 use devchan::grant::DomId;
 use devchan::platform::{Platform, PlatformError, Port};
-use devchan::xenbus::{Action, Handshake, Role, XenbusState};
+use devchan::xenbus::{Handshake, Role, XenbusState};
 
 use channel::{Channel, ChannelError, PagePool};
 use shadow::{Piece, PieceOp, ShadowTable, Token};
@@ -441,7 +449,10 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
         Ok(t)
     }
 
-    /// Wait for operation `token`; a read's data is returned (empty for the others).
+    /// Wait for operation `token`; a read's data is returned (empty for the others). After
+    /// [`BlkError::TimedOut`] the operation is abandoned: its pieces not yet on a ring are
+    /// dropped, those already issued may still complete (a timed-out write leaves its sectors
+    /// unspecified).
     pub fn wait(&mut self, token: Token) -> Result<Vec<u8>> {
         let deadline = self.cfg.io_timeout.map(|t| Instant::now() + t);
         loop {
@@ -458,6 +469,29 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
             }
             self.step()?;
         }
+    }
+
+    /// The result of operation `token` if it has completed, without waiting (`None`: still
+    /// outstanding, or unknown).
+    pub fn take(&mut self, token: Token) -> Option<Result<Vec<u8>>> {
+        self.done.remove(&token)
+    }
+
+    /// Operation `token` was submitted and its result not yet collected.
+    pub fn is_pending(&self, token: Token) -> bool {
+        self.ops.contains_key(&token) || self.done.contains_key(&token)
+    }
+
+    /// Give up on operation `token` (see [`Self::wait`] on timeouts).
+    pub fn cancel(&mut self, token: Token) {
+        self.shadow.cancel_waiting(token);
+        self.ops.remove(&token);
+        self.done.remove(&token);
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &BlkFrontConfig {
+        &self.cfg
     }
 
     /// Wait up to `timeout` for progress; returns the operations that completed (their
@@ -504,7 +538,10 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
                 }
             }
             let op = chan.wire_op(piece);
-            let id = self.shadow.start(idx, op).map_err(|_| BlkError::TimedOut)?;
+            // Cannot fail: a free id and the waiting piece were checked just above.
+            let Ok(id) = self.shadow.start(idx, op) else {
+                break;
+            };
             let Some(piece) = self.shadow.inflight(u64::from(id)) else {
                 break;
             };
@@ -555,7 +592,15 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
                 self.force_reconnect("stalled");
                 self.write_state()?;
             }
-            self.drive_xenbus()?;
+            if let Err(e) = self.drive_xenbus() {
+                // Before the first connection the caller hears of it (a misconfigured device);
+                // afterwards a failed reconnect attempt (a backend not ready, malformed keys)
+                // is retried at the next interval, and requests wait (up to `io_timeout`).
+                if self.stats.connects == 0 {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "reconnect attempt failed; retrying");
+            }
         }
         self.kick()
     }
@@ -597,29 +642,41 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
             }
             _ => None,
         };
-        if let Some(chan) = self.chan.as_mut() {
-            chan.finish(&mut self.pool, id, out)
-                .map_err(|e| e.to_string())?;
-        }
-        let Some(op) = self.ops.get_mut(&piece.token) else {
-            return Ok(()); // the caller gave up on it
+        // The piece is answered whatever happens now: a local failure to copy its data out
+        // fails the caller's operation, it does not make the backend wrong.
+        let copied = match self.chan.as_mut() {
+            Some(chan) => chan.finish(&mut self.pool, id, out).is_ok(),
+            None => true,
         };
-        match status {
-            BlkStatus::Okay => {}
-            BlkStatus::Error => op.error = Some(BlkError::Io),
-            BlkStatus::NotSupported => op.error = Some(BlkError::NotSupported),
+        let error = match status {
+            BlkStatus::Okay if !copied => Some(BlkError::Io),
+            BlkStatus::Okay => None,
+            BlkStatus::Error => Some(BlkError::Io),
+            BlkStatus::NotSupported => Some(BlkError::NotSupported),
+        };
+        self.settle(piece.token, error);
+        Ok(())
+    }
+
+    /// One piece of operation `token` is done (with `error`, if any); the operation is done
+    /// when all its pieces are.
+    fn settle(&mut self, token: Token, error: Option<BlkError>) {
+        let Some(op) = self.ops.get_mut(&token) else {
+            return; // the caller gave up on it
+        };
+        if error.is_some() {
+            op.error = error;
         }
         op.remaining -= 1;
         if op.remaining == 0 {
-            if let Some(op) = self.ops.remove(&piece.token) {
+            if let Some(op) = self.ops.remove(&token) {
                 let r = match op.error {
                     Some(e) => Err(e),
                     None => Ok(op.buf),
                 };
-                self.done.insert(piece.token, r);
+                self.done.insert(token, r);
             }
         }
-        Ok(())
     }
 
     fn protocol_error(&mut self, e: &dyn std::fmt::Display) {
@@ -627,144 +684,6 @@ impl<P: Platform, S: FrontStore> BlkFront<P, S> {
         self.stats.protocol_errors += 1;
         self.force_reconnect("protocol error");
         let _ = self.write_state();
-    }
-
-    /// Drop the connection (reading nothing more from its ring) and requeue what was on it.
-    fn drop_channel(&mut self) {
-        if let Some(ch) = self.chan.take() {
-            let ids = self.shadow.requeue_inflight();
-            self.stats.reissued += ids.len() as u64;
-            self.stats.disconnects += 1;
-            self.spare_ring = ch.teardown(&mut self.pool);
-        }
-    }
-
-    fn force_reconnect(&mut self, why: &str) {
-        tracing::info!(why, "dropping the backend connection");
-        self.drop_channel();
-        if !matches!(
-            self.hs.state(),
-            XenbusState::Closed | XenbusState::Initialising
-        ) {
-            self.hs = Handshake::resume(Role::Frontend, XenbusState::Closing);
-        }
-    }
-
-    fn write_state(&mut self) -> Result<()> {
-        let key = format!("{}/state", self.cfg.front_dir);
-        self.store
-            .write(&key, self.hs.state().to_xenstore().as_bytes())?;
-        Ok(())
-    }
-
-    /// Which backend the frontend directory names now.
-    fn read_backend(&mut self) -> Result<Option<(String, DomId)>> {
-        let dir = &self.cfg.front_dir;
-        let Some(path) = self.store.read(&format!("{dir}/backend"))? else {
-            return Ok(None);
-        };
-        let path = String::from_utf8(path).map_err(|e| StoreError::Malformed {
-            key: format!("{dir}/backend"),
-            value: String::from_utf8_lossy(e.as_bytes())
-                .chars()
-                .take(32)
-                .collect(),
-        })?;
-        let key = format!("{dir}/backend-id");
-        let id = store::read_u64(&mut self.store, &key)?;
-        let id = DomId::try_from(id).map_err(|_| StoreError::Malformed {
-            key,
-            value: id.to_string(),
-        })?;
-        Ok(Some((path.trim_end_matches('\0').to_owned(), id)))
-    }
-
-    /// Run the XenBus handshake against the backend's current state until it waits.
-    fn drive_xenbus(&mut self) -> Result<()> {
-        let named = self.read_backend()?;
-        if named != self.backend {
-            if self.backend.is_some() {
-                tracing::info!(?named, "backend replaced");
-                self.drop_channel();
-                self.hs = Handshake::new(Role::Frontend);
-                self.write_state()?;
-            }
-            self.backend = named;
-        }
-        let Some((dir, backend_id)) = self.backend.clone() else {
-            return Ok(());
-        };
-        for _ in 0..8 {
-            let peer = match self.store.read(&format!("{dir}/state"))? {
-                None => XenbusState::Unknown,
-                Some(v) => XenbusState::from_xenstore(&v).unwrap_or(XenbusState::Unknown),
-            };
-            let action = self.hs.on_peer(peer);
-            tracing::debug!(ours = %self.hs.state(), %peer, ?action, "xenbus");
-            match action {
-                Action::Wait => {
-                    let restart = self.hs.state() == XenbusState::Closed
-                        && !matches!(peer, XenbusState::Closing | XenbusState::Connected);
-                    if !restart {
-                        return Ok(());
-                    }
-                    self.hs.restart();
-                }
-                Action::PublishRing => {
-                    self.drop_channel();
-                    let ch =
-                        Channel::new(self.platform.clone(), backend_id, self.spare_ring.take())?;
-                    let d = &self.cfg.front_dir;
-                    self.store.write_all(&[
-                        (
-                            format!("{d}/ring-ref"),
-                            ch.ring_ref().to_string().into_bytes(),
-                        ),
-                        (
-                            format!("{d}/event-channel"),
-                            ch.port().to_string().into_bytes(),
-                        ),
-                        (format!("{d}/protocol"), PROTOCOL.as_bytes().to_vec()),
-                        (
-                            format!("{d}/state"),
-                            XenbusState::Initialised.to_xenstore().into_bytes(),
-                        ),
-                    ])?;
-                    self.chan = Some(ch);
-                    self.hs.completed(action);
-                    continue;
-                }
-                Action::Connect => {
-                    let info = BackendInfo::read(&mut self.store, &dir)?;
-                    if let Some(ch) = self.chan.as_mut() {
-                        let ind = info
-                            .max_indirect_segments
-                            .min(self.cfg.max_indirect_segments);
-                        ch.set_features(self.cfg.handle, if ind > 11 { ind } else { 0 });
-                    }
-                    self.info = Some(info);
-                    self.resplit();
-                    self.stats.connects += 1;
-                    self.last_progress = Instant::now();
-                    tracing::info!(backend = backend_id, sectors = info.sectors, "connected");
-                }
-                Action::TearDown(_) => self.drop_channel(),
-                Action::Advertise | Action::MapRing { .. } => return Ok(()),
-            }
-            self.hs.completed(action);
-            self.write_state()?;
-        }
-        Ok(())
-    }
-
-    /// Pieces queued for a backend that allowed larger requests than the new one: split.
-    fn resplit(&mut self) {
-        let max = self.piece_sectors();
-        for (token, extra) in self.shadow.split_waiting(max) {
-            if let Some(op) = self.ops.get_mut(&token) {
-                op.remaining += extra;
-            }
-        }
     }
 }
 

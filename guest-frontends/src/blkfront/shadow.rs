@@ -320,6 +320,14 @@ impl ShadowTable {
         added
     }
 
+    /// Remove and return the waiting pieces `pred` selects (in submission order).
+    pub fn take_waiting(&mut self, pred: impl Fn(&Piece) -> bool) -> Vec<Piece> {
+        let (taken, kept): (VecDeque<Piece>, VecDeque<Piece>) =
+            self.waiting.drain(..).partition(|p| pred(p));
+        self.waiting = kept;
+        taken.into()
+    }
+
     /// Remove every piece of `token` (the caller gave up on it after an error); in-flight
     /// pieces stay, their answers are then discarded by the caller.
     pub fn cancel_waiting(&mut self, token: Token) {
@@ -457,6 +465,23 @@ mod tests {
         assert!(op_answers(BLKIF_OP_INDIRECT, BLKIF_OP_INDIRECT));
         assert!(!op_answers(BLKIF_OP_INDIRECT, BLKIF_OP_FLUSH_DISKCACHE));
         assert!(!op_answers(BLKIF_OP_READ, BLKIF_OP_INDIRECT));
+    }
+
+    #[test]
+    fn take_waiting_keeps_the_rest_in_order() {
+        let mut t = ShadowTable::new(4);
+        for i in 0..6 {
+            t.push(r(i, i * 10, 1));
+        }
+        let taken = t.take_waiting(|p| p.token % 2 == 0);
+        assert_eq!(
+            taken.iter().map(|p| p.token).collect::<Vec<_>>(),
+            vec![0, 2, 4]
+        );
+        let left: Vec<_> = (0..t.waiting_len())
+            .map(|i| t.waiting(i).unwrap().token)
+            .collect();
+        assert_eq!(left, vec![1, 3, 5]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod proto;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -282,6 +282,9 @@ pub fn serve<S: Read + Write>(s: &mut S, export: &Export) -> Result<(), NbdError
     Ok(())
 }
 
+/// Clients served at once; further connections are closed at once.
+pub const MAX_CLIENTS: usize = 64;
+
 /// A server listening on a Unix socket; stopped (and the socket file removed) on drop.
 pub struct NbdServer {
     path: PathBuf,
@@ -291,7 +294,7 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Bind `path` (replacing a stale socket file) and serve `export` from a thread, one more
-    /// thread per client.
+    /// thread per client (at most [`MAX_CLIENTS`] at once).
     pub fn spawn(path: impl AsRef<Path>, export: Export) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         match std::fs::remove_file(&path) {
@@ -303,6 +306,7 @@ impl NbdServer {
         let stop = Arc::new(AtomicBool::new(false));
         let export = Arc::new(export);
         let st = stop.clone();
+        let clients = Arc::new(AtomicUsize::new(0));
         let thread = std::thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || {
@@ -311,15 +315,24 @@ impl NbdServer {
                         break;
                     }
                     let Ok(mut c) = conn else { continue };
-                    let ex = export.clone();
-                    let _ =
+                    if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                        clients.fetch_sub(1, Ordering::AcqRel);
+                        tracing::warn!("too many NBD clients; connection refused");
+                        continue;
+                    }
+                    let (ex, n) = (export.clone(), clients.clone());
+                    let spawned =
                         std::thread::Builder::new()
                             .name("nbd-client".into())
                             .spawn(move || {
                                 if let Err(e) = serve(&mut c, &ex) {
                                     tracing::debug!(error = %e, "NBD client session ended");
                                 }
+                                n.fetch_sub(1, Ordering::AcqRel);
                             });
+                    if spawned.is_err() {
+                        clients.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
             })?;
         Ok(Self {
