@@ -11,6 +11,9 @@
 //!   processes (`blk-guest`); and supervises the IDD ([`manager::Manager::supervise`]).
 //! * [`recovery`]: what one recovery took, phase by phase, and percentiles over many.
 //! * [`fault`]: fault injection (crash, hang, ring corruption) against a running IDD.
+//! * [`remote_io`] and [`queue_fit`]: what the IDD program (`dm-idd-blk`) runs its
+//!   virtio-blk driver over: the I/O Space link to domain 0 (plain `read`/`write`, which the
+//!   sandbox allows), and a descriptor budget so merged requests wait instead of failing.
 //!
 //! # Supervision
 //!
@@ -28,6 +31,15 @@
 //! 5. *first response*: until the `rsp_prod` of a guest ring that had requests outstanding
 //!    moves (read by domain 0 in the guest's ring page), or, with nothing outstanding, the
 //!    first heartbeat.
+//!
+//! Before the new process starts, the manager also clears the journals' pin tables
+//! (frame `JOURNAL_FIRST_FRAME + 2 i + 1`): those pins were just revoked and their IOVAs may be
+//! handed out again, so the new process must not unpin them.
+//!
+//! A corrupted ring: the IDD refuses it (prints `failed CHAN`) and keeps serving the others;
+//! the manager takes that backend through `Closing` → `Closed` → `InitWait`, blkfront drops
+//! the ring and publishes a new one (reissuing what had no answer), and the IDD process is
+//! restarted with the new ring ([`manager::Manager::reset_channel`]).
 //!
 //! Replacing the IDD *domain* itself (not needed by a process crash) is the frontends'
 //! reconnect protocol: the manager rewrites `backend`/`backend-id` in each frontend directory
