@@ -52,7 +52,7 @@ struct Args {
     /// Unix socket of the device's I/O Space server in domain 0.
     #[arg(long)]
     device_socket: PathBuf,
-    /// A guest disk: GUEST:RING_REF:PORT:OFFSET:SECTORS[:ro].
+    /// A guest disk: `GUEST:RING_REF:PORT:OFFSET:SECTORS[:ro]`.
     #[arg(long = "channel")]
     channels: Vec<String>,
     /// Requests taken from one channel per round.

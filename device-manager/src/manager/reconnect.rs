@@ -64,14 +64,12 @@ impl Manager {
             p.run.kill()?;
         }
         self.fault_at = Some(t0);
-        let mut r = self.recover(Cause::Exited("restarted for a reconnected channel".into()))?;
+        let r = self.recover(Cause::Exited(format!(
+            "channel {chan} ring refused; frontend reconnected"
+        )))?;
         toolstack::set_backend_state(&mut self.admin, &nodes, XenbusState::Connected)?;
         self.failed_channels.retain(|c| *c != chan);
         self.reset_done.retain(|c| *c != chan);
-        r.cause = Cause::Exited(format!("channel {chan} ring refused; frontend reconnected"));
-        if let Some(last) = self.recoveries.last_mut() {
-            last.cause = r.cause.clone();
-        }
         Ok(r)
     }
 
@@ -102,5 +100,4 @@ impl Manager {
         let _ = self.sys.destroy_domain(old);
         Ok(())
     }
-
 }
