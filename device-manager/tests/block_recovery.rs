@@ -204,9 +204,11 @@ fn a_hung_idd_misses_its_heartbeat_and_is_replaced() {
             matches!(r.cause, Cause::Hung(d) if d >= Duration::from_millis(300)),
             "{r}"
         );
+        // The last heartbeat came up to one period (50 ms, more on a loaded machine) before
+        // the SIGSTOP: the deadline passes 300 ms after it.
         assert!(
-            r.detect >= Duration::from_millis(250),
-            "detected before the deadline: {r}"
+            r.detect >= Duration::from_millis(150),
+            "detected long before the deadline: {r}"
         );
     }
 }
