@@ -234,3 +234,53 @@ fn a_corrupted_ring_is_refused_and_its_guest_reconnects() {
     assert_eq!(field(&summaries[0], "reconnects"), "1", "{}", summaries[0]);
     assert_eq!(field(&summaries[1], "reconnects"), "0", "{}", summaries[1]);
 }
+
+#[test]
+fn replacing_the_idd_domain_makes_the_frontends_reconnect_without_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = manager(dir.path(), "2s");
+    for (name, seed) in [("alice", "1"), ("bob", "2")] {
+        m.start_guest(
+            name,
+            &[
+                "workload",
+                "--secs",
+                "3",
+                "--blocks",
+                "256",
+                "--seed",
+                seed,
+                "--probe-oob",
+            ],
+        )
+        .unwrap();
+    }
+    m.connect(Duration::from_secs(30)).unwrap();
+    let old = m.idd();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(1000) {
+        m.supervise(Duration::from_millis(10)).unwrap();
+    }
+    m.replace_idd_domain(Duration::from_secs(30)).unwrap();
+    assert_ne!(m.idd(), old);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while m.guest_running("alice").unwrap() || m.guest_running("bob").unwrap() {
+        assert!(Instant::now() < deadline, "guests did not finish");
+        m.supervise(Duration::from_millis(10)).unwrap();
+    }
+    let mut summaries = Vec::new();
+    for name in ["alice", "bob"] {
+        let (exit, lines) = m.wait_guest(name, Duration::from_secs(10)).unwrap();
+        let s = lines
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("summary "))
+            .cloned()
+            .unwrap_or_default();
+        eprintln!("{name}: {exit:?} {s}");
+        assert_eq!(exit, ExitReport::Exited(0), "{name}: {lines:?}");
+        assert_eq!(field(&s, "reconnects"), "1", "{name}: {s}");
+        summaries.push(s);
+    }
+    check_data(&m, &summaries);
+}
