@@ -24,7 +24,8 @@
 //!
 //! # nbd
 //!
-//! Exports the disk on a Unix socket (bound before the sandbox) to NBD clients, one at a time.
+//! Exports the disk on a Unix socket to one NBD client: the socket is bound and the client
+//! accepted before the sandbox (which forbids `accept`); the session ends the program.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::Write;
@@ -358,21 +359,24 @@ fn nbd_export(socket: &std::path::Path) -> Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener =
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    println!("nbd listening {}", socket.display());
+    std::io::stdout().flush()?;
+    // The sandbox forbids accept: take the one client first, then confine.
+    let (s, _) = listener.accept().context("accept")?;
+    drop(listener);
+    // Plain read(2)/write(2): the sandbox allows those, not recvfrom/sendto.
+    let mut s = std::fs::File::from(std::os::fd::OwnedFd::from(s));
     let mut sandbox = SandboxConfig::default();
-    sandbox.keep_fds.push(listener.as_raw_fd());
+    sandbox.keep_fds.push(s.as_raw_fd());
     let (platform, _report) = ProcessPlatform::enter(sandbox).context("sandbox")?;
     let f = connect_entered(platform, 0)?;
     let export = Export {
         name: "disk".into(),
         device: Arc::new(Mutex::new(f)),
     };
-    println!("nbd {}", socket.display());
-    loop {
-        let (mut s, _) = listener.accept().context("accept")?;
-        if let Err(e) = nbd::serve(&mut s, &export) {
-            eprintln!("blk-guest: NBD session ended: {e}");
-        }
-    }
+    nbd::serve(&mut s, &export).context("NBD session")?;
+    println!("nbd session ended");
+    Ok(())
 }
 
 fn main() -> ExitCode {

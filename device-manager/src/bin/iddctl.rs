@@ -5,6 +5,7 @@
 //! iddctl crash POLICY.toml        # = run --faults 1 --fault crash
 //! iddctl hang POLICY.toml         # = run --faults 1 --fault hang
 //! iddctl corrupt POLICY.toml GUEST
+//! iddctl nbd POLICY.toml GUEST SOCKET   # export GUEST's disk to one NBD client
 //! ```
 //!
 //! Everything runs in this process (domain 0); the remote management API is issue 5. `run`
@@ -66,6 +67,15 @@ enum Cmd {
     Hang {
         /// The policy file.
         policy: PathBuf,
+    },
+    /// Export GUEST's disk over NBD on SOCKET (one client session), supervised.
+    Nbd {
+        /// The policy file.
+        policy: PathBuf,
+        /// The guest.
+        guest: String,
+        /// The Unix socket path.
+        socket: PathBuf,
     },
     /// Corrupt GUEST's ring once while the guests run.
     Corrupt {
@@ -184,9 +194,42 @@ fn run(a: &RunArgs) -> Result<bool> {
     Ok(ok)
 }
 
+fn nbd(policy: &PathBuf, guest: &str, socket: &std::path::Path) -> Result<bool> {
+    let policy = Policy::load(policy).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut cfg = ManagerConfig::beside_current_exe()?;
+    cfg.verbose = true;
+    let mut m = Manager::start(&policy, cfg)?;
+    let sock = socket.to_string_lossy().into_owned();
+    m.start_guest(guest, &["nbd", "--socket", &sock])?;
+    println!("== waiting for an NBD client on {sock} (e.g. qemu-io -f raw nbd+unix:///disk?socket={sock})");
+    m.connect(Duration::from_secs(600))?;
+    while m.guest_running(guest)? {
+        m.supervise(Duration::from_millis(20))?;
+    }
+    let (exit, lines) = m.wait_guest(guest, Duration::from_secs(5))?;
+    println!("   guest {guest}: {exit:?} {}", lines.join(" | "));
+    Ok(exit == ExitReport::Exited(0))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Nbd {
+        policy,
+        guest,
+        socket,
+    } = &cli.cmd
+    {
+        return match nbd(policy, guest, socket) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("iddctl: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = match cli.cmd {
+        Cmd::Nbd { .. } => unreachable!("handled above"),
         Cmd::Run(a) => a,
         Cmd::Crash { policy } => once(policy, Fault::Crash),
         Cmd::Hang { policy } => once(policy, Fault::Hang),
