@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
 cargo bench -p hypervisor --bench channel
+cargo bench -p device-manager --bench block
 echo "ci/bench.sh: JSON in target/bench/"
