@@ -11,6 +11,9 @@
 //!
 //! Run: `cargo bench -p device-manager --bench block` (`ci/bench.sh`).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -58,7 +61,7 @@ length = "32MiB"
 
 fn config() -> ManagerConfig {
     ManagerConfig {
-        idd_program: env!("CARGO_BIN_EXE_dm-idd-blk").into(),
+        idd_program: common::idd_program(),
         guest_program: env!("CARGO_BIN_EXE_blk-guest").into(),
         heartbeat: None,
         verbose: std::env::var_os("DM_DEBUG").is_some(),

@@ -7,13 +7,11 @@
 //!   xenstored on a socket and on every domain's ring), the emulated virtio-blk-pci device on
 //!   the emulated PCI bus with its image, its I/O Space (served to the IDD over a socket,
 //!   `idd_blk::io`) and IOMMU, the IDD domain, and the guest domains; writes the XenStore
-//!   device nodes ([`toolstack`]); starts the sandboxed IDD process (`dm-idd-blk`) and guest
+//!   device nodes ([`toolstack`]); starts the sandboxed IDD process (`idd-blk`, the
+//!   `idd-blk` crate's program, whose stdout protocol the supervision reads) and guest
 //!   processes (`blk-guest`); and supervises the IDD ([`manager::Manager::supervise`]).
 //! * [`recovery`]: what one recovery took, phase by phase, and percentiles over many.
 //! * [`fault`]: fault injection (crash, hang, ring corruption) against a running IDD.
-//! * [`remote_io`] and [`queue_fit`]: what the IDD program (`dm-idd-blk`) runs its
-//!   virtio-blk driver over: the I/O Space link to domain 0 (plain `read`/`write`, which the
-//!   sandbox allows), and a descriptor budget so merged requests wait instead of failing.
 //!
 //! # Supervision
 //!
@@ -47,9 +45,7 @@
 
 pub mod fault;
 pub mod manager;
-pub mod queue_fit;
 pub mod recovery;
-pub mod remote_io;
 pub mod toolstack;
 
 /// The block size of the guests' workloads.
@@ -58,25 +54,16 @@ pub const BLOCK: usize = 4096;
 /// The virtual device number of the guests' disk (`xvda`, 202:0 as Linux numbers it).
 pub const VBD_DEVID: u16 = 51712;
 
-/// Frames of the IDD domain's RAM (see `dm-idd-blk`'s docs for the layout).
+/// Domain sizes (the IDD program's own frames are `idd_blk::layout`).
 pub mod layout {
-    use idd_blk::virtio::DriverFrames;
+    pub use idd_blk::layout::JOURNAL_FIRST_FRAME;
 
-    /// Scratch page for indirect segment pages.
-    pub const SCRATCH_FRAME: u64 = 7;
-    /// The virtio driver's queue and request-header frames.
-    pub const DRIVER_FRAMES: DriverFrames = DriverFrames { ring: 8, hdr: 9 };
-    /// Channel `i`'s journal is at `JOURNAL_FIRST_FRAME + 2 i` and the frame after it.
-    pub const JOURNAL_FIRST_FRAME: u64 = 10;
     /// Most channels (guest disks) one IDD serves.
     pub const MAX_CHANNELS: u64 = 8;
     /// RAM of the IDD domain.
-    pub const IDD_FRAMES: u64 = JOURNAL_FIRST_FRAME + 2 * MAX_CHANNELS + 4;
+    pub const IDD_FRAMES: u64 = idd_blk::layout::frames_needed(MAX_CHANNELS) + 2;
     /// RAM of a guest domain (blkfront's data pages and ring).
     pub const GUEST_FRAMES: u64 = 256;
-
-    const _: () = assert!(SCRATCH_FRAME >= hypervisor::memory::layout::FIRST_FREE_FRAME);
-    const _: () = assert!(SCRATCH_FRAME < 8 && JOURNAL_FIRST_FRAME > 9);
 }
 
 /// FNV-1a, 64 bits: the workload's digest of a region's expected content.

@@ -42,7 +42,7 @@ use crate::VBD_DEVID;
 /// Where the programs are and how the manager behaves.
 #[derive(Clone, Debug)]
 pub struct ManagerConfig {
-    /// The IDD program (`dm-idd-blk`).
+    /// The IDD program (the `idd-blk` crate's `idd-blk`).
     pub idd_program: PathBuf,
     /// The guest program (`blk-guest`).
     pub guest_program: PathBuf,
@@ -66,12 +66,12 @@ impl ManagerConfig {
                 }
             }
             bail!(
-                "{name} not found next to {} (build the device-manager crate)",
+                "{name} not found next to {} (cargo build -p idd-blk -p device-manager)",
                 exe.display()
             )
         };
         Ok(Self {
-            idd_program: find("dm-idd-blk")?,
+            idd_program: find("idd-blk")?,
             guest_program: find("blk-guest")?,
             heartbeat: None,
             verbose: false,
@@ -166,15 +166,17 @@ pub struct Manager {
 
 fn serve_io_space(listener: UnixListener, space: Arc<IoSpace>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        // One link at a time, in order: a new IDD process's link is served only once the
-        // dead one's has ended, so the old link's teardown (unbinding the MSI-X vectors)
-        // cannot undo the new link's setup.
+        // Each link on its own thread: a new IDD process's link owns the MSI-X vectors from
+        // its start, even while a dead process's link is still ending (`idd_blk::io::serve`).
         for s in listener.incoming() {
             let Ok(s) = s else { return };
-            let r = idd_blk::io::serve(&space, s);
-            if std::env::var_os("DM_DEBUG").is_some() {
-                eprintln!("[dom0] I/O Space link ended: {r:?}");
-            }
+            let space = Arc::clone(&space);
+            std::thread::spawn(move || {
+                let r = idd_blk::io::serve(&space, s);
+                if std::env::var_os("DM_DEBUG").is_some() {
+                    eprintln!("[dom0] I/O Space link ended: {r:?}");
+                }
+            });
         }
     })
 }
@@ -737,7 +739,7 @@ mod tests {
         // In a unit-test binary (target/debug/deps) the bins are one directory up once built;
         // either they are found or the error names what is missing.
         match ManagerConfig::beside_current_exe() {
-            Ok(c) => assert!(c.idd_program.ends_with("dm-idd-blk")),
+            Ok(c) => assert!(c.idd_program.ends_with("idd-blk")),
             Err(e) => assert!(e.to_string().contains("not found"), "{e}"),
         }
     }

@@ -9,6 +9,8 @@
 //! refused by the backend and the other guest's data is untouched, and the recovery time of
 //! every crash is reported with p50/p99/max.
 
+mod common;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -58,7 +60,7 @@ length = "8MiB"
 
 fn manager(dir: &Path, heartbeat: &str) -> Manager {
     let cfg = ManagerConfig {
-        idd_program: env!("CARGO_BIN_EXE_dm-idd-blk").into(),
+        idd_program: common::idd_program(),
         guest_program: env!("CARGO_BIN_EXE_blk-guest").into(),
         heartbeat: None,
         verbose: false,

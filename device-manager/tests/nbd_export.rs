@@ -3,6 +3,8 @@
 //! verifies it, and the bytes are in the guest's region of the image. Skipped (with a note)
 //! where `qemu-io` is not installed.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -26,7 +28,7 @@ fn qemu_io_writes_and_verifies_through_the_nbd_export() {
     );
     let policy = Policy::parse(&text, "nbd.toml").unwrap_or_else(|e| panic!("{}", e.render()));
     let cfg = ManagerConfig {
-        idd_program: env!("CARGO_BIN_EXE_dm-idd-blk").into(),
+        idd_program: common::idd_program(),
         guest_program: env!("CARGO_BIN_EXE_blk-guest").into(),
         heartbeat: None,
         verbose: false,

@@ -18,14 +18,32 @@
 //!
 //! Response, 16 bytes: `status: i32` ([`ST_OK`], [`ST_REFUSED`], [`ST_MALFORMED`]),
 //! `irqs: u32` (for a wait: bit `v` = MSI-X vector `v` fired), `data: [u8; 8]` (read data).
+//!
+//! # Probing under the I/O Space's policy
+//!
+//! Domain 0 owns the command register's decode bits and shadows the BARs, so
+//! [`RemoteIo::new`] parses the config space without the usual "decode off, size, decode
+//! on" dance: its command-register writes are not sent (the view would refuse them), and the
+//! BARs are sized through the shadow, which answers the all-ones probe with the size mask and
+//! never moves the BAR.
+//!
+//! # Vector ownership
+//!
+//! Each link ([`serve`]) and each [`LocalIo`] binds eventfds to the device's MSI-X vectors
+//! when it starts and unbinds them when it ends. Only the latest binding of a space owns its
+//! vectors: a dead IDD process's link that ends after its successor's link started leaves the
+//! successor's eventfds bound (a process-wide table records, per space, which binding is
+//! current).
 
 use iospace::pci::{self, ConfigAccess, DeviceInfo, PciError};
 use iospace::space::{IoSpace, Irq};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -84,11 +102,27 @@ pub trait IoAccess: Send {
     fn wait_irq(&self, timeout: Duration) -> Result<u32, IoError>;
 }
 
-/// Eventfds bound to the first MSI-X vectors of a space.
-struct Vectors(Vec<EventFd>);
+/// The current binding of each space's vectors: the space's address → binding id.
+static OWNERS: Mutex<BTreeMap<usize, u64>> = Mutex::new(BTreeMap::new());
+/// Binding ids (never reused).
+static NEXT_BINDING: AtomicU64 = AtomicU64::new(1);
+
+fn space_key(space: &IoSpace) -> usize {
+    std::ptr::from_ref(space) as usize
+}
+
+/// Eventfds bound to the first MSI-X vectors of a space, and which binding they are.
+struct Vectors {
+    fds: Vec<EventFd>,
+    id: u64,
+}
 
 impl Vectors {
     fn bind(space: &IoSpace) -> Self {
+        // Held across binding, so binding and unbinding of one space never interleave.
+        let mut owners = OWNERS.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = NEXT_BINDING.fetch_add(1, Ordering::Relaxed);
+        owners.insert(space_key(space), id);
         let n = space.irqs().msix_vectors.min(MAX_VECTORS);
         let mut v = Vec::new();
         for i in 0..n {
@@ -103,12 +137,12 @@ impl Vectors {
             }
             v.push(fd);
         }
-        Self(v)
+        Self { fds: v, id }
     }
 
     fn wait(&self, timeout: Duration) -> Result<u32, IoError> {
         let mut pfds: Vec<libc::pollfd> = self
-            .0
+            .fds
             .iter()
             .map(|f| libc::pollfd {
                 fd: f.as_raw_fd(),
@@ -126,7 +160,7 @@ impl Vectors {
             }
         }
         let mut bits = 0u32;
-        for (i, f) in self.0.iter().enumerate() {
+        for (i, f) in self.fds.iter().enumerate() {
             if f.read().is_ok() {
                 bits |= 1 << i;
             }
@@ -134,8 +168,15 @@ impl Vectors {
         Ok(bits)
     }
 
+    /// Unbind the vectors, unless a later binding took them over (see the module docs).
     fn unbind(&self, space: &IoSpace) {
-        for i in 0..self.0.len() {
+        let mut owners = OWNERS.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = space_key(space);
+        if owners.get(&key) != Some(&self.id) {
+            return;
+        }
+        owners.remove(&key);
+        for i in 0..self.fds.len() {
             let _ = space.bind_irq(Irq::MsiX(u16::try_from(i).unwrap_or(0)), None);
         }
     }
@@ -440,7 +481,35 @@ mod tests {
     fn local_io_binds_and_reports_vectors() {
         let (_d, space) = space();
         let io = LocalIo::new(space.clone());
-        assert_eq!(io.vectors.0.len(), 2);
+        assert_eq!(io.vectors.fds.len(), 2);
         assert_eq!(io.wait_irq(Duration::ZERO).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_link_ending_after_its_successor_started_leaves_the_successors_vectors_bound() {
+        use iospace::emu::StubDevice;
+        let stub = Arc::new(StubDevice::new(StubDevice::example_config()));
+        let bus = PciBus::new();
+        let bdf = bus.plug(3, stub.clone()).unwrap();
+        let space = Arc::new(IoSpace::new(bdf, stub.clone()).unwrap());
+        let link = || {
+            let (a, b) = UnixStream::pair().unwrap();
+            let srv = space.clone();
+            let t = std::thread::spawn(move || serve(&srv, b));
+            (RemoteIo::new(a).unwrap(), t)
+        };
+        // The dead process's link, then its successor's (both bound once probed).
+        let (old, old_t) = link();
+        let (new, new_t) = link();
+        drop(old);
+        old_t.join().unwrap().unwrap();
+        assert!(
+            stub.raise(Irq::MsiX(0)),
+            "the successor's vector was unbound"
+        );
+        assert_eq!(new.wait_irq(Duration::from_millis(500)).unwrap() & 1, 1);
+        drop(new);
+        new_t.join().unwrap().unwrap();
+        assert!(!stub.raise(Irq::MsiX(0)), "the last link unbinds");
     }
 }

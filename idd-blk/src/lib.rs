@@ -22,3 +22,26 @@ pub mod elevator;
 pub mod io;
 pub mod journal;
 pub mod virtio;
+
+/// Frames of the IDD domain's own RAM the `idd-blk` program uses (the manager reserves
+/// them; see the program's docs for the table).
+pub mod layout {
+    use crate::virtio::DriverFrames;
+
+    /// Scratch page for indirect segment pages.
+    pub const SCRATCH_FRAME: u64 = 7;
+    /// The virtio driver's queue and request-header frames.
+    pub const DRIVER_FRAMES: DriverFrames = DriverFrames { ring: 8, hdr: 9 };
+    /// Channel `i`'s journal is at `JOURNAL_FIRST_FRAME + 2 i` and the frame after it.
+    pub const JOURNAL_FIRST_FRAME: u64 = 10;
+
+    /// Frames a domain serving `channels` channels needs.
+    pub const fn frames_needed(channels: u64) -> u64 {
+        JOURNAL_FIRST_FRAME + 2 * channels + 2
+    }
+
+    const _: () = assert!(SCRATCH_FRAME >= hypervisor::memory::layout::FIRST_FREE_FRAME);
+    const _: () =
+        assert!(SCRATCH_FRAME < DRIVER_FRAMES.ring && DRIVER_FRAMES.ring < DRIVER_FRAMES.hdr);
+    const _: () = assert!(DRIVER_FRAMES.hdr < JOURNAL_FIRST_FRAME);
+}

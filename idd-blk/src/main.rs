@@ -8,6 +8,22 @@
 //! from each channel's journal when it is a restarted process of the same domain), prints
 //! `ready` on stdout and serves until killed.
 //!
+//! # stdout protocol (read by the manager's supervision)
+//!
+//! One line per message, nothing else is printed on stdout (diagnostics go to stderr):
+//!
+//! * `ready`: every channel is attached (re-attached, its journal replayed) and served from
+//!   now on.
+//! * `hb N in_flight=K at_device=D channels=C/R/A/E,...`: heartbeat `N` (from 1), printed from
+//!   the serving loop at least every [`HEARTBEAT`] (plus one serving round): `K` guest
+//!   requests in flight, `D` device requests outstanding (held for descriptors included), and
+//!   per channel, in `--channel` order, the requests consumed, replayed from the journal,
+//!   answered, and answered with an error. A process that stops printing them (stopped,
+//!   spinning, deadlocked) misses the manager's deadline and is replaced.
+//! * `failed CHAN`: channel `CHAN` (its index in `--channel` order) became impossible to
+//!   serve (a corrupted ring); it is no longer served, the others are. Printed once per
+//!   channel.
+//!
 //! # Its own memory (frames of the IDD domain's RAM the manager reserves)
 //!
 //! | frame | what |
@@ -16,7 +32,7 @@
 //! | 8, 9 | virtqueue and request headers (pinned for the device) |
 //! | 10 + 2 i, 11 + 2 i | journal of channel `i` (request slots, pin table) |
 //!
-//! The domain needs at least `12 + 2 × channels` frames.
+//! The domain needs at least `12 + 2 × channels` frames (`idd_blk::layout`).
 //!
 //! # Channels
 //!
@@ -26,23 +42,24 @@
 use clap::Parser;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
-use idd_blk::blkback::{BackendConfig, Blkback, ChannelConfig, Region};
+use idd_blk::blkback::{BackendConfig, Blkback, ChannelConfig, ChannelStats, Region};
 use idd_blk::io::RemoteIo;
-use idd_blk::virtio::{DriverFrames, VirtioBlkDriver};
+use idd_blk::layout::{DRIVER_FRAMES, JOURNAL_FIRST_FRAME, SCRATCH_FRAME};
+use idd_blk::virtio::VirtioBlkDriver;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Scratch frame for indirect pages.
-const SCRATCH_FRAME: u64 = 7;
-/// The driver's frames.
-const DRIVER: DriverFrames = DriverFrames { ring: 8, hdr: 9 };
-/// The first journal frame.
-const JOURNAL_FIRST_FRAME: u64 = 10;
+/// Heartbeat period (see the stdout protocol).
+const HEARTBEAT: Duration = Duration::from_millis(50);
+/// Longest wait of one serving round (bounds how late a heartbeat can be).
+const ROUND: Duration = Duration::from_millis(20);
+/// Most requests taken from one channel per round.
+const MAX_BATCH: usize = 32;
 
 #[derive(Parser, Debug)]
 #[command(about = "Block driver domain (blkback over a virtio-blk device)")]
@@ -97,6 +114,9 @@ fn run(args: Args) -> Result<(), String> {
         .enumerate()
         .map(|(i, c)| parse_channel(c, i))
         .collect::<Result<Vec<_>, _>>()?;
+    if !(1..=MAX_BATCH).contains(&args.batch) {
+        return Err(format!("--batch must be 1..={MAX_BATCH}"));
+    }
     // The only thing opened before the sandbox: the link to the device's I/O Space.
     let stream = UnixStream::connect(&args.device_socket)
         .map_err(|e| format!("connecting to {}: {e}", args.device_socket.display()))?;
@@ -116,7 +136,7 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("journal: {}", chain(&e)))?;
     }
     let io = RemoteIo::new(stream).map_err(|e| format!("I/O Space: {}", chain(&e)))?;
-    let driver = VirtioBlkDriver::probe(platform.clone(), io, DRIVER)
+    let driver = VirtioBlkDriver::probe(platform.clone(), io, DRIVER_FRAMES)
         .map_err(|e| format!("virtio-blk: {}", chain(&e)))?;
     let mut back = Blkback::new(
         platform,
@@ -126,22 +146,29 @@ fn run(args: Args) -> Result<(), String> {
             scratch_frame: SCRATCH_FRAME,
         },
     );
+    let nchan = channels.len();
     for c in channels {
         back.attach(c)
             .map_err(|e| format!("channel of domain {}: {}", c.guest, chain(&e)))?;
     }
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "ready");
-    let _ = out.flush();
+    let mut out = std::io::stdout().lock();
+    // stdout is the manager's pipe: if it is gone, so is supervision; stop.
+    let say = |out: &mut std::io::StdoutLock<'_>, line: &str| {
+        writeln!(out, "{line}")
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("stdout: {e}"))
+    };
+    say(&mut out, "ready")?;
     let mut reported = std::collections::BTreeSet::new();
-    let mut last_progress = std::time::Instant::now();
+    let (mut beats, mut last_beat) = (0u64, Instant::now());
+    let mut last_progress = Instant::now();
     let mut stall_reported = false;
     loop {
         let work = back
-            .run_once(Duration::from_millis(50))
+            .run_once(ROUND)
             .map_err(|e| format!("serving: {}", chain(&e)))?;
         if work > 0 || back.in_flight() == 0 {
-            last_progress = std::time::Instant::now();
+            last_progress = Instant::now();
             stall_reported = false;
         } else if !stall_reported && last_progress.elapsed() > Duration::from_secs(5) {
             // Requests outstanding and nothing moving: say where they are, once per stall.
@@ -154,12 +181,38 @@ fn run(args: Args) -> Result<(), String> {
             stall_reported = true;
         }
         for (chan, e) in back.failed() {
-            // Once per channel; the manager reads stderr and decides what to do.
             if reported.insert(chan) {
                 eprintln!("idd-blk: channel {chan} failed: {e}");
+                say(&mut out, &format!("failed {chan}"))?;
             }
         }
+        if last_beat.elapsed() >= HEARTBEAT {
+            beats += 1;
+            last_beat = Instant::now();
+            say(&mut out, &heartbeat(beats, &back, nchan))?;
+        }
     }
+}
+
+/// The heartbeat line (see the stdout protocol).
+fn heartbeat<P: devchan::platform::Platform, D: idd_blk::device::BlockDevice>(
+    n: u64,
+    back: &Blkback<P, D>,
+    nchan: usize,
+) -> String {
+    let stats: Vec<ChannelStats> = (0..nchan).filter_map(|c| back.stats(c)).collect();
+    heartbeat_line(n, back.in_flight(), back.device().in_flight(), &stats)
+}
+
+fn heartbeat_line(n: u64, in_flight: usize, at_device: usize, stats: &[ChannelStats]) -> String {
+    let channels: Vec<String> = stats
+        .iter()
+        .map(|s| format!("{}/{}/{}/{}", s.consumed, s.replayed, s.answered, s.errors))
+        .collect();
+    format!(
+        "hb {n} in_flight={in_flight} at_device={at_device} channels={}",
+        channels.join(",")
+    )
 }
 
 /// `e` and its sources, `: `-separated.
@@ -222,5 +275,23 @@ mod tests {
         ] {
             assert!(parse_channel(bad, 0).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn heartbeat_lines_follow_the_protocol() {
+        let s = |c, r, a, e| ChannelStats {
+            consumed: c,
+            replayed: r,
+            answered: a,
+            errors: e,
+        };
+        assert_eq!(
+            heartbeat_line(3, 5, 2, &[s(10, 1, 9, 0), s(4, 0, 4, 1)]),
+            "hb 3 in_flight=5 at_device=2 channels=10/1/9/0,4/0/4/1"
+        );
+        assert_eq!(
+            heartbeat_line(1, 0, 0, &[]),
+            "hb 1 in_flight=0 at_device=0 channels="
+        );
     }
 }

@@ -27,7 +27,18 @@
 //! | hdr | 4064 | the driver's own pins and self-grants (`PIN_RECORD`), released by the next process of the domain |
 //!
 //! A request is one chain: header (device-readable), data segments (the pinned guest IOVAs;
-//! device-writable for reads), status (device-writable).
+//! device-writable for reads), status (device-writable), so it takes `segments + 2`
+//! descriptors.
+//!
+//! # Descriptor budget
+//!
+//! [`BlockDevice::queue_depth`] (a quarter of the queue) bounds how many requests blkback
+//! hands over, but a merged request may take up to `max_segments + 2` descriptors, so the
+//! free list can run dry while the depth allows more. A request that does not fit is never
+//! refused for that: it waits, in submission order, in the driver's hold queue and is put on
+//! the ring as completions free descriptors (it counts as in flight meanwhile). Only a
+//! request larger than the whole queue is refused, and [`BlockDevice::max_segments`] is
+//! clamped so that none is.
 //!
 //! # Device access
 //!
@@ -42,7 +53,7 @@ use crate::io::{IoAccess, IoError};
 use devchan::grant::GrantRef;
 use devchan::platform::{Frame, Platform};
 use iospace::pci::caps::{self, virtio as vcap, Capability};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,6 +160,8 @@ pub struct VirtioBlkDriver<P: Platform, I: IoAccess> {
     used_seen: u16,
     /// Head descriptor → (token, descriptors of the chain).
     inflight: BTreeMap<u16, (DevRequest, Vec<u16>)>,
+    /// Requests waiting for descriptors, in submission order (see the module docs).
+    held: VecDeque<DevRequest>,
     notify_base: u64,
     notify_multiplier: u32,
     /// Kicks since the device last used a chain.
@@ -286,6 +299,7 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
             avail_idx: 0,
             used_seen: 0,
             inflight: BTreeMap::new(),
+            held: VecDeque::new(),
             notify_base,
             notify_multiplier: ncap.notify_off_multiplier,
             stalled_kicks: 0,
@@ -400,6 +414,8 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
             let seg_max = usize::try_from(u32::from_le_bytes(b4)).unwrap_or(1);
             self.seg_max = seg_max.clamp(1, MAX_SEGMENTS);
         }
+        // Every request must fit an empty queue (header and status take two descriptors).
+        self.seg_max = self.seg_max.min(usize::from(q).saturating_sub(2)).max(1);
         self.read_only = features & (1 << VIRTIO_BLK_F_RO) != 0;
         s |= VIRTIO_CONFIG_S_DRIVER_OK;
         self.set_status(s)?;
@@ -419,12 +435,13 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
             .platform
             .read_local(self.ring.frame, USED + 2, &mut used);
         format!(
-            "status {:#x}, avail {}, used seen {} (device {}), {} chains in flight, {} free descriptors, irqs {:#x}, {} kicks, {} resets",
+            "status {:#x}, avail {}, used seen {} (device {}), {} chains in flight, {} held, {} free descriptors, irqs {:#x}, {} kicks, {} resets",
             self.status().unwrap_or(0xff),
             self.avail_idx,
             self.used_seen,
             u16::from_le_bytes(used),
             self.inflight.len(),
+            self.held.len(),
             self.free.len(),
             self.irq_bits,
             self.kicks,
@@ -479,64 +496,44 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
         self.irq_bits = 0;
         self.init(self.notify_base, self.notify_multiplier)
             .map_err(access)?;
-        for r in pending {
+        // In-flight chains go first; those held keep waiting behind them, in order.
+        let held = std::mem::take(&mut self.held);
+        for r in pending.into_iter().chain(held) {
             self.submit(r)?;
         }
         Ok(())
     }
 
-    fn check_config_irq(&mut self) -> Result<(), DeviceError> {
-        if self.irq_bits & (1 << CONFIG_VECTOR) != 0 {
-            self.irq_bits &= !(1 << CONFIG_VECTOR);
-            let s = self.status().map_err(access)?;
-            if u32::from(s) & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
-                self.broken = true;
+    /// Put held requests on the ring while they fit; one the device path refuses
+    /// completes as failed.
+    fn release_held(&mut self, out: &mut Vec<Completion>) -> Result<(), DeviceError> {
+        while self
+            .held
+            .front()
+            .is_some_and(|r| r.segs.len() + 2 <= self.free.len())
+        {
+            let Some(r) = self.held.pop_front() else {
+                break;
+            };
+            let token = r.token;
+            match self.publish(r) {
+                Ok(()) => {}
+                Err(DeviceError::NeedsReset) => return Err(DeviceError::NeedsReset),
+                Err(e) => {
+                    tracing::warn!(error = %e, "held request refused");
+                    out.push(Completion { token, ok: false });
+                }
             }
-        }
-        if self.broken {
-            return Err(DeviceError::NeedsReset);
         }
         Ok(())
     }
-}
 
-// Flag values fit 16 bits.
-#[allow(clippy::cast_possible_truncation)]
-const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
-#[allow(clippy::cast_possible_truncation)]
-const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
-
-impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
-    fn capacity(&self) -> u64 {
-        self.capacity
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn max_segments(&self) -> usize {
-        self.seg_max
-    }
-    fn queue_depth(&self) -> usize {
-        usize::from(self.qsize / 4).max(1)
-    }
-    fn in_flight(&self) -> usize {
-        self.inflight.len()
-    }
-
-    fn submit(&mut self, req: DevRequest) -> Result<(), DeviceError> {
-        self.check_config_irq()?;
-        check_request(&req, self.capacity)?;
-        if req.segs.len() > self.seg_max {
-            return Err(DeviceError::Malformed(
-                "more segments than the device takes",
-            ));
-        }
+    /// Put `req` on the ring (its descriptors are free) and ring the doorbell.
+    fn publish(&mut self, req: DevRequest) -> Result<(), DeviceError> {
         let need = req.segs.len() + 2;
         if self.free.len() < need {
             return Err(DeviceError::Busy);
         }
-        let descs: Vec<u16> = (0..need).filter_map(|_| self.free.pop()).collect();
-        let head = descs[0];
         let kind = match req.op {
             DevOp::Read => VIRTIO_BLK_T_IN,
             DevOp::Write => VIRTIO_BLK_T_OUT,
@@ -554,6 +551,9 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
             h[24..28].copy_from_slice(&n.to_le_bytes());
             hdr_len = 32;
         }
+        // Taken only once nothing can fail before the chain is on the ring.
+        let descs: Vec<u16> = (0..need).filter_map(|_| self.free.pop()).collect();
+        let head = descs[0];
         let slot = usize::from(head);
         let result = (|| {
             self.put(self.hdr.frame, slot * HDR_SLOT, &h)?;
@@ -609,7 +609,8 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
         Ok(())
     }
 
-    fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), DeviceError> {
+    /// Take the chains the device used (completions into `out`), freeing their descriptors.
+    fn reap(&mut self, out: &mut Vec<Completion>) -> Result<(), DeviceError> {
         let mut b = [0u8; 2];
         self.get(self.ring.frame, USED + 2, &mut b)?;
         // Acquire: the used elements the device wrote before its index are read after it.
@@ -643,9 +644,68 @@ impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
                 ok: st[0] == 0,
             });
         }
-        self.check_config_irq()
+        Ok(())
     }
 
+    fn check_config_irq(&mut self) -> Result<(), DeviceError> {
+        if self.irq_bits & (1 << CONFIG_VECTOR) != 0 {
+            self.irq_bits &= !(1 << CONFIG_VECTOR);
+            let s = self.status().map_err(access)?;
+            if u32::from(s) & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+                self.broken = true;
+            }
+        }
+        if self.broken {
+            return Err(DeviceError::NeedsReset);
+        }
+        Ok(())
+    }
+}
+
+// Flag values fit 16 bits.
+#[allow(clippy::cast_possible_truncation)]
+const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+#[allow(clippy::cast_possible_truncation)]
+const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
+impl<P: Platform, I: IoAccess> BlockDevice for VirtioBlkDriver<P, I> {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn max_segments(&self) -> usize {
+        self.seg_max
+    }
+    fn queue_depth(&self) -> usize {
+        usize::from(self.qsize / 4).max(1)
+    }
+    fn in_flight(&self) -> usize {
+        self.inflight.len() + self.held.len()
+    }
+
+    fn submit(&mut self, req: DevRequest) -> Result<(), DeviceError> {
+        self.check_config_irq()?;
+        check_request(&req, self.capacity)?;
+        if req.segs.len() > self.seg_max {
+            return Err(DeviceError::Malformed(
+                "more segments than the device takes",
+            ));
+        }
+        // Behind the held ones (order is kept), or when the free list is short: hold it.
+        if !self.held.is_empty() || self.free.len() < req.segs.len() + 2 {
+            self.held.push_back(req);
+            return Ok(());
+        }
+        self.publish(req)
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) -> Result<(), DeviceError> {
+        self.reap(out)?;
+        self.release_held(out)?;
+        self.check_config_irq()
+    }
     fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
         // Chains outstanding and nothing used for a while: ring the doorbell again. A
         // notification is idempotent (the device pops only what it has not seen), and this

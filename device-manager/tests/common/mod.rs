@@ -1,0 +1,33 @@
+//! What the manager's tests and bench share: where the IDD program is.
+//!
+//! The IDD program is the `idd-blk` crate's binary, which Cargo does not build for another
+//! package's tests (`CARGO_BIN_EXE_*` covers only this package's binaries). It is built here,
+//! with the Cargo that runs the tests, into the same target directory and profile, so the
+//! tests never run a stale copy; then the manager finds it next to the test executable.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Build `idd-blk` (a no-op when it is up to date) and return its path.
+pub fn idd_program() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("test executable in target/<profile>/deps");
+    let target_dir = profile_dir.parent().expect("target directory");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "-p", "idd-blk", "--bin", "idd-blk"])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build -p idd-blk");
+    assert!(status.success(), "cargo build -p idd-blk failed: {status}");
+    let path = profile_dir.join("idd-blk");
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
