@@ -152,13 +152,18 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("channel of domain {}: {}", c.guest, chain(&e)))?;
     }
     let mut out = std::io::stdout().lock();
-    // stdout is the manager's pipe: if it is gone, so is supervision; stop.
-    let say = |out: &mut std::io::StdoutLock<'_>, line: &str| {
-        writeln!(out, "{line}")
-            .and_then(|()| out.flush())
-            .map_err(|e| format!("stdout: {e}"))
+    // stdout is the manager's pipe. If the reader goes away, the guests still need their
+    // driver: stop reporting (said once on stderr) and keep serving.
+    let mut reporting = true;
+    let mut say = |out: &mut std::io::StdoutLock<'_>, line: &str| {
+        if reporting {
+            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                eprintln!("idd-blk: stdout: {e}; no more reports, still serving");
+                reporting = false;
+            }
+        }
     };
-    say(&mut out, "ready")?;
+    say(&mut out, "ready");
     let mut reported = std::collections::BTreeSet::new();
     let (mut beats, mut last_beat) = (0u64, Instant::now());
     let mut last_progress = Instant::now();
@@ -183,13 +188,13 @@ fn run(args: Args) -> Result<(), String> {
         for (chan, e) in back.failed() {
             if reported.insert(chan) {
                 eprintln!("idd-blk: channel {chan} failed: {e}");
-                say(&mut out, &format!("failed {chan}"))?;
+                say(&mut out, &format!("failed {chan}"));
             }
         }
         if last_beat.elapsed() >= HEARTBEAT {
             beats += 1;
             last_beat = Instant::now();
-            say(&mut out, &heartbeat(beats, &back, nchan))?;
+            say(&mut out, &heartbeat(beats, &back, nchan));
         }
     }
 }

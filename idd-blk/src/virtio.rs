@@ -131,6 +131,9 @@ pub enum VirtioError {
     /// The device refused `FEATURES_OK` or `DRIVER_OK`.
     #[error("Device refused status {0:#x}")]
     StatusRefused(u8),
+    /// The device reports no request queue (queue size 0).
+    #[error("Device has no request queue")]
+    NoQueue,
     /// Pinning or granting our own memory failed.
     #[error("Pinning driver memory failed")]
     Platform(#[from] devchan::platform::PlatformError),
@@ -383,10 +386,10 @@ impl<P: Platform, I: IoAccess> VirtioBlkDriver<P, I> {
         self.w(common::QUEUE_SELECT, &0u16.to_le_bytes())?;
         let mut b2 = [0u8; 2];
         self.r(self.common + common::QUEUE_SIZE, &mut b2)?;
-        // The spec has the device report its maximum here after reset. A device that reads
-        // 0 (iospace's model, for now) gets our size, which it checks at DRIVER_OK.
+        // After a reset the device reports its maximum here; 0 means the queue does not
+        // exist (virtio 1.x, 4.1.4.3).
         let max = match u16::from_le_bytes(b2) {
-            0 => QUEUE_SIZE,
+            0 => return Err(VirtioError::NoQueue),
             m => m,
         };
         // The largest power of two within both limits.

@@ -161,6 +161,14 @@ struct QueueRegs {
     device: u64,
 }
 
+impl QueueRegs {
+    /// A queue's registers after a reset: virtio 1.x (4.1.4.3) has `queue_size` read back as
+    /// the maximum the device supports until the driver writes a smaller one.
+    fn reset(max_size: u16) -> Self {
+        Self { size: max_size, ..Self::default() }
+    }
+}
+
 struct State {
     cfg: ConfigSpace,
     msix_cap: u8,
@@ -207,6 +215,7 @@ fn set_half(reg: &mut u64, offset_in_reg: u64, data: &[u8]) {
 impl<D: VirtioDevice> VirtioPci<D> {
     /// Wrap `device`; its DMA goes through `iommu`; INTx (when MSI-X is off) uses `line`.
     pub fn new(device: Arc<D>, iommu: IommuDevice, line: u8) -> Result<Self, EmuError> {
+        let max_size = device.queue_max_size();
         let nq = device.num_queues();
         if nq == 0 || nq > MAX_QUEUES {
             return Err(EmuError::Config("queue count"));
@@ -306,7 +315,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 driver_feature_select: 0,
                 driver_features: 0,
                 queue_select: 0,
-                queues: vec![QueueRegs::default(); usize::from(nq)],
+                queues: vec![QueueRegs::reset(max_size); usize::from(nq)],
                 generation: 0,
             }),
         })
@@ -328,7 +337,8 @@ impl<D: VirtioDevice> VirtioPci<D> {
         st.driver_feature_select = 0;
         st.driver_features = 0;
         st.queue_select = 0;
-        st.queues.iter_mut().for_each(|q| *q = QueueRegs::default());
+        let max = self.device.queue_max_size();
+        st.queues.iter_mut().for_each(|q| *q = QueueRegs::reset(max));
         *lock(&self.irq.vectors) = (NO_VECTOR, vec![NO_VECTOR; st.queues.len()]);
         self.irq.isr.store(0, Ordering::SeqCst);
         self.irq.status.store(0, Ordering::SeqCst);
