@@ -15,15 +15,18 @@ use crate::netif::{
 use crate::ring::{BackRing, FrontRing, OwnedPage, RingMessage};
 use crate::xenbus::XenbusState;
 
-/// A cursor over the fuzzer's bytes; reads past the end give zeros.
-struct Input<'a>(&'a [u8]);
+/// A cursor over the fuzzer's bytes; reads past the end give zeros. Shared by every crate's
+/// fuzz bodies that decode their input into operations.
+pub struct Input<'a>(pub &'a [u8]);
 
 impl Input<'_> {
-    fn is_empty(&self) -> bool {
+    /// Whether every byte was consumed.
+    pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
+    /// The next `n` bytes, zero-padded past the end.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         let take = n.min(self.0.len());
         let (head, tail) = self.0.split_at(take);
         self.0 = tail;
@@ -32,19 +35,28 @@ impl Input<'_> {
         v
     }
 
-    fn u8(&mut self) -> u8 {
+    /// The next byte.
+    pub fn u8(&mut self) -> u8 {
         self.bytes(1)[0]
     }
 
-    fn u16(&mut self) -> u16 {
+    /// The next little-endian `u16`.
+    pub fn u16(&mut self) -> u16 {
         u16::from_le_bytes(self.bytes(2).try_into().unwrap_or_default())
     }
 
-    fn u32(&mut self) -> u32 {
+    /// The next little-endian `u32`.
+    pub fn u32(&mut self) -> u32 {
         u32::from_le_bytes(self.bytes(4).try_into().unwrap_or_default())
     }
 
-    fn msg<T: RingMessage>(&mut self) -> T {
+    /// The next little-endian `u64`.
+    pub fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.bytes(8).try_into().unwrap_or_default())
+    }
+
+    /// The next ring message (zeroed where the input ran out).
+    pub fn msg<T: RingMessage>(&mut self) -> T {
         let b = self.bytes(core::mem::size_of::<T>());
         T::read_from_bytes(&b).unwrap_or_else(|_| T::new_zeroed())
     }

@@ -33,6 +33,7 @@ use devchan::grant::{
     GTF_TYPE_MASK, GTF_WRITING,
 };
 use devchan::platform::{CopyPtr, Frame, GrantCopyOp};
+use devchan::fuzzing::Input;
 use iospace::iommu::Iommu;
 use std::collections::HashSet;
 use std::os::fd::AsFd;
@@ -42,36 +43,6 @@ use std::sync::Arc;
 const FRAMES: u64 = layout::MIN_FRAMES + 4;
 /// Grant references the set-up and the fuzzer's table writes use.
 const FUZZ_REFS: GrantRef = 20;
-
-/// A cursor over the fuzzer's bytes; reads past the end give zeros.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let take = n.min(self.0.len());
-        let (head, tail) = self.0.split_at(take);
-        self.0 = tail;
-        let mut v = head.to_vec();
-        v.resize(n, 0);
-        v
-    }
-
-    fn u8(&mut self) -> u8 {
-        self.bytes(1)[0]
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.bytes(8).try_into().unwrap_or_default())
-    }
-}
 
 /// Two domains that grant each other pages of every kind, with a bound event channel.
 /// Domain 0 has an IOMMU (so its pins succeed); domain 1 has none.
