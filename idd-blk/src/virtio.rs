@@ -81,23 +81,9 @@ const RESET_AFTER_KICKS: u32 = 3;
 /// Most data segments per request we use (the device's `seg_max` may lower it).
 pub const MAX_SEGMENTS: usize = 32;
 
-/// Common configuration register offsets (virtio 1.2 §4.1.4.3, `virtio_pci_common_cfg`).
-mod common {
-    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
-    pub const DEVICE_FEATURE: u64 = 0x04;
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
-    pub const DEVICE_STATUS: u64 = 0x14;
-    pub const QUEUE_SELECT: u64 = 0x16;
-    pub const QUEUE_SIZE: u64 = 0x18;
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    pub const QUEUE_DESC: u64 = 0x20;
-    pub const QUEUE_DRIVER: u64 = 0x28;
-    pub const QUEUE_DEVICE: u64 = 0x30;
-}
+/// Common configuration register offsets (virtio 1.2 §4.1.4.3): the spec's table, defined once
+/// beside the device model that serves them.
+use iospace::emu::virtio_pci::common;
 
 /// `struct virtio_blk_config` offsets we read.
 mod blk_cfg {
