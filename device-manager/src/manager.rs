@@ -167,12 +167,12 @@ pub struct Manager {
 fn serve_io_space(listener: UnixListener, space: Arc<IoSpace>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         // Each link on its own thread: a new IDD process's link owns the MSI-X vectors from
-        // its start, even while a dead process's link is still ending (`idd_blk::io::serve`).
+        // its start, even while a dead process's link is still ending (`iospace::link::serve`).
         for s in listener.incoming() {
             let Ok(s) = s else { return };
             let space = Arc::clone(&space);
             std::thread::spawn(move || {
-                let r = idd_blk::io::serve(&space, s);
+                let r = iospace::link::serve(&space, s);
                 if std::env::var_os("DM_DEBUG").is_some() {
                     eprintln!("[dom0] I/O Space link ended: {r:?}");
                 }

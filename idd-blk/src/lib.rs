@@ -10,7 +10,7 @@
 //! * [`device`]: the [`device::BlockDevice`] trait blkback drives (IOVA segments in,
 //!   completions out) and [`device::FileDevice`], a raw image behind the IOMMU.
 //! * [`virtio`]: a virtio-blk driver that programs a virtio-blk-pci device only through its
-//!   I/O Space ([`io`]: in this process, or in domain 0 over a socket) and gives it only
+//!   I/O Space (`iospace::link`: in this process, or in domain 0 over a socket) and gives it only
 //!   pinned memory.
 //!
 //! Everything is generic over `devchan::platform::Platform`; the `idd-blk` binary runs it in
@@ -19,7 +19,6 @@
 pub mod blkback;
 pub mod device;
 pub mod elevator;
-pub mod io;
 pub mod journal;
 pub mod virtio;
 

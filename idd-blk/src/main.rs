@@ -43,7 +43,7 @@ use clap::Parser;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
 use idd_blk::blkback::{BackendConfig, Blkback, ChannelConfig, ChannelStats, Region};
-use idd_blk::io::RemoteIo;
+use iospace::link::RemoteIo;
 use idd_blk::layout::{DRIVER_FRAMES, JOURNAL_FIRST_FRAME, SCRATCH_FRAME};
 use idd_blk::virtio::VirtioBlkDriver;
 use std::io::Write;

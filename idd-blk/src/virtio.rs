@@ -45,11 +45,11 @@
 //! Capabilities come from the I/O Space's parsed config (`cfg_type` 1 common, 2 notify,
 //! 3 ISR, 4 device config); MSI-X is enabled through the virtualised config view, vector 0
 //! is the queue, vector 1 config changes, waited for through [`IoAccess::wait_irq`]. The I/O
-//! Space is in this process ([`crate::io::LocalIo`]) or in domain 0 ([`crate::io::RemoteIo`]).
+//! Space is in this process ([`iospace::link::LocalIo`]) or in domain 0 ([`iospace::link::RemoteIo`]).
 //! The device is reset when the driver is dropped, before the pins go away.
 
 use crate::device::{check_request, BlockDevice, Completion, DevOp, DevRequest, DeviceError};
-use crate::io::{IoAccess, IoError};
+use iospace::link::{IoAccess, IoError};
 use devchan::grant::GrantRef;
 use devchan::platform::{Frame, Platform};
 use iospace::pci::caps::{self, virtio as vcap, Capability};
@@ -736,7 +736,7 @@ impl<P: Platform, I: IoAccess> Drop for VirtioBlkDriver<P, I> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::LocalIo;
+    use iospace::link::LocalIo;
     use hypervisor::domain::DomainConfig;
     use hypervisor::local::LocalPlatform;
     use hypervisor::system::System;

@@ -74,7 +74,7 @@ fn killed_idd_process_is_restarted_in_its_domain_and_loses_nothing() {
     std::thread::spawn(move || {
         for s in listener.incoming() {
             let Ok(s) = s else { return };
-            let _ = idd_blk::io::serve(&srv_space, s);
+            let _ = iospace::link::serve(&srv_space, s);
         }
     });
 

@@ -13,7 +13,7 @@ use hypervisor::local::LocalPlatform;
 use hypervisor::system::System;
 use idd_blk::blkback::{BackendConfig, Blkback, Region};
 use idd_blk::device::{BlockDevice, DevOp, DevRequest, IovaSeg};
-use idd_blk::io::LocalIo;
+use iospace::link::LocalIo;
 use idd_blk::virtio::{DriverFrames, VirtioBlkDriver};
 use iospace::emu::virtio_blk::{BlkConfig, VirtioBlk};
 use iospace::emu::virtio_pci::VirtioPci;

@@ -36,5 +36,6 @@
 pub mod emu;
 pub mod fuzzing;
 pub mod iommu;
+pub mod link;
 pub mod pci;
 pub mod space;

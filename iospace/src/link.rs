@@ -35,8 +35,8 @@
 //! successor's eventfds bound (a process-wide table records, per space, which binding is
 //! current).
 
-use iospace::pci::{self, ConfigAccess, DeviceInfo, PciError};
-use iospace::space::{IoSpace, Irq};
+use crate::pci::{self, ConfigAccess, DeviceInfo, PciError};
+use crate::space::{IoSpace, Irq};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -398,10 +398,10 @@ pub fn serve(space: &IoSpace, mut stream: UnixStream) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use iospace::emu::virtio_blk::{BlkConfig, VirtioBlk};
-    use iospace::emu::virtio_pci::VirtioPci;
-    use iospace::emu::PciBus;
-    use iospace::iommu::Iommu;
+    use crate::emu::virtio_blk::{BlkConfig, VirtioBlk};
+    use crate::emu::virtio_pci::VirtioPci;
+    use crate::emu::PciBus;
+    use crate::iommu::Iommu;
 
     fn space() -> (tempfile::TempDir, Arc<IoSpace>) {
         let dir = tempfile::tempdir().unwrap();
@@ -487,7 +487,7 @@ mod tests {
 
     #[test]
     fn a_link_ending_after_its_successor_started_leaves_the_successors_vectors_bound() {
-        use iospace::emu::StubDevice;
+        use crate::emu::StubDevice;
         let stub = Arc::new(StubDevice::new(StubDevice::example_config()));
         let bus = PciBus::new();
         let bdf = bus.plug(3, stub.clone()).unwrap();
