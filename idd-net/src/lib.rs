@@ -1,4 +1,7 @@
 //! The network isolated driver domain: a virtio-net driver behind an I/O Space, and netback
 //! serving Xen's `netif` protocol over device channels.
 //!
-//! Planned in issue 4 (the network path); nothing here yet.
+//! * [`device`]: the [`device::NetDevice`] trait netback drives (transmit IOVA segments in,
+//!   receive buffers of the IDD's own memory posted, completions and arrivals out).
+
+pub mod device;
