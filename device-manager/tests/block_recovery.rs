@@ -132,7 +132,7 @@ fn run(m: &mut Manager, secs: &str, faults: usize, fault: &Fault, every: Duratio
 fn check_data(m: &Manager, summaries: &[String]) {
     let (image, _) = m.image();
     let f = File::open(image).unwrap();
-    for (g, s) in m.guests().iter().zip(summaries) {
+    for (g, s) in m.disks().iter().zip(summaries) {
         assert_eq!(field(s, "mismatches"), "0", "{}: {s}", g.name);
         assert_eq!(field(s, "verified"), BLOCKS.to_string(), "{}: {s}", g.name);
         assert_eq!(
@@ -157,8 +157,8 @@ fn check_data(m: &Manager, summaries: &[String]) {
     }
     // Alice's out-of-region write aimed at Bob's first block: covered by Bob's digest above.
     assert_eq!(
-        m.guests()[0].region.offset + m.guests()[0].region.sectors,
-        m.guests()[1].region.offset
+        m.disks()[0].region.offset + m.disks()[0].region.sectors,
+        m.disks()[1].region.offset
     );
 }
 

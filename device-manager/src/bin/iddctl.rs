@@ -113,9 +113,9 @@ fn run(a: &RunArgs) -> Result<bool> {
         img.display(),
         m.idd()
     );
-    let names: Vec<String> = m.guests().iter().map(|g| g.name.clone()).collect();
+    let names: Vec<String> = m.disks().iter().map(|g| g.name.clone()).collect();
     for (i, n) in names.iter().enumerate() {
-        let g = &m.guests()[i];
+        let g = &m.disks()[i];
         println!(
             "   guest {n}: domain {}, region sectors {}+{}",
             g.domid, g.region.offset, g.region.sectors
