@@ -154,6 +154,23 @@ impl Idd {
         Ok(())
     }
 
+    /// Take over `run`, a process already running in domain `domid` (a promoted standby),
+    /// as this IDD's process.
+    pub fn adopt(&mut self, domid: DomId, mut run: RunningDomain) {
+        let (tx, rx) = channel();
+        forward(&mut run, tx);
+        let pid = run.child_mut().id();
+        self.domid = domid;
+        self.proc = Some(IddProcess {
+            run,
+            pid,
+            lines: rx,
+            last_beat: Instant::now(),
+            started: Instant::now(),
+        });
+        self.starts += 1;
+    }
+
     /// Take the process's stdout lines; true once `ready` was seen (when `want_ready`).
     pub fn drain(&mut self, wait: Duration, want_ready: bool) -> Result<bool> {
         let p = self.proc.as_mut().context("no IDD process")?;
