@@ -265,6 +265,7 @@ impl Wire for TapWire {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // small test patterns
 mod tests {
     use super::*;
 
@@ -311,10 +312,7 @@ mod tests {
     #[test]
     fn bad_interface_names_are_refused() {
         for name in ["", "a/b", "sixteen-bytes-xx", "nul\0"] {
-            assert!(matches!(
-                TapWire::open(name),
-                Err(EmuError::Config(_))
-            ));
+            assert!(matches!(TapWire::open(name), Err(EmuError::Config(_))));
         }
     }
 
@@ -345,7 +343,10 @@ mod tests {
             )
         };
         assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-        let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
+        let tv = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
         // SAFETY: SO_RCVTIMEO takes a `timeval` of the length passed.
         let rc = unsafe {
             libc::setsockopt(
@@ -362,8 +363,7 @@ mod tests {
 
     #[test]
     fn tap_round_trip_when_root() {
-        if !rustix::process::geteuid().is_root() || !std::path::Path::new("/dev/net/tun").exists()
-        {
+        if !rustix::process::geteuid().is_root() || !std::path::Path::new("/dev/net/tun").exists() {
             println!("SKIP: TAP needs root and /dev/net/tun");
             return;
         }
@@ -382,9 +382,7 @@ mod tests {
         let mut buf = [0u8; 2048];
         let found = (0..100).any(|_| {
             // SAFETY: `buf` is writable for its length.
-            let n = unsafe {
-                libc::recv(pkt.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-            };
+            let n = unsafe { libc::recv(pkt.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             n > 0 && buf[..usize::try_from(n).unwrap()] == frame[..]
         });
         assert!(found, "the frame did not reach the host side");
