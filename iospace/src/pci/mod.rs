@@ -31,8 +31,8 @@
 
 pub mod bar;
 pub mod caps;
-pub mod names;
 pub mod sysfs;
+pub mod names;
 
 pub use bar::{Bar, BarKind};
 pub use caps::{Capability, VirtioCap};
@@ -350,10 +350,7 @@ impl Header {
 
     /// The vendor's name from the system's PCI ID database ([`names`]).
     pub fn vendor_name(&self) -> Option<&'static str> {
-        names::db()?
-            .vendors
-            .get(&self.vendor_id)
-            .map(|v| v.name.as_str())
+        names::db()?.vendors.get(&self.vendor_id).map(|v| v.name.as_str())
     }
 
     /// The device's name from the system's PCI ID database.
@@ -365,10 +362,7 @@ impl Header {
     /// The class/subclass name from the system's PCI ID database.
     pub fn class_name(&self) -> Option<&'static str> {
         let class = names::db()?.classes.get(&self.class)?;
-        class
-            .subclasses
-            .get(&self.subclass)
-            .map(|s| s.name.as_str())
+        class.subclasses.get(&self.subclass).map(|s| s.name.as_str())
     }
 
     /// "vendor device" as lspci would print it, with hex ids where the database has no name.
