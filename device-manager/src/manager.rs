@@ -29,15 +29,18 @@ use policy::{Device, DeviceSpec, GuestKind, Policy};
 
 mod blk;
 mod idd;
+mod net;
 mod reconnect;
 
 pub use blk::GuestDisk;
+pub use net::GuestNic;
 
 use crate::fault::Fault;
 use crate::layout::GUEST_FRAMES;
 use crate::recovery::Recovery;
 use blk::BlkSlice;
 use idd::{forward, Idd, Line, RestartRules};
+use net::NetSlice;
 
 /// What an IDD is doing now (for status queries).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -84,6 +87,8 @@ pub struct ManagerConfig {
     pub idd_program: PathBuf,
     /// The guest program of [`Manager::start_guest`] (`blk-guest`).
     pub guest_program: PathBuf,
+    /// The network IDD program (the `idd-net` crate's `idd-net`).
+    pub net_idd_program: PathBuf,
     /// Heartbeat deadline; `None`: the policy's `restart.heartbeat`.
     pub heartbeat: Option<Duration>,
     /// Print each recovery on stderr.
@@ -97,6 +102,7 @@ impl ManagerConfig {
         Ok(Self {
             idd_program: find_program("idd-blk")?,
             guest_program: find_program("blk-guest")?,
+            net_idd_program: find_program("idd-net")?,
             heartbeat: None,
             verbose: false,
         })
@@ -209,6 +215,7 @@ fn rules(dev: &Device, cfg: &ManagerConfig) -> RestartRules {
 pub struct Manager {
     cfg: ManagerConfig,
     blk: Option<BlkSlice>,
+    nets: Vec<NetSlice>,
     guests: Vec<GuestDomain>,
     recoveries: Vec<Recovery>,
     // Last: domain 0 goes after everything that uses it.
@@ -221,9 +228,10 @@ impl Manager {
     pub fn start(policy: &Policy, cfg: ManagerConfig) -> Result<Self> {
         let mut d0 = Dom0::start()?;
         let mut blk = None;
+        let mut nets = Vec::new();
         for dev in &policy.devices {
-            if let DeviceSpec::Blk { .. } = dev.spec {
-                if blk.is_none() {
+            match dev.spec {
+                DeviceSpec::Blk { .. } if blk.is_none() => {
                     blk = Some(BlkSlice::build(
                         &d0,
                         dev,
@@ -232,10 +240,20 @@ impl Manager {
                         cfg.verbose,
                     )?);
                 }
+                DeviceSpec::Blk { .. } => {
+                    bail!("device {}: one disk per manager for now", dev.name)
+                }
+                DeviceSpec::Net { .. } => nets.push(NetSlice::build(
+                    &d0,
+                    dev,
+                    &cfg.net_idd_program,
+                    rules(dev, &cfg),
+                    cfg.verbose,
+                )?),
             }
         }
         ensure!(
-            blk.is_some(),
+            blk.is_some() || !nets.is_empty(),
             "the policy has no device this manager can run"
         );
         let mut guests = Vec::new();
@@ -243,7 +261,11 @@ impl Manager {
             let disk = blk
                 .as_ref()
                 .and_then(|b| g.disk.iter().find(|d| d.device == b.dev.name));
-            if disk.is_none() {
+            let uses_net = g
+                .net
+                .iter()
+                .any(|a| nets.iter().any(|n: &NetSlice| n.dev.name == a.device));
+            if disk.is_none() && !uses_net {
                 continue;
             }
             if g.kind != GuestKind::Process {
@@ -258,6 +280,11 @@ impl Manager {
             if let (Some(b), Some(disk)) = (blk.as_mut(), disk) {
                 b.add_disk(&mut d0, &g.name, domid, disk)?;
             }
+            for a in &g.net {
+                if let Some(n) = nets.iter_mut().find(|n| n.dev.name == a.device) {
+                    n.add_nic(&mut d0, &g.name, domid, a)?;
+                }
+            }
             guests.push(GuestDomain {
                 name: g.name.clone(),
                 domid,
@@ -269,22 +296,22 @@ impl Manager {
         Ok(Self {
             cfg,
             blk,
+            nets,
             guests,
             recoveries: Vec::new(),
             d0,
         })
     }
 
-    fn blk(&self) -> &BlkSlice {
-        self.blk
-            .as_ref()
-            .expect("start() refuses a policy without a disk")
+    fn blk(&self) -> Result<&BlkSlice> {
+        self.blk.as_ref().context("the policy has no disk")
     }
 
-    fn blk_mut(&mut self) -> &mut BlkSlice {
-        self.blk
-            .as_mut()
-            .expect("start() refuses a policy without a disk")
+    fn net(&self, device: &str) -> Result<&NetSlice> {
+        self.nets
+            .iter()
+            .find(|n| n.dev.name == device)
+            .with_context(|| format!("no NIC {device}"))
     }
 
     /// The hypervisor core.
@@ -298,18 +325,54 @@ impl Manager {
     }
 
     /// The disk's image file and its size in sectors.
-    pub fn image(&self) -> (&Path, u64) {
-        (&self.blk().dev.image, self.blk().dev.sectors)
+    pub fn image(&self) -> Result<(&Path, u64)> {
+        let b = self.blk()?;
+        Ok((&b.dev.image, b.dev.sectors))
     }
 
     /// The disk IDD's domain id.
-    pub fn idd(&self) -> DomId {
-        self.blk().idd.domid
+    pub fn idd(&self) -> Result<DomId> {
+        Ok(self.blk()?.idd.domid)
     }
 
-    /// The guests' disks.
+    /// The guests' disks (none without a disk).
     pub fn disks(&self) -> &[GuestDisk] {
-        &self.blk().disks
+        self.blk.as_ref().map_or(&[], |b| &b.disks)
+    }
+
+    /// The NICs on device `device`.
+    pub fn nics(&self, device: &str) -> Result<&[GuestNic]> {
+        Ok(&self.net(device)?.nics)
+    }
+
+    /// The names of the NIC devices.
+    pub fn net_devices(&self) -> Vec<String> {
+        self.nets.iter().map(|n| n.dev.name.clone()).collect()
+    }
+
+    /// Where the far side of NIC `device`'s UDP wire sends frames (`None` for a TAP wire).
+    pub fn wire_addr(&self, device: &str) -> Result<Option<std::net::SocketAddr>> {
+        Ok(self.net(device)?.dev.wire_addr)
+    }
+
+    /// NIC `device`'s MAC address.
+    pub fn device_mac(&self, device: &str) -> Result<[u8; 6]> {
+        Ok(self.net(device)?.dev.mac)
+    }
+
+    /// NIC `device`'s counters (frames and bytes on the wire, drops).
+    pub fn net_stats(&self, device: &str) -> Result<iospace::emu::virtio_net::NetDevStats> {
+        Ok(self.net(device)?.dev.model.stats())
+    }
+
+    /// What NIC `device`'s wire is.
+    pub fn wire_description(&self, device: &str) -> Result<String> {
+        Ok(self.net(device)?.dev.wire_desc.clone())
+    }
+
+    /// Whether NIC `device` has a hot standby ready.
+    pub fn has_standby(&self, device: &str) -> Result<bool> {
+        Ok(self.net(device)?.has_standby())
     }
 
     /// The guest domains.
@@ -323,6 +386,9 @@ impl Manager {
         if let Some(b) = &self.blk {
             v.push(IddStatus::of(&b.idd, "blk"));
         }
+        for n in &self.nets {
+            v.push(IddStatus::of(&n.idd, "net"));
+        }
         v
     }
 
@@ -333,12 +399,12 @@ impl Manager {
 
     /// Channels the disk IDD reported failed.
     pub fn failed_channels(&self) -> &[usize] {
-        &self.blk().idd.failed_channels
+        self.blk.as_ref().map_or(&[], |b| &b.idd.failed_channels)
     }
 
     /// IOMMU entries in use by the disk (pins).
     pub fn iommu_entries(&self) -> usize {
-        self.blk().idd.iommu().len()
+        self.blk.as_ref().map_or(0, |b| b.idd.iommu().len())
     }
 
     fn guest_index(&self, name: &str) -> Result<usize> {
@@ -386,35 +452,57 @@ impl Manager {
         if let Some(b) = self.blk.as_mut() {
             b.connect(&mut self.d0, &started, timeout)?;
         }
+        for n in &mut self.nets {
+            n.connect(&mut self.d0, &started, timeout)?;
+        }
         Ok(())
     }
 
-    /// Inject `fault` into the disk's IDD (see [`crate::fault`]).
+    /// The name of the only IDD's device, or an error naming the choice.
+    fn only_device(&self) -> Result<String> {
+        let mut names: Vec<String> = self.blk.iter().map(|b| b.dev.name.clone()).collect();
+        names.extend(self.net_devices());
+        match names.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => bail!("several devices ({}): say which", names.join(", ")),
+        }
+    }
+
+    /// Inject `fault` into the IDD of the only device (see [`crate::fault`]).
     pub fn inject(&mut self, fault: &Fault) -> Result<()> {
-        let name = self.blk().dev.name.clone();
+        let name = self.only_device()?;
         self.inject_into(&name, fault)
     }
 
     /// Inject `fault` into the IDD of device `device`.
     pub fn inject_into(&mut self, device: &str, fault: &Fault) -> Result<()> {
-        let b = self.blk_mut();
-        ensure!(b.dev.name == device, "no device {device}");
-        match fault {
-            Fault::Crash => b.idd.signal(libc::SIGABRT),
-            Fault::Hang => b.idd.signal(libc::SIGSTOP),
+        let signal = match fault {
+            Fault::Crash => libc::SIGABRT,
+            Fault::Hang => libc::SIGSTOP,
             Fault::Corrupt { guest } => {
-                let ring = b
-                    .disks
-                    .iter()
-                    .find(|d| &d.name == guest)
-                    .with_context(|| format!("guest {guest} has no disk on {device}"))?
-                    .ring
-                    .as_ref()
-                    .context("that guest has no ring yet")?;
+                let ring = if let Some(n) = self.nets.iter().find(|n| n.dev.name == device) {
+                    n.tx_ring(&self.d0, guest)?
+                } else {
+                    let b = self.blk()?;
+                    ensure!(b.dev.name == device, "no device {device}");
+                    b.disks
+                        .iter()
+                        .find(|d| &d.name == guest)
+                        .with_context(|| format!("guest {guest} has no disk on {device}"))?
+                        .ring
+                        .clone()
+                        .context("that guest has no ring yet")?
+                };
                 ring.corrupt(Duration::from_millis(50))?;
-                Ok(())
+                return Ok(());
             }
+        };
+        if let Some(n) = self.nets.iter_mut().find(|n| n.dev.name == device) {
+            return n.idd.signal(signal);
         }
+        let b = self.blk.as_mut().context("the policy has no disk")?;
+        ensure!(b.dev.name == device, "no device {device}");
+        b.idd.signal(signal)
     }
 
     fn next_seq(&self) -> u32 {
@@ -437,8 +525,9 @@ impl Manager {
         loop {
             let seq = self.next_seq();
             let left = until.saturating_duration_since(Instant::now());
-            let slice = left.min(Duration::from_millis(5));
-            if let Some(b) = self.blk.as_mut() {
+            let idds = usize::from(self.blk.is_some()) + self.nets.len();
+            let slice = left.min(Duration::from_millis(5)) / u32::try_from(idds.max(1))?;
+            if let Some(b) = self.blk.as_mut().filter(|b| b.idd.running()) {
                 b.idd.drain(Duration::ZERO, false)?;
                 if let Some(chan) = b
                     .idd
@@ -453,6 +542,15 @@ impl Manager {
                 }
                 if let Some(cause) = b.idd.check(slice)? {
                     let r = b.recover(&mut self.d0, cause, seq)?;
+                    return Ok(Some(self.record(r)));
+                }
+            }
+            for n in &mut self.nets {
+                if !n.idd.running() {
+                    continue;
+                }
+                if let Some(cause) = n.idd.check(slice)? {
+                    let r = n.recover(&mut self.d0, cause, seq)?;
                     return Ok(Some(self.record(r)));
                 }
             }
@@ -541,6 +639,9 @@ impl Drop for Manager {
         }
         if let Some(b) = self.blk.take() {
             let _ = self.d0.sys.destroy_domain(b.idd.domid);
+        }
+        for mut n in std::mem::take(&mut self.nets) {
+            n.shutdown(&self.d0);
         }
     }
 }

@@ -124,6 +124,11 @@ impl Idd {
         self.proc.as_ref().map(|p| p.pid)
     }
 
+    /// Whether a process was started (and not given up on).
+    pub fn running(&self) -> bool {
+        self.proc.is_some()
+    }
+
     /// How long the current process has run.
     pub fn uptime(&self) -> Option<Duration> {
         self.proc.as_ref().map(|p| p.started.elapsed())
