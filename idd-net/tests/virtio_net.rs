@@ -351,3 +351,43 @@ fn a_device_fault_fails_the_driver() {
         NetEvent::Rx { len: 64, .. }
     ));
 }
+
+#[test]
+fn the_driver_works_over_the_remote_link_too() {
+    // The IDD process reaches its I/O Space in domain 0 through a socket (`RemoteIo`).
+    let r = rig();
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let srv = r.space.clone();
+    let server = std::thread::spawn(move || iospace::link::serve(&srv, b));
+    let io = iospace::link::RemoteIo::new(a).unwrap();
+    let mut drv = VirtioNetDriver::probe(r.idd.clone(), io, FRAMES).unwrap();
+    assert_eq!(drv.mac(), MAC);
+    drv.post_rx(r.rx_buffer(80)).unwrap();
+    drv.poll(&mut Vec::new()).unwrap();
+    let f = frame(1514, 4);
+    r.far.send_to(&f, r.wire).unwrap();
+    let NetEvent::Rx { buf, offset, len } = events(&mut drv, 1)[0] else {
+        panic!("no frame")
+    };
+    let mut got = vec![0u8; usize::from(len)];
+    r.idd
+        .read_local(buf.frame, usize::from(offset), &mut got)
+        .unwrap();
+    assert_eq!(got, f);
+    r.idd.write_local(81, 0, &f).unwrap();
+    drv.transmit(
+        5,
+        &[TxSeg {
+            iova: r.pin(81, false),
+            len: 1514,
+        }],
+    )
+    .unwrap();
+    assert_eq!(
+        events(&mut drv, 1),
+        vec![NetEvent::TxDone { token: 5, ok: true }]
+    );
+    assert_eq!(recv_far(&r), f);
+    drop(drv);
+    server.join().unwrap().unwrap();
+}

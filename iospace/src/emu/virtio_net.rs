@@ -1087,4 +1087,14 @@ mod tests {
             fuzz_device(&d);
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        #[test]
+        fn arbitrary_operation_sequences_never_panic(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..360)
+        ) {
+            fuzz_device(&data);
+        }
+    }
 }
