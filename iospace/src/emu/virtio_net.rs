@@ -27,7 +27,8 @@
 //! The driver's notify wakes the transmit thread, which pops each chain, gathers it through
 //! the IOMMU into a local buffer (the frame is copied out of DMA memory once, before any
 //! check), drops the header and sends the frame on the wire, then returns the chain with
-//! used length 0. A chain that is malformed but harmless (a writable descriptor, shorter
+//! used length 0. While the thread drains, the used ring's `VRING_USED_F_NO_NOTIFY` flag is
+//! set so a driver that honours it need not ring for every frame. A chain that is malformed but harmless (a writable descriptor, shorter
 //! than a header plus an Ethernet header, longer than [`NetConfig::max_frame`] plus the
 //! header) is returned unsent and counted in `tx_dropped`; so is a frame the wire refuses.
 //!
@@ -447,28 +448,51 @@ impl Shared {
         }
     }
 
-    /// Send every available transmit chain.
+    /// Send every available transmit chain. While it runs, the used ring's `NO_NOTIFY` flag
+    /// tells the driver not to ring (each doorbell is a trapped MMIO write); after clearing
+    /// it again the ring is checked once more, so a chain made available in between is not
+    /// missed (the driver re-reads the flag after publishing, both sides with a full fence).
     fn drain_tx(&self) {
         let act = self.read_active();
         let Some(a) = act.as_ref() else { return };
         let Some(q) = &a.tx else { return };
         let mut q = lock(q);
-        while !a.failed.load(Ordering::SeqCst) {
-            let c = match pop(&mut q, &a.mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => return,
-                Err(_) => return self.fail(a),
-            };
-            match self.send(a, &c) {
-                Ok(n) => {
-                    bump(&self.stats.tx_frames, 1);
-                    bump(&self.stats.tx_bytes, n as u64);
+        if a.failed.load(Ordering::SeqCst) {
+            return;
+        }
+        if q.disable_notification(&a.mem).is_err() {
+            return self.fail(a);
+        }
+        loop {
+            while !a.failed.load(Ordering::SeqCst) {
+                let c = match pop(&mut q, &a.mem) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(_) => return self.fail(a),
+                };
+                match self.send(a, &c) {
+                    Ok(n) => {
+                        bump(&self.stats.tx_frames, 1);
+                        bump(&self.stats.tx_bytes, n as u64);
+                    }
+                    Err(Fail::Drop) => bump(&self.stats.tx_dropped, 1),
+                    Err(Fail::Fatal) => return self.fail(a),
                 }
-                Err(Fail::Drop) => bump(&self.stats.tx_dropped, 1),
-                Err(Fail::Fatal) => return self.fail(a),
+                if !self.complete(a, &mut q, TX_QUEUE, c.head, 0) {
+                    return self.fail(a);
+                }
             }
-            if !self.complete(a, &mut q, TX_QUEUE, c.head, 0) {
-                return self.fail(a);
+            if a.failed.load(Ordering::SeqCst) {
+                return;
+            }
+            match q.enable_notification(&a.mem) {
+                Ok(false) => return,
+                Ok(true) => {
+                    if q.disable_notification(&a.mem).is_err() {
+                        return self.fail(a);
+                    }
+                }
+                Err(_) => return self.fail(a),
             }
         }
     }
