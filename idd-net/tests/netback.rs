@@ -477,7 +477,7 @@ fn credit_splits_a_saturated_link_in_the_configured_ratio() {
             out_b += 1;
         }
         nb.run_once(Duration::from_millis(1)).unwrap();
-        total = rig.wire.take_sent().len() + total;
+        total += rig.wire.take_sent().len();
     }
     let (sa, sb) = (nb.stats(ia).unwrap(), nb.stats(ib).unwrap());
     let ratio = sb.txb as f64 / sa.txb as f64;
