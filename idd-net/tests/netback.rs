@@ -548,3 +548,38 @@ fn restarted_backend_replays_in_flight_transmits_and_keeps_posted_buffers() {
     // No pin of the dead process is left: only the new pool's.
     assert_eq!(rig.iommu.len(), 1 + usize::try_from(RX_FRAMES).unwrap());
 }
+
+#[test]
+fn guests_on_one_idd_reach_each_other_and_broadcasts_reach_the_wire() {
+    let rig = Rig::new();
+    let mut nb = rig.backend();
+    let mut a = rig.guest("a", 1);
+    let mut b = rig.guest("b", 2);
+    let mut c = rig.guest("c", 3);
+    let ia = nb.attach(a.channel(0, true)).unwrap();
+    let ib = nb.attach(b.channel(1, true)).unwrap();
+    nb.attach(c.channel(2, false)).unwrap();
+    a.post_rx(20..24, false);
+    b.post_rx(20..24, false);
+    c.post_rx(20..24, true);
+    // Unicast a → b, multi-slot: stays off the wire.
+    let to_b = frame_from(b.mac, a.mac, [10, 0, 0, 1], 1000, 5);
+    a.send_frags(&to_b, &[(0, 4000, 60), (1, 0, 940)]);
+    // Broadcast from a: every other guest and the wire, not a itself.
+    let bcast = frame_from(Mac::BROADCAST, a.mac, [10, 0, 0, 1], 90, 6);
+    a.send(&bcast, 2);
+    run(&mut nb, |_| nb_answered(&mut a) >= 3);
+    nb.poll().unwrap();
+    let got_b: Vec<_> = b.received().into_iter().map(Result::unwrap).collect();
+    let got_c: Vec<_> = c.received().into_iter().map(Result::unwrap).collect();
+    assert_eq!(got_b, vec![to_b, bcast.clone()]);
+    assert_eq!(got_c, vec![bcast.clone()]);
+    assert!(a.received().is_empty());
+    assert_eq!(rig.wire.take_sent(), vec![bcast]);
+    assert!(a.tx_seen.values().all(|s| s == &[NETIF_RSP_OKAY]));
+    assert_eq!(nb.stats(ia).unwrap().tx, 2);
+    assert_eq!(nb.stats(ib).unwrap().rx, 2);
+    // The pool is whole again.
+    nb.poll().unwrap();
+    assert_eq!(rig.wire.posted(), DEV_RX);
+}

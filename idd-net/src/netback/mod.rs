@@ -26,6 +26,13 @@
 //! sizes, too many slots; every consumed slot of it answered), a runt or oversized frame, a
 //! grant we cannot copy or pin, or a device error. Extra-info slots get `NETIF_RSP_NULL`.
 //!
+//! Local switching (guests of one IDD talk to each other, as through the bridge Xen's dom0
+//! puts netback's vifs on): the checked header says where the frame goes. A unicast frame
+//! for another channel's MAC is copied (our header copy, then the guest's fragments by grant
+//! copy) into a spare receive page and delivered to that channel like a frame from the wire;
+//! it never reaches the wire. A group frame goes to every other channel that way *and* to
+//! the wire. Any other frame goes to the wire only.
+//!
 //! Credit: each channel's [`Bucket`] ("x bytes every y µs", [`crate::credit`]). A packet over
 //! its channel's credit is held at the head of the channel (not dropped; counted once in
 //! `wait`) until its window ends; channels are visited round robin, up to `batch` packets each.
@@ -183,6 +190,10 @@ struct Pending {
     packet: TxPacket,
     /// Header buffer and copied length, once copied and checked.
     hdr: Option<(usize, usize)>,
+    /// Where it goes, once the header is checked: other channels (local switching), and
+    /// whether to the wire too.
+    local: Vec<usize>,
+    wire: bool,
     /// Counted in `wait` already.
     waited: bool,
 }

@@ -42,12 +42,25 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
             self.free_rx.push(page);
             return Ok(());
         }
+        self.deliver(page, offset, len, targets)
+    }
+
+    /// Deliver the frame in pool page `page` to each of `targets`, then give the page back
+    /// to the pool (unless an exchange gave it away; then the page received in return).
+    pub(super) fn deliver(
+        &mut self,
+        page: usize,
+        offset: u16,
+        len: u16,
+        targets: Vec<usize>,
+    ) -> Result<(), NetbackError> {
+        let frame = self.rx_pages[page].frame;
         // Copy-mode channels first: the last exchange-mode channel takes the page itself.
         let (copy, exchange): (Vec<usize>, Vec<usize>) = targets
             .into_iter()
             .partition(|&c| self.channels[c].cfg.rx_copy);
         for c in copy {
-            self.deliver_copy(c, buf.frame, offset, len)?;
+            self.deliver_copy(c, frame, offset, len)?;
         }
         let mut keep = Some(page);
         let last = exchange.len().saturating_sub(1);
@@ -63,6 +76,17 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
             self.free_rx.push(pg);
         }
         Ok(())
+    }
+
+    /// Live channels other than `except` a frame to `dest` goes to.
+    pub(super) fn local_targets(&self, dest: Destination, except: usize) -> Vec<usize> {
+        let mac = match dest {
+            Destination::Unicast(m) => Some(m),
+            Destination::Group => None,
+        };
+        let mut t = self.channels_with(mac);
+        t.retain(|&c| c != except);
+        t
     }
 
     /// Live channels with `mac`, or all live channels for `None`.

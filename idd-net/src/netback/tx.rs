@@ -4,7 +4,7 @@
 use super::{InFlight, Netback, NetbackError, Pending, HEADERS_PER_FRAME};
 use crate::credit::Verdict;
 use crate::device::{NetDevError, NetDevice, TxSeg};
-use crate::filter::{ETH_HLEN, HEADER_COPY};
+use crate::filter::{destination, Destination, ETH_HLEN, HEADER_COPY};
 use devchan::netif::{
     read_tx_packet, NetifError, NetifStatus, NetifTxResponse, TxPacket, XEN_NETBK_LEGACY_SLOTS_MAX,
 };
@@ -116,6 +116,8 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
                 idxs,
                 packet,
                 hdr: None,
+                local: Vec::new(),
+                wire: true,
                 waited: false,
             })),
             Ok(None) => Ok(Taken::Empty),
@@ -161,7 +163,14 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
                 return Ok(Step::Hold);
             };
             match self.copy_header(chan, &pend.packet, h) {
-                Ok(hlen) => pend.hdr = Some((h, hlen)),
+                Ok((hlen, dest)) => {
+                    pend.hdr = Some((h, hlen));
+                    if let Some(dest) = dest {
+                        pend.local = self.local_targets(dest, chan);
+                        // A unicast frame for a guest of ours stays off the wire.
+                        pend.wire = matches!(dest, Destination::Group) || pend.local.is_empty();
+                    }
+                }
                 Err(status) => {
                     self.free_headers.push(h);
                     if status == NetifStatus::Dropped {
@@ -185,6 +194,19 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
         let Some((h, hlen)) = pend.hdr else {
             return Ok(Step::Next);
         };
+        if !pend.local.is_empty() {
+            let targets = std::mem::take(&mut pend.local);
+            self.switch_local(chan, &pend.packet, h, hlen, targets)?;
+        }
+        if !pend.wire {
+            self.free_headers.push(h);
+            self.channels[chan].bucket.charge(size as u64);
+            let s = &mut self.channels[chan].stats;
+            s.tx += 1;
+            s.txb += size as u64;
+            self.answer(chan, &pend.idxs, &pend.packet, NetifStatus::Okay);
+            return Ok(Step::Next);
+        }
         match self.send(chan, &pend, h, hlen)? {
             Some(step) => {
                 if matches!(step, Step::DeviceFull) {
@@ -199,9 +221,79 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
         }
     }
 
+    /// Local switching: copy the packet (the checked header from our copy, the rest from the
+    /// guest's grants) into a spare receive page and deliver it to the `targets` channels.
+    /// No spare page or an uncopyable grant: dropped for the targets (counted there).
+    fn switch_local(
+        &mut self,
+        chan: usize,
+        packet: &TxPacket,
+        h: usize,
+        hlen: usize,
+        targets: Vec<usize>,
+    ) -> Result<(), NetbackError> {
+        let drop = |nb: &mut Self, targets: &[usize]| {
+            for &t in targets {
+                nb.channels[t].stats.drop += 1;
+            }
+        };
+        let Some(spare) = self.free_rx.pop() else {
+            drop(self, &targets);
+            return Ok(());
+        };
+        let p = &*self.platform;
+        let dst = self.rx_pages[spare].frame;
+        let page = self.headers[h / HEADERS_PER_FRAME];
+        let mut hdr = vec![0u8; hlen];
+        let mut ok = p
+            .read_local(page.frame, (h % HEADERS_PER_FRAME) * HEADER_COPY, &mut hdr)
+            .and_then(|()| p.write_local(dst, 0, &hdr))
+            .is_ok();
+        let mut ops = Vec::new();
+        let (mut skip, mut at) = (hlen, hlen);
+        for f in &packet.fragments {
+            let size = usize::from(f.size);
+            let n = skip.min(size);
+            skip -= n;
+            if n == size {
+                continue;
+            }
+            // Within a page (validated) and within the frame (at most max_frame bytes).
+            #[allow(clippy::cast_possible_truncation)]
+            ops.push(GrantCopyOp {
+                src: CopyPtr::Grant {
+                    domid: self.channels[chan].cfg.guest,
+                    gref: f.gref,
+                    offset: f.offset + n as u16,
+                },
+                dst: CopyPtr::Local {
+                    frame: dst,
+                    offset: at as u16,
+                },
+                len: (size - n) as u16,
+            });
+            at += size - n;
+        }
+        if !ops.is_empty() {
+            ok &= matches!(p.grant_copy(&ops), Ok(st) if st.iter().all(|s| *s == 0));
+        }
+        if !ok {
+            self.free_rx.push(spare);
+            drop(self, &targets);
+            return Ok(());
+        }
+        self.deliver(spare, 0, packet.size, targets)
+    }
+
     /// Grant-copy the packet's first bytes into header buffer `h` and check them against the
-    /// channel's policy. Returns the copied length, or the status to answer with.
-    fn copy_header(&self, chan: usize, packet: &TxPacket, h: usize) -> Result<usize, NetifStatus> {
+    /// channel's policy. Returns the copied length and the frame's destination, or the
+    /// status to answer with.
+    fn copy_header(
+        &self,
+        chan: usize,
+        packet: &TxPacket,
+        h: usize,
+    ) -> Result<(usize, Option<Destination>), NetifStatus> {
         let p = &*self.platform;
         let c = &self.channels[chan];
         let page = self.headers[h / HEADERS_PER_FRAME];
@@ -241,7 +333,7 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
         p.read_local(page.frame, base, &mut hdr)
             .map_err(|_| NetifStatus::Error)?;
         match c.policy.check(&hdr) {
-            Ok(()) => Ok(hlen),
+            Ok(()) => Ok((hlen, destination(&hdr))),
             Err(e) => {
                 tracing::debug!(guest = c.cfg.guest, error = %e, "spoofed transmit dropped");
                 Err(NetifStatus::Dropped)
