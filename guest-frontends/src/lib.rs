@@ -23,3 +23,4 @@ pub mod blkfront;
 pub mod block;
 pub mod fuzzing;
 pub mod nbd;
+pub mod netfront;
