@@ -185,6 +185,7 @@ impl<B> RxAssembler<B> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use devchan::netif::{NETRXF_EXTRA_INFO, NETRXF_MORE_DATA};
