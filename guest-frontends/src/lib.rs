@@ -21,6 +21,7 @@
 
 pub mod blkfront;
 pub mod block;
+pub mod echo;
 pub mod fuzzing;
 pub mod nbd;
 pub mod netfront;
