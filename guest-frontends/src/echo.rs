@@ -134,11 +134,8 @@ impl Responder {
                     return Ok(None);
                 }
                 let src = h.source_addr().octets();
-                let b = PacketBuilder::ethernet2(self.mac, eth.source).ipv4(
-                    self.ip.octets(),
-                    src,
-                    TTL,
-                );
+                let b =
+                    PacketBuilder::ethernet2(self.mac, eth.source).ipv4(self.ip.octets(), src, TTL);
                 let mut out = Vec::new();
                 match &p.transport {
                     Some(TransportSlice::Icmpv4(icmp)) => {
@@ -281,7 +278,16 @@ mod tests {
         let other = udp_frame((PEER, PEER_IP, 4000), (ME, IP, DISCARD_PORT), 60, 0).unwrap();
         assert!(r.handle(&other).is_none());
         assert!(r.handle(&[1, 2, 3]).is_none());
-        assert_eq!(r.stats(), EchoStats { arp: 0, icmp: 0, udp: 1, ignored: 1, malformed: 1 });
+        assert_eq!(
+            r.stats(),
+            EchoStats {
+                arp: 0,
+                icmp: 0,
+                udp: 1,
+                ignored: 1,
+                malformed: 1
+            }
+        );
         assert!(udp_frame((PEER, PEER_IP, 1), (ME, IP, 2), 41, 0).is_err());
     }
 

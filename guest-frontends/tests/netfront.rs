@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use devchan::grant::{DomId, PAGE_SIZE};
 use devchan::netif::{
-    read_tx_packet, NetifRxBackRing, NetifRxRequest, NetifRxResponse, NetifStatus,
-    NetifTxBackRing, NetifTxResponse, TxPacket, NETRXF_EXTRA_INFO, NETRXF_MORE_DATA,
+    read_tx_packet, NetifRxBackRing, NetifRxRequest, NetifRxResponse, NetifStatus, NetifTxBackRing,
+    NetifTxResponse, TxPacket, NETRXF_EXTRA_INFO, NETRXF_MORE_DATA,
 };
 use devchan::platform::{CopyPtr, GrantCopyOp, Platform, SharedPage};
 use devchan::ring::BackRing;
@@ -165,16 +165,22 @@ impl World {
         let fd = self.front_dir();
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.r(&format!("{fd}/state")).as_deref() != Some("4") {
-            assert!(Instant::now() < deadline, "frontend never published its rings");
+            assert!(
+                Instant::now() < deadline,
+                "frontend never published its rings"
+            );
             match front.as_mut() {
                 Some(f) => f.poll(Duration::from_millis(5)).unwrap(),
                 None => std::thread::sleep(Duration::from_millis(5)),
             }
         }
-        let n = |w: &mut Self, k: &str| -> u32 {
-            w.r(&format!("{fd}/{k}")).unwrap().parse().unwrap()
-        };
-        let (tx, rx, port) = (n(self, "tx-ring-ref"), n(self, "rx-ring-ref"), n(self, "event-channel"));
+        let n =
+            |w: &mut Self, k: &str| -> u32 { w.r(&format!("{fd}/{k}")).unwrap().parse().unwrap() };
+        let (tx, rx, port) = (
+            n(self, "tx-ring-ref"),
+            n(self, "rx-ring-ref"),
+            n(self, "event-channel"),
+        );
         b.rings = Some(Rings::attach(&b.plat, self.guest, tx, rx, port));
         let bd = b.dir.clone();
         self.w(&format!("{bd}/state"), "4");
@@ -221,11 +227,11 @@ impl Rings {
         let rx_map = plat.map_grant(guest, rx, false).unwrap();
         // SAFETY: live 4 KiB mappings, kept in the same struct (dropped after the rings, field
         // order), accessed only through these rings.
-        let txr = unsafe { BackRing::attach(NonNull::new(tx_map.as_ptr()).unwrap(), PAGE_SIZE) }
-            .unwrap();
+        let txr =
+            unsafe { BackRing::attach(NonNull::new(tx_map.as_ptr()).unwrap(), PAGE_SIZE) }.unwrap();
         // SAFETY: as above.
-        let rxr = unsafe { BackRing::attach(NonNull::new(rx_map.as_ptr()).unwrap(), PAGE_SIZE) }
-            .unwrap();
+        let rxr =
+            unsafe { BackRing::attach(NonNull::new(rx_map.as_ptr()).unwrap(), PAGE_SIZE) }.unwrap();
         let port = plat.evtchn_bind_interdomain(guest, port).unwrap();
         Self {
             plat: plat.clone(),
@@ -361,7 +367,9 @@ impl Rings {
     /// Deliver `data` (at most a page) by page exchange: fill a frame of ours and transfer it.
     fn deliver_exchange(&mut self, data: &[u8], offset: u16, frame: u64) {
         let buf = self.next_buffer();
-        self.plat.write_local(frame, usize::from(offset), data).unwrap();
+        self.plat
+            .write_local(frame, usize::from(offset), data)
+            .unwrap();
         self.plat.transfer(frame, self.guest, buf.gref).unwrap();
         self.rx
             .put_response(&NetifRxResponse {
@@ -436,7 +444,11 @@ fn transmit_multi_slot_frames_byte_exact() {
     });
     for (i, ((p, data), n)) in got.iter().zip(sizes).enumerate() {
         assert_eq!(usize::from(p.size), n);
-        assert_eq!(p.fragments.len(), n.div_ceil(PAGE_SIZE), "slots of frame {i}");
+        assert_eq!(
+            p.fragments.len(),
+            n.div_ceil(PAGE_SIZE),
+            "slots of frame {i}"
+        );
         assert!(p.extras.is_empty());
         assert_eq!(*data, frame(n, i as u8), "bytes of frame {i}");
     }
@@ -460,7 +472,11 @@ fn receive_by_copy_single_and_multi_slot() {
     let mut b = w.new_backend(false);
     let mut f = w.connect(&mut b, RxMode::Copy);
     until(&mut f, "backend connected", |f| f.is_connected());
-    let frames = [(frame(60, 1), 0u16), (frame(1514, 2), 100), (frame(9000, 3), 2)];
+    let frames = [
+        (frame(60, 1), 0u16),
+        (frame(1514, 2), 100),
+        (frame(9000, 3), 2),
+    ];
     for (data, off) in &frames {
         b.rings().deliver_copy(data, *off);
     }
@@ -495,12 +511,14 @@ fn receive_by_page_exchange() {
     until(&mut f, "backend connected", |f| f.is_connected());
     assert_eq!(f.rx_mode(), RxMode::Exchange);
     assert_eq!(
-        w.r(&format!("{}/request-rx-copy", w.front_dir())).as_deref(),
+        w.r(&format!("{}/request-rx-copy", w.front_dir()))
+            .as_deref(),
         Some("0")
     );
     for i in 0..(RX_BUFFERS as u8 * 2) {
         let data = frame(60 + usize::from(i) * 50, i);
-        b.rings().deliver_exchange(&data, u16::from(i) * 8, 20 + u64::from(i % 4));
+        b.rings()
+            .deliver_exchange(&data, u16::from(i) * 8, 20 + u64::from(i % 4));
         assert!(f.wait(Duration::from_secs(20)).unwrap());
         assert_eq!(f.recv().unwrap(), data, "frame {i}");
     }
@@ -690,7 +708,10 @@ fn reconnect_after_backend_close_reposts_and_resends() {
     assert_eq!(f.recv().unwrap(), frame(80, 7));
     let st = f.stats();
     assert_eq!((st.connects, st.disconnects, st.tx_packets), (2, 1, 3));
-    assert_eq!(st.resent, 2, "the taken-unanswered one and the queued-behind one");
+    assert_eq!(
+        st.resent, 2,
+        "the taken-unanswered one and the queued-behind one"
+    );
 }
 
 #[test]

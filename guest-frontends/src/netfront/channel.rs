@@ -177,9 +177,7 @@ impl<P: Platform> Channel<P> {
 
     /// Copy every published response of both rings out; when none is left, ask for an event
     /// on the next one of each and check once more.
-    pub fn take_responses(
-        &mut self,
-    ) -> Result<(Vec<NetifTxResponse>, Vec<NetifRxResponse>)> {
+    pub fn take_responses(&mut self) -> Result<(Vec<NetifTxResponse>, Vec<NetifRxResponse>)> {
         let (mut txs, mut rxs) = (Vec::new(), Vec::new());
         loop {
             while let Some(r) = self.tx.get_response()? {
@@ -236,12 +234,23 @@ mod tests {
         };
         back.evtchn_bind_interdomain(f, ch.port()).unwrap();
         assert_eq!(ch.rx_next_slot(), 0);
-        ch.put_rx(&NetifRxRequest { id: 0, pad: 0, gref: 77 }).unwrap();
+        ch.put_rx(&NetifRxRequest {
+            id: 0,
+            pad: 0,
+            gref: 77,
+        })
+        .unwrap();
         ch.push().unwrap();
         assert_eq!(ch.rx_next_slot(), 1);
         let got = ring.get_request().unwrap().unwrap();
         assert_eq!(got.gref, 77);
-        ring.put_response(&NetifRxResponse { id: 0, offset: 0, flags: 0, status: 60 }).unwrap();
+        ring.put_response(&NetifRxResponse {
+            id: 0,
+            offset: 0,
+            flags: 0,
+            status: 60,
+        })
+        .unwrap();
         ring.push_responses();
         let (t, r) = ch.take_responses().unwrap();
         assert!(t.is_empty());

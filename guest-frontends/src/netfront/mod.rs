@@ -107,8 +107,13 @@ pub const DEFAULT_TX_FRAMES: usize = 128;
 
 /// Buffer frames a frontend with `rx_buffers` receive buffers and `tx_frames` transmit frames
 /// is given ([`NetFrontConfig::frames`] must hold this many).
-pub fn frames_needed(rx_buffers: usize, tx_frames: usize) -> u64 {
-    (rx_buffers + tx_frames.max(MIN_TX_FRAMES)) as u64
+pub const fn frames_needed(rx_buffers: usize, tx_frames: usize) -> u64 {
+    let tx = if tx_frames > MIN_TX_FRAMES {
+        tx_frames
+    } else {
+        MIN_TX_FRAMES
+    };
+    (rx_buffers + tx) as u64
 }
 
 /// Errors reported to callers.
@@ -158,7 +163,9 @@ impl std::str::FromStr for RxMode {
         match s {
             "copy" => Ok(Self::Copy),
             "exchange" => Ok(Self::Exchange),
-            other => Err(NetError::Config(format!("rx mode {other:?}: copy or exchange"))),
+            other => Err(NetError::Config(format!(
+                "rx mode {other:?}: copy or exchange"
+            ))),
         }
     }
 }
@@ -282,8 +289,8 @@ impl<P: Platform, S: FrontStore> NetFront<P, S> {
         events: Box<dyn EventWait>,
         cfg: NetFrontConfig,
     ) -> Result<Self> {
-        let nframes = usize::try_from(cfg.frames.end.saturating_sub(cfg.frames.start))
-            .unwrap_or(usize::MAX);
+        let nframes =
+            usize::try_from(cfg.frames.end.saturating_sub(cfg.frames.start)).unwrap_or(usize::MAX);
         if cfg.rx_buffers == 0 || cfg.rx_buffers > NET_RX_RING_SIZE as usize {
             return Err(NetError::Config(format!(
                 "rx_buffers {} not in 1..={NET_RX_RING_SIZE}",
@@ -440,10 +447,7 @@ impl<P: Platform, S: FrontStore> NetFront<P, S> {
         self.kick();
         let wait = timeout.min(self.cfg.poll_interval);
         let fired = match self.chan.as_ref().filter(|_| self.backend_connected) {
-            Some(ch) => self
-                .events
-                .wait(ch.port(), wait)
-                .map_err(NetError::Event)?,
+            Some(ch) => self.events.wait(ch.port(), wait).map_err(NetError::Event)?,
             None => {
                 std::thread::sleep(wait.min(Duration::from_millis(10)));
                 false
@@ -557,9 +561,7 @@ impl<P: Platform, S: FrontStore> NetFront<P, S> {
         let reserved = self.cfg.rx_buffers.saturating_sub(self.rx.posted());
         while let Some(data) = self.backlog.front() {
             let n = tx::slots_for(data.len());
-            if (chan.tx_free() as usize) < n
-                || self.pool.available().saturating_sub(reserved) < n
-            {
+            if (chan.tx_free() as usize) < n || self.pool.available().saturating_sub(reserved) < n {
                 break;
             }
             let mut pages: Vec<(Frame, GrantRef)> = Vec::with_capacity(n);
@@ -587,18 +589,23 @@ impl<P: Platform, S: FrontStore> NetFront<P, S> {
                 }
             }
             let reqs = match failure {
-                None => self.backlog.pop_front().and_then(|d| match self.tx.start(d, &pages) {
-                    Ok(r) => Some(r),
-                    Err(d) => {
-                        self.backlog.push_front(d);
-                        None
-                    }
-                }),
+                None => self
+                    .backlog
+                    .pop_front()
+                    .and_then(|d| match self.tx.start(d, &pages) {
+                        Ok(r) => Some(r),
+                        Err(d) => {
+                            self.backlog.push_front(d);
+                            None
+                        }
+                    }),
                 Some(_) => None,
             };
             let Some(reqs) = reqs else {
                 for (f, g) in pages {
-                    let _ = self.pool.release(&*self.platform, g, GrantKind::Access, Some(f));
+                    let _ = self
+                        .pool
+                        .release(&*self.platform, g, GrantKind::Access, Some(f));
                 }
                 return failure.map_or(Ok(()), Err);
             };

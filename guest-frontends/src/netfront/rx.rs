@@ -219,8 +219,16 @@ mod tests {
         let mut got = Vec::new();
         let p = a.accept(&rsp(2, 16, 0, 60), fetch(&mut got)).unwrap();
         assert_eq!(p, Some(Ok(vec![12; 60])));
-        assert_eq!(a.accept(&rsp(0, 0, NETRXF_MORE_DATA, 4096), fetch(&mut got)).unwrap(), None);
-        let p = a.accept(&rsp(1, 0, 0, 100), fetch(&mut got)).unwrap().unwrap().unwrap();
+        assert_eq!(
+            a.accept(&rsp(0, 0, NETRXF_MORE_DATA, 4096), fetch(&mut got))
+                .unwrap(),
+            None
+        );
+        let p = a
+            .accept(&rsp(1, 0, 0, 100), fetch(&mut got))
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(p.len(), 4196);
         assert!(p[..4096].iter().all(|b| *b == 10) && p[4096..].iter().all(|b| *b == 11));
         // A failed fragment drops the whole packet (and its buffer comes back).
@@ -237,26 +245,49 @@ mod tests {
             a.post(id, u32::from(id)).unwrap();
         }
         let mut got = Vec::new();
-        assert_eq!(a.accept(&rsp(0, 0, 0, 10), fetch(&mut got)).unwrap(), Some(Ok(vec![0; 10])));
-        assert_eq!(a.accept(&rsp(0, 0, 0, 10), fetch(&mut got)), Err(RxError::UnknownId(0)), "duplicate");
-        assert_eq!(a.accept(&rsp(200, 0, 0, 10), fetch(&mut got)), Err(RxError::UnknownId(200)));
+        assert_eq!(
+            a.accept(&rsp(0, 0, 0, 10), fetch(&mut got)).unwrap(),
+            Some(Ok(vec![0; 10]))
+        );
+        assert_eq!(
+            a.accept(&rsp(0, 0, 0, 10), fetch(&mut got)),
+            Err(RxError::UnknownId(0)),
+            "duplicate"
+        );
+        assert_eq!(
+            a.accept(&rsp(200, 0, 0, 10), fetch(&mut got)),
+            Err(RxError::UnknownId(200))
+        );
         assert!(matches!(
             a.accept(&rsp(1, 4000, 0, 200), fetch(&mut got)),
-            Err(RxError::Malformed { id: 1, why: NetifError::CrossesPage { .. } })
+            Err(RxError::Malformed {
+                id: 1,
+                why: NetifError::CrossesPage { .. }
+            })
         ));
         assert!(matches!(
             a.accept(&rsp(2, 0, 0, -7), fetch(&mut got)),
-            Err(RxError::Malformed { why: NetifError::BadStatus(-7), .. })
+            Err(RxError::Malformed {
+                why: NetifError::BadStatus(-7),
+                ..
+            })
         ));
         assert!(matches!(
             a.accept(&rsp(3, 0, 0x8000, 10), fetch(&mut got)),
-            Err(RxError::Malformed { why: NetifError::BadRxFlags(_), .. })
+            Err(RxError::Malformed {
+                why: NetifError::BadRxFlags(_),
+                ..
+            })
         ));
         assert_eq!(
             a.accept(&rsp(4, 0, NETRXF_EXTRA_INFO, 10), fetch(&mut got)),
             Err(RxError::Unrequested(NETRXF_EXTRA_INFO))
         );
-        assert_eq!(got, vec![0, 1, 2, 3, 4], "each valid id's buffer came back once");
+        assert_eq!(
+            got,
+            vec![0, 1, 2, 3, 4],
+            "each valid id's buffer came back once"
+        );
         assert_eq!(a.posted(), 3);
     }
 
@@ -268,14 +299,21 @@ mod tests {
         }
         let mut got = Vec::new();
         for id in 0..MAX_RX_SLOTS as u16 {
-            assert_eq!(a.accept(&rsp(id, 0, NETRXF_MORE_DATA, 1), fetch(&mut got)).unwrap(), None);
+            assert_eq!(
+                a.accept(&rsp(id, 0, NETRXF_MORE_DATA, 1), fetch(&mut got))
+                    .unwrap(),
+                None
+            );
         }
         assert_eq!(
             a.accept(&rsp(20, 0, 0, 1), fetch(&mut got)),
             Err(RxError::TooManySlots)
         );
         // The next packet starts clean.
-        assert_eq!(a.accept(&rsp(21, 0, 0, 3), fetch(&mut got)).unwrap(), Some(Ok(vec![21; 3])));
+        assert_eq!(
+            a.accept(&rsp(21, 0, 0, 3), fetch(&mut got)).unwrap(),
+            Some(Ok(vec![21; 3]))
+        );
     }
 
     proptest! {

@@ -214,7 +214,10 @@ mod tests {
     fn multi_slot_layout_follows_netif_h() {
         let mut t = TxShadow::new(256);
         let reqs = t.start(vec![1; 9000], &pages(3)).unwrap();
-        let got: Vec<_> = reqs.iter().map(|r| (r.id, r.flags, r.size, r.gref)).collect();
+        let got: Vec<_> = reqs
+            .iter()
+            .map(|r| (r.id, r.flags, r.size, r.gref))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -255,10 +258,20 @@ mod tests {
             panic!("first of two")
         };
         assert_eq!(t.answer(&ok(1)), Err(TxError::UnknownId(1)), "duplicate");
-        let TxAnswer::Slot { done: Some(d), slot } = t.answer(&NetifTxResponse { id: 0, status: -1 }).unwrap() else {
+        let TxAnswer::Slot {
+            done: Some(d),
+            slot,
+        } = t.answer(&NetifTxResponse { id: 0, status: -1 }).unwrap()
+        else {
             panic!("last")
         };
-        assert_eq!(d, TxDone { len: 5000, status: NetifStatus::Error });
+        assert_eq!(
+            d,
+            TxDone {
+                len: 5000,
+                status: NetifStatus::Error
+            }
+        );
         assert_eq!((slot.frame, slot.gref), (100, 500));
         assert_eq!(t.slots_in_flight(), 0);
     }
@@ -274,7 +287,10 @@ mod tests {
         let (slots, packets) = t.drain();
         assert_eq!(slots.len(), 2);
         assert_eq!(packets, vec![vec![2; 5000], vec![3; 10]]);
-        assert!(t.start(vec![0; 30000], &pages(8)).is_ok(), "all ids free again");
+        assert!(
+            t.start(vec![0; 30000], &pages(8)).is_ok(),
+            "all ids free again"
+        );
         assert!(t.start(vec![0; 10], &pages(1)).is_err(), "ids exhausted");
     }
 
