@@ -1,0 +1,284 @@
+//! `net-guest echo` in a sandboxed process domain (XenStore over its ring, netif over grants
+//! and event channels through the hypercall channels), against the test-side ring backend in
+//! an in-process IDD domain: ARP, ping and UDP echo are answered byte-correct, and the
+//! program's stdout follows the contract (`ready`, `stats`, `summary` on SIGTERM). Then the
+//! backend closes and comes back (the reconnect protocol) and the guest says `reconnected`
+//! and answers again. This is also the check that the sandbox allows everything netfront does.
+
+#![allow(clippy::cast_possible_truncation, missing_docs)]
+
+mod netfront_support;
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devchan::netif::NetifStatus;
+use devchan::xenstore::client::NO_TX;
+use devchan::xenstore::perms::{Perm, PERM_READ};
+use devchan::xenstore::Client;
+use etherparse::{
+    ArpEthIpv4Packet, ArpOperation, ArpPacket, Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket,
+    TransportSlice,
+};
+use guest_frontends::netfront::{frames_needed, DEFAULT_RX_BUFFERS, DEFAULT_TX_FRAMES};
+use hypervisor::domain::DomainConfig;
+use hypervisor::launch::{ExitReport, LaunchConfig};
+use hypervisor::local::LocalPlatform;
+use hypervisor::system::System;
+use hypervisor::xenstored::domains::DomainStores;
+use hypervisor::xenstored::socket::{self, SocketServer};
+use hypervisor::xenstored::Xenstored;
+use netfront_support::{Rings, MAC};
+use std::os::unix::net::UnixStream;
+
+const PEER: [u8; 6] = [2, 0, 0, 0, 0, 0x99];
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 9);
+
+fn wait_for(xs: &mut Client<UnixStream>, path: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while xs.read(NO_TX, path).ok().as_deref() != Some(want.as_bytes()) {
+        assert!(Instant::now() < deadline, "{path} never became {want}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn num(xs: &mut Client<UnixStream>, path: &str) -> u32 {
+    String::from_utf8(xs.read(NO_TX, path).unwrap())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn attach(
+    xs: &mut Client<UnixStream>,
+    plat: &Arc<LocalPlatform>,
+    guest: u16,
+    fd: &str,
+    bd: &str,
+) -> Rings {
+    wait_for(xs, &format!("{fd}/state"), "4");
+    let tx = num(xs, &format!("{fd}/tx-ring-ref"));
+    let rx = num(xs, &format!("{fd}/rx-ring-ref"));
+    let port = num(xs, &format!("{fd}/event-channel"));
+    let rings = Rings::attach(plat, guest, tx, rx, port);
+    xs.write(NO_TX, &format!("{bd}/state"), b"4").unwrap();
+    rings
+}
+
+/// Deliver `frame` and return the guest's answer (the next transmit), acknowledged.
+fn exchange(r: &mut Rings, frame: &[u8]) -> Vec<u8> {
+    r.deliver_copy(frame, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((p, data)) = r.take_tx() {
+            r.answer_tx(&p, NetifStatus::Okay);
+            return data;
+        }
+        assert!(Instant::now() < deadline, "no answer from the guest");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn arp_request() -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(PEER, [0xff; 6])
+        .arp(ArpPacket::from(ArpEthIpv4Packet {
+            operation: ArpOperation::REQUEST,
+            sender_mac: PEER,
+            sender_ipv4: PEER_IP.octets(),
+            target_mac: [0; 6],
+            target_ipv4: GUEST_IP.octets(),
+        }))
+        .write(&mut out)
+        .unwrap();
+    out
+}
+
+fn ping(seq: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(PEER, MAC)
+        .ipv4(PEER_IP.octets(), GUEST_IP.octets(), 64)
+        .icmpv4_echo_request(0x42, seq)
+        .write(&mut out, &[seq as u8; 56])
+        .unwrap();
+    out
+}
+
+fn check_pong(reply: &[u8], seq: u16) {
+    let p = SlicedPacket::from_ethernet(reply).unwrap();
+    let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
+        panic!("not ICMP: {reply:?}")
+    };
+    let Icmpv4Type::EchoReply(e) = icmp.icmp_type() else {
+        panic!("not an echo reply")
+    };
+    assert_eq!((e.id, e.seq), (0x42, seq));
+    assert_eq!(icmp.payload(), &[seq as u8; 56][..]);
+    assert_eq!(
+        &reply[..12],
+        &[PEER, MAC].concat()[..],
+        "addressed back, from the guest's MAC"
+    );
+}
+
+#[test]
+fn net_guest_echo_answers_through_a_process_domain_and_reconnects() {
+    let sys = System::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("xs.sock");
+    let cfg = |name: &str, nr_frames| DomainConfig {
+        name: name.into(),
+        nr_frames,
+        iommu: None,
+    };
+    let dom0 = sys.create_domain(cfg("dom0", 16)).unwrap();
+    let xs = Xenstored::new();
+    let _server = SocketServer::bind(&sock, Arc::clone(&xs))
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let stores = DomainStores::start(Arc::clone(&sys), Arc::clone(&xs), dom0).unwrap();
+    let frames = hypervisor::memory::layout::FIRST_FREE_FRAME
+        + frames_needed(DEFAULT_RX_BUFFERS, DEFAULT_TX_FRAMES);
+    let guest = sys.create_domain(cfg("guest", frames)).unwrap();
+    stores.introduce(guest).unwrap();
+    let idd = sys.create_domain(cfg("idd-net", 32)).unwrap();
+    let plat = Arc::new(LocalPlatform::new(sys.clone(), idd).unwrap());
+    // The toolstack: the guest owns its device directory; the backend's is readable to it.
+    let mut admin = socket::connect(&sock).unwrap();
+    let fd = format!("/local/domain/{guest}/device/vif/0");
+    let bd = format!("/local/domain/{idd}/backend/vif/{guest}/0");
+    for p in [
+        format!("/local/domain/{guest}/device"),
+        format!("/local/domain/{guest}/device/vif"),
+        fd.clone(),
+    ] {
+        admin.write(NO_TX, &p, b"").unwrap();
+        admin.set_perms(NO_TX, &p, &[Perm::new(guest, 0)]).unwrap();
+    }
+    for (k, v) in [
+        ("state", "1"),
+        ("handle", "0"),
+        ("mac", "02:00:00:00:00:11"),
+        ("backend-id", &idd.to_string()),
+        ("backend", &bd),
+    ] {
+        admin
+            .write(NO_TX, &format!("{fd}/{k}"), v.as_bytes())
+            .unwrap();
+    }
+    admin.write(NO_TX, &bd, b"").unwrap();
+    admin
+        .set_perms(
+            NO_TX,
+            &bd,
+            &[Perm::new(idd, 0), Perm::new(guest, PERM_READ)],
+        )
+        .unwrap();
+    for (k, v) in [
+        ("frontend", fd.as_str()),
+        ("feature-rx-copy", "1"),
+        ("feature-rx-flip", "1"),
+        ("feature-sg", "1"),
+        ("state", "2"),
+    ] {
+        admin
+            .write(NO_TX, &format!("{bd}/{k}"), v.as_bytes())
+            .unwrap();
+    }
+
+    let prog = env!("CARGO_BIN_EXE_net-guest");
+    let mut g = stores
+        .spawn_in(
+            guest,
+            LaunchConfig::new("guest", frames, prog, &["echo", "--ip", "10.0.0.2/24"]),
+        )
+        .unwrap();
+    let out = g.child_mut().stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let next_line = |prefix: &str| -> String {
+        loop {
+            let l = lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no `{prefix}` line"));
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+    };
+
+    let mut r = attach(&mut admin, &plat, guest, &fd, &bd);
+    let ready = next_line("ready ");
+    assert!(
+        ready.starts_with("ready mac=02:00:00:00:00:11 mode=copy"),
+        "{ready}"
+    );
+    assert_eq!(
+        admin.read(NO_TX, &format!("{fd}/request-rx-copy")).unwrap(),
+        b"1"
+    );
+
+    // ARP, ping, UDP echo.
+    let reply = exchange(&mut r, &arp_request());
+    let p = SlicedPacket::from_ethernet(&reply).unwrap();
+    let Some(NetSlice::Arp(a)) = p.net else {
+        panic!("not ARP: {reply:?}")
+    };
+    let a = a.to_packet().try_eth_ipv4().unwrap();
+    assert_eq!(
+        (a.operation, a.sender_mac, a.sender_ipv4, a.target_mac),
+        (ArpOperation::REPLY, MAC, GUEST_IP.octets(), PEER)
+    );
+    check_pong(&exchange(&mut r, &ping(1)), 1);
+    let udp =
+        guest_frontends::echo::udp_frame((PEER, PEER_IP, 5555), (MAC, GUEST_IP, 7), 300, 0x33)
+            .unwrap();
+    let reply = exchange(&mut r, &udp);
+    let p = SlicedPacket::from_ethernet(&reply).unwrap();
+    let Some(TransportSlice::Udp(u)) = p.transport else {
+        panic!("not UDP")
+    };
+    assert_eq!((u.source_port(), u.destination_port()), (7, 5555));
+    assert_eq!(u.payload(), &[0x33; 300 - 42][..]);
+    let stats = next_line("stats ");
+    assert!(stats.contains(" arp=1 "), "{stats}");
+
+    // The reconnect protocol: the backend closes, the guest closes, the backend comes back.
+    admin.write(NO_TX, &format!("{bd}/state"), b"5").unwrap();
+    wait_for(&mut admin, &format!("{fd}/state"), "6");
+    drop(r);
+    admin.write(NO_TX, &format!("{bd}/state"), b"6").unwrap();
+    wait_for(&mut admin, &format!("{fd}/state"), "1");
+    admin.write(NO_TX, &format!("{bd}/state"), b"2").unwrap();
+    let mut r = attach(&mut admin, &plat, guest, &fd, &bd);
+    assert_eq!(next_line("reconnected"), "reconnected n=1");
+    check_pong(&exchange(&mut r, &ping(2)), 2);
+
+    // SIGTERM: a summary, exit 0.
+    // SAFETY: kill(2) on our own child's pid with SIGTERM; no memory is involved.
+    unsafe { libc::kill(g.child_mut().id() as libc::pid_t, libc::SIGTERM) };
+    let summary = next_line("summary ");
+    let exit = g.wait_exit(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(exit, Some(ExitReport::Exited(0)), "{summary}");
+    for kv in [
+        "arp=1",
+        "icmp=2",
+        "udp=1",
+        "reconnects=1",
+        "proto=0",
+        "tx=4 ",
+    ] {
+        assert!(summary.contains(kv), "{kv} in {summary}");
+    }
+    drop(lines);
+    reader.join().unwrap();
+}
