@@ -13,3 +13,5 @@
 //! The `netprobe` binary puts a CLI on all of it.
 
 pub mod frame;
+pub mod wire;
+pub mod sched;
