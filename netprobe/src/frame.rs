@@ -264,7 +264,7 @@ fn internet_checksum(data: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     // The loop leaves sum <= 0xffff.
-    !(sum as u16)
+    !u16::try_from(sum).unwrap_or(u16::MAX)
 }
 
 /// Parses an Ethernet frame (see the module docs for what is checked).

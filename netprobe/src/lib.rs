@@ -15,3 +15,4 @@
 pub mod frame;
 pub mod wire;
 pub mod sched;
+pub mod probe;

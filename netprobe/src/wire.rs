@@ -119,13 +119,11 @@ fn wait_readable(fd: impl AsFd, timeout: Option<Duration>) -> io::Result<bool> {
         tv_nsec: i64::from(t.subsec_nanos()),
     });
     let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-    loop {
-        match poll(&mut fds, ts.as_ref()) {
-            Ok(n) => return Ok(n > 0),
-            // A signal (the CLI's Ctrl-C) interrupts the wait; the caller checks its stop flag.
-            Err(rustix::io::Errno::INTR) => return Ok(false),
-            Err(e) => return Err(e.into()),
-        }
+    match poll(&mut fds, ts.as_ref()) {
+        Ok(n) => Ok(n > 0),
+        // A signal (the CLI's Ctrl-C) interrupts the wait; the caller checks its stop flag.
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -196,7 +194,7 @@ impl PacketTransport {
     pub fn open(ifname: &str) -> Result<Self, WireError> {
         let err = |source: io::Error| WireError::Packet { ifname: ifname.to_owned(), source };
         // ETH_P_ALL in network byte order, as packet(7) wants it.
-        let proto_be = (libc::ETH_P_ALL as u16).to_be();
+        let proto_be = ETH_P_ALL.to_be();
         // SAFETY: plain socket(2) call with constant arguments; the result is checked.
         let raw = unsafe {
             libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto_be))
@@ -223,7 +221,7 @@ impl PacketTransport {
         }
         // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_family = AF_PACKET;
         sll.sll_protocol = proto_be;
         sll.sll_ifindex = i32::try_from(ifindex).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
         // SAFETY: bind reads `size_of::<sockaddr_ll>()` bytes from `&sll`, a live sockaddr_ll.
@@ -241,6 +239,13 @@ impl PacketTransport {
         Ok(PacketTransport { fd, ifname: ifname.to_owned() })
     }
 }
+
+/// `AF_PACKET` as `sockaddr_ll::sll_family` holds it (the constant is 17).
+const AF_PACKET: u16 = 17;
+/// `ETH_P_ALL` (every EtherType), host order.
+const ETH_P_ALL: u16 = 0x0003;
+const _: () = assert!(AF_PACKET as libc::c_int == libc::AF_PACKET);
+const _: () = assert!(ETH_P_ALL as libc::c_int == libc::ETH_P_ALL);
 
 /// `size_of::<T>()` as a `socklen_t` (our sockaddr and option types are a few bytes).
 fn socklen<T>() -> libc::socklen_t {
