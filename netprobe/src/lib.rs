@@ -16,3 +16,5 @@ pub mod frame;
 pub mod wire;
 pub mod sched;
 pub mod probe;
+pub mod plot;
+pub mod traffic;
