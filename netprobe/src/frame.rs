@@ -95,7 +95,11 @@ impl Mac {
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -290,7 +294,10 @@ pub fn parse(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
             if v4.is_payload_fragmented() {
                 return Err(FrameError::Fragment);
             }
-            let ip = Ipv4Pair { src: header.source_addr(), dst: header.destination_addr() };
+            let ip = Ipv4Pair {
+                src: header.source_addr(),
+                dst: header.destination_addr(),
+            };
             match &sliced.transport {
                 Some(TransportSlice::Icmpv4(icmp)) => {
                     if internet_checksum(icmp.slice()) != 0 {
@@ -303,9 +310,12 @@ pub fn parse(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
                             seq: h.seq,
                             data: icmp.payload(),
                         },
-                        Icmpv4Type::EchoReply(h) => {
-                            Payload::EchoReply { ip, id: h.id, seq: h.seq, data: icmp.payload() }
-                        }
+                        Icmpv4Type::EchoReply(h) => Payload::EchoReply {
+                            ip,
+                            id: h.id,
+                            seq: h.seq,
+                            data: icmp.payload(),
+                        },
                         _ => other,
                     }
                 }
@@ -313,7 +323,11 @@ pub fn parse(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
                     let h = udp.to_header();
                     if h.checksum != 0 {
                         let want = h
-                            .calc_checksum_ipv4_raw(header.source(), header.destination(), udp.payload())
+                            .calc_checksum_ipv4_raw(
+                                header.source(),
+                                header.destination(),
+                                udp.payload(),
+                            )
                             .map_err(malformed)?;
                         if want != h.checksum {
                             return Err(FrameError::UdpChecksum);
@@ -341,10 +355,7 @@ fn check_len(len: usize) -> Result<(), FrameError> {
     Ok(())
 }
 
-fn ipv4_step(
-    from: Endpoint,
-    to: Endpoint,
-) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+fn ipv4_step(from: Endpoint, to: Endpoint) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
     PacketBuilder::ethernet2(from.mac.0, to.mac.0).ipv4(from.ip.octets(), to.ip.octets(), TTL)
 }
 
@@ -358,7 +369,11 @@ pub fn icmp_echo(
     data: &[u8],
 ) -> Result<Vec<u8>, FrameError> {
     let step = ipv4_step(from, to);
-    let step = if reply { step.icmpv4_echo_reply(id, seq) } else { step.icmpv4_echo_request(id, seq) };
+    let step = if reply {
+        step.icmpv4_echo_reply(id, seq)
+    } else {
+        step.icmpv4_echo_request(id, seq)
+    };
     let len = step.size(data.len());
     check_len(len)?;
     let mut out = Vec::with_capacity(len);
@@ -389,7 +404,13 @@ pub const fn udp_frame_len(data_len: usize) -> usize {
 
 /// An ARP request from `from` asking who has `target` (sent to broadcast).
 pub fn arp_request(from: Endpoint, target: Ipv4Addr) -> Result<Vec<u8>, FrameError> {
-    arp(from, Mac::BROADCAST, Mac([0; 6]), target, ArpOperation::REQUEST)
+    arp(
+        from,
+        Mac::BROADCAST,
+        Mac([0; 6]),
+        target,
+        ArpOperation::REQUEST,
+    )
 }
 
 /// An ARP reply from `from` to `to` saying `from.ip` is at `from.mac`.
@@ -432,16 +453,43 @@ pub fn echo_answer(me: Endpoint, frame: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     match f.payload {
-        Payload::Arp(a) if a.operation == ArpOperation::REQUEST && a.target_ipv4_addr() == me.ip => {
-            let asker = Endpoint { mac: Mac(a.sender_mac), ip: a.sender_ipv4_addr() };
+        Payload::Arp(a)
+            if a.operation == ArpOperation::REQUEST && a.target_ipv4_addr() == me.ip =>
+        {
+            let asker = Endpoint {
+                mac: Mac(a.sender_mac),
+                ip: a.sender_ipv4_addr(),
+            };
             arp_reply(me, asker).ok()
         }
-        Payload::EchoRequest { ip, id, seq, data } if ip.dst == me.ip => {
-            icmp_echo(me, Endpoint { mac: f.src, ip: ip.src }, true, id, seq, data).ok()
-        }
-        Payload::Udp { ip, src_port, dst_port: ECHO_PORT, data } if ip.dst == me.ip => {
-            udp(me, Endpoint { mac: f.src, ip: ip.src }, ECHO_PORT, src_port, data).ok()
-        }
+        Payload::EchoRequest { ip, id, seq, data } if ip.dst == me.ip => icmp_echo(
+            me,
+            Endpoint {
+                mac: f.src,
+                ip: ip.src,
+            },
+            true,
+            id,
+            seq,
+            data,
+        )
+        .ok(),
+        Payload::Udp {
+            ip,
+            src_port,
+            dst_port: ECHO_PORT,
+            data,
+        } if ip.dst == me.ip => udp(
+            me,
+            Endpoint {
+                mac: f.src,
+                ip: ip.src,
+            },
+            ECHO_PORT,
+            src_port,
+            data,
+        )
+        .ok(),
         _ => None,
     }
 }
@@ -452,7 +500,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn ep(mac: [u8; 6], ip: [u8; 4]) -> Endpoint {
-        Endpoint { mac: Mac(mac), ip: Ipv4Addr::from(ip) }
+        Endpoint {
+            mac: Mac(mac),
+            ip: Ipv4Addr::from(ip),
+        }
     }
 
     fn a() -> Endpoint {
@@ -467,7 +518,13 @@ mod tests {
         let m: Mac = "02:00:0a:ff:00:01".parse().unwrap();
         assert_eq!(m.0, [2, 0, 10, 255, 0, 1]);
         assert_eq!(m.to_string(), "02:00:0a:ff:00:01");
-        for bad in ["", "02:00:0a:ff:00", "02:00:0a:ff:00:01:02", "2:00:0a:ff:00:01", "zz:00:00:00:00:00"] {
+        for bad in [
+            "",
+            "02:00:0a:ff:00",
+            "02:00:0a:ff:00:01:02",
+            "2:00:0a:ff:00:01",
+            "zz:00:00:00:00:00",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
         assert!(Mac::BROADCAST.is_group());
@@ -514,7 +571,10 @@ mod tests {
     #[test]
     fn too_large_is_refused() {
         let data = vec![0u8; MAX_FRAME_LEN];
-        assert!(matches!(udp(a(), b(), 1, 2, &data), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            udp(a(), b(), 1, 2, &data),
+            Err(FrameError::TooLarge(_))
+        ));
         let fits = vec![0u8; MAX_FRAME_LEN - udp_frame_len(0)];
         assert_eq!(udp(a(), b(), 1, 2, &fits).unwrap().len(), MAX_FRAME_LEN);
     }
@@ -531,11 +591,10 @@ mod tests {
     }
 
     fn arb_ep() -> impl Strategy<Value = Endpoint> {
-        (any::<[u8; 6]>(), any::<[u8; 4]>())
-            .prop_map(|(mut m, ip)| {
-                m[0] &= 0xfe; // unicast
-                ep(m, ip)
-            })
+        (any::<[u8; 6]>(), any::<[u8; 4]>()).prop_map(|(mut m, ip)| {
+            m[0] &= 0xfe; // unicast
+            ep(m, ip)
+        })
     }
 
     proptest! {

@@ -13,8 +13,8 @@
 //! The `netprobe` binary puts a CLI on all of it.
 
 pub mod frame;
-pub mod wire;
-pub mod sched;
-pub mod probe;
 pub mod plot;
+pub mod probe;
+pub mod sched;
 pub mod traffic;
+pub mod wire;

@@ -53,8 +53,10 @@ pub fn render_svg(report: &ProbeReport) -> Result<String, PlotError> {
 /// Writes the plot of `report` to `path` as SVG.
 pub fn write_svg(report: &ProbeReport, path: &Path) -> Result<(), PlotError> {
     let svg = render_svg(report)?;
-    std::fs::write(path, svg)
-        .map_err(|source| PlotError::Write { path: path.display().to_string(), source })
+    std::fs::write(path, svg).map_err(|source| PlotError::Write {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn draw<DB: DrawingBackend>(
@@ -80,7 +82,7 @@ where
         .max(1.0)
         * 1.1;
     let title = format!(
-        "Reply inter-arrival, {} probes/s ({}), {} outages, {} of {} lost",
+        "Reply inter-arrival, {} probes/s ({}), {} outage(s), {} of {} probes lost",
         report.run.rate,
         report.run.mode,
         report.outages.len(),
@@ -116,10 +118,15 @@ where
 
     for (i, m) in report.marks.iter().enumerate() {
         let series = chart
-            .draw_series(LineSeries::new([(m.t_s, 0.0), (m.t_s, y_top)], RED.mix(0.6)))
+            .draw_series(LineSeries::new(
+                [(m.t_s, 0.0), (m.t_s, y_top)],
+                RED.mix(0.6),
+            ))
             .map_err(draw_err)?;
         if i == 0 {
-            series.label("marks (crashes)").legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+            series
+                .label("marks (crashes)")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
         }
         if report.marks.len() <= MAX_LABELLED_MARKS {
             chart
@@ -133,10 +140,19 @@ where
     }
 
     chart
-        .draw_series(LineSeries::new(points.iter().copied(), BLUE.stroke_width(1)))
+        .draw_series(LineSeries::new(steps(&points), BLUE.stroke_width(1)))
         .map_err(draw_err)?
         .label("reply inter-arrival")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+    // The outages' peaks, so a spike one interval wide is not lost at this scale.
+    chart
+        .draw_series(
+            points
+                .iter()
+                .filter(|p| p.1 > threshold)
+                .map(|&p| Circle::new(p, 3, BLUE.filled())),
+        )
+        .map_err(draw_err)?;
 
     chart
         .configure_series_labels()
@@ -146,6 +162,20 @@ where
         .draw()
         .map_err(draw_err)?;
     Ok(())
+}
+
+/// The series as steps that change at each arrival: a reply's inter-arrival is drawn from
+/// the moment it arrives, so an outage is a vertical spike where it ends (as in the seed
+/// paper's figure), not a ramp across the silence that joining the points would draw.
+fn steps(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(points.len() * 2);
+    for (i, &(t, y)) in points.iter().enumerate() {
+        if let Some(&(_, prev)) = i.checked_sub(1).and_then(|j| points.get(j)) {
+            out.push((t, prev));
+        }
+        out.push((t, y));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -158,12 +188,25 @@ mod tests {
             .map(|i| {
                 let sent = i as f64 * 0.005;
                 let lost = (100..160).contains(&i);
-                ProbeRecord { index: i, sent_s: sent, reply_s: (!lost).then_some(sent + 0.001) }
+                ProbeRecord {
+                    index: i,
+                    sent_s: sent,
+                    reply_s: (!lost).then_some(sent + 0.001),
+                }
             })
             .collect();
-        let marks =
-            (0..with_marks).map(|i| Mark { label: format!("crash {i}"), t_s: 0.5 + i as f64 * 0.01 }).collect();
-        let run = RunInfo { mode: "icmp".into(), rate: 200.0, threshold_ms: 15.0, ..RunInfo::default() };
+        let marks = (0..with_marks)
+            .map(|i| Mark {
+                label: format!("crash {i}"),
+                t_s: 0.5 + i as f64 * 0.01,
+            })
+            .collect();
+        let run = RunInfo {
+            mode: "icmp".into(),
+            rate: 200.0,
+            threshold_ms: 15.0,
+            ..RunInfo::default()
+        };
         ProbeReport::analyze(run, probes, marks, RunCounters::default(), 2.0, 0.015)
     }
 
@@ -176,6 +219,22 @@ mod tests {
         assert!(svg.contains("time since start (s)"));
         assert!(svg.contains("crash 0"));
         assert!(svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn steps_jump_at_each_arrival() {
+        let s = steps(&[(1.0, 5.0), (2.0, 300.0), (2.005, 5.0)]);
+        assert_eq!(
+            s,
+            [
+                (1.0, 5.0),
+                (2.0, 5.0),
+                (2.0, 300.0),
+                (2.005, 300.0),
+                (2.005, 5.0)
+            ]
+        );
+        assert!(steps(&[]).is_empty());
     }
 
     #[test]

@@ -59,7 +59,11 @@ pub struct Schedule {
 impl Schedule {
     /// Slots every `interval` (at least 1 ns) from `start`.
     pub fn new(start: Instant, interval: Duration, lateness: Lateness) -> Self {
-        Schedule { start, interval_ns: interval.as_nanos().max(1), lateness }
+        Schedule {
+            start,
+            interval_ns: interval.as_nanos().max(1),
+            lateness,
+        }
     }
 
     /// Slots at `rate` per second from `start`.
@@ -98,7 +102,11 @@ impl Schedule {
             Lateness::CatchUp => next,
             Lateness::Skip => self.slot_at(now).max(next),
         };
-        Step::Send { slot, skipped: slot - next, late: now - self.due(slot) }
+        Step::Send {
+            slot,
+            skipped: slot - next,
+            late: now - self.due(slot),
+        }
     }
 }
 
@@ -142,9 +150,23 @@ mod tests {
     fn on_time_waits_then_sends() {
         let t0 = Instant::now();
         let s = Schedule::new(t0, 5 * MS, Lateness::Skip);
-        assert_eq!(s.step(0, t0), Step::Send { slot: 0, skipped: 0, late: Duration::ZERO });
+        assert_eq!(
+            s.step(0, t0),
+            Step::Send {
+                slot: 0,
+                skipped: 0,
+                late: Duration::ZERO
+            }
+        );
         assert_eq!(s.step(1, t0 + MS), Step::Wait(4 * MS));
-        assert_eq!(s.step(1, t0 + 6 * MS), Step::Send { slot: 1, skipped: 0, late: MS });
+        assert_eq!(
+            s.step(1, t0 + 6 * MS),
+            Step::Send {
+                slot: 1,
+                skipped: 0,
+                late: MS
+            }
+        );
     }
 
     #[test]
@@ -152,11 +174,32 @@ mod tests {
         let t0 = Instant::now();
         let now = t0 + 23 * MS; // slots 1..=4 due, slot 4 at 20 ms
         let skip = Schedule::new(t0, 5 * MS, Lateness::Skip);
-        assert_eq!(skip.step(1, now), Step::Send { slot: 4, skipped: 3, late: 3 * MS });
+        assert_eq!(
+            skip.step(1, now),
+            Step::Send {
+                slot: 4,
+                skipped: 3,
+                late: 3 * MS
+            }
+        );
         assert_eq!(skip.step(5, now), Step::Wait(2 * MS));
         let catch = Schedule::new(t0, 5 * MS, Lateness::CatchUp);
-        assert_eq!(catch.step(1, now), Step::Send { slot: 1, skipped: 0, late: 18 * MS });
-        assert_eq!(catch.step(4, now), Step::Send { slot: 4, skipped: 0, late: 3 * MS });
+        assert_eq!(
+            catch.step(1, now),
+            Step::Send {
+                slot: 1,
+                skipped: 0,
+                late: 18 * MS
+            }
+        );
+        assert_eq!(
+            catch.step(4, now),
+            Step::Send {
+                slot: 4,
+                skipped: 0,
+                late: 3 * MS
+            }
+        );
     }
 
     #[test]

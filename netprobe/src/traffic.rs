@@ -99,16 +99,26 @@ fn rates(frames: u64, bytes: u64, secs: f64) -> (f64, f64) {
 }
 
 /// Sends the flood `cfg` describes on `wire` until its duration or count, or `stop`.
-pub fn flood(cfg: &FloodConfig, wire: &dyn Transport, stop: &AtomicBool) -> Result<FloodReport, TrafficError> {
+pub fn flood(
+    cfg: &FloodConfig,
+    wire: &dyn Transport,
+    stop: &AtomicBool,
+) -> Result<FloodReport, TrafficError> {
     if !(MIN_FLOOD_FRAME..=MAX_FRAME_LEN).contains(&cfg.frame_len) {
         return Err(TrafficError::FrameSize(cfg.frame_len));
     }
     let data_len = cfg.frame_len - frame::udp_frame_len(0);
     let start = Instant::now();
-    let schedule = cfg.rate.map(|r| Schedule::from_rate(start, r, Lateness::CatchUp)).transpose()?;
+    let schedule = cfg
+        .rate
+        .map(|r| Schedule::from_rate(start, r, Lateness::CatchUp))
+        .transpose()?;
     let run = start.elapsed().subsec_nanos() ^ std::process::id().rotate_left(16);
     let until = start + cfg.duration;
-    let mut report = FloodReport { run, ..FloodReport::default() };
+    let mut report = FloodReport {
+        run,
+        ..FloodReport::default()
+    };
     let mut index = 0u64;
     let mut last_send = start;
     loop {
@@ -185,7 +195,11 @@ struct TagSeen {
 }
 
 /// Receives frames from `wire` and counts them until a limit in `cfg` or `stop`.
-pub fn count(cfg: &CountConfig, wire: &dyn Transport, stop: &AtomicBool) -> Result<CountReport, TrafficError> {
+pub fn count(
+    cfg: &CountConfig,
+    wire: &dyn Transport,
+    stop: &AtomicBool,
+) -> Result<CountReport, TrafficError> {
     let start = Instant::now();
     let until = cfg.duration.map(|d| start + d);
     let mut report = CountReport::default();
@@ -198,20 +212,28 @@ pub fn count(cfg: &CountConfig, wire: &dyn Transport, stop: &AtomicBool) -> Resu
             break;
         }
         let now = Instant::now();
-        if until.is_some_and(|u| now >= u) || (first.is_some() && cfg.idle.is_some_and(|i| now - last >= i)) {
+        if until.is_some_and(|u| now >= u)
+            || (first.is_some() && cfg.idle.is_some_and(|i| now - last >= i))
+        {
             break;
         }
         let mut wait = POLL;
         if let Some(u) = until {
             wait = wait.min(u - now);
         }
-        let Some(n) = wire.recv(&mut buf, Some(wait)).map_err(TrafficError::Recv)? else {
+        let Some(n) = wire
+            .recv(&mut buf, Some(wait))
+            .map_err(TrafficError::Recv)?
+        else {
             continue;
         };
         let at = Instant::now();
         let f = &buf[..n];
         if let Some(want) = cfg.dst {
-            let dst = f.get(..6).and_then(|d| <[u8; 6]>::try_from(d).ok()).map(Mac);
+            let dst = f
+                .get(..6)
+                .and_then(|d| <[u8; 6]>::try_from(d).ok())
+                .map(Mac);
             if !dst.is_some_and(|d| d == want || d.is_group()) {
                 report.filtered += 1;
                 continue;
@@ -221,7 +243,11 @@ pub fn count(cfg: &CountConfig, wire: &dyn Transport, stop: &AtomicBool) -> Resu
         last = at;
         report.frames += 1;
         report.bytes += n as u64;
-        if let Ok(frame::Frame { payload: Payload::Udp { data, .. }, .. }) = frame::parse(f) {
+        if let Ok(frame::Frame {
+            payload: Payload::Udp { data, .. },
+            ..
+        }) = frame::parse(f)
+        {
             if let Some(tag) = ProbeTag::from_payload(data) {
                 report.tagged += 1;
                 let seen = runs.entry(tag.run).or_default();
@@ -253,12 +279,19 @@ mod tests {
     use std::sync::Arc;
 
     fn ep(last: u8) -> Endpoint {
-        Endpoint { mac: Mac([2, 0, 0, 0, 0, last]), ip: Ipv4Addr::new(192, 0, 2, last) }
+        Endpoint {
+            mac: Mac([2, 0, 0, 0, 0, last]),
+            ip: Ipv4Addr::new(192, 0, 2, last),
+        }
     }
 
     fn pair() -> (Arc<UdpTransport>, Arc<UdpTransport>) {
         let rx = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        let tx = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), Some(rx.local_addr().unwrap())).unwrap();
+        let tx = UdpTransport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(rx.local_addr().unwrap()),
+        )
+        .unwrap();
         (Arc::new(tx), Arc::new(rx))
     }
 
@@ -280,7 +313,10 @@ mod tests {
         let (tx, _) = pair();
         let stop = AtomicBool::new(false);
         for len in [0, 59, 1515] {
-            assert!(matches!(flood(&cfg(len, 1), &*tx, &stop), Err(TrafficError::FrameSize(_))));
+            assert!(matches!(
+                flood(&cfg(len, 1), &*tx, &stop),
+                Err(TrafficError::FrameSize(_))
+            ));
         }
     }
 
@@ -292,12 +328,21 @@ mod tests {
         assert_eq!((sent.frames, sent.bytes), (3, 180));
         let mut buf = [0u8; 2000];
         for i in 0..3 {
-            let n = rx.recv(&mut buf, Some(Duration::from_secs(5))).unwrap().unwrap();
+            let n = rx
+                .recv(&mut buf, Some(Duration::from_secs(5)))
+                .unwrap()
+                .unwrap();
             assert_eq!(n, 60);
             match frame::parse(&buf[..n]).unwrap().payload {
                 Payload::Udp { dst_port, data, .. } => {
                     assert_eq!(dst_port, DISCARD_PORT);
-                    assert_eq!(ProbeTag::from_payload(data), Some(ProbeTag { run: sent.run, index: i }));
+                    assert_eq!(
+                        ProbeTag::from_payload(data),
+                        Some(ProbeTag {
+                            run: sent.run,
+                            index: i
+                        })
+                    );
                 }
                 other => panic!("{other:?}"),
             }
@@ -311,16 +356,21 @@ mod tests {
         // Frames 0, 1, 3 of a flood reach the counter (2 is "lost"), plus one for another MAC.
         for i in [0u64, 1, 3] {
             let data = ProbeTag { run: 7, index: i }.payload(20);
-            tx.send(&frame::udp(ep(1), ep(2), 1, 9, &data).unwrap()).unwrap();
+            tx.send(&frame::udp(ep(1), ep(2), 1, 9, &data).unwrap())
+                .unwrap();
         }
-        tx.send(&frame::udp(ep(1), ep(3), 1, 9, b"x").unwrap()).unwrap();
+        tx.send(&frame::udp(ep(1), ep(3), 1, 9, b"x").unwrap())
+            .unwrap();
         let c = CountConfig {
             idle: Some(Duration::from_millis(300)),
             dst: Some(ep(2).mac),
             ..CountConfig::default()
         };
         let r = count(&c, &*rx, &stop).unwrap();
-        assert_eq!((r.frames, r.tagged, r.tag_missing, r.filtered), (3, 3, 1, 1));
+        assert_eq!(
+            (r.frames, r.tagged, r.tag_missing, r.filtered),
+            (3, 3, 1, 1)
+        );
         assert_eq!(r.bytes, 3 * frame::udp_frame_len(20) as u64);
     }
 }

@@ -88,13 +88,18 @@ impl std::str::FromStr for WireSpec {
                 Some((b, p)) => (b, Some(p.parse().map_err(|_| bad())?)),
                 None => (rest, None),
             };
-            Ok(WireSpec::Udp { bind: bind.parse().map_err(|_| bad())?, peer })
+            Ok(WireSpec::Udp {
+                bind: bind.parse().map_err(|_| bad())?,
+                peer,
+            })
         } else if let Some(ifname) = s.strip_prefix("tap:") {
             // IFNAMSIZ is 16 including the NUL.
             if ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ', '\0']) {
                 return Err(bad());
             }
-            Ok(WireSpec::Tap { ifname: ifname.to_owned() })
+            Ok(WireSpec::Tap {
+                ifname: ifname.to_owned(),
+            })
         } else {
             Err(bad())
         }
@@ -142,7 +147,11 @@ impl UdpTransport {
         // Best effort: the kernel caps these at net.core.{r,w}mem_max.
         let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER);
         let _ = rustix::net::sockopt::set_socket_send_buffer_size(&socket, SOCKET_BUFFER);
-        Ok(UdpTransport { socket, peer: Mutex::new(peer), fixed_peer: peer.is_some() })
+        Ok(UdpTransport {
+            socket,
+            peer: Mutex::new(peer),
+            fixed_peer: peer.is_some(),
+        })
     }
 
     /// The bound address (to tell a device where its peer is).
@@ -158,7 +167,10 @@ impl UdpTransport {
 impl Transport for UdpTransport {
     fn send(&self, frame: &[u8]) -> io::Result<()> {
         let peer = self.peer().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotConnected, "no peer yet: no frame received")
+            io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no peer yet: no frame received",
+            )
         })?;
         self.socket.send_to(frame, peer).map(|_| ())
     }
@@ -175,7 +187,9 @@ impl Transport for UdpTransport {
     }
 
     fn describe(&self) -> String {
-        let local = self.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+        let local = self
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
         match self.peer() {
             Some(p) => format!("udp {local}->{p}"),
             None => format!("udp {local}"),
@@ -192,19 +206,27 @@ pub struct PacketTransport {
 impl PacketTransport {
     /// Opens a raw packet socket bound to `ifname` (all EtherTypes, outgoing frames ignored).
     pub fn open(ifname: &str) -> Result<Self, WireError> {
-        let err = |source: io::Error| WireError::Packet { ifname: ifname.to_owned(), source };
+        let err = |source: io::Error| WireError::Packet {
+            ifname: ifname.to_owned(),
+            source,
+        };
         // ETH_P_ALL in network byte order, as packet(7) wants it.
         let proto_be = ETH_P_ALL.to_be();
         // SAFETY: plain socket(2) call with constant arguments; the result is checked.
         let raw = unsafe {
-            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto_be))
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(proto_be),
+            )
         };
         if raw < 0 {
             return Err(err(io::Error::last_os_error()));
         }
         // SAFETY: `raw` is a fresh descriptor we own and close only through this OwnedFd.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let ifindex = rustix::net::netdevice::name_to_index(&fd, ifname).map_err(|e| err(e.into()))?;
+        let ifindex =
+            rustix::net::netdevice::name_to_index(&fd, ifname).map_err(|e| err(e.into()))?;
         let one: libc::c_int = 1;
         // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&one`, a live c_int.
         let rc = unsafe {
@@ -223,7 +245,8 @@ impl PacketTransport {
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = AF_PACKET;
         sll.sll_protocol = proto_be;
-        sll.sll_ifindex = i32::try_from(ifindex).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
+        sll.sll_ifindex =
+            i32::try_from(ifindex).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
         // SAFETY: bind reads `size_of::<sockaddr_ll>()` bytes from `&sll`, a live sockaddr_ll.
         let rc = unsafe {
             libc::bind(
@@ -236,7 +259,10 @@ impl PacketTransport {
             return Err(err(io::Error::last_os_error()));
         }
         let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&fd, SOCKET_BUFFER);
-        Ok(PacketTransport { fd, ifname: ifname.to_owned() })
+        Ok(PacketTransport {
+            fd,
+            ifname: ifname.to_owned(),
+        })
     }
 }
 
@@ -281,14 +307,30 @@ mod tests {
         let s: WireSpec = "udp:127.0.0.1:0->127.0.0.1:5000".parse().unwrap();
         assert_eq!(
             s,
-            WireSpec::Udp { bind: "127.0.0.1:0".parse().unwrap(), peer: Some("127.0.0.1:5000".parse().unwrap()) }
+            WireSpec::Udp {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                peer: Some("127.0.0.1:5000".parse().unwrap())
+            }
         );
         let s: WireSpec = "udp:127.0.0.1:0,127.0.0.1:5000".parse().unwrap();
         assert!(matches!(s, WireSpec::Udp { peer: Some(_), .. }));
         let s: WireSpec = "udp:[::1]:7000".parse().unwrap();
         assert!(matches!(s, WireSpec::Udp { peer: None, .. }));
-        assert_eq!("tap:np0".parse::<WireSpec>().unwrap(), WireSpec::Tap { ifname: "np0".into() });
-        for bad in ["", "udp:", "udp:x->y", "tap:", "tap:a/b", "tap:0123456789abcdef", "eth:x"] {
+        assert_eq!(
+            "tap:np0".parse::<WireSpec>().unwrap(),
+            WireSpec::Tap {
+                ifname: "np0".into()
+            }
+        );
+        for bad in [
+            "",
+            "udp:",
+            "udp:x->y",
+            "tap:",
+            "tap:a/b",
+            "tap:0123456789abcdef",
+            "eth:x",
+        ] {
             assert!(bad.parse::<WireSpec>().is_err(), "{bad}");
         }
     }
@@ -296,11 +338,20 @@ mod tests {
     #[test]
     fn udp_pair_moves_frames_and_learns_the_peer() {
         let a = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        let b = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), Some(a.local_addr().unwrap()))
-            .unwrap();
+        let b = UdpTransport::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(a.local_addr().unwrap()),
+        )
+        .unwrap();
         let mut buf = [0u8; 64];
-        assert_eq!(a.recv(&mut buf, Some(Duration::from_millis(1))).unwrap(), None);
-        assert_eq!(a.send(b"x").unwrap_err().kind(), io::ErrorKind::NotConnected);
+        assert_eq!(
+            a.recv(&mut buf, Some(Duration::from_millis(1))).unwrap(),
+            None
+        );
+        assert_eq!(
+            a.send(b"x").unwrap_err().kind(),
+            io::ErrorKind::NotConnected
+        );
         b.send(b"hello").unwrap();
         assert_eq!(a.recv(&mut buf, None).unwrap(), Some(5));
         assert_eq!(&buf[..5], b"hello");

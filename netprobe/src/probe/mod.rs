@@ -133,7 +133,10 @@ impl ProbeHandle {
 
     /// Marks `label` at `at` (an instant recorded elsewhere, e.g. a crash's).
     pub fn mark_at(&self, label: impl Into<String>, at: Instant) {
-        self.marks.lock().unwrap_or_else(|e| e.into_inner()).push((at, label.into()));
+        self.marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((at, label.into()));
     }
 
     /// Replies received so far in the current run.
@@ -160,13 +163,22 @@ impl Probe {
     pub fn new(cfg: ProbeConfig, wire: Arc<dyn Transport>) -> Result<Probe, ProbeError> {
         sched::interval_of(cfg.rate)?;
         if !(cfg.threshold_intervals.is_finite() && cfg.threshold_intervals >= 1.0) {
-            return Err(ProbeError::BadConfig("threshold must be at least one interval".into()));
+            return Err(ProbeError::BadConfig(
+                "threshold must be at least one interval".into(),
+            ));
         }
         let max_payload = MAX_FRAME_LEN - frame::udp_frame_len(0);
         if cfg.payload_len > max_payload {
-            return Err(ProbeError::BadConfig(format!("payload above {max_payload} bytes")));
+            return Err(ProbeError::BadConfig(format!(
+                "payload above {max_payload} bytes"
+            )));
         }
-        Ok(Probe { cfg, wire, handle: ProbeHandle::default(), run_id: fresh_run_id() })
+        Ok(Probe {
+            cfg,
+            wire,
+            handle: ProbeHandle::default(),
+            run_id: fresh_run_id(),
+        })
     }
 
     /// A handle for marks and progress (clone it into other threads).
@@ -186,7 +198,10 @@ impl Probe {
             Some(m) => m,
             None => self.resolve(stop)?,
         };
-        let target = Endpoint { mac: target_mac, ip: self.cfg.target_ip };
+        let target = Endpoint {
+            mac: target_mac,
+            ip: self.cfg.target_ip,
+        };
         let mut run = Run::new(self, target);
         let start = Instant::now();
         let schedule = Schedule::from_rate(start, self.cfg.rate, Lateness::Skip)?;
@@ -202,7 +217,11 @@ impl Probe {
                 break;
             }
             match schedule.step(next, now) {
-                Step::Send { slot, skipped, late } => {
+                Step::Send {
+                    slot,
+                    skipped,
+                    late,
+                } => {
                     run.counters.skipped += skipped;
                     let late_ms = late.as_secs_f64() * 1e3;
                     run.counters.max_send_late_ms = run.counters.max_send_late_ms.max(late_ms);
@@ -241,12 +260,19 @@ impl Probe {
                 next_ask = now + ARP_RETRY;
             }
             let wait = (next_ask.min(deadline) - now).min(POLL);
-            let Some(n) = self.wire.recv(&mut buf, Some(wait)).map_err(ProbeError::Recv)? else {
+            let Some(n) = self
+                .wire
+                .recv(&mut buf, Some(wait))
+                .map_err(ProbeError::Recv)?
+            else {
                 continue;
             };
-            let Ok(f) = frame::parse(&buf[..n]) else { continue };
+            let Ok(f) = frame::parse(&buf[..n]) else {
+                continue;
+            };
             if let Payload::Arp(a) = f.payload {
-                if a.operation == ArpOperation::REPLY && a.sender_ipv4_addr() == self.cfg.target_ip {
+                if a.operation == ArpOperation::REPLY && a.sender_ipv4_addr() == self.cfg.target_ip
+                {
                     return Ok(Mac(a.sender_mac));
                 }
                 self.answer_arp(&a);
@@ -260,7 +286,10 @@ impl Probe {
         if a.operation != ArpOperation::REQUEST || a.target_ipv4_addr() != self.cfg.source.ip {
             return false;
         }
-        let asker = Endpoint { mac: Mac(a.sender_mac), ip: a.sender_ipv4_addr() };
+        let asker = Endpoint {
+            mac: Mac(a.sender_mac),
+            ip: a.sender_ipv4_addr(),
+        };
         if let Ok(reply) = frame::arp_reply(self.cfg.source, asker) {
             let _ = self.wire.send(&reply);
         }
@@ -296,7 +325,11 @@ impl<'p> Run<'p> {
 
     fn send_probe(&mut self, slot: u64, start: Instant) -> Result<(), ProbeError> {
         let cfg = &self.probe.cfg;
-        let data = ProbeTag { run: self.probe.run_id, index: slot }.payload(cfg.payload_len);
+        let data = ProbeTag {
+            run: self.probe.run_id,
+            index: slot,
+        }
+        .payload(cfg.payload_len);
         let frame = match cfg.mode {
             ProbeMode::Icmp => {
                 // The wire fields are 16 bits; the tag carries the full values.
@@ -304,7 +337,9 @@ impl<'p> Run<'p> {
                 let seq = (slot & 0xffff) as u16;
                 frame::icmp_echo(cfg.source, self.target, false, id, seq, &data)?
             }
-            ProbeMode::Udp { port } => frame::udp(cfg.source, self.target, self.udp_src_port, port, &data)?,
+            ProbeMode::Udp { port } => {
+                frame::udp(cfg.source, self.target, self.udp_src_port, port, &data)?
+            }
         };
         let sent_s = start.elapsed().as_secs_f64();
         // A refused send (a device whose wire is down, a full queue) is a lost probe: the
@@ -313,13 +348,27 @@ impl<'p> Run<'p> {
             self.counters.send_errors += 1;
         }
         self.by_slot.insert(slot, self.records.len());
-        self.records.push(ProbeRecord { index: slot, sent_s, reply_s: None });
+        self.records.push(ProbeRecord {
+            index: slot,
+            sent_s,
+            reply_s: None,
+        });
         self.unanswered += 1;
         Ok(())
     }
 
-    fn receive(&mut self, buf: &mut [u8], wait: Duration, start: Instant) -> Result<(), ProbeError> {
-        let Some(n) = self.probe.wire.recv(buf, Some(wait)).map_err(ProbeError::Recv)? else {
+    fn receive(
+        &mut self,
+        buf: &mut [u8],
+        wait: Duration,
+        start: Instant,
+    ) -> Result<(), ProbeError> {
+        let Some(n) = self
+            .probe
+            .wire
+            .recv(buf, Some(wait))
+            .map_err(ProbeError::Recv)?
+        else {
             return Ok(());
         };
         let at = start.elapsed().as_secs_f64();
@@ -338,7 +387,12 @@ impl<'p> Run<'p> {
             Payload::EchoReply { ip, data, .. } if self.probe.cfg.mode == ProbeMode::Icmp => {
                 (ip.src == self.target.ip && ip.dst == me.ip).then_some(data)
             }
-            Payload::Udp { ip, src_port, dst_port, data } => match self.probe.cfg.mode {
+            Payload::Udp {
+                ip,
+                src_port,
+                dst_port,
+                data,
+            } => match self.probe.cfg.mode {
                 ProbeMode::Udp { port } => (ip.src == self.target.ip
                     && ip.dst == me.ip
                     && src_port == port
@@ -348,8 +402,12 @@ impl<'p> Run<'p> {
             },
             _ => None,
         };
-        let tag = data.and_then(ProbeTag::from_payload).filter(|t| t.run == self.probe.run_id);
-        let record = tag.and_then(|t| self.by_slot.get(&t.index)).and_then(|&i| self.records.get_mut(i));
+        let tag = data
+            .and_then(ProbeTag::from_payload)
+            .filter(|t| t.run == self.probe.run_id);
+        let record = tag
+            .and_then(|t| self.by_slot.get(&t.index))
+            .and_then(|&i| self.records.get_mut(i));
         match record {
             Some(r) if r.reply_s.is_none() => {
                 r.reply_s = Some(at);
@@ -362,7 +420,14 @@ impl<'p> Run<'p> {
         Ok(())
     }
 
-    fn finish(self, probe: &Probe, target: Endpoint, start: Instant, end: Instant, interval: Duration) -> ProbeReport {
+    fn finish(
+        self,
+        probe: &Probe,
+        target: Endpoint,
+        start: Instant,
+        end: Instant,
+        interval: Duration,
+    ) -> ProbeReport {
         let cfg = &probe.cfg;
         let marks = probe
             .handle
@@ -370,7 +435,10 @@ impl<'p> Run<'p> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(at, label)| Mark { label: label.clone(), t_s: signed_secs(start, *at) })
+            .map(|(at, label)| Mark {
+                label: label.clone(),
+                t_s: signed_secs(start, *at),
+            })
             .collect();
         let threshold_s = interval.as_secs_f64() * cfg.threshold_intervals;
         let info = RunInfo {
@@ -421,7 +489,11 @@ mod tests {
 
     impl Transport for ChanWire {
         fn send(&self, frame: &[u8]) -> io::Result<()> {
-            self.tx.lock().unwrap().send(frame.to_vec()).map_err(|_| io::ErrorKind::BrokenPipe.into())
+            self.tx
+                .lock()
+                .unwrap()
+                .send(frame.to_vec())
+                .map_err(|_| io::ErrorKind::BrokenPipe.into())
         }
         fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<usize>> {
             let rx = self.rx.lock().unwrap();
@@ -431,7 +503,9 @@ mod tests {
                     Err(mpsc::RecvTimeoutError::Timeout) => return Ok(None),
                     Err(_) => return Err(io::ErrorKind::BrokenPipe.into()),
                 },
-                None => rx.recv().map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?,
+                None => rx
+                    .recv()
+                    .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?,
             };
             let n = f.len().min(buf.len());
             buf[..n].copy_from_slice(&f[..n]);
@@ -443,7 +517,10 @@ mod tests {
     }
 
     fn ep(last: u8) -> Endpoint {
-        Endpoint { mac: Mac([2, 0, 0, 0, 0, last]), ip: Ipv4Addr::new(192, 0, 2, last) }
+        Endpoint {
+            mac: Mac([2, 0, 0, 0, 0, last]),
+            ip: Ipv4Addr::new(192, 0, 2, last),
+        }
     }
 
     /// A probe wire whose peer answers as `peer` would, skipping requests `drop` selects.
@@ -467,7 +544,10 @@ mod tests {
                 }
             }
         });
-        Arc::new(ChanWire { tx: Mutex::new(to_peer), rx: Mutex::new(from_peer) })
+        Arc::new(ChanWire {
+            tx: Mutex::new(to_peer),
+            rx: Mutex::new(from_peer),
+        })
     }
 
     #[test]
@@ -499,7 +579,10 @@ mod tests {
         cfg.rate = 1000.0;
         cfg.count = Some(60);
         cfg.linger = Duration::from_millis(200);
-        let r = Probe::new(cfg, wire).unwrap().run(&AtomicBool::new(false)).unwrap();
+        let r = Probe::new(cfg, wire)
+            .unwrap()
+            .run(&AtomicBool::new(false))
+            .unwrap();
         assert_eq!(r.lost, 20);
         assert_eq!(r.received, r.sent - 20);
     }
@@ -509,7 +592,10 @@ mod tests {
         let wire = echo_wire(ep(2), |_| false);
         let mut cfg = ProbeConfig::new(ep(1), ep(9).ip);
         cfg.resolve_timeout = Duration::from_millis(100);
-        let err = Probe::new(cfg, wire).unwrap().run(&AtomicBool::new(false)).unwrap_err();
+        let err = Probe::new(cfg, wire)
+            .unwrap()
+            .run(&AtomicBool::new(false))
+            .unwrap_err();
         assert!(matches!(err, ProbeError::Unresolved(_)), "{err}");
     }
 

@@ -173,11 +173,12 @@ impl ProbeReport {
         let sent = probes.len() as u64;
         let received = probes.iter().filter(|p| p.reply_s.is_some()).count() as u64;
         let rtt_ms = Stats::of(
-            probes.iter().filter_map(|p| p.reply_s.map(|r| (r - p.sent_s) * 1e3)),
+            probes
+                .iter()
+                .filter_map(|p| p.reply_s.map(|r| (r - p.sent_s) * 1e3)),
         );
         let arrivals = arrivals(&probes);
-        let inter_arrival_ms =
-            Stats::of(arrivals.windows(2).map(|w| (w[1].0 - w[0].0) * 1e3));
+        let inter_arrival_ms = Stats::of(arrivals.windows(2).map(|w| (w[1].0 - w[0].0) * 1e3));
         let outages = find_outages(&probes, &arrivals, end_s, threshold_s);
         ProbeReport {
             run,
@@ -197,7 +198,10 @@ impl ProbeReport {
 
     /// `(arrival time s, inter-arrival ms)` for every reply after the first, in arrival order.
     pub fn inter_arrivals(&self) -> Vec<(f64, f64)> {
-        arrivals(&self.probes).windows(2).map(|w| (w[1].0, (w[1].0 - w[0].0) * 1e3)).collect()
+        arrivals(&self.probes)
+            .windows(2)
+            .map(|w| (w[1].0, (w[1].0 - w[0].0) * 1e3))
+            .collect()
     }
 
     /// Unanswered probes that are not inside any outage.
@@ -208,8 +212,10 @@ impl ProbeReport {
 
 /// `(arrival s, probe index)` of every reply, in arrival order.
 fn arrivals(probes: &[ProbeRecord]) -> Vec<(f64, u64)> {
-    let mut a: Vec<(f64, u64)> =
-        probes.iter().filter_map(|p| p.reply_s.map(|r| (r, p.index))).collect();
+    let mut a: Vec<(f64, u64)> = probes
+        .iter()
+        .filter_map(|p| p.reply_s.map(|r| (r, p.index)))
+        .collect();
     a.sort_by(|x, y| x.0.total_cmp(&y.0));
     a
 }
@@ -220,7 +226,9 @@ fn find_outages(
     end_s: f64,
     threshold_s: f64,
 ) -> Vec<Outage> {
-    let Some(first) = probes.first() else { return Vec::new() };
+    let Some(first) = probes.first() else {
+        return Vec::new();
+    };
     // Lost probes sent strictly between probe indexes `after` (None: from the start) and
     // `before` (None: to the end).
     let lost_between = |after: Option<u64>, before: Option<u64>| {
@@ -271,14 +279,25 @@ mod tests {
         (0..n)
             .map(|i| {
                 let sent = i as f64 * IV;
-                ProbeRecord { index: i, sent_s: sent, reply_s: (!lost(i)).then_some(sent + 0.001) }
+                ProbeRecord {
+                    index: i,
+                    sent_s: sent,
+                    reply_s: (!lost(i)).then_some(sent + 0.001),
+                }
             })
             .collect()
     }
 
     fn analyze(p: Vec<ProbeRecord>) -> ProbeReport {
         let end = p.len() as f64 * IV;
-        ProbeReport::analyze(RunInfo::default(), p, vec![], RunCounters::default(), end, 3.0 * IV)
+        ProbeReport::analyze(
+            RunInfo::default(),
+            p,
+            vec![],
+            RunCounters::default(),
+            end,
+            3.0 * IV,
+        )
     }
 
     #[test]
@@ -330,7 +349,10 @@ mod tests {
     #[test]
     fn percentiles_are_nearest_rank() {
         let s = Stats::of((1..=100).map(f64::from));
-        assert_eq!((s.min, s.p50, s.p90, s.p99, s.max), (1.0, 50.0, 90.0, 99.0, 100.0));
+        assert_eq!(
+            (s.min, s.p50, s.p90, s.p99, s.max),
+            (1.0, 50.0, 90.0, 99.0, 100.0)
+        );
         assert_eq!(Stats::of([7.0]).p99, 7.0);
         assert_eq!(Stats::of([]), Stats::default());
         assert_eq!(Stats::of([f64::NAN, 2.0]).n, 1);
@@ -339,10 +361,16 @@ mod tests {
     #[test]
     fn report_round_trips_through_json() {
         let mut r = analyze(series(50, |i| (20..30).contains(&i)));
-        r.marks.push(Mark { label: "crash 1".into(), t_s: 0.1 });
+        r.marks.push(Mark {
+            label: "crash 1".into(),
+            t_s: 0.1,
+        });
         let back: ProbeReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         // serde_json's float parsing may differ in the last bit; compare the shape and values.
-        assert_eq!((back.sent, back.lost, back.marks.len()), (r.sent, r.lost, 1));
+        assert_eq!(
+            (back.sent, back.lost, back.marks.len()),
+            (r.sent, r.lost, 1)
+        );
         assert_eq!(back.outages.len(), r.outages.len());
         assert_eq!(back.outages[0].probes_lost, r.outages[0].probes_lost);
         assert!((back.outages[0].duration_ms - r.outages[0].duration_ms).abs() < 1e-9);
