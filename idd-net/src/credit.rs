@@ -6,8 +6,8 @@
 //! `window_start`. A packet of `size` bytes may go when `size <= remaining`; sending it takes
 //! `size` from the bucket. When a packet does not fit:
 //!
-//! * if the window has ended (`now >= window_start + period`), a new window starts at `now`
-//!   and the bucket gets `bytes` more, capped at `max(bytes, MAX_BURST)` so that a packet of
+//! * if the window has ended (`now >= window_start + period`), a new window starts where the
+//!   old one ended (or at `now` after a whole idle period) and the bucket gets `bytes` more, capped at `max(bytes, MAX_BURST)` so that a packet of
 //!   up to 128 KiB can always go eventually and an idle channel does not hoard credit;
 //! * if the packet still does not fit, it **waits** (it is never dropped): the next window
 //!   starts at `window_start + period`, and the caller tries again then
@@ -123,7 +123,11 @@ impl Bucket {
         }
         let next = self.window_start.saturating_add(c.usec);
         if now >= next {
-            self.window_start = now;
+            // A saturated channel keeps its schedule: the new window starts when the old
+            // one ended, not when we noticed (a late serving round must not cost it
+            // credit, as Linux's timer-driven replenish does not). A channel idle for a
+            // whole period or more starts afresh at `now`.
+            self.window_start = if now - next < c.usec { next } else { now };
             let cap = c.bytes.max(MAX_BURST);
             self.remaining = self.remaining.saturating_add(c.bytes).min(cap);
         }

@@ -146,7 +146,7 @@ impl NetSlice {
         let space = Arc::new(IoSpace::new(bdf, pci.clone())?);
         let sock = d0.dir.path().join(format!("{}.iospace", dev.name));
         let listener = serve_io_space(UnixListener::bind(&sock)?, space);
-        let frames = 1024; // TODO idd_net::layout::frames_needed(MAX_NICS)
+        let frames = idd_net::layout::frames_needed(MAX_NICS as u64);
         let domid = d0.sys.create_domain(DomainConfig {
             name: format!("idd-{}", dev.name),
             nr_frames: frames,
