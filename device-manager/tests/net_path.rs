@@ -75,7 +75,7 @@ fn config() -> ManagerConfig {
         guest_program: common::program("guest-frontends", "net-guest"),
         net_idd_program: common::program("idd-net", "idd-net"),
         heartbeat: None,
-        verbose: std::env::var_os("DM_DEBUG").is_some(),
+        verbose: true,
     }
 }
 
@@ -438,4 +438,24 @@ fn a_hundred_crashes_with_probes_running() {
     );
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.contains("<svg"));
+}
+
+#[test]
+fn a_hot_standby_takes_over() {
+    let plot = plot_dir().join("net-recovery-standby.svg");
+    let (report, outages) =
+        crash_under_probes("standby = true", 10, Duration::from_millis(400), &plot);
+    let pct = Percentiles::of(&outages).unwrap();
+    eprintln!(
+        "10 standby promotions: manager recovery {pct}; probes: sent {} lost {} ({} outages)",
+        report.sent,
+        report.lost,
+        report.outages.len(),
+    );
+    assert_eq!(outages.len(), 10, "every crash recovered");
+    let tail = &report.probes[report.probes.len().saturating_sub(20)..];
+    assert!(
+        tail.iter().all(|p| p.reply_s.is_some()),
+        "probes still lost at the end"
+    );
 }

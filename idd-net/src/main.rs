@@ -15,6 +15,11 @@
 //! SPEC = guest=D,tx=GREF,rx=GREF,port=P,mac=02:00:00:00:00:01[,rx-copy=0|1][,credit=BYTES/USEC][,ips=CIDR+CIDR]
 //! ```
 //!
+//! `idd-net --device-socket PATH --standby`: a hot standby. It connects to the I/O Space and
+//! enters the sandbox like a primary, then waits without touching the device: the manager
+//! writes `channel SPEC` lines on its stdin and then `go` when it promotes it; it then
+//! probes (resets) the device and serves those channels.
+//!
 //! One `--channel` per guest interface: the frontend's domain, its `tx-ring-ref`,
 //! `rx-ring-ref` and `event-channel`, its MAC (the only source it may send from, and where
 //! unicast frames for it go), `rx-copy` (1, the default: grant copy, Linux's
@@ -88,6 +93,27 @@ struct Args {
     /// Packets taken from one channel per round.
     #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Hot standby: connect and enter the sandbox, then wait for the channels on stdin
+    /// (see the module docs) before touching the device.
+    #[arg(long)]
+    standby: bool,
+}
+
+/// A standby's wait: `channel SPEC` lines on stdin until `go`; returns the SPECs.
+fn await_promotion(input: impl std::io::BufRead) -> Result<Vec<String>, String> {
+    let mut specs = Vec::new();
+    for line in input.lines() {
+        let line = line.map_err(|e| format!("standby: stdin: {e}"))?;
+        match line.split_once(' ') {
+            Some(("channel", spec)) => specs.push(spec.trim().to_owned()),
+            None if line.trim() == "go" => return Ok(specs),
+            _ => {
+                let shown: String = line.chars().take(80).collect();
+                return Err(format!("standby: unexpected line {shown:?}"));
+            }
+        }
+    }
+    Err("standby: stdin closed before `go`".into())
 }
 
 /// Parse one `--channel` SPEC; `i` is its index (which journal it uses).
@@ -159,12 +185,10 @@ fn backend_config(batch: usize) -> BackendConfig {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let channels = args
-        .channels
-        .iter()
-        .enumerate()
-        .map(|(i, c)| parse_channel(c, i))
-        .collect::<Result<Vec<_>, _>>()?;
+    // Check the command line before anything else (a standby's channels come later).
+    for (i, c) in args.channels.iter().enumerate() {
+        parse_channel(c, i)?;
+    }
     if !(1..=MAX_BATCH).contains(&args.batch) {
         return Err(format!("--batch must be 1..={MAX_BATCH}"));
     }
@@ -180,6 +204,19 @@ fn run(args: Args) -> Result<(), String> {
         platform.domid()
     );
     let platform = Arc::new(platform);
+    let specs = if args.standby {
+        if !args.channels.is_empty() {
+            return Err("--standby takes its channels on stdin, not --channel".into());
+        }
+        await_promotion(std::io::stdin().lock())?
+    } else {
+        args.channels
+    };
+    let channels = specs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| parse_channel(c, i))
+        .collect::<Result<Vec<_>, _>>()?;
     // Before anything is pinned (IOVAs are recycled): release what a previous process of
     // this domain left pinned and granted.
     let released = release_previous(
@@ -281,6 +318,21 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_takes_its_channels_from_stdin() {
+        let input = "channel guest=3,tx=8,rx=9,port=5,mac=02:00:00:00:00:01\ngo\nignored\n";
+        assert_eq!(
+            await_promotion(input.as_bytes()).unwrap(),
+            vec!["guest=3,tx=8,rx=9,port=5,mac=02:00:00:00:00:01".to_owned()]
+        );
+        assert!(await_promotion("channel x\n".as_bytes()).is_err(), "no go");
+        assert!(await_promotion("hello\ngo\n".as_bytes()).is_err());
+        assert_eq!(
+            await_promotion("go\n".as_bytes()).unwrap(),
+            Vec::<String>::new()
+        );
+    }
 
     #[test]
     fn channel_arguments() {

@@ -2,9 +2,9 @@
 //! its `idd-net` IDD, and the guests' NICs on it.
 //!
 //! Recovery is the block slice's (same domain, new process, the journal replayed); the
-//! first-response phase is the first heartbeat after `ready` whose counters moved, or the
-//! first heartbeat when nothing was outstanding (a NIC has no request that must be answered:
-//! the guest-visible outage is what the probe measures from the wire).
+//! first-response phase lasts until a response appears on any of the guests' rings (a
+//! transmit answered or a frame delivered), at most half a second: with no traffic nothing
+//! moves. The guest-visible outage is what a probe measures from the wire.
 //!
 //! # Hot standby
 //!
@@ -30,6 +30,7 @@ use devchan::grant::DomId;
 use devchan::xenbus::XenbusState;
 use hypervisor::domain::DomainConfig;
 use hypervisor::launch::{LaunchConfig, RunningDomain};
+use hypervisor::memory::layout::FIRST_FREE_FRAME;
 use iospace::emu::virtio_net::{NetConfig, VirtioNet};
 use iospace::emu::virtio_pci::VirtioPci;
 use iospace::emu::wire::{self, UdpWire, Wire, WireConfig};
@@ -43,6 +44,9 @@ use super::{serve_io_space, Dom0};
 use crate::recovery::{Cause, Recovery};
 use crate::toolstack::vif::{self, NetChannel, VifNodes, VifRings};
 use crate::toolstack::RingView;
+
+/// Longest wait for the first ring response after a recovery.
+const FIRST_RESPONSE_WAIT: Duration = Duration::from_millis(500);
 
 /// Most NICs one network IDD serves.
 pub const MAX_NICS: usize = 64;
@@ -322,6 +326,8 @@ impl NetSlice {
             return self.promote(d0, cause, seq);
         }
         let detect = self.idd.begin_recovery()?;
+        let views = self.ring_views(d0);
+        let before: Vec<_> = views.iter().map(|v| v.indexes().ok()).collect();
         let t0 = Instant::now();
         let revoked = self.idd.revoke(&d0.sys)?;
         let revoke = t0.elapsed();
@@ -333,7 +339,7 @@ impl NetSlice {
         self.idd.wait_ready(Duration::from_secs(10))?;
         let reattach = t2.elapsed();
         let t3 = Instant::now();
-        self.first_heartbeat()?;
+        self.first_response(&views, &before);
         Ok(Recovery {
             seq,
             device: self.dev.name.clone(),
@@ -347,17 +353,30 @@ impl NetSlice {
         })
     }
 
-    /// Wait for the first heartbeat of the current process (it serves its rings).
-    fn first_heartbeat(&mut self) -> Result<()> {
-        let before = self.idd.last_hb.take();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.idd.last_hb.is_none() && Instant::now() < deadline {
-            self.idd.drain(Duration::from_millis(1), false)?;
+    /// Domain 0's views of every channel's transmit and receive rings.
+    fn ring_views(&self, d0: &Dom0) -> Vec<RingView> {
+        self.channels
+            .iter()
+            .flat_map(|c| {
+                [c.rings.tx, c.rings.rx].map(|g| RingView::new(d0.sys.clone(), c.guest, g))
+            })
+            .collect()
+    }
+
+    /// Wait until the new process answers on some ring (a transmit done or a frame
+    /// delivered): the first thing a guest sees of it. Bounded by [`FIRST_RESPONSE_WAIT`]:
+    /// with no traffic at all nothing moves, and the phase reads as that bound.
+    fn first_response(&self, views: &[RingView], before: &[Option<(u32, u32)>]) {
+        let t = Instant::now();
+        while t.elapsed() < FIRST_RESPONSE_WAIT {
+            let moved = views.iter().zip(before).any(
+                |(v, b)| matches!((b, v.indexes().ok()), (Some((_, a)), Some((_, n))) if *a != n),
+            );
+            if moved {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
-        if self.idd.last_hb.is_none() {
-            self.idd.last_hb = before;
-        }
-        Ok(())
     }
 
     /// Promote the standby (see the module docs).
@@ -395,10 +414,18 @@ impl NetSlice {
         self.mark_connected(d0)?;
         let reattach = t2.elapsed();
         let t3 = Instant::now();
-        self.first_heartbeat()?;
+        let views = self.ring_views(d0);
+        let before: Vec<_> = views.iter().map(|v| v.indexes().ok()).collect();
+        self.first_response(&views, &before);
         let first_response = t3.elapsed();
-        // The old domain becomes the next standby.
+        // The old domain becomes the next standby. Its memory still holds the dead
+        // process's journals and pin records; those pins were revoked and their IOVAs may be
+        // the new primary's now: wipe them so the next standby starts clean.
         let _ = d0.sys.release_mappings(old);
+        let mem = d0.sys.domain(old)?.memory().clone();
+        for f in FIRST_FREE_FRAME..self.frames {
+            mem.write(f, 0, &[0u8; 4096])?;
+        }
         self.standby = Some(self.spawn_standby(d0, old)?);
         Ok(Recovery {
             seq,
