@@ -209,8 +209,8 @@ fn summarize(r: &ProbeReport) {
     );
     let c = &r.counters;
     println!(
-        "sent={} received={} lost={} skipped={} send_errors={} duplicates={} secs={:.3}",
-        r.sent, r.received, r.lost, c.skipped, c.send_errors, c.duplicates, r.duration_s
+        "sent={} received={} lost={} skipped={} send_errors={} recv_errors={} duplicates={} secs={:.3}",
+        r.sent, r.received, r.lost, c.skipped, c.send_errors, c.recv_errors, c.duplicates, r.duration_s
     );
     let s = &r.rtt_ms;
     println!("rtt_ms p50={:.3} p99={:.3} max={:.3}", s.p50, s.p99, s.max);

@@ -119,6 +119,9 @@ pub struct RunCounters {
     pub skipped: u64,
     /// Sends the wire refused (counted as lost probes too: they have no reply).
     pub send_errors: u64,
+    /// Receives that failed (the wire's interface down, a socket error).
+    #[serde(default)]
+    pub recv_errors: u64,
     /// Replies to a probe that already had one.
     pub duplicates: u64,
     /// Frames that were not replies to this run (other traffic, malformed frames).
