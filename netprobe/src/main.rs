@@ -233,6 +233,12 @@ fn summarize(r: &ProbeReport) {
             o.probes_lost
         );
     }
+    for m in &r.per_mark {
+        println!(
+            "mark {:?} at={:.3}s outages={} outage_ms={:.1} lost={}",
+            m.label, m.t_s, m.outages, m.outage_ms, m.lost
+        );
+    }
     let s = &r.outage_ms;
     println!(
         "outages n={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} isolated_losses={} threshold_ms={:.1}",
