@@ -10,7 +10,9 @@
 //! netprobe plot REPORT.json OUT.svg
 //! ```
 //!
-//! `count` prints `count: listening on WIRE` on stderr once its wire is open.
+//! `count` prints `count: listening on WIRE` on stderr once its wire is open. While `probe`
+//! runs, each SIGUSR1 adds a mark `signal N` at that moment (a script that crashes the
+//! driver domain by hand signals the probe to have the crash on the plot).
 //!
 //! `SPEC` is `udp:BIND->PEER`, `udp:BIND,PEER`, `udp:BIND` or `tap:IFNAME` (see
 //! `netprobe::wire`). Without `--secs`/`--count`, `probe` and `count` run until Ctrl-C (or
@@ -21,7 +23,7 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -33,16 +35,22 @@ use netprobe::wire::{self, WireSpec};
 
 /// Set by SIGINT/SIGTERM; the runs poll it.
 static STOP: AtomicBool = AtomicBool::new(false);
+/// SIGUSR1s received; `probe` turns each into a mark.
+static MARKS: AtomicU64 = AtomicU64::new(0);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    STOP.store(true, Ordering::Relaxed);
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Only atomic operations: async-signal-safe.
+    if sig == libc::SIGUSR1 {
+        MARKS.fetch_add(1, Ordering::Relaxed);
+    } else {
+        STOP.store(true, Ordering::Relaxed);
+    }
 }
 
 fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
         // SAFETY: `on_signal` has the `extern "C" fn(c_int)` signature signal(2) expects
-        // and only stores to an atomic, which is async-signal-safe.
+        // and only touches atomics, which is async-signal-safe.
         unsafe {
             libc::signal(
                 sig,
@@ -272,7 +280,27 @@ fn probe(a: ProbeArgs) -> anyhow::Result<()> {
     cfg.duration = a.secs.map(secs).transpose()?;
     cfg.count = a.count;
     cfg.linger = Duration::from_millis(a.linger_ms);
-    let report = Probe::new(cfg, wire)?.run(&STOP)?;
+    let probe = Probe::new(cfg, wire)?;
+    // Turn SIGUSR1s into marks (within a millisecond) while the probe runs.
+    let done = AtomicBool::new(false);
+    let report = std::thread::scope(|s| {
+        let handle = probe.handle();
+        let done = &done;
+        s.spawn(move || {
+            let mut seen = 0;
+            while !done.load(Ordering::Relaxed) {
+                let now = MARKS.load(Ordering::Relaxed);
+                while seen < now {
+                    seen += 1;
+                    handle.mark(format!("signal {seen}"));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let r = probe.run(&STOP);
+        done.store(true, Ordering::Relaxed);
+        r
+    })?;
     if let Some(path) = &a.out {
         let json = serde_json::to_string(&report)?;
         std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
