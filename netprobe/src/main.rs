@@ -392,3 +392,45 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn wire_and_addresses_parse_from_the_command_line() {
+        let cli = Cli::try_parse_from([
+            "netprobe",
+            "probe",
+            "--wire",
+            "udp:127.0.0.1:0->127.0.0.1:9000",
+            "--src-ip",
+            "192.0.2.1",
+            "--dst-ip",
+            "192.0.2.2",
+            "--dst-mac",
+            "02:00:00:00:00:02",
+            "--udp",
+            "--count",
+            "5",
+        ])
+        .unwrap();
+        let Cmd::Probe(a) = cli.cmd else {
+            panic!("not probe")
+        };
+        assert!(matches!(a.source.wire, WireSpec::Udp { peer: Some(_), .. }));
+        assert_eq!(a.dst_mac, Some(Mac([2, 0, 0, 0, 0, 2])));
+        assert_eq!(a.source.src_mac, Mac([2, 0, 0, 0, 0xfe, 1]));
+        assert!(a.udp);
+        assert!(Cli::try_parse_from([
+            "netprobe", "flood", "--wire", "tap:x", "--src-ip", "1.2.3.4"
+        ])
+        .is_err());
+    }
+}
