@@ -228,6 +228,12 @@ impl Probe {
                     skipped,
                     late,
                 } => {
+                    if let Some(c) = self.cfg.count.filter(|&c| slot >= c) {
+                        // A late sender skipped past the last slot of the run: the slots
+                        // left are skipped, nothing beyond the count is sent.
+                        run.counters.skipped += c - next;
+                        break;
+                    }
                     run.counters.skipped += skipped;
                     let late_ms = late.as_secs_f64() * 1e3;
                     run.counters.max_send_late_ms = run.counters.max_send_late_ms.max(late_ms);
@@ -652,6 +658,40 @@ mod tests {
             .unwrap();
         assert_eq!(r.counters.recv_errors, 5);
         assert_eq!(r.lost, 0, "replies queued behind the errors still arrive");
+    }
+
+    /// A wire whose first receive stalls the probe for 100 ms (a descheduled sender).
+    struct Stall(Arc<ChanWire>, AtomicBool);
+
+    impl Transport for Stall {
+        fn send(&self, frame: &[u8]) -> io::Result<()> {
+            self.0.send(frame)
+        }
+        fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<usize>> {
+            if !self.1.swap(true, Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            self.0.recv(buf, timeout)
+        }
+        fn describe(&self) -> String {
+            "stall".into()
+        }
+    }
+
+    #[test]
+    fn a_stall_past_the_last_slot_ends_the_run_without_extra_probes() {
+        let wire = Arc::new(Stall(echo_wire(ep(2), |_| false), AtomicBool::new(false)));
+        let mut cfg = ProbeConfig::new(ep(1), ep(2).ip);
+        cfg.target_mac = Some(ep(2).mac);
+        cfg.rate = 1000.0;
+        cfg.count = Some(50); // 50 ms of slots, all past after the stall
+        let r = Probe::new(cfg, wire)
+            .unwrap()
+            .run(&AtomicBool::new(false))
+            .unwrap();
+        assert_eq!(r.sent + r.counters.skipped, 50);
+        assert!(r.sent < 50);
+        assert!(r.probes.iter().all(|p| p.index < 50));
     }
 
     #[test]
