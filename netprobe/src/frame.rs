@@ -569,6 +569,22 @@ mod tests {
     }
 
     #[test]
+    fn frames_padded_to_the_ethernet_minimum_still_parse() {
+        // A NIC pads short frames to 60 bytes; the IPv4 length and ARP's fixed size tell
+        // where the packet ends.
+        let mut req = arp_request(a(), b().ip).unwrap();
+        req.resize(60, 0);
+        assert!(echo_answer(b(), &req).is_some());
+        let mut ping = icmp_echo(a(), b(), false, 1, 2, b"hi").unwrap();
+        ping.resize(60, 0);
+        let ans = echo_answer(b(), &ping).unwrap();
+        match parse(&ans).unwrap().payload {
+            Payload::EchoReply { data, .. } => assert_eq!(data, b"hi"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn too_large_is_refused() {
         let data = vec![0u8; MAX_FRAME_LEN];
         assert!(matches!(

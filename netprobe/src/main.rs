@@ -10,7 +10,9 @@
 //! netprobe plot REPORT.json OUT.svg
 //! ```
 //!
-//! `count` prints `count: listening on WIRE` on stderr once its wire is open.
+//! `count` prints `count: listening on WIRE` on stderr once its wire is open. While `probe`
+//! runs, each SIGUSR1 adds a mark `signal N` at that moment (a script that crashes the
+//! driver domain by hand signals the probe to have the crash on the plot).
 //!
 //! `SPEC` is `udp:BIND->PEER`, `udp:BIND,PEER`, `udp:BIND` or `tap:IFNAME` (see
 //! `netprobe::wire`). Without `--secs`/`--count`, `probe` and `count` run until Ctrl-C (or
@@ -21,7 +23,7 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -33,16 +35,22 @@ use netprobe::wire::{self, WireSpec};
 
 /// Set by SIGINT/SIGTERM; the runs poll it.
 static STOP: AtomicBool = AtomicBool::new(false);
+/// SIGUSR1s received; `probe` turns each into a mark.
+static MARKS: AtomicU64 = AtomicU64::new(0);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    STOP.store(true, Ordering::Relaxed);
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Only atomic operations: async-signal-safe.
+    if sig == libc::SIGUSR1 {
+        MARKS.fetch_add(1, Ordering::Relaxed);
+    } else {
+        STOP.store(true, Ordering::Relaxed);
+    }
 }
 
 fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
         // SAFETY: `on_signal` has the `extern "C" fn(c_int)` signature signal(2) expects
-        // and only stores to an atomic, which is async-signal-safe.
+        // and only touches atomics, which is async-signal-safe.
         unsafe {
             libc::signal(
                 sig,
@@ -209,8 +217,8 @@ fn summarize(r: &ProbeReport) {
     );
     let c = &r.counters;
     println!(
-        "sent={} received={} lost={} skipped={} send_errors={} duplicates={} secs={:.3}",
-        r.sent, r.received, r.lost, c.skipped, c.send_errors, c.duplicates, r.duration_s
+        "sent={} received={} lost={} skipped={} send_errors={} recv_errors={} duplicates={} secs={:.3}",
+        r.sent, r.received, r.lost, c.skipped, c.send_errors, c.recv_errors, c.duplicates, r.duration_s
     );
     let s = &r.rtt_ms;
     println!("rtt_ms p50={:.3} p99={:.3} max={:.3}", s.p50, s.p99, s.max);
@@ -231,6 +239,12 @@ fn summarize(r: &ProbeReport) {
             o.start_s,
             o.duration_ms,
             o.probes_lost
+        );
+    }
+    for m in &r.per_mark {
+        println!(
+            "mark {:?} at={:.3}s outages={} outage_ms={:.1} lost={}",
+            m.label, m.t_s, m.outages, m.outage_ms, m.lost
         );
     }
     let s = &r.outage_ms;
@@ -266,7 +280,27 @@ fn probe(a: ProbeArgs) -> anyhow::Result<()> {
     cfg.duration = a.secs.map(secs).transpose()?;
     cfg.count = a.count;
     cfg.linger = Duration::from_millis(a.linger_ms);
-    let report = Probe::new(cfg, wire)?.run(&STOP)?;
+    let probe = Probe::new(cfg, wire)?;
+    // Turn SIGUSR1s into marks (within a millisecond) while the probe runs.
+    let done = AtomicBool::new(false);
+    let report = std::thread::scope(|s| {
+        let handle = probe.handle();
+        let done = &done;
+        s.spawn(move || {
+            let mut seen = 0;
+            while !done.load(Ordering::Relaxed) {
+                let now = MARKS.load(Ordering::Relaxed);
+                while seen < now {
+                    seen += 1;
+                    handle.mark(format!("signal {seen}"));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let r = probe.run(&STOP);
+        done.store(true, Ordering::Relaxed);
+        r
+    })?;
     if let Some(path) = &a.out {
         let json = serde_json::to_string(&report)?;
         std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
@@ -356,5 +390,47 @@ fn main() -> ExitCode {
             eprintln!("netprobe: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn wire_and_addresses_parse_from_the_command_line() {
+        let cli = Cli::try_parse_from([
+            "netprobe",
+            "probe",
+            "--wire",
+            "udp:127.0.0.1:0->127.0.0.1:9000",
+            "--src-ip",
+            "192.0.2.1",
+            "--dst-ip",
+            "192.0.2.2",
+            "--dst-mac",
+            "02:00:00:00:00:02",
+            "--udp",
+            "--count",
+            "5",
+        ])
+        .unwrap();
+        let Cmd::Probe(a) = cli.cmd else {
+            panic!("not probe")
+        };
+        assert!(matches!(a.source.wire, WireSpec::Udp { peer: Some(_), .. }));
+        assert_eq!(a.dst_mac, Some(Mac([2, 0, 0, 0, 0, 2])));
+        assert_eq!(a.source.src_mac, Mac([2, 0, 0, 0, 0xfe, 1]));
+        assert!(a.udp);
+        assert!(Cli::try_parse_from([
+            "netprobe", "flood", "--wire", "tap:x", "--src-ip", "1.2.3.4"
+        ])
+        .is_err());
     }
 }

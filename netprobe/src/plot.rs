@@ -36,6 +36,10 @@ fn draw_err(e: impl std::fmt::Display) -> PlotError {
 
 /// Picture size in pixels.
 const SIZE: (u32, u32) = (1000, 500);
+/// Room above the highest point (for the mark labels and the legend), as a factor.
+const HEADROOM: f64 = 1.5;
+/// Room the legend takes from the right edge, in pixels.
+const LEGEND_WIDTH: i32 = 230;
 /// Marks beyond this many are drawn without their labels (they would overlap).
 const MAX_LABELLED_MARKS: usize = 20;
 
@@ -80,7 +84,7 @@ where
         .chain(report.outages.iter().map(|o| o.duration_ms))
         .fold(report.run.threshold_ms, f64::max)
         .max(1.0)
-        * 1.1;
+        * HEADROOM;
     let title = format!(
         "Reply inter-arrival, {} probes/s ({}), {} outage(s), {} of {} probes lost",
         report.run.rate,
@@ -154,11 +158,14 @@ where
         )
         .map_err(draw_err)?;
 
+    let (width, _) = chart.plotting_area().dim_in_pixel();
+    let legend_x = i32::try_from(width).unwrap_or(0) - LEGEND_WIDTH;
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
+        // Top right, below the row of mark labels, in the headroom above the highest spike.
+        .position(SeriesLabelPosition::Coordinate(legend_x, 24))
         .draw()
         .map_err(draw_err)?;
     Ok(())

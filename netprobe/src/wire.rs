@@ -50,7 +50,9 @@ pub enum WireError {
     },
 }
 
-/// Where frames go: one Ethernet frame per call.
+/// Where frames go: one Ethernet frame per call. Sends may come from any thread; receives
+/// are meant for one reader at a time (a datagram another reader takes between the wait and
+/// the read is simply not ours).
 pub trait Transport: Send + Sync {
     /// Sends one frame.
     fn send(&self, frame: &[u8]) -> io::Result<()>;
@@ -289,8 +291,12 @@ impl Transport for PacketTransport {
         if !wait_readable(&self.fd, timeout)? {
             return Ok(None);
         }
-        let (_, n) = rustix::net::recv(&self.fd, &mut *buf, rustix::net::RecvFlags::DONTWAIT)?;
-        Ok(Some(n.min(buf.len())))
+        match rustix::net::recv(&self.fd, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
+            Ok((_, n)) => Ok(Some(n.min(buf.len()))),
+            // Readable but gone (another reader took it): nothing this time.
+            Err(rustix::io::Errno::AGAIN) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn describe(&self) -> String {

@@ -176,3 +176,52 @@ fn bad_arguments_fail_with_a_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn sigusr1_marks_and_sigint_ends_an_unbounded_probe() {
+    let peer = EchoPeer::spawn(None, Duration::ZERO);
+    let child = netprobe()
+        .args(["probe", "--wire", &format!("udp:127.0.0.1:0,{}", peer.addr)])
+        .args([
+            "--src-ip",
+            &probe_ep().ip.to_string(),
+            "--dst-ip",
+            &peer_ep().ip.to_string(),
+        ])
+        .args([
+            "--dst-mac",
+            &peer_ep().mac.to_string(),
+            "--json",
+            "--linger-ms",
+            "200",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    // Replies flow once the probe runs (its handlers are installed before it starts).
+    let wait_for = |n: u64| {
+        while peer.answered.load(std::sync::atomic::Ordering::Relaxed) < n {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for(10);
+    signal("-USR1");
+    let after_mark = peer.answered.load(std::sync::atomic::Ordering::Relaxed) + 10;
+    wait_for(after_mark);
+    signal("-INT");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["marks"][0]["label"], "signal 1");
+    assert_eq!(r["per_mark"].as_array().unwrap().len(), 1);
+    assert!(r["sent"].as_u64().unwrap() >= 20);
+    assert_eq!(r["lost"], 0);
+}

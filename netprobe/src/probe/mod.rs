@@ -27,7 +27,6 @@
 pub mod report;
 
 use std::collections::HashMap;
-use std::io;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,8 +36,8 @@ use etherparse::ArpOperation;
 
 use crate::frame::{self, Endpoint, FrameError, Mac, Payload, ProbeTag, MAX_FRAME_LEN};
 use crate::sched::{self, Lateness, SchedError, Schedule, Step};
-use crate::wire::Transport;
-pub use report::{Mark, Outage, ProbeRecord, ProbeReport, RunCounters, RunInfo, Stats};
+use crate::wire::{self, Transport, WireError, WireSpec};
+pub use report::{Mark, MarkOutage, Outage, ProbeRecord, ProbeReport, RunCounters, RunInfo, Stats};
 
 /// Why a probe run failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +54,9 @@ pub enum ProbeError {
     /// Building a probe frame failed.
     #[error("Cannot build probe frame")]
     Frame(#[from] FrameError),
-    /// Receiving from the wire failed.
-    #[error("Wire receive failed")]
-    Recv(#[source] io::Error),
+    /// The wire could not be opened.
+    #[error("Cannot open the wire")]
+    Wire(#[from] WireError),
 }
 
 /// What the probes are.
@@ -181,6 +180,11 @@ impl Probe {
         })
     }
 
+    /// Opens the wire `spec` names and prepares a run over it.
+    pub fn open(cfg: ProbeConfig, spec: &WireSpec) -> Result<Probe, ProbeError> {
+        Probe::new(cfg, wire::open(spec)?)
+    }
+
     /// A handle for marks and progress (clone it into other threads).
     pub fn handle(&self) -> ProbeHandle {
         self.handle.clone()
@@ -192,7 +196,9 @@ impl Probe {
     }
 
     /// Runs until the duration or count is reached or `stop` is set, then lingers for late
-    /// replies and reports. Fails only when the wire fails or the target cannot be resolved.
+    /// replies and reports. Fails only when the target cannot be resolved: send and receive
+    /// errors of the wire are counted, not fatal, since a wire that misbehaves during a
+    /// device restart is part of what the probe measures.
     pub fn run(&self, stop: &AtomicBool) -> Result<ProbeReport, ProbeError> {
         let target_mac = match self.cfg.target_mac {
             Some(m) => m,
@@ -222,6 +228,12 @@ impl Probe {
                     skipped,
                     late,
                 } => {
+                    if let Some(c) = self.cfg.count.filter(|&c| slot >= c) {
+                        // A late sender skipped past the last slot of the run: the slots
+                        // left are skipped, nothing beyond the count is sent.
+                        run.counters.skipped += c - next;
+                        break;
+                    }
                     run.counters.skipped += skipped;
                     let late_ms = late.as_secs_f64() * 1e3;
                     run.counters.max_send_late_ms = run.counters.max_send_late_ms.max(late_ms);
@@ -260,11 +272,7 @@ impl Probe {
                 next_ask = now + ARP_RETRY;
             }
             let wait = (next_ask.min(deadline) - now).min(POLL);
-            let Some(n) = self
-                .wire
-                .recv(&mut buf, Some(wait))
-                .map_err(ProbeError::Recv)?
-            else {
+            let Some(n) = recv_or_wait(&*self.wire, &mut buf, wait, &mut 0) else {
                 continue;
             };
             let Ok(f) = frame::parse(&buf[..n]) else {
@@ -363,12 +371,8 @@ impl<'p> Run<'p> {
         wait: Duration,
         start: Instant,
     ) -> Result<(), ProbeError> {
-        let Some(n) = self
-            .probe
-            .wire
-            .recv(buf, Some(wait))
-            .map_err(ProbeError::Recv)?
-        else {
+        let errors = &mut self.counters.recv_errors;
+        let Some(n) = recv_or_wait(&*self.probe.wire, buf, wait, errors) else {
             return Ok(());
         };
         let at = start.elapsed().as_secs_f64();
@@ -457,6 +461,25 @@ impl<'p> Run<'p> {
     }
 }
 
+/// Receives one frame within `wait`; on a receive error (an interface going down, a socket
+/// error report) counts it in `errors` and sleeps out `wait` so a persistent error does not
+/// spin.
+fn recv_or_wait(
+    wire: &dyn Transport,
+    buf: &mut [u8],
+    wait: Duration,
+    errors: &mut u64,
+) -> Option<usize> {
+    match wire.recv(buf, Some(wait)) {
+        Ok(n) => n,
+        Err(_) => {
+            *errors += 1;
+            std::thread::sleep(wait);
+            None
+        }
+    }
+}
+
 /// Seconds from `start` to `at`, negative when `at` is earlier.
 fn signed_secs(start: Instant, at: Instant) -> f64 {
     match at.checked_duration_since(start) {
@@ -479,6 +502,7 @@ fn fresh_run_id() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
     use std::sync::mpsc;
 
     /// A wire made of two channels; the peer side answers with `frame::echo_answer`.
@@ -525,6 +549,16 @@ mod tests {
 
     /// A probe wire whose peer answers as `peer` would, skipping requests `drop` selects.
     fn echo_wire(peer: Endpoint, drop: impl Fn(u64) -> bool + Send + 'static) -> Arc<ChanWire> {
+        echo_wire_counting(peer, drop).0
+    }
+
+    /// [`echo_wire`] and the count of probes the peer dropped.
+    fn echo_wire_counting(
+        peer: Endpoint,
+        drop: impl Fn(u64) -> bool + Send + 'static,
+    ) -> (Arc<ChanWire>, Arc<AtomicU64>) {
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counter = dropped.clone();
         let (to_peer, peer_rx) = mpsc::channel::<Vec<u8>>();
         let (peer_tx, from_peer) = mpsc::channel::<Vec<u8>>();
         std::thread::spawn(move || {
@@ -534,6 +568,7 @@ mod tests {
                 if is_probe {
                     n += 1;
                     if drop(n - 1) {
+                        counter.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                 }
@@ -544,10 +579,11 @@ mod tests {
                 }
             }
         });
-        Arc::new(ChanWire {
+        let wire = Arc::new(ChanWire {
             tx: Mutex::new(to_peer),
             rx: Mutex::new(from_peer),
-        })
+        });
+        (wire, dropped)
     }
 
     #[test]
@@ -573,18 +609,89 @@ mod tests {
     #[test]
     fn dropped_replies_are_lost_probes() {
         // Drop every probe from the 10th to the 29th (by arrival at the peer).
-        let wire = echo_wire(ep(2), |n| (10..30).contains(&n));
+        let (wire, dropped) = echo_wire_counting(ep(2), |n| (10..30).contains(&n));
         let mut cfg = ProbeConfig::new(ep(1), ep(2).ip);
         cfg.target_mac = Some(ep(2).mac);
-        cfg.rate = 1000.0;
+        cfg.rate = 200.0;
         cfg.count = Some(60);
         cfg.linger = Duration::from_millis(200);
         let r = Probe::new(cfg, wire)
             .unwrap()
             .run(&AtomicBool::new(false))
             .unwrap();
-        assert_eq!(r.lost, 20);
-        assert_eq!(r.received, r.sent - 20);
+        // Slots a busy machine skipped are not sent, so the peer may see fewer than 30.
+        let dropped = dropped.load(Ordering::Relaxed);
+        assert!(dropped > 0);
+        assert_eq!(r.lost, dropped);
+        assert_eq!(r.received, r.sent - dropped);
+    }
+
+    /// A wire whose first receives fail (an interface going down under the probe).
+    struct Flaky(Arc<ChanWire>, AtomicU64);
+
+    impl Transport for Flaky {
+        fn send(&self, frame: &[u8]) -> io::Result<()> {
+            self.0.send(frame)
+        }
+        fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<usize>> {
+            if self.1.fetch_sub(1, Ordering::Relaxed) > 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENETDOWN));
+            }
+            self.1.store(0, Ordering::Relaxed);
+            self.0.recv(buf, timeout)
+        }
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    #[test]
+    fn receive_errors_are_counted_not_fatal() {
+        let wire = Arc::new(Flaky(echo_wire(ep(2), |_| false), AtomicU64::new(5)));
+        let mut cfg = ProbeConfig::new(ep(1), ep(2).ip);
+        cfg.target_mac = Some(ep(2).mac);
+        cfg.rate = 1000.0;
+        cfg.count = Some(30);
+        let r = Probe::new(cfg, wire)
+            .unwrap()
+            .run(&AtomicBool::new(false))
+            .unwrap();
+        assert_eq!(r.counters.recv_errors, 5);
+        assert_eq!(r.lost, 0, "replies queued behind the errors still arrive");
+    }
+
+    /// A wire whose first receive stalls the probe for 100 ms (a descheduled sender).
+    struct Stall(Arc<ChanWire>, AtomicBool);
+
+    impl Transport for Stall {
+        fn send(&self, frame: &[u8]) -> io::Result<()> {
+            self.0.send(frame)
+        }
+        fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<usize>> {
+            if !self.1.swap(true, Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            self.0.recv(buf, timeout)
+        }
+        fn describe(&self) -> String {
+            "stall".into()
+        }
+    }
+
+    #[test]
+    fn a_stall_past_the_last_slot_ends_the_run_without_extra_probes() {
+        let wire = Arc::new(Stall(echo_wire(ep(2), |_| false), AtomicBool::new(false)));
+        let mut cfg = ProbeConfig::new(ep(1), ep(2).ip);
+        cfg.target_mac = Some(ep(2).mac);
+        cfg.rate = 1000.0;
+        cfg.count = Some(50); // 50 ms of slots, all past after the stall
+        let r = Probe::new(cfg, wire)
+            .unwrap()
+            .run(&AtomicBool::new(false))
+            .unwrap();
+        assert_eq!(r.sent + r.counters.skipped, 50);
+        assert!(r.sent < 50);
+        assert!(r.probes.iter().all(|p| p.index < 50));
     }
 
     #[test]

@@ -50,6 +50,21 @@ pub struct Outage {
     pub probes_lost: u64,
 }
 
+/// The outages a mark (a crash) caused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MarkOutage {
+    /// The mark's label.
+    pub label: String,
+    /// The mark's time.
+    pub t_s: f64,
+    /// Outages that ended after this mark and no later than the next one.
+    pub outages: u64,
+    /// Their total length in milliseconds (0: recovered within the threshold).
+    pub outage_ms: f64,
+    /// Probes lost in them.
+    pub lost: u64,
+}
+
 /// Order statistics of a series (nearest-rank percentiles).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
@@ -119,6 +134,9 @@ pub struct RunCounters {
     pub skipped: u64,
     /// Sends the wire refused (counted as lost probes too: they have no reply).
     pub send_errors: u64,
+    /// Receives that failed (the wire's interface down, a socket error).
+    #[serde(default)]
+    pub recv_errors: u64,
     /// Replies to a probe that already had one.
     pub duplicates: u64,
     /// Frames that were not replies to this run (other traffic, malformed frames).
@@ -154,6 +172,9 @@ pub struct ProbeReport {
     pub outages: Vec<Outage>,
     /// Marks (crashes) in time order.
     pub marks: Vec<Mark>,
+    /// Per mark, the outages it caused (see [`per_mark`]).
+    #[serde(default)]
+    pub per_mark: Vec<MarkOutage>,
     /// Every probe in send order.
     pub probes: Vec<ProbeRecord>,
 }
@@ -190,6 +211,7 @@ impl ProbeReport {
             rtt_ms,
             inter_arrival_ms,
             outage_ms: Stats::of(outages.iter().map(|o| o.duration_ms)),
+            per_mark: per_mark(&marks, &outages, end_s),
             outages,
             marks,
             probes,
@@ -208,6 +230,35 @@ impl ProbeReport {
     pub fn isolated_losses(&self) -> u64 {
         self.lost - self.outages.iter().map(|o| o.probes_lost).sum::<u64>()
     }
+}
+
+/// Attributes each outage to the last mark at or before its end (an open outage ends at
+/// `end_s`): a crash's outage starts at the last reply before the crash, a little before the
+/// mark, and ends when replies resume, before the next crash. Outages before the first mark
+/// belong to none.
+pub fn per_mark(marks: &[Mark], outages: &[Outage], end_s: f64) -> Vec<MarkOutage> {
+    let mut out: Vec<MarkOutage> = marks
+        .iter()
+        .map(|m| MarkOutage {
+            label: m.label.clone(),
+            t_s: m.t_s,
+            outages: 0,
+            outage_ms: 0.0,
+            lost: 0,
+        })
+        .collect();
+    for o in outages {
+        let end = o.end_s.unwrap_or(end_s);
+        // `marks` is sorted by time: the last one at or before `end`.
+        let Some(i) = marks.partition_point(|m| m.t_s <= end).checked_sub(1) else {
+            continue;
+        };
+        let m = &mut out[i];
+        m.outages += 1;
+        m.outage_ms += o.duration_ms;
+        m.lost += o.probes_lost;
+    }
+    out
 }
 
 /// `(arrival s, probe index)` of every reply, in arrival order.
@@ -344,6 +395,28 @@ mod tests {
         let r = analyze(series(100, |_| true));
         assert_eq!(r.outages.len(), 1);
         assert_eq!(r.outages[0].probes_lost, 100);
+    }
+
+    #[test]
+    fn outages_are_attributed_to_the_mark_before_their_end() {
+        let o = |start_s: f64, end_s: Option<f64>| Outage {
+            start_s,
+            end_s,
+            duration_ms: 1.0,
+            probes_lost: 2,
+        };
+        let m = |t_s: f64| Mark {
+            label: format!("{t_s}"),
+            t_s,
+        };
+        let marks = [m(1.0), m(2.0), m(3.0)];
+        // Before any mark; crash 1's (starts just before it); none for crash 2; crash 3's
+        // open outage.
+        let outages = [o(0.1, Some(0.2)), o(0.99, Some(1.3)), o(3.1, None)];
+        let pm = per_mark(&marks, &outages, 4.0);
+        let got: Vec<(u64, u64)> = pm.iter().map(|p| (p.outages, p.lost)).collect();
+        assert_eq!(got, [(1, 2), (0, 0), (1, 2)]);
+        assert!(per_mark(&[], &outages, 4.0).is_empty());
     }
 
     #[test]
