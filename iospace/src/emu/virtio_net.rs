@@ -286,10 +286,15 @@ struct Chain {
     writable: Vec<Seg>,
 }
 
-/// Pop one chain; `Ok(None)` when the ring is empty, `Err` on a DMA fault.
+/// Pop one chain; `Ok(None)` when the ring is empty, `Err` on a DMA fault or an available
+/// index more than a queue ahead of us (which would leave chains we can never pop).
 fn pop(q: &mut Queue, mem: &IommuMemory) -> Result<Option<Chain>, Fail> {
     let faults = mem.faults();
-    let Some(chain) = q.pop_descriptor_chain(mem) else {
+    let chain = match q.iter(mem) {
+        Ok(mut it) => it.next(),
+        Err(_) => return Err(Fail::Fatal),
+    };
+    let Some(chain) = chain else {
         return if mem.faults() == faults {
             Ok(None)
         } else {
@@ -463,13 +468,18 @@ impl Shared {
         if q.disable_notification(&a.mem).is_err() {
             return self.fail(a);
         }
+        let mut rechecked = false;
         loop {
             while !a.failed.load(Ordering::SeqCst) {
                 let c = match pop(&mut q, &a.mem) {
                     Ok(Some(c)) => c,
+                    // The ring said there was more and yet nothing can be popped: the
+                    // driver's index is inconsistent; never spin on it.
+                    Ok(None) if rechecked => return self.fail(a),
                     Ok(None) => break,
                     Err(_) => return self.fail(a),
                 };
+                rechecked = false;
                 match self.send(a, &c) {
                     Ok(n) => {
                         bump(&self.stats.tx_frames, 1);
@@ -488,6 +498,7 @@ impl Shared {
             match q.enable_notification(&a.mem) {
                 Ok(false) => return,
                 Ok(true) => {
+                    rechecked = true;
                     if q.disable_notification(&a.mem).is_err() {
                         return self.fail(a);
                     }
@@ -1120,5 +1131,23 @@ mod tests {
         ) {
             fuzz_device(&data);
         }
+    }
+
+    #[test]
+    fn an_available_index_far_ahead_fails_the_device_instead_of_spinning() {
+        let mut r = rig();
+        r.start();
+        // avail.idx = 1000 with a queue of 8: chains that cannot exist.
+        r.pages[1].write(1024 + 2, &1000u16.to_le_bytes());
+        r.w(NOTIFY_OFFSET + 4, &1u16.to_le_bytes());
+        let s = r.stats_until(|s| s.failures == 1);
+        assert_eq!(s.failures, 1);
+        assert_ne!(r.status() & 0x40, 0);
+        // The same on the receive queue, found when a frame arrives.
+        r.start();
+        r.pages[0].write(1024 + 2, &1000u16.to_le_bytes());
+        r.far.send_to(&frame(60, 1), r.wire_addr).unwrap();
+        let s = r.stats_until(|s| s.failures == 2);
+        assert_eq!(s.failures, 2);
     }
 }
