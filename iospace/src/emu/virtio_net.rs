@@ -178,10 +178,19 @@ struct Shared {
     wire: Arc<dyn Wire>,
     stats: Stats,
     active: RwLock<Option<Active>>,
-    /// Transmit kicks not yet served, and shutdown.
-    kick: Mutex<(bool, bool)>,
+    /// What the transmit thread is woken for.
+    kick: Mutex<Kick>,
     kicked: Condvar,
     stop: AtomicBool,
+}
+
+/// Wake-ups of the transmit thread.
+#[derive(Default)]
+struct Kick {
+    /// The driver rang the transmit doorbell since the thread last looked.
+    pending: bool,
+    /// The device is being dropped.
+    stop: bool,
 }
 
 /// The virtio-net device model.
@@ -220,7 +229,7 @@ impl VirtioNet {
             wire: config.wire,
             stats: Stats::default(),
             active: RwLock::new(None),
-            kick: Mutex::new((false, false)),
+            kick: Mutex::new(Kick::default()),
             kicked: Condvar::new(),
             stop: AtomicBool::new(false),
         });
@@ -441,13 +450,13 @@ impl Shared {
         loop {
             {
                 let mut k = lock(&self.kick);
-                while !k.0 && !k.1 {
+                while !k.pending && !k.stop {
                     k = self.kicked.wait(k).unwrap_or_else(|p| p.into_inner());
                 }
-                if k.1 {
+                if k.stop {
                     return;
                 }
-                k.0 = false;
+                k.pending = false;
             }
             self.drain_tx();
         }
@@ -600,7 +609,7 @@ impl VirtioDevice for VirtioNet {
     fn queue_notify(&self, queue: u16) {
         // Receive buffers are taken when a frame arrives; only transmits need a wake-up.
         if queue == TX_QUEUE {
-            lock(&self.shared.kick).0 = true;
+            lock(&self.shared.kick).pending = true;
             self.shared.kicked.notify_one();
         }
     }
@@ -623,7 +632,7 @@ impl Drop for VirtioNet {
             .active
             .write()
             .unwrap_or_else(|p| p.into_inner()) = None;
-        lock(&self.shared.kick).1 = true;
+        lock(&self.shared.kick).stop = true;
         self.shared.kicked.notify_all();
         let mut threads = lock(&self.threads);
         // The transmit thread wakes at once; the receive thread notices `stop` within
