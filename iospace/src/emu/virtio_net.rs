@@ -276,6 +276,11 @@ impl VirtioNet {
         self.shared.wire.describe()
     }
 
+    /// The wire (e.g. for its [`Wire::bound_addr`]).
+    pub fn wire(&self) -> &Arc<dyn Wire> {
+        &self.shared.wire
+    }
+
     fn config_bytes(&self) -> [u8; cfg::LEN] {
         let mut c = [0u8; cfg::LEN];
         c[cfg::MAC..cfg::MAC + 6].copy_from_slice(&self.shared.mac);
@@ -967,6 +972,7 @@ mod tests {
             assert_ne!(f & 1 << b, 0);
         }
         assert!(r.dev.device().describe_wire().starts_with("udp "));
+        assert_eq!(r.dev.device().wire().bound_addr(), Some(r.wire_addr));
         let bad = |mtu, mac: [u8; 6]| {
             let w = Arc::new(UdpWire::bind("127.0.0.1:0".parse().unwrap(), None).unwrap());
             VirtioNet::new(NetConfig { mac, wire: w, mtu }).is_err()
