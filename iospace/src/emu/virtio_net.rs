@@ -276,9 +276,9 @@ impl VirtioNet {
         self.shared.wire.describe()
     }
 
-    /// The wire (e.g. for its [`Wire::bound_addr`]).
-    pub fn wire(&self) -> &Arc<dyn Wire> {
-        &self.shared.wire
+    /// Where the wire receives, for a UDP wire ([`Wire::bound_addr`]).
+    pub fn wire_addr(&self) -> Option<std::net::SocketAddr> {
+        self.shared.wire.bound_addr()
     }
 
     fn config_bytes(&self) -> [u8; cfg::LEN] {
@@ -639,16 +639,11 @@ impl Drop for VirtioNet {
             .unwrap_or_else(|p| p.into_inner()) = None;
         lock(&self.shared.kick).stop = true;
         self.shared.kicked.notify_all();
-        let mut threads = lock(&self.threads);
-        // The transmit thread wakes at once; the receive thread notices `stop` within
-        // `RX_POLL` and is left to finish on its own (joining it would make every drop cost
-        // up to that long; it holds only the wire and counters).
-        if threads.len() == 2 {
-            if let Some(tx) = threads.pop() {
-                let _ = tx.join();
-            }
+        // Wakes the receive thread out of its wait on the wire.
+        self.shared.wire.shut_down();
+        for h in lock(&self.threads).drain(..) {
+            let _ = h.join();
         }
-        threads.clear();
     }
 }
 
@@ -972,7 +967,7 @@ mod tests {
             assert_ne!(f & 1 << b, 0);
         }
         assert!(r.dev.device().describe_wire().starts_with("udp "));
-        assert_eq!(r.dev.device().wire().bound_addr(), Some(r.wire_addr));
+        assert_eq!(r.dev.device().wire_addr(), Some(r.wire_addr));
         let bad = |mtu, mac: [u8; 6]| {
             let w = Arc::new(UdpWire::bind("127.0.0.1:0".parse().unwrap(), None).unwrap());
             VirtioNet::new(NetConfig { mac, wire: w, mtu }).is_err()
