@@ -178,10 +178,19 @@ struct Shared {
     wire: Arc<dyn Wire>,
     stats: Stats,
     active: RwLock<Option<Active>>,
-    /// Transmit kicks not yet served, and shutdown.
-    kick: Mutex<(bool, bool)>,
+    /// What the transmit thread is woken for.
+    kick: Mutex<Kick>,
     kicked: Condvar,
     stop: AtomicBool,
+}
+
+/// Wake-ups of the transmit thread.
+#[derive(Default)]
+struct Kick {
+    /// The driver rang the transmit doorbell since the thread last looked.
+    pending: bool,
+    /// The device is being dropped.
+    stop: bool,
 }
 
 /// The virtio-net device model.
@@ -220,7 +229,7 @@ impl VirtioNet {
             wire: config.wire,
             stats: Stats::default(),
             active: RwLock::new(None),
-            kick: Mutex::new((false, false)),
+            kick: Mutex::new(Kick::default()),
             kicked: Condvar::new(),
             stop: AtomicBool::new(false),
         });
@@ -267,6 +276,11 @@ impl VirtioNet {
         self.shared.wire.describe()
     }
 
+    /// Where the wire receives, for a UDP wire ([`Wire::bound_addr`]).
+    pub fn wire_addr(&self) -> Option<std::net::SocketAddr> {
+        self.shared.wire.bound_addr()
+    }
+
     fn config_bytes(&self) -> [u8; cfg::LEN] {
         let mut c = [0u8; cfg::LEN];
         c[cfg::MAC..cfg::MAC + 6].copy_from_slice(&self.shared.mac);
@@ -286,10 +300,15 @@ struct Chain {
     writable: Vec<Seg>,
 }
 
-/// Pop one chain; `Ok(None)` when the ring is empty, `Err` on a DMA fault.
+/// Pop one chain; `Ok(None)` when the ring is empty, `Err` on a DMA fault or an available
+/// index more than a queue ahead of us (which would leave chains we can never pop).
 fn pop(q: &mut Queue, mem: &IommuMemory) -> Result<Option<Chain>, Fail> {
     let faults = mem.faults();
-    let Some(chain) = q.pop_descriptor_chain(mem) else {
+    let chain = match q.iter(mem) {
+        Ok(mut it) => it.next(),
+        Err(_) => return Err(Fail::Fatal),
+    };
+    let Some(chain) = chain else {
         return if mem.faults() == faults {
             Ok(None)
         } else {
@@ -436,13 +455,13 @@ impl Shared {
         loop {
             {
                 let mut k = lock(&self.kick);
-                while !k.0 && !k.1 {
+                while !k.pending && !k.stop {
                     k = self.kicked.wait(k).unwrap_or_else(|p| p.into_inner());
                 }
-                if k.1 {
+                if k.stop {
                     return;
                 }
-                k.0 = false;
+                k.pending = false;
             }
             self.drain_tx();
         }
@@ -463,13 +482,18 @@ impl Shared {
         if q.disable_notification(&a.mem).is_err() {
             return self.fail(a);
         }
+        let mut rechecked = false;
         loop {
             while !a.failed.load(Ordering::SeqCst) {
                 let c = match pop(&mut q, &a.mem) {
                     Ok(Some(c)) => c,
+                    // The ring said there was more and yet nothing can be popped: the
+                    // driver's index is inconsistent; never spin on it.
+                    Ok(None) if rechecked => return self.fail(a),
                     Ok(None) => break,
                     Err(_) => return self.fail(a),
                 };
+                rechecked = false;
                 match self.send(a, &c) {
                     Ok(n) => {
                         bump(&self.stats.tx_frames, 1);
@@ -488,6 +512,7 @@ impl Shared {
             match q.enable_notification(&a.mem) {
                 Ok(false) => return,
                 Ok(true) => {
+                    rechecked = true;
                     if q.disable_notification(&a.mem).is_err() {
                         return self.fail(a);
                     }
@@ -589,7 +614,7 @@ impl VirtioDevice for VirtioNet {
     fn queue_notify(&self, queue: u16) {
         // Receive buffers are taken when a frame arrives; only transmits need a wake-up.
         if queue == TX_QUEUE {
-            lock(&self.shared.kick).0 = true;
+            lock(&self.shared.kick).pending = true;
             self.shared.kicked.notify_one();
         }
     }
@@ -612,18 +637,13 @@ impl Drop for VirtioNet {
             .active
             .write()
             .unwrap_or_else(|p| p.into_inner()) = None;
-        lock(&self.shared.kick).1 = true;
+        lock(&self.shared.kick).stop = true;
         self.shared.kicked.notify_all();
-        let mut threads = lock(&self.threads);
-        // The transmit thread wakes at once; the receive thread notices `stop` within
-        // `RX_POLL` and is left to finish on its own (joining it would make every drop cost
-        // up to that long; it holds only the wire and counters).
-        if threads.len() == 2 {
-            if let Some(tx) = threads.pop() {
-                let _ = tx.join();
-            }
+        // Wakes the receive thread out of its wait on the wire.
+        self.shared.wire.shut_down();
+        for h in lock(&self.threads).drain(..) {
+            let _ = h.join();
         }
-        threads.clear();
     }
 }
 
@@ -947,6 +967,7 @@ mod tests {
             assert_ne!(f & 1 << b, 0);
         }
         assert!(r.dev.device().describe_wire().starts_with("udp "));
+        assert_eq!(r.dev.device().wire_addr(), Some(r.wire_addr));
         let bad = |mtu, mac: [u8; 6]| {
             let w = Arc::new(UdpWire::bind("127.0.0.1:0".parse().unwrap(), None).unwrap());
             VirtioNet::new(NetConfig { mac, wire: w, mtu }).is_err()
@@ -1120,5 +1141,23 @@ mod tests {
         ) {
             fuzz_device(&data);
         }
+    }
+
+    #[test]
+    fn an_available_index_far_ahead_fails_the_device_instead_of_spinning() {
+        let mut r = rig();
+        r.start();
+        // avail.idx = 1000 with a queue of 8: chains that cannot exist.
+        r.pages[1].write(1024 + 2, &1000u16.to_le_bytes());
+        r.w(NOTIFY_OFFSET + 4, &1u16.to_le_bytes());
+        let s = r.stats_until(|s| s.failures == 1);
+        assert_eq!(s.failures, 1);
+        assert_ne!(r.status() & 0x40, 0);
+        // The same on the receive queue, found when a frame arrives.
+        r.start();
+        r.pages[0].write(1024 + 2, &1000u16.to_le_bytes());
+        r.far.send_to(&frame(60, 1), r.wire_addr).unwrap();
+        let s = r.stats_until(|s| s.failures == 2);
+        assert_eq!(s.failures, 2);
     }
 }

@@ -25,14 +25,16 @@
 //! Both file descriptors are non-blocking; [`Wire::recv`] waits with `poll(2)` (via `rustix`)
 //! up to its timeout, so the device's receive thread can notice a shutdown. A send that finds
 //! the socket buffer full waits briefly for room, then drops the frame (a wire loses frames
-//! under overload; it does not block the transmit queue forever).
+//! under overload; it does not block the transmit queue forever). [`Wire::shut_down`] wakes a
+//! waiting receive at once (an eventfd polled beside the wire), so a device being dropped
+//! joins its receive thread without waiting out the timeout.
 
 use super::EmuError;
-use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -68,6 +70,14 @@ pub trait Wire: Send + Sync {
     fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<usize>>;
     /// One line saying what the wire is (for logs and status).
     fn describe(&self) -> String;
+    /// The local socket address frames are received on, for a UDP wire (so whoever opened
+    /// it with port 0 can tell the far side where to send); `None` for other wires.
+    fn bound_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+    /// Wake a [`Wire::recv`] in progress and make every later one return `Ok(None)` at once
+    /// (the device calls it when it is dropped, so its receive thread ends promptly).
+    fn shut_down(&self) {}
 }
 
 /// Open the wire `cfg` describes.
@@ -78,15 +88,25 @@ pub fn open(cfg: &WireConfig) -> Result<Arc<dyn Wire>, EmuError> {
     })
 }
 
-/// Wait until `fd` is ready for `flags` or `timeout` passes; true when ready.
-fn wait_ready(fd: impl AsFd, flags: PollFlags, timeout: Option<Duration>) -> io::Result<bool> {
+/// Wait until `fd` is ready for `flags` or `timeout` passes; true when ready. When `stop`
+/// is given and becomes readable first, false.
+fn wait_ready(
+    fd: impl AsFd,
+    flags: PollFlags,
+    timeout: Option<Duration>,
+    stop: Option<&Stop>,
+) -> io::Result<bool> {
     let ts = timeout.map(|t| Timespec {
         tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
         tv_nsec: i64::from(t.subsec_nanos()),
     });
-    let mut fds = [PollFd::new(&fd, flags)];
+    let mut fds = vec![PollFd::new(&fd, flags)];
+    if let Some(s) = stop {
+        fds.push(PollFd::new(&s.0, PollFlags::IN));
+    }
     loop {
         match rustix::event::poll(&mut fds, ts.as_ref()) {
+            Ok(_) if fds.get(1).is_some_and(|s| !s.revents().is_empty()) => return Ok(false),
             Ok(n) => return Ok(n > 0),
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
@@ -94,11 +114,27 @@ fn wait_ready(fd: impl AsFd, flags: PollFlags, timeout: Option<Duration>) -> io:
     }
 }
 
+/// A sticky shutdown flag a `poll` can wait on (an eventfd that is written once and never
+/// drained).
+struct Stop(OwnedFd);
+
+impl Stop {
+    fn new() -> io::Result<Self> {
+        let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        Ok(Self(fd))
+    }
+
+    fn trigger(&self) {
+        // A full counter is still readable: nothing to handle on failure.
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+    }
+}
+
 /// Run a non-blocking send; on a full buffer wait a little for room and try once more.
 fn send_with_room(fd: impl AsFd, mut send: impl FnMut() -> io::Result<()>) -> io::Result<()> {
     match send() {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            if wait_ready(fd, PollFlags::OUT, Some(SEND_WAIT))? {
+            if wait_ready(fd, PollFlags::OUT, Some(SEND_WAIT), None)? {
                 send()
             } else {
                 Err(e)
@@ -111,6 +147,7 @@ fn send_with_room(fd: impl AsFd, mut send: impl FnMut() -> io::Result<()>) -> io
 /// A UDP socket as a wire.
 pub struct UdpWire {
     sock: UdpSocket,
+    stop: Stop,
     peer: Option<SocketAddr>,
     last_sender: Mutex<Option<SocketAddr>>,
 }
@@ -124,6 +161,7 @@ impl UdpWire {
             sock,
             peer,
             last_sender: Mutex::new(None),
+            stop: Stop::new().map_err(EmuError::Wire)?,
         })
     }
 
@@ -144,7 +182,7 @@ impl Wire for UdpWire {
     }
 
     fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<usize>> {
-        if !wait_ready(&self.sock, PollFlags::IN, timeout)? {
+        if !wait_ready(&self.sock, PollFlags::IN, timeout, Some(&self.stop))? {
             return Ok(None);
         }
         match self.sock.recv_from(buf) {
@@ -166,11 +204,20 @@ impl Wire for UdpWire {
             None => format!("udp {local} -> last sender"),
         }
     }
+
+    fn bound_addr(&self) -> Option<SocketAddr> {
+        self.local_addr().ok()
+    }
+
+    fn shut_down(&self) {
+        self.stop.trigger();
+    }
 }
 
 /// A TAP interface as a wire.
 pub struct TapWire {
     file: File,
+    stop: Stop,
     ifname: String,
 }
 
@@ -214,6 +261,7 @@ impl TapWire {
         Ok(Self {
             file,
             ifname: ifname.to_string(),
+            stop: Stop::new().map_err(EmuError::Wire)?,
         })
     }
 }
@@ -249,7 +297,7 @@ impl Wire for TapWire {
     }
 
     fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<usize>> {
-        if !wait_ready(&self.file, PollFlags::IN, timeout)? {
+        if !wait_ready(&self.file, PollFlags::IN, timeout, Some(&self.stop))? {
             return Ok(None);
         }
         match (&self.file).read(buf) {
@@ -261,6 +309,10 @@ impl Wire for TapWire {
 
     fn describe(&self) -> String {
         format!("tap {}", self.ifname)
+    }
+
+    fn shut_down(&self) {
+        self.stop.trigger();
     }
 }
 
@@ -304,6 +356,14 @@ mod tests {
         })
         .unwrap();
         w2.send(b"to the peer").unwrap();
+        assert_eq!(
+            w2.bound_addr().unwrap().ip(),
+            far.local_addr().unwrap().ip()
+        );
+        // After shut_down, even an unbounded receive returns at once, with nothing.
+        w.shut_down();
+        assert_eq!(w.recv(&mut buf, None).unwrap(), None);
+        assert_ne!(w2.bound_addr().unwrap().port(), 0);
         let n = far.recv(&mut got).unwrap();
         assert_eq!(&got[..n], b"to the peer");
         assert!(w2.describe().starts_with("udp 127.0.0.1:"));
@@ -373,6 +433,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(w.describe(), format!("tap {ifname}"));
+        assert_eq!(w.bound_addr(), None);
         let pkt = packet_socket(&ifname);
         // A frame with a local experimental EtherType (0x88b5) so host chatter is told apart.
         let mut frame = vec![0x02, 0, 0, 0, 0, 0x0b, 0x02, 0, 0, 0, 0, 0x0a, 0x88, 0xb5];
