@@ -10,6 +10,7 @@
 //! * [`filter`]: MAC/IP anti-spoofing checks and the receive destination.
 //! * [`journal`]: the in-flight journal in the domain's own RAM (transparent restart).
 //! * [`pool`]: our own pages pinned for the device, recorded for the next process.
+//! * [`fuzzing`]: the body of the netback fuzz target (a hostile guest's ring operations).
 //! * [`mem`]: an in-memory NIC behind the IOMMU for tests and fuzzing.
 //! * [`virtio`]: the virtio-net driver ([`virtio::VirtioNetDriver`]), a [`device::NetDevice`]
 //!   programmed only through the device's I/O Space.
@@ -21,6 +22,7 @@
 pub mod credit;
 pub mod device;
 pub mod filter;
+pub mod fuzzing;
 pub mod journal;
 pub mod mem;
 pub mod netback;
