@@ -7,6 +7,7 @@
 //!   copy, the credit scheduler, receive demultiplexing by MAC, copy or page-exchange
 //!   receive, restart from the journal.
 //! * [`credit`]: "x bytes every y µs" per channel, round robin among channels with credit.
+//! * [`csum`]: completing the TCP/UDP checksum of a `csum_blank` transmit.
 //! * [`filter`]: MAC/IP anti-spoofing checks and the receive destination.
 //! * [`journal`]: the in-flight journal in the domain's own RAM (transparent restart).
 //! * [`pool`]: our own pages pinned for the device, recorded for the next process.
@@ -20,6 +21,7 @@
 //! a sandboxed process domain.
 
 pub mod credit;
+pub mod csum;
 pub mod device;
 pub mod filter;
 pub mod fuzzing;

@@ -4,7 +4,7 @@
 mod netback_front;
 
 use devchan::netif::{
-    NetifTxRequest, NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETTXF_MORE_DATA,
+    NetifTxRequest, TxFlags, NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETTXF_MORE_DATA,
 };
 use devchan::platform::{Frame, Platform};
 use hypervisor::domain::DomainConfig;
@@ -373,4 +373,48 @@ fn guests_on_one_idd_reach_each_other_and_broadcasts_reach_the_wire() {
     // The pool is whole again.
     nb.poll().unwrap();
     assert_eq!(rig.wire.posted(), DEV_RX);
+}
+
+/// A UDP/IPv4 frame from `src` with a zero checksum and `payload`.
+fn udp_frame(src: Mac, payload: &[u8]) -> Vec<u8> {
+    let mut f = PEER.0.to_vec();
+    f.extend_from_slice(&src.0);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = u16::try_from(28 + payload.len()).unwrap();
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+    let ulen = u16::try_from(8 + payload.len()).unwrap();
+    f.extend_from_slice(&[0x30, 0x39, 0, 7]);
+    f.extend_from_slice(&ulen.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn blank_checksums_are_completed_before_the_wire() {
+    let rig = Rig::new();
+    let mut nb = rig.backend();
+    let mut g = rig.guest("g", 1);
+    let ch = nb.attach(g.channel(journal_frame(0), true)).unwrap();
+    let payload: Vec<u8> = (0..1000u32)
+        .map(|i| u8::try_from(i % 253).unwrap())
+        .collect();
+    let frame = udp_frame(g.mac, &payload);
+    // Multi-slot, the checksum field inside the first 128 bytes.
+    let ids = g.send_with(&frame, &[(0, 0, 500), (1, 0, 542)], TxFlags::CSUM_BLANK);
+    let mut icmp = udp_frame(g.mac, b"ping");
+    icmp[23] = 1; // not TCP or UDP: nothing to complete
+    let bad = g.send_with(&icmp, &[(2, 0, 46)], TxFlags::CSUM_BLANK)[0];
+    run(&mut nb, |_| nb_answered(&mut g) >= 3);
+    assert_eq!(g.tx_seen[&ids[0]], [NETIF_RSP_OKAY]);
+    assert_eq!(g.tx_seen[&bad], [NETIF_RSP_ERROR]);
+    let sent = rig.wire.take_sent();
+    assert_eq!(sent.len(), 1);
+    let mut expect = frame.clone();
+    idd_net::csum::complete(&mut expect).unwrap();
+    assert_ne!(expect[40..42], [0, 0]);
+    assert_eq!(sent[0], expect, "only the checksum bytes changed");
+    assert_eq!(nb.stats(ch).unwrap().errors, 1);
 }

@@ -113,6 +113,16 @@ impl Front {
 
     /// Put `data` on the ring as fragments: `(page, offset, len)` each.
     pub fn send_frags(&mut self, data: &[u8], frags: &[(usize, u16, u16)]) -> Vec<u16> {
+        self.send_with(data, frags, TxFlags::empty())
+    }
+
+    /// As `send_frags`, with the first request's flags.
+    pub fn send_with(
+        &mut self,
+        data: &[u8],
+        frags: &[(usize, u16, u16)],
+        flags: TxFlags,
+    ) -> Vec<u16> {
         let mut at = 0;
         let mut fragments = Vec::new();
         for &(page, offset, len) in frags {
@@ -130,7 +140,7 @@ impl Front {
         }
         assert_eq!(at, data.len());
         let p = TxPacket {
-            flags: TxFlags::empty(),
+            flags,
             size: u16::try_from(data.len()).unwrap(),
             fragments,
             extras: Vec::new(),
