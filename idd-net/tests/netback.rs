@@ -4,14 +4,16 @@
 mod netback_front;
 
 use devchan::netif::{
-    NetifTxRequest, TxFlags, NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY, NETTXF_MORE_DATA,
+    NetifRxRequest, NetifTxRequest, TxFlags, NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY,
+    NETTXF_MORE_DATA,
 };
-use devchan::platform::{Frame, Platform};
+use devchan::platform::{Frame, Platform, SharedPage};
 use hypervisor::domain::DomainConfig;
 use hypervisor::local::LocalPlatform;
 use hypervisor::system::System;
 use idd_net::credit::Credit;
 use idd_net::filter::{parse_nets, Mac};
+use idd_net::journal::{ChannelId, Journal, Opened};
 use idd_net::mem::{MemNic, MemWire};
 use idd_net::netback::{release_previous, BackendConfig, Netback};
 use iospace::iommu::Iommu;
@@ -417,4 +419,66 @@ fn blank_checksums_are_completed_before_the_wire() {
     assert_ne!(expect[40..42], [0, 0]);
     assert_eq!(sent[0], expect, "only the checksum bytes changed");
     assert_eq!(nb.stats(ch).unwrap().errors, 1);
+}
+
+#[test]
+fn receive_requests_consumed_by_a_dead_process_stay_posted() {
+    let rig = Rig::new();
+    let mut nb = rig.backend();
+    let mut g = rig.guest("g", 1);
+    let cfg = g.channel(journal_frame(0), true);
+    nb.attach(cfg.clone()).unwrap();
+    g.post_rx(10..13, false);
+    nb.poll().unwrap();
+    std::mem::forget(nb);
+    // The dead process had consumed receive request 0 (journaled it) and put a response
+    // into its slot that it never pushed: the slot no longer holds the request.
+    let (&id0, &(_, gref0, _)) = g.rx_posted.iter().next().unwrap();
+    let chan = ChannelId {
+        guest: cfg.guest,
+        tx_ring_ref: cfg.tx_ring_ref,
+        rx_ring_ref: cfg.rx_ring_ref,
+        remote_port: cfg.remote_port,
+    };
+    let (j, opened) = Journal::open(&*rig.idd, cfg.journal_frame, chan, 0, 0).unwrap();
+    assert!(matches!(opened, Opened::Resume { .. }));
+    let raw = NetifRxRequest {
+        id: id0,
+        pad: 0,
+        gref: gref0,
+    };
+    j.rx_consumed(&*rig.idd, 0, &raw, 1).unwrap();
+    g.plat
+        .write_local(
+            g._rx_page.frame(),
+            64,
+            &[0xad, 0xde, 0, 0, 0xff, 0xff, 0xff, 0xff],
+        )
+        .unwrap();
+    // The new process keeps request 0 as a posted buffer and takes 1 and 2 from the ring.
+    let mut nb = rig.backend();
+    let ch = nb.attach(cfg).unwrap();
+    let frames: Vec<_> = (0..4)
+        .map(|i| {
+            frame_from(
+                g.mac,
+                PEER,
+                [10, 0, 0, 9],
+                100 + i,
+                u8::try_from(i).unwrap(),
+            )
+        })
+        .collect();
+    for f in &frames {
+        assert!(rig.inject(f));
+        nb.poll().unwrap();
+    }
+    let got: Vec<_> = g.received().into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        got,
+        frames[..3].to_vec(),
+        "delivered in posting order, request 0 first"
+    );
+    let s = nb.stats(ch).unwrap();
+    assert_eq!((s.rx, s.drop, s.errors), (3, 1, 0));
 }
