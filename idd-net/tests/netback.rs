@@ -482,3 +482,31 @@ fn receive_requests_consumed_by_a_dead_process_stay_posted() {
     let s = nb.stats(ch).unwrap();
     assert_eq!((s.rx, s.drop, s.errors), (3, 1, 0));
 }
+
+#[test]
+fn a_broken_ring_fails_its_channel_only() {
+    let rig = Rig::new();
+    let mut nb = rig.backend();
+    let mut a = rig.guest("a", 1);
+    let mut b = rig.guest("b", 2);
+    nb.attach(a.channel(journal_frame(0), true)).unwrap();
+    let ib = nb.attach(b.channel(journal_frame(1), true)).unwrap();
+    // Guest a claims 1000 requests on a 256-entry ring.
+    a.plat
+        .write_local(a._tx_page.frame(), 0, &1000u32.to_le_bytes())
+        .unwrap();
+    a.plat.evtchn_notify(a.port).unwrap();
+    let f = frame_from(PEER, b.mac, [10, 0, 0, 2], 80, 1);
+    b.send(&f, 0);
+    run(&mut nb, |_| nb_answered(&mut b) >= 1);
+    let failed = nb.failed();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].0, 0);
+    assert_eq!(rig.wire.take_sent(), vec![f]);
+    assert_eq!(nb.stats(ib).unwrap().tx, 1);
+    // Frames for the failed channel are not delivered (and nothing panics).
+    a.post_rx(0..1, false);
+    assert!(rig.inject(&frame_from(a.mac, PEER, [10, 0, 0, 9], 64, 0)));
+    nb.poll().unwrap();
+    assert_eq!(nb.unclaimed(), 1);
+}
