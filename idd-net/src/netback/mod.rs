@@ -10,7 +10,7 @@
 //! (`RingError::Overflow`) marks the channel failed: it is no longer touched and
 //! [`Netback::failed`] reports it.
 //!
-//! # Transmit (guest → wire), see [`tx`]
+//! # Transmit (guest → wire), in `netback/tx.rs`
 //!
 //! A packet of up to `XEN_NETBK_LEGACY_SLOTS_MAX` data slots is read whole. Its first
 //! [`HEADER_COPY`] bytes are grant-copied into a header buffer of our own memory, checked
@@ -39,7 +39,7 @@
 //! its channel's credit is held at the head of the channel (not dropped; counted once in
 //! `wait`) until its window ends; channels are visited round robin, up to `batch` packets each.
 //!
-//! # Receive (wire → guest), see [`rx`]
+//! # Receive (wire → guest), in `netback/rx.rs`
 //!
 //! A pool of our own pages is posted to the device. An arrived frame's Ethernet header is
 //! read from our page (`Platform::read_local`) and the frame goes by destination MAC to its
