@@ -26,7 +26,8 @@
 //! # Requests
 //!
 //! * Transmit: one chain, device-readable: the shared zero header, then the caller's
-//!   [`TxSeg`]s in order (so `segments + 1` descriptors). The device's used length for a
+//!   [`TxSeg`]s in order (so `segments + 1` descriptors). The doorbell is skipped while the
+//!   device has `VRING_USED_F_NO_NOTIFY` set (it is draining the ring and re-checks it). The device's used length for a
 //!   transmit is 0 and carries no status: a used chain is a [`NetEvent::TxDone`] with `ok`.
 //! * Receive: one device-writable descriptor per posted page (4096 bytes at the buffer's
 //!   IOVA). The device writes the 12-byte header then the frame; a used length `n` becomes
@@ -408,7 +409,16 @@ impl<P: Platform, I: IoAccess> NetDevice for VirtioNetDriver<P, I> {
             self.tx_progress = Instant::now();
         }
         self.tx_tokens.insert(head, token);
-        if let Err(e) = self.t.notify(&self.txq) {
+        let mem = FrameMem {
+            p: &*self.platform,
+            frame: self.tx_ring.frame,
+        };
+        // Skip the doorbell while the device says it is draining the ring anyway.
+        let ring =
+            self.txq
+                .needs_notify(&mem)
+                .and_then(|n| if n { self.t.notify(&self.txq) } else { Ok(()) });
+        if let Err(e) = ring {
             return Err(self.fail(e));
         }
         Ok(())

@@ -43,7 +43,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 
 /// "No vector" value of the MSI-X vector registers.
 pub const NO_VECTOR: u16 = 0xffff;
@@ -56,6 +56,8 @@ const DESC_LEN: usize = 16;
 const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
 #[allow(clippy::cast_possible_truncation)]
 const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+#[allow(clippy::cast_possible_truncation)]
+const USED_F_NO_NOTIFY: u16 = VRING_USED_F_NO_NOTIFY as u16;
 
 /// Why a driver-side operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -437,6 +439,18 @@ impl SplitQueue {
         Ok(head)
     }
 
+    /// Whether the device wants a doorbell for chains just pushed: false while it has
+    /// `VRING_USED_F_NO_NOTIFY` set in the used ring (it is draining the ring anyway and
+    /// re-checks it after clearing the flag).
+    pub fn needs_notify(&self, mem: &impl QueueMemory) -> Result<bool, DriverError> {
+        // Full fence: the new available index is visible before we read the device's flag
+        // (the device does the mirror image: clear the flag, fence, read the index).
+        fence(Ordering::SeqCst);
+        let mut f = [0u8; 2];
+        mem.read(self.used_off(), &mut f)?;
+        Ok(u16::from_le_bytes(f) & USED_F_NO_NOTIFY == 0)
+    }
+
     /// The next chain the device used: `(head, bytes written)`; its descriptors are free again.
     pub fn pop_used(&mut self, mem: &impl QueueMemory) -> Result<Option<(u16, u32)>, DriverError> {
         let mut b = [0u8; 2];
@@ -561,6 +575,11 @@ mod tests {
         assert_eq!((q.free_descriptors(), q.in_flight()), (4, 0));
         q.clear(&m).unwrap();
         assert_eq!(u16_at(&m, 64 + 2), 0);
+        // The device's "do not notify" flag in the used ring.
+        assert!(q.needs_notify(&m).unwrap());
+        let used = (q.addresses().2 - q.iova) as usize;
+        m.write(used, &USED_F_NO_NOTIFY.to_le_bytes()).unwrap();
+        assert!(!q.needs_notify(&m).unwrap());
     }
 
     #[test]

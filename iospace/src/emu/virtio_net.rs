@@ -27,7 +27,8 @@
 //! The driver's notify wakes the transmit thread, which pops each chain, gathers it through
 //! the IOMMU into a local buffer (the frame is copied out of DMA memory once, before any
 //! check), drops the header and sends the frame on the wire, then returns the chain with
-//! used length 0. A chain that is malformed but harmless (a writable descriptor, shorter
+//! used length 0. While the thread drains, the used ring's `VRING_USED_F_NO_NOTIFY` flag is
+//! set so a driver that honours it need not ring for every frame. A chain that is malformed but harmless (a writable descriptor, shorter
 //! than a header plus an Ethernet header, longer than [`NetConfig::max_frame`] plus the
 //! header) is returned unsent and counted in `tx_dropped`; so is a frame the wire refuses.
 //!
@@ -177,10 +178,19 @@ struct Shared {
     wire: Arc<dyn Wire>,
     stats: Stats,
     active: RwLock<Option<Active>>,
-    /// Transmit kicks not yet served, and shutdown.
-    kick: Mutex<(bool, bool)>,
+    /// What the transmit thread is woken for.
+    kick: Mutex<Kick>,
     kicked: Condvar,
     stop: AtomicBool,
+}
+
+/// Wake-ups of the transmit thread.
+#[derive(Default)]
+struct Kick {
+    /// The driver rang the transmit doorbell since the thread last looked.
+    pending: bool,
+    /// The device is being dropped.
+    stop: bool,
 }
 
 /// The virtio-net device model.
@@ -219,7 +229,7 @@ impl VirtioNet {
             wire: config.wire,
             stats: Stats::default(),
             active: RwLock::new(None),
-            kick: Mutex::new((false, false)),
+            kick: Mutex::new(Kick::default()),
             kicked: Condvar::new(),
             stop: AtomicBool::new(false),
         });
@@ -266,6 +276,11 @@ impl VirtioNet {
         self.shared.wire.describe()
     }
 
+    /// The wire (e.g. for its [`Wire::bound_addr`]).
+    pub fn wire(&self) -> &Arc<dyn Wire> {
+        &self.shared.wire
+    }
+
     fn config_bytes(&self) -> [u8; cfg::LEN] {
         let mut c = [0u8; cfg::LEN];
         c[cfg::MAC..cfg::MAC + 6].copy_from_slice(&self.shared.mac);
@@ -285,10 +300,15 @@ struct Chain {
     writable: Vec<Seg>,
 }
 
-/// Pop one chain; `Ok(None)` when the ring is empty, `Err` on a DMA fault.
+/// Pop one chain; `Ok(None)` when the ring is empty, `Err` on a DMA fault or an available
+/// index more than a queue ahead of us (which would leave chains we can never pop).
 fn pop(q: &mut Queue, mem: &IommuMemory) -> Result<Option<Chain>, Fail> {
     let faults = mem.faults();
-    let Some(chain) = q.pop_descriptor_chain(mem) else {
+    let chain = match q.iter(mem) {
+        Ok(mut it) => it.next(),
+        Err(_) => return Err(Fail::Fatal),
+    };
+    let Some(chain) = chain else {
         return if mem.faults() == faults {
             Ok(None)
         } else {
@@ -435,40 +455,69 @@ impl Shared {
         loop {
             {
                 let mut k = lock(&self.kick);
-                while !k.0 && !k.1 {
+                while !k.pending && !k.stop {
                     k = self.kicked.wait(k).unwrap_or_else(|p| p.into_inner());
                 }
-                if k.1 {
+                if k.stop {
                     return;
                 }
-                k.0 = false;
+                k.pending = false;
             }
             self.drain_tx();
         }
     }
 
-    /// Send every available transmit chain.
+    /// Send every available transmit chain. While it runs, the used ring's `NO_NOTIFY` flag
+    /// tells the driver not to ring (each doorbell is a trapped MMIO write); after clearing
+    /// it again the ring is checked once more, so a chain made available in between is not
+    /// missed (the driver re-reads the flag after publishing, both sides with a full fence).
     fn drain_tx(&self) {
         let act = self.read_active();
         let Some(a) = act.as_ref() else { return };
         let Some(q) = &a.tx else { return };
         let mut q = lock(q);
-        while !a.failed.load(Ordering::SeqCst) {
-            let c = match pop(&mut q, &a.mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => return,
-                Err(_) => return self.fail(a),
-            };
-            match self.send(a, &c) {
-                Ok(n) => {
-                    bump(&self.stats.tx_frames, 1);
-                    bump(&self.stats.tx_bytes, n as u64);
+        if a.failed.load(Ordering::SeqCst) {
+            return;
+        }
+        if q.disable_notification(&a.mem).is_err() {
+            return self.fail(a);
+        }
+        let mut rechecked = false;
+        loop {
+            while !a.failed.load(Ordering::SeqCst) {
+                let c = match pop(&mut q, &a.mem) {
+                    Ok(Some(c)) => c,
+                    // The ring said there was more and yet nothing can be popped: the
+                    // driver's index is inconsistent; never spin on it.
+                    Ok(None) if rechecked => return self.fail(a),
+                    Ok(None) => break,
+                    Err(_) => return self.fail(a),
+                };
+                rechecked = false;
+                match self.send(a, &c) {
+                    Ok(n) => {
+                        bump(&self.stats.tx_frames, 1);
+                        bump(&self.stats.tx_bytes, n as u64);
+                    }
+                    Err(Fail::Drop) => bump(&self.stats.tx_dropped, 1),
+                    Err(Fail::Fatal) => return self.fail(a),
                 }
-                Err(Fail::Drop) => bump(&self.stats.tx_dropped, 1),
-                Err(Fail::Fatal) => return self.fail(a),
+                if !self.complete(a, &mut q, TX_QUEUE, c.head, 0) {
+                    return self.fail(a);
+                }
             }
-            if !self.complete(a, &mut q, TX_QUEUE, c.head, 0) {
-                return self.fail(a);
+            if a.failed.load(Ordering::SeqCst) {
+                return;
+            }
+            match q.enable_notification(&a.mem) {
+                Ok(false) => return,
+                Ok(true) => {
+                    rechecked = true;
+                    if q.disable_notification(&a.mem).is_err() {
+                        return self.fail(a);
+                    }
+                }
+                Err(_) => return self.fail(a),
             }
         }
     }
@@ -565,7 +614,7 @@ impl VirtioDevice for VirtioNet {
     fn queue_notify(&self, queue: u16) {
         // Receive buffers are taken when a frame arrives; only transmits need a wake-up.
         if queue == TX_QUEUE {
-            lock(&self.shared.kick).0 = true;
+            lock(&self.shared.kick).pending = true;
             self.shared.kicked.notify_one();
         }
     }
@@ -582,11 +631,24 @@ impl VirtioDevice for VirtioNet {
 impl Drop for VirtioNet {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        lock(&self.shared.kick).1 = true;
+        // No thread touches the driver's memory from here on.
+        *self
+            .shared
+            .active
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        lock(&self.shared.kick).stop = true;
         self.shared.kicked.notify_all();
-        for h in lock(&self.threads).drain(..) {
-            let _ = h.join();
+        let mut threads = lock(&self.threads);
+        // The transmit thread wakes at once; the receive thread notices `stop` within
+        // `RX_POLL` and is left to finish on its own (joining it would make every drop cost
+        // up to that long; it holds only the wire and counters).
+        if threads.len() == 2 {
+            if let Some(tx) = threads.pop() {
+                let _ = tx.join();
+            }
         }
+        threads.clear();
     }
 }
 
@@ -910,6 +972,7 @@ mod tests {
             assert_ne!(f & 1 << b, 0);
         }
         assert!(r.dev.device().describe_wire().starts_with("udp "));
+        assert_eq!(r.dev.device().wire().bound_addr(), Some(r.wire_addr));
         let bad = |mtu, mac: [u8; 6]| {
             let w = Arc::new(UdpWire::bind("127.0.0.1:0".parse().unwrap(), None).unwrap());
             VirtioNet::new(NetConfig { mac, wire: w, mtu }).is_err()
@@ -1073,5 +1136,33 @@ mod tests {
             }
             fuzz_device(&d);
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        #[test]
+        fn arbitrary_operation_sequences_never_panic(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..360)
+        ) {
+            fuzz_device(&data);
+        }
+    }
+
+    #[test]
+    fn an_available_index_far_ahead_fails_the_device_instead_of_spinning() {
+        let mut r = rig();
+        r.start();
+        // avail.idx = 1000 with a queue of 8: chains that cannot exist.
+        r.pages[1].write(1024 + 2, &1000u16.to_le_bytes());
+        r.w(NOTIFY_OFFSET + 4, &1u16.to_le_bytes());
+        let s = r.stats_until(|s| s.failures == 1);
+        assert_eq!(s.failures, 1);
+        assert_ne!(r.status() & 0x40, 0);
+        // The same on the receive queue, found when a frame arrives.
+        r.start();
+        r.pages[0].write(1024 + 2, &1000u16.to_le_bytes());
+        r.far.send_to(&frame(60, 1), r.wire_addr).unwrap();
+        let s = r.stats_until(|s| s.failures == 2);
+        assert_eq!(s.failures, 2);
     }
 }

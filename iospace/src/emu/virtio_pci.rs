@@ -118,7 +118,7 @@ pub const MAX_QUEUES: u16 = 64;
 
 /// The device behind the transport.
 pub trait VirtioDevice: Send + Sync {
-    /// Virtio device ID (2 = block).
+    /// Virtio device ID (1 = network, 2 = block).
     fn device_type(&self) -> u16;
     /// PCI class, subclass and programming interface.
     fn class(&self) -> (u8, u8, u8);

@@ -68,6 +68,11 @@ pub trait Wire: Send + Sync {
     fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<usize>>;
     /// One line saying what the wire is (for logs and status).
     fn describe(&self) -> String;
+    /// The local socket address frames are received on, for a UDP wire (so whoever opened
+    /// it with port 0 can tell the far side where to send); `None` for other wires.
+    fn bound_addr(&self) -> Option<SocketAddr> {
+        None
+    }
 }
 
 /// Open the wire `cfg` describes.
@@ -165,6 +170,10 @@ impl Wire for UdpWire {
             Some(p) => format!("udp {local} -> {p}"),
             None => format!("udp {local} -> last sender"),
         }
+    }
+
+    fn bound_addr(&self) -> Option<SocketAddr> {
+        self.local_addr().ok()
     }
 }
 
@@ -304,6 +313,8 @@ mod tests {
         })
         .unwrap();
         w2.send(b"to the peer").unwrap();
+        assert_eq!(w2.bound_addr().unwrap().ip(), far.local_addr().unwrap().ip());
+        assert_ne!(w2.bound_addr().unwrap().port(), 0);
         let n = far.recv(&mut got).unwrap();
         assert_eq!(&got[..n], b"to the peer");
         assert!(w2.describe().starts_with("udp 127.0.0.1:"));
@@ -373,6 +384,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(w.describe(), format!("tap {ifname}"));
+        assert_eq!(w.bound_addr(), None);
         let pkt = packet_socket(&ifname);
         // A frame with a local experimental EtherType (0x88b5) so host chatter is told apart.
         let mut frame = vec![0x02, 0, 0, 0, 0, 0x0b, 0x02, 0, 0, 0, 0, 0x0a, 0x88, 0xb5];
