@@ -12,6 +12,7 @@
 //!
 //! ```text
 //! idd-net --device-socket PATH --channel SPEC [--channel SPEC ...] [--batch N]
+//!         [--standby --control-socket PATH]
 //! SPEC = guest=D,tx=GREF,rx=GREF,port=P,mac=02:00:00:00:00:01[,rx-copy=0|1][,credit=BYTES/USEC][,ips=CIDR+CIDR]
 //! ```
 //!
@@ -22,10 +23,24 @@
 //! filter; else the source IPv4/IPv6 address or ARP sender must be inside one of the
 //! networks). `--batch` bounds the packets taken from one channel per round (default 16).
 //!
+//! # Hot standby
+//!
+//! With `--standby --control-socket PATH` the process connects to the device socket and to
+//! the manager's control socket, enters the sandbox, prints `standby`, and waits. The
+//! manager promotes it by writing, on the control connection, zero or more
+//! `channel SPEC` lines (appended after the `--channel` ones, in order) and then `go`; the
+//! standby then probes the device (which resets it: whatever the failed primary left queued
+//! is gone) and attaches the channels as a fresh process does, and prints `ready`. The
+//! device link is only used from `go` on, so domain 0's I/O Space server may serve it once
+//! the primary's connection has closed. A standby lives in its own domain: the channels it
+//! gets are the ones the guests set up again for it (the reconnect protocol). Closing the
+//! control connection before `go` makes the standby exit with an error.
+//!
 //! # stdout protocol (read by the manager's supervision)
 //!
 //! One line per message; diagnostics go to stderr:
 //!
+//! * `standby`: (a standby only) sandboxed and connected, waiting for `go`.
 //! * `ready`: every channel is attached (re-attached, its journal replayed from now on).
 //! * `hb N in_flight=K channels=C0;C1;...`: heartbeat `N` (from 1), at least every
 //!   [`HEARTBEAT`] (plus one serving round); `K` transmits taken and not answered; per
@@ -88,6 +103,32 @@ struct Args {
     /// Packets taken from one channel per round.
     #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Start as a hot standby: get ready, then wait on the control socket for promotion.
+    #[arg(long, requires = "control_socket")]
+    standby: bool,
+    /// Unix socket of the manager's control connection (the standby's promotion).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
+
+/// Read the promotion from the manager's control connection: `channel SPEC` lines, then
+/// `go`. Returns the specs (to be appended to the `--channel` ones).
+fn await_promotion(control: impl std::io::Read) -> Result<Vec<String>, String> {
+    use std::io::BufRead;
+    let mut specs = Vec::new();
+    for line in std::io::BufReader::new(control).lines() {
+        let line = line.map_err(|e| format!("control connection: {e}"))?;
+        let line = line.trim();
+        if line == "go" {
+            return Ok(specs);
+        }
+        match line.split_once(' ') {
+            Some(("channel", spec)) => specs.push(spec.trim().to_owned()),
+            _ if line.is_empty() => {}
+            _ => return Err(format!("control connection: unknown command {line:?}")),
+        }
+    }
+    Err("control connection closed before `go`".into())
 }
 
 /// Parse one `--channel` SPEC; `i` is its index (which journal it uses).
@@ -158,21 +199,35 @@ fn backend_config(batch: usize) -> BackendConfig {
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
-    let channels = args
-        .channels
+fn parse_channels(specs: &[String]) -> Result<Vec<ChannelConfig>, String> {
+    specs
         .iter()
         .enumerate()
         .map(|(i, c)| parse_channel(c, i))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let mut channels = parse_channels(&args.channels)?;
     if !(1..=MAX_BATCH).contains(&args.batch) {
         return Err(format!("--batch must be 1..={MAX_BATCH}"));
     }
-    // The only thing opened before the sandbox: the link to the NIC's I/O Space.
+    // The only things opened before the sandbox: the link to the NIC's I/O Space (connected
+    // now, served by domain 0 once the device is ours), and a standby's control connection.
     let stream = UnixStream::connect(&args.device_socket)
         .map_err(|e| format!("connecting to {}: {e}", args.device_socket.display()))?;
+    let control = match (&args.control_socket, args.standby) {
+        (Some(path), true) => Some(
+            UnixStream::connect(path)
+                .map_err(|e| format!("connecting to {}: {e}", path.display()))?,
+        ),
+        _ => None,
+    };
     let mut sandbox = SandboxConfig::default();
     sandbox.keep_fds.push(stream.as_raw_fd());
+    if let Some(c) = &control {
+        sandbox.keep_fds.push(c.as_raw_fd());
+    }
     let (platform, report) =
         ProcessPlatform::enter(sandbox).map_err(|e| format!("platform: {}", chain(&e)))?;
     eprintln!(
@@ -180,6 +235,19 @@ fn run(args: Args) -> Result<(), String> {
         platform.domid()
     );
     let platform = Arc::new(platform);
+    if let Some(c) = control {
+        // Hot standby: everything up to the device is done; wait to be promoted. The socket
+        // is read as a plain file (the sandbox allows read, not recvfrom).
+        let mut o = std::io::stdout();
+        if let Err(e) = writeln!(o, "standby").and_then(|()| o.flush()) {
+            eprintln!("idd-net: stdout: {e}");
+        }
+        let more = await_promotion(std::fs::File::from(std::os::fd::OwnedFd::from(c)))?;
+        let mut specs = args.channels.clone();
+        specs.extend(more);
+        channels = parse_channels(&specs)?;
+        eprintln!("idd-net: promoted with {} channels", channels.len());
+    }
     // Before anything is pinned (IOVAs are recycled): release what a previous process of
     // this domain left pinned and granted.
     let released = release_previous(
@@ -318,6 +386,18 @@ mod tests {
         ] {
             assert!(parse_channel(bad, 0).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn promotion_lines() {
+        let ok = await_promotion(&b"channel guest=1,tx=2\n\nchannel x=1\ngo\nignored"[..]).unwrap();
+        assert_eq!(ok, ["guest=1,tx=2", "x=1"]);
+        assert_eq!(await_promotion(&b"go\n"[..]).unwrap(), Vec::<String>::new());
+        assert!(
+            await_promotion(&b"channel a=1\n"[..]).is_err(),
+            "EOF before go"
+        );
+        assert!(await_promotion(&b"promote\n"[..]).is_err());
     }
 
     #[test]

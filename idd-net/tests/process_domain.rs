@@ -22,7 +22,7 @@ use iospace::emu::PciBus;
 use iospace::iommu::Iommu;
 use iospace::space::IoSpace;
 use netback_front::{frame_from, Front, PEER};
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::net::UdpSocket;
 use std::os::unix::net::UnixListener;
 use std::sync::mpsc;
@@ -37,10 +37,22 @@ struct Idd {
 }
 
 fn start(sys: &Arc<System>, idd: u16, socket: &std::path::Path, channels: &[String]) -> Idd {
+    start_with(sys, idd, socket, channels, &[], "ready")
+}
+
+fn start_with(
+    sys: &Arc<System>,
+    idd: u16,
+    socket: &std::path::Path,
+    channels: &[String],
+    extra: &[&str],
+    first_line: &str,
+) -> Idd {
     let mut args = vec!["--device-socket", socket.to_str().unwrap()];
     for c in channels {
         args.extend(["--channel", c.as_str()]);
     }
+    args.extend(extra);
     let mut cfg = LaunchConfig::new("idd-net", 0, env!("CARGO_BIN_EXE_idd-net"), &args);
     cfg.stderr = std::process::Stdio::inherit();
     let mut running = spawn_in(sys, idd, cfg).unwrap();
@@ -55,7 +67,7 @@ fn start(sys: &Arc<System>, idd: u16, socket: &std::path::Path, channels: &[Stri
         }
     });
     let first = lines.recv_timeout(Duration::from_secs(30)).unwrap();
-    assert_eq!(first, "ready", "idd-net did not come up");
+    assert_eq!(first, first_line, "idd-net did not come up");
     Idd { running, lines }
 }
 
@@ -77,8 +89,17 @@ fn recv_far(far: &UdpSocket) -> Vec<u8> {
     b
 }
 
-#[test]
-fn idd_net_process_serves_two_guests_and_survives_kills() {
+struct Nic {
+    far: UdpSocket,
+    wire_addr: std::net::SocketAddr,
+    iommu: Arc<Iommu>,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Domain 0's side of the NIC: the emulated virtio-net-pci on a UDP wire whose far end is
+/// `far`, and its I/O Space server (one IDD process at a time, in connection order).
+fn nic() -> Nic {
     let far = UdpSocket::bind("127.0.0.1:0").unwrap();
     far.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let wire = UdpWire::bind(
@@ -103,6 +124,24 @@ fn idd_net_process_serves_two_guests_and_survives_kills() {
         }
     });
 
+    Nic {
+        far,
+        wire_addr,
+        iommu,
+        socket,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn idd_net_process_serves_two_guests_and_survives_kills() {
+    let Nic {
+        far,
+        wire_addr,
+        iommu,
+        socket,
+        _dir,
+    } = nic();
     let sys = System::new();
     let idd = sys
         .create_domain(DomainConfig {
@@ -239,4 +278,81 @@ fn idd_net_process_serves_two_guests_and_survives_kills() {
     let got = wait_for("a frame after the restarts", || a.received().pop());
     assert_eq!(got.unwrap(), late);
     running.running.kill().unwrap();
+}
+
+#[test]
+fn a_hot_standby_is_promoted_and_serves_the_reconnected_guests() {
+    let Nic {
+        far,
+        wire_addr,
+        iommu,
+        socket,
+        _dir,
+    } = nic();
+    let sys = System::new();
+    let mk = |name: &str| {
+        sys.create_domain(DomainConfig {
+            name: name.into(),
+            nr_frames: frames_needed(1),
+            iommu: Some(iommu.clone()),
+        })
+        .unwrap()
+    };
+    let (primary_dom, standby_dom) = (mk("idd-net"), mk("idd-net-standby"));
+    let spec = |g: &Front| {
+        format!(
+            "guest={},tx={},rx={},port={},mac={}",
+            g.plat.domid(),
+            g.tx_ref,
+            g.rx_ref,
+            g.port,
+            g.mac
+        )
+    };
+    let mut a = Front::new(&sys, primary_dom, "guest-a", 1);
+    let mut primary = start(&sys, primary_dom, &socket, &[spec(&a)]);
+    let out = frame_from(PEER, a.mac, [10, 0, 0, 1], 200, 1);
+    a.send(&out, 0);
+    assert_eq!(recv_far(&far), out);
+    // The standby: sandboxed and connected, idle.
+    let control_path = _dir.path().join("control.sock");
+    let control = UnixListener::bind(&control_path).unwrap();
+    let mut standby = start_with(
+        &sys,
+        standby_dom,
+        &socket,
+        &[],
+        &[
+            "--standby",
+            "--control-socket",
+            control_path.to_str().unwrap(),
+        ],
+        "standby",
+    );
+    let (mut ctl, _) = control.accept().unwrap();
+    // The primary fails; the guest sets up fresh rings for the standby's domain (what the
+    // reconnect protocol does), and the manager promotes the standby with them.
+    primary.running.kill().unwrap();
+    primary.running.stop_server();
+    drop(primary);
+    sys.set_holder_deadline(primary_dom, Instant::now())
+        .unwrap();
+    sys.revoke_overdue();
+    let t0 = Instant::now();
+    let mut b = Front::new(&sys, standby_dom, "guest-a-reconnected", 1);
+    writeln!(ctl, "channel {}\ngo", spec(&b)).unwrap();
+    let ready = standby.lines.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(ready, "ready");
+    eprintln!("standby promoted in {:?}", t0.elapsed());
+    b.post_rx(20..24, false);
+    let out = frame_from(PEER, b.mac, [10, 0, 0, 1], 300, 2);
+    b.send(&out, 0);
+    assert_eq!(recv_far(&far), out);
+    let back = frame_from(b.mac, PEER, [10, 0, 0, 9], 400, 3);
+    far.send_to(&back, wire_addr).unwrap();
+    let got = wait_for("a frame through the promoted standby", || {
+        b.received().pop()
+    });
+    assert_eq!(got.unwrap(), back);
+    standby.running.kill().unwrap();
 }
