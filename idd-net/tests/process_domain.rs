@@ -240,7 +240,9 @@ fn idd_net_process_serves_two_guests_and_survives_kills() {
         // The manager's recovery: revoke every pin the dead process's domain holds.
         sys.set_holder_deadline(idd, Instant::now()).unwrap();
         sys.revoke_overdue();
+        let t0 = Instant::now();
         running = start(&sys, idd, &socket, &channels);
+        eprintln!("cold restart {round}: ready in {:?}", t0.elapsed());
         wait_for("every transmit answered", || {
             a.tx_responses();
             sent_ids
