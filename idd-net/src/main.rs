@@ -61,6 +61,10 @@
 //! | 148 + 3 i ..= 150 + 3 i | journal of channel `i` (`idd_net::journal`) |
 //!
 //! The domain needs `idd_net::layout::frames_needed(channels)` = `148 + 3 × channels` frames.
+//!
+//! Channel `i` keeps its journal at `journal_frame(i)`, so a restarted process of the same
+//! domain must get the same channels in the same `--channel` order (new ones appended); a
+//! different channel at an index finds no journal of its own there and starts fresh.
 
 use clap::Parser;
 use devchan::platform::Platform;
