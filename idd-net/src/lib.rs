@@ -7,9 +7,11 @@
 //!   copy, the credit scheduler, receive demultiplexing by MAC, copy or page-exchange
 //!   receive, restart from the journal.
 //! * [`credit`]: "x bytes every y µs" per channel, round robin among channels with credit.
+//! * [`csum`]: completing the TCP/UDP checksum of a `csum_blank` transmit.
 //! * [`filter`]: MAC/IP anti-spoofing checks and the receive destination.
 //! * [`journal`]: the in-flight journal in the domain's own RAM (transparent restart).
 //! * [`pool`]: our own pages pinned for the device, recorded for the next process.
+//! * [`fuzzing`]: the body of the netback fuzz target (a hostile guest's ring operations).
 //! * [`mem`]: an in-memory NIC behind the IOMMU for tests and fuzzing.
 //! * [`virtio`]: the virtio-net driver ([`virtio::VirtioNetDriver`]), a [`device::NetDevice`]
 //!   programmed only through the device's I/O Space.
@@ -19,8 +21,10 @@
 //! a sandboxed process domain.
 
 pub mod credit;
+pub mod csum;
 pub mod device;
 pub mod filter;
+pub mod fuzzing;
 pub mod journal;
 pub mod mem;
 pub mod netback;

@@ -16,9 +16,13 @@
 //! ```
 //!
 //! `idd-net --device-socket PATH --standby`: a hot standby. It connects to the I/O Space and
-//! enters the sandbox like a primary, then waits without touching the device: the manager
-//! writes `channel SPEC` lines on its stdin and then `go` when it promotes it; it then
-//! probes (resets) the device and serves those channels.
+//! enters the sandbox like a primary, prints `standby`, then waits without touching the
+//! device (domain 0 binds a link's interrupt vectors at its first request, so the idle link
+//! takes nothing from the running driver): the manager writes `channel SPEC` lines on its
+//! stdin and then `go` when it promotes it; it then probes (resets) the device and serves
+//! those channels. A standby lives in its own domain: the channels it gets are the ones the
+//! guests set up again for it (the reconnect protocol). stdin closing before `go` ends it
+//! with an error.
 //!
 //! One `--channel` per guest interface: the frontend's domain, its `tx-ring-ref`,
 //! `rx-ring-ref` and `event-channel`, its MAC (the only source it may send from, and where
@@ -208,6 +212,8 @@ fn run(args: Args) -> Result<(), String> {
         if !args.channels.is_empty() {
             return Err("--standby takes its channels on stdin, not --channel".into());
         }
+        // Say we are idle and ready to be promoted (the first line a standby prints).
+        println!("standby");
         await_promotion(std::io::stdin().lock())?
     } else {
         args.channels

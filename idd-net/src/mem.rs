@@ -158,7 +158,7 @@ impl NetDevice for MemNic {
     }
     fn transmit(&mut self, token: u64, segs: &[TxSeg]) -> Result<(), NetDevError> {
         let mut w = self.wire.lock();
-        if w.full || w.in_flight >= 64 {
+        if w.full || w.in_flight >= 256 {
             return Err(NetDevError::Full);
         }
         if segs.is_empty() || segs.len() > self.max_segments {

@@ -1,34 +1,32 @@
 //! netback end to end on the in-process platform: guest domains with real rings and grants,
 //! an IDD domain with an IOMMU, and the in-memory NIC reaching memory only through it.
 
-use devchan::grant::{DomId, GrantRef, PAGE_SIZE};
+mod netback_front;
+
 use devchan::netif::{
-    NetifRxFrontRing, NetifRxRequest, NetifRxResponse, NetifTxFrontRing, NetifTxRequest,
-    NetifTxResponse, TxFlags, TxFragment, TxPacket, NETIF_RSP_DROPPED, NETIF_RSP_ERROR,
-    NETIF_RSP_OKAY, NETTXF_MORE_DATA,
+    NetifRxRequest, NetifTxRequest, TxFlags, NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_OKAY,
+    NETTXF_MORE_DATA,
 };
-use devchan::platform::{Frame, Platform, Port, SharedPage};
+use devchan::platform::{Frame, Platform, SharedPage};
 use hypervisor::domain::DomainConfig;
-use hypervisor::local::{LocalPage, LocalPlatform};
+use hypervisor::local::LocalPlatform;
 use hypervisor::system::System;
 use idd_net::credit::Credit;
 use idd_net::filter::{parse_nets, Mac};
+use idd_net::journal::{ChannelId, Journal, Opened};
 use idd_net::mem::{MemNic, MemWire};
-use idd_net::netback::{release_previous, BackendConfig, ChannelConfig, Netback};
+use idd_net::netback::{release_previous, BackendConfig, Netback};
 use iospace::iommu::Iommu;
-use std::collections::BTreeMap;
-use std::ptr::NonNull;
+use netback_front::{frame_from, Front, PEER};
 use std::sync::Arc;
 use std::time::Duration;
 
-const FREE: Frame = 7;
 const RECORD: Frame = 7;
 const HEADER: Frame = 9;
 const RX_FIRST: Frame = 10;
 const RX_FRAMES: u64 = 24;
 const JOURNAL_FIRST: Frame = RX_FIRST + RX_FRAMES;
 const DEV_RX: usize = 16;
-const PAGES: u64 = 48;
 
 fn journal_frame(i: u64) -> Frame {
     JOURNAL_FIRST + 3 * i
@@ -62,6 +60,10 @@ impl Rig {
     }
 
     fn backend(&self) -> Netback<LocalPlatform, MemNic> {
+        self.backend_with(8)
+    }
+
+    fn backend_with(&self, batch: usize) -> Netback<LocalPlatform, MemNic> {
         release_previous(&*self.idd, RECORD, (0..4).map(journal_frame)).unwrap();
         let nic = MemNic::new(
             self.iommu.device(),
@@ -76,7 +78,7 @@ impl Rig {
                 record_frame: RECORD,
                 header_frames: vec![HEADER],
                 rx_frames: (RX_FIRST..RX_FIRST + RX_FRAMES).collect(),
-                batch: 8,
+                batch,
             },
         )
         .unwrap()
@@ -90,222 +92,6 @@ impl Rig {
         self.wire.inject(&self.iommu.device(), frame)
     }
 }
-
-/// A minimal netfront: two rings, one port, data pages granted to the backend.
-struct Front {
-    plat: LocalPlatform,
-    tx: NetifTxFrontRing,
-    rx: NetifRxFrontRing,
-    _tx_page: LocalPage,
-    _rx_page: LocalPage,
-    tx_ref: GrantRef,
-    rx_ref: GrantRef,
-    port: Port,
-    backend: DomId,
-    mac: Mac,
-    /// Data pages and their grants.
-    pages: Vec<(Frame, GrantRef)>,
-    next_id: u16,
-    /// Transmit responses seen per id.
-    tx_seen: BTreeMap<u16, Vec<i16>>,
-    /// Receive buffers posted: id → (frame, gref, exchange).
-    rx_posted: BTreeMap<u16, (Frame, GrantRef, bool)>,
-}
-
-impl Front {
-    fn new(sys: &Arc<System>, backend: DomId, name: &str, mac: u8) -> Self {
-        let d = sys
-            .create_domain(DomainConfig {
-                name: name.into(),
-                nr_frames: FREE + PAGES + 4,
-                iommu: None,
-            })
-            .unwrap();
-        let plat = LocalPlatform::new(sys.clone(), d).unwrap();
-        let tx_page = plat.alloc_shared_page().unwrap();
-        let rx_page = plat.alloc_shared_page().unwrap();
-        let tx_ref = plat.grant_access(backend, tx_page.frame(), false).unwrap();
-        let rx_ref = plat.grant_access(backend, rx_page.frame(), false).unwrap();
-        // SAFETY: both pages are live 4 KiB pages owned by this struct, dropped after the
-        // rings (field order), and accessed only through them.
-        let (tx, rx) = unsafe {
-            (
-                NetifTxFrontRing::init(NonNull::new(tx_page.as_ptr()).unwrap(), PAGE_SIZE).unwrap(),
-                NetifRxFrontRing::init(NonNull::new(rx_page.as_ptr()).unwrap(), PAGE_SIZE).unwrap(),
-            )
-        };
-        let port = plat.evtchn_alloc_unbound(backend).unwrap();
-        let pages = (0..PAGES)
-            .map(|i| {
-                (
-                    FREE + i,
-                    plat.grant_access(backend, FREE + i, false).unwrap(),
-                )
-            })
-            .collect();
-        Self {
-            plat,
-            tx,
-            rx,
-            _tx_page: tx_page,
-            _rx_page: rx_page,
-            tx_ref,
-            rx_ref,
-            port,
-            backend,
-            mac: Mac([2, 0, 0, 0, 0, mac]),
-            pages,
-            next_id: 0,
-            tx_seen: BTreeMap::new(),
-            rx_posted: BTreeMap::new(),
-        }
-    }
-
-    fn channel(&self, journal: u64, rx_copy: bool) -> ChannelConfig {
-        ChannelConfig {
-            guest: self.plat.domid(),
-            tx_ring_ref: self.tx_ref,
-            rx_ring_ref: self.rx_ref,
-            remote_port: self.port,
-            mac: self.mac,
-            rx_copy,
-            credit: None,
-            nets: Vec::new(),
-            journal_frame: journal_frame(journal),
-        }
-    }
-
-    fn id(&mut self) -> u16 {
-        self.next_id = self.next_id.wrapping_add(1);
-        self.next_id
-    }
-
-    /// Put `data` on the ring as fragments: `(page, offset, len)` each.
-    fn send_frags(&mut self, data: &[u8], frags: &[(usize, u16, u16)]) -> Vec<u16> {
-        let mut at = 0;
-        let mut fragments = Vec::new();
-        for &(page, offset, len) in frags {
-            let (frame, gref) = self.pages[page];
-            self.plat
-                .write_local(frame, usize::from(offset), &data[at..at + usize::from(len)])
-                .unwrap();
-            at += usize::from(len);
-            fragments.push(TxFragment {
-                id: self.id(),
-                gref,
-                offset,
-                size: len,
-            });
-        }
-        assert_eq!(at, data.len());
-        let p = TxPacket {
-            flags: TxFlags::empty(),
-            size: u16::try_from(data.len()).unwrap(),
-            fragments,
-            extras: Vec::new(),
-        };
-        for r in p.encode() {
-            self.tx.put_request(&r).unwrap();
-        }
-        self.push();
-        p.fragments.iter().map(|f| f.id).collect()
-    }
-
-    /// Send a frame from data page `page` (one slot).
-    fn send(&mut self, data: &[u8], page: usize) -> u16 {
-        self.send_frags(data, &[(page, 0, u16::try_from(data.len()).unwrap())])[0]
-    }
-
-    fn put_raw(&mut self, reqs: &[NetifTxRequest]) {
-        for r in reqs {
-            self.tx.put_request(r).unwrap();
-        }
-        self.push();
-    }
-
-    fn push(&mut self) {
-        if self.tx.push_requests() {
-            self.plat.evtchn_notify(self.port).unwrap();
-        }
-    }
-
-    /// Post receive buffers on data pages `pages`: copy (granted pages) or exchange
-    /// (accept-transfer grants).
-    fn post_rx(&mut self, pages: std::ops::Range<usize>, exchange: bool) {
-        for page in pages {
-            let frame = self.pages[page].0;
-            let gref = if exchange {
-                self.plat.accept_transfer(self.backend, frame).unwrap()
-            } else {
-                self.pages[page].1
-            };
-            let id = self.id();
-            self.rx
-                .put_request(&NetifRxRequest { id, pad: 0, gref })
-                .unwrap();
-            self.rx_posted.insert(id, (frame, gref, exchange));
-        }
-        if self.rx.push_requests() {
-            self.plat.evtchn_notify(self.port).unwrap();
-        }
-    }
-
-    /// Transmit responses now available (recorded per id).
-    fn tx_responses(&mut self) -> Vec<NetifTxResponse> {
-        let mut out = Vec::new();
-        while let Some(r) = self.tx.get_response().unwrap() {
-            self.tx_seen.entry(r.id).or_default().push(r.status);
-            out.push(r);
-        }
-        out
-    }
-
-    /// Received frames (or failure statuses) now available.
-    fn received(&mut self) -> Vec<Result<Vec<u8>, i16>> {
-        let mut out = Vec::new();
-        while let Some(r) = self.rx.get_response().unwrap() {
-            out.push(self.read_rx(&r));
-        }
-        out
-    }
-
-    fn read_rx(&mut self, r: &NetifRxResponse) -> Result<Vec<u8>, i16> {
-        let (frame, gref, exchange) = self
-            .rx_posted
-            .remove(&r.id)
-            .expect("response to a posted id");
-        let frame = if exchange {
-            self.plat.end_transfer(gref).unwrap().unwrap_or(frame)
-        } else {
-            frame
-        };
-        if r.status < 0 {
-            return Err(r.status);
-        }
-        let mut b = vec![0u8; usize::try_from(r.status).unwrap()];
-        self.plat
-            .read_local(frame, usize::from(r.offset), &mut b)
-            .unwrap();
-        Ok(b)
-    }
-}
-
-fn frame_from(dst: Mac, src: Mac, src_ip: [u8; 4], len: usize, seed: u8) -> Vec<u8> {
-    let mut f = Vec::with_capacity(len);
-    f.extend_from_slice(&dst.0);
-    f.extend_from_slice(&src.0);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(&[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0]);
-    f.extend_from_slice(&src_ip);
-    f.extend_from_slice(&[10, 0, 0, 99]);
-    while f.len() < len {
-        f.push(u8::try_from(f.len() * 7 % 251).unwrap() ^ seed);
-    }
-    f.truncate(len);
-    f
-}
-
-const PEER: Mac = Mac([2, 0, 0, 0, 0, 0x99]);
 
 fn run<F: FnMut(&mut Netback<LocalPlatform, MemNic>) -> bool>(
     nb: &mut Netback<LocalPlatform, MemNic>,
@@ -326,7 +112,7 @@ fn multi_slot_transmit_is_byte_exact_and_leaves_no_pins() {
     let mut nb = rig.backend();
     let pool_pins = rig.iommu.len();
     let mut g = rig.guest("g", 1);
-    let ch = nb.attach(g.channel(0, true)).unwrap();
+    let ch = nb.attach(g.channel(journal_frame(0), true)).unwrap();
     // 1400 bytes over three pages: a 20-byte first fragment at the end of a page (so the
     // 128-byte header copy spans fragments), then 1000, then 380.
     let data = frame_from(PEER, g.mac, [10, 0, 0, 2], 1400, 3);
@@ -349,7 +135,7 @@ fn spoofed_and_malformed_transmits_are_answered_and_never_sent() {
     let rig = Rig::new();
     let mut nb = rig.backend();
     let mut g = rig.guest("g", 1);
-    let mut cfg = g.channel(0, true);
+    let mut cfg = g.channel(journal_frame(0), true);
     cfg.nets = parse_nets("10.0.0.0/24").unwrap();
     let ch = nb.attach(cfg).unwrap();
     let other = Mac([2, 0, 0, 0, 0, 7]);
@@ -397,9 +183,9 @@ fn receive_demux_broadcast_copy_and_exchange() {
     let mut a = rig.guest("a", 1);
     let mut b = rig.guest("b", 2);
     let mut c = rig.guest("c", 3);
-    let ca = nb.attach(a.channel(0, true)).unwrap();
-    let cb = nb.attach(b.channel(1, false)).unwrap();
-    let cc = nb.attach(c.channel(2, false)).unwrap();
+    let ca = nb.attach(a.channel(journal_frame(0), true)).unwrap();
+    let cb = nb.attach(b.channel(journal_frame(1), false)).unwrap();
+    let cc = nb.attach(c.channel(journal_frame(2), false)).unwrap();
     a.post_rx(0..4, false);
     b.post_rx(0..4, true);
     c.post_rx(0..4, true);
@@ -434,7 +220,7 @@ fn no_posted_buffer_means_dropped_and_counted() {
     let rig = Rig::new();
     let mut nb = rig.backend();
     let mut a = rig.guest("a", 1);
-    let ca = nb.attach(a.channel(0, true)).unwrap();
+    let ca = nb.attach(a.channel(journal_frame(0), true)).unwrap();
     a.post_rx(0..1, false);
     nb.poll().unwrap();
     for i in 0..3 {
@@ -451,28 +237,31 @@ fn no_posted_buffer_means_dropped_and_counted() {
 #[test]
 fn credit_splits_a_saturated_link_in_the_configured_ratio() {
     let rig = Rig::new();
-    let mut nb = rig.backend();
+    // A batch large enough that one round can use a whole window's credit: the loop must
+    // never be what limits a channel.
+    let mut nb = rig.backend_with(64);
     let mut a = rig.guest("a", 1);
     let mut b = rig.guest("b", 2);
-    let mut ca = a.channel(0, true);
-    ca.credit = Some(Credit::new(10_000, 2_000).unwrap());
-    let mut cb = b.channel(1, true);
-    cb.credit = Some(Credit::new(30_000, 2_000).unwrap());
+    let mut ca = a.channel(journal_frame(0), true);
+    ca.credit = Some(Credit::new(20_000, 4_000).unwrap());
+    let mut cb = b.channel(journal_frame(1), true);
+    cb.credit = Some(Credit::new(60_000, 4_000).unwrap());
     let ia = nb.attach(ca).unwrap();
     let ib = nb.attach(cb).unwrap();
     let fa = frame_from(PEER, a.mac, [10, 0, 0, 1], 1000, 0);
     let fb = frame_from(PEER, b.mac, [10, 0, 0, 2], 1000, 0);
-    // Keep 32 packets outstanding per guest; stop when 1200 went out in total.
+    // Keep 120 packets outstanding per guest (more than a window's worth); stop when 4000
+    // went out in total.
     let (mut out_a, mut out_b) = (0usize, 0usize);
     let mut total = 0;
-    while total < 1200 {
+    while total < 4000 {
         out_a -= a.tx_responses().len();
         out_b -= b.tx_responses().len();
-        while out_a < 32 {
+        while out_a < 120 {
             a.send(&fa, out_a % 8);
             out_a += 1;
         }
-        while out_b < 32 {
+        while out_b < 120 {
             b.send(&fb, out_b % 8);
             out_b += 1;
         }
@@ -481,6 +270,10 @@ fn credit_splits_a_saturated_link_in_the_configured_ratio() {
     }
     let (sa, sb) = (nb.stats(ia).unwrap(), nb.stats(ib).unwrap());
     let ratio = sb.txb as f64 / sa.txb as f64;
+    eprintln!(
+        "credit split: {} vs {} bytes, ratio {ratio:.3} (configured 3)",
+        sb.txb, sa.txb
+    );
     assert!(
         (ratio - 3.0).abs() <= 0.3,
         "ratio {ratio} ({} vs {} bytes)",
@@ -496,7 +289,7 @@ fn restarted_backend_replays_in_flight_transmits_and_keeps_posted_buffers() {
     let rig = Rig::new();
     let mut nb = rig.backend();
     let mut g = rig.guest("g", 1);
-    let cfg = g.channel(0, true);
+    let cfg = g.channel(journal_frame(0), true);
     nb.attach(cfg.clone()).unwrap();
     g.post_rx(10..14, false);
     // Two frames received and answered before the crash.
@@ -556,9 +349,9 @@ fn guests_on_one_idd_reach_each_other_and_broadcasts_reach_the_wire() {
     let mut a = rig.guest("a", 1);
     let mut b = rig.guest("b", 2);
     let mut c = rig.guest("c", 3);
-    let ia = nb.attach(a.channel(0, true)).unwrap();
-    let ib = nb.attach(b.channel(1, true)).unwrap();
-    nb.attach(c.channel(2, false)).unwrap();
+    let ia = nb.attach(a.channel(journal_frame(0), true)).unwrap();
+    let ib = nb.attach(b.channel(journal_frame(1), true)).unwrap();
+    nb.attach(c.channel(journal_frame(2), false)).unwrap();
     a.post_rx(20..24, false);
     b.post_rx(20..24, false);
     c.post_rx(20..24, true);
@@ -582,4 +375,138 @@ fn guests_on_one_idd_reach_each_other_and_broadcasts_reach_the_wire() {
     // The pool is whole again.
     nb.poll().unwrap();
     assert_eq!(rig.wire.posted(), DEV_RX);
+}
+
+/// A UDP/IPv4 frame from `src` with a zero checksum and `payload`.
+fn udp_frame(src: Mac, payload: &[u8]) -> Vec<u8> {
+    let mut f = PEER.0.to_vec();
+    f.extend_from_slice(&src.0);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = u16::try_from(28 + payload.len()).unwrap();
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+    let ulen = u16::try_from(8 + payload.len()).unwrap();
+    f.extend_from_slice(&[0x30, 0x39, 0, 7]);
+    f.extend_from_slice(&ulen.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn blank_checksums_are_completed_before_the_wire() {
+    let rig = Rig::new();
+    let mut nb = rig.backend();
+    let mut g = rig.guest("g", 1);
+    let ch = nb.attach(g.channel(journal_frame(0), true)).unwrap();
+    let payload: Vec<u8> = (0..1000u32)
+        .map(|i| u8::try_from(i % 253).unwrap())
+        .collect();
+    let frame = udp_frame(g.mac, &payload);
+    // Multi-slot, the checksum field inside the first 128 bytes.
+    let ids = g.send_with(&frame, &[(0, 0, 500), (1, 0, 542)], TxFlags::CSUM_BLANK);
+    let mut icmp = udp_frame(g.mac, b"ping");
+    icmp[23] = 1; // not TCP or UDP: nothing to complete
+    let bad = g.send_with(&icmp, &[(2, 0, 46)], TxFlags::CSUM_BLANK)[0];
+    run(&mut nb, |_| nb_answered(&mut g) >= 3);
+    assert_eq!(g.tx_seen[&ids[0]], [NETIF_RSP_OKAY]);
+    assert_eq!(g.tx_seen[&bad], [NETIF_RSP_ERROR]);
+    let sent = rig.wire.take_sent();
+    assert_eq!(sent.len(), 1);
+    let mut expect = frame.clone();
+    idd_net::csum::complete(&mut expect).unwrap();
+    assert_ne!(expect[40..42], [0, 0]);
+    assert_eq!(sent[0], expect, "only the checksum bytes changed");
+    assert_eq!(nb.stats(ch).unwrap().errors, 1);
+}
+
+#[test]
+fn receive_requests_consumed_by_a_dead_process_stay_posted() {
+    let rig = Rig::new();
+    let mut nb = rig.backend();
+    let mut g = rig.guest("g", 1);
+    let cfg = g.channel(journal_frame(0), true);
+    nb.attach(cfg.clone()).unwrap();
+    g.post_rx(10..13, false);
+    nb.poll().unwrap();
+    std::mem::forget(nb);
+    // The dead process had consumed receive request 0 (journaled it) and put a response
+    // into its slot that it never pushed: the slot no longer holds the request.
+    let (&id0, &(_, gref0, _)) = g.rx_posted.iter().next().unwrap();
+    let chan = ChannelId {
+        guest: cfg.guest,
+        tx_ring_ref: cfg.tx_ring_ref,
+        rx_ring_ref: cfg.rx_ring_ref,
+        remote_port: cfg.remote_port,
+    };
+    let (j, opened) = Journal::open(&*rig.idd, cfg.journal_frame, chan, 0, 0).unwrap();
+    assert!(matches!(opened, Opened::Resume { .. }));
+    let raw = NetifRxRequest {
+        id: id0,
+        pad: 0,
+        gref: gref0,
+    };
+    j.rx_consumed(&*rig.idd, 0, &raw, 1).unwrap();
+    g.plat
+        .write_local(
+            g._rx_page.frame(),
+            64,
+            &[0xad, 0xde, 0, 0, 0xff, 0xff, 0xff, 0xff],
+        )
+        .unwrap();
+    // The new process keeps request 0 as a posted buffer and takes 1 and 2 from the ring.
+    let mut nb = rig.backend();
+    let ch = nb.attach(cfg).unwrap();
+    let frames: Vec<_> = (0..4)
+        .map(|i| {
+            frame_from(
+                g.mac,
+                PEER,
+                [10, 0, 0, 9],
+                100 + i,
+                u8::try_from(i).unwrap(),
+            )
+        })
+        .collect();
+    for f in &frames {
+        assert!(rig.inject(f));
+        nb.poll().unwrap();
+    }
+    let got: Vec<_> = g.received().into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        got,
+        frames[..3].to_vec(),
+        "delivered in posting order, request 0 first"
+    );
+    let s = nb.stats(ch).unwrap();
+    assert_eq!((s.rx, s.drop, s.errors), (3, 1, 0));
+}
+
+#[test]
+fn a_broken_ring_fails_its_channel_only() {
+    let rig = Rig::new();
+    let mut nb = rig.backend();
+    let mut a = rig.guest("a", 1);
+    let mut b = rig.guest("b", 2);
+    nb.attach(a.channel(journal_frame(0), true)).unwrap();
+    let ib = nb.attach(b.channel(journal_frame(1), true)).unwrap();
+    // Guest a claims 1000 requests on a 256-entry ring.
+    a.plat
+        .write_local(a._tx_page.frame(), 0, &1000u32.to_le_bytes())
+        .unwrap();
+    a.plat.evtchn_notify(a.port).unwrap();
+    let f = frame_from(PEER, b.mac, [10, 0, 0, 2], 80, 1);
+    b.send(&f, 0);
+    run(&mut nb, |_| nb_answered(&mut b) >= 1);
+    let failed = nb.failed();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].0, 0);
+    assert_eq!(rig.wire.take_sent(), vec![f]);
+    assert_eq!(nb.stats(ib).unwrap().tx, 1);
+    // Frames for the failed channel are not delivered (and nothing panics).
+    a.post_rx(0..1, false);
+    assert!(rig.inject(&frame_from(a.mac, PEER, [10, 0, 0, 9], 64, 0)));
+    nb.poll().unwrap();
+    assert_eq!(nb.unclaimed(), 1);
 }

@@ -10,7 +10,7 @@
 //! (`RingError::Overflow`) marks the channel failed: it is no longer touched and
 //! [`Netback::failed`] reports it.
 //!
-//! # Transmit (guest → wire), see [`tx`]
+//! # Transmit (guest → wire), in `netback/tx.rs`
 //!
 //! A packet of up to `XEN_NETBK_LEGACY_SLOTS_MAX` data slots is read whole. Its first
 //! [`HEADER_COPY`] bytes are grant-copied into a header buffer of our own memory, checked
@@ -18,13 +18,15 @@
 //! by the rest of the packet straight from the guest's pages (each fragment's grant pinned
 //! for the device, `Platform::pin_grant`): the guest cannot change the checked header
 //! afterwards, and netback never maps guest data. On the device's `TxDone` the pins are
-//! dropped and each slot answered.
+//! dropped and each slot answered. A packet with `NETTXF_csum_blank` (Linux netfront's
+//! checksum offload) gets its TCP/UDP checksum completed into the header copy first
+//! ([`crate::csum`]).
 //!
 //! Responses: `NETIF_RSP_OKAY` when the device sent it; `NETIF_RSP_DROPPED` for a packet
 //! refused by the anti-spoofing policy (counted in `spoof`; the guest learns it was not sent,
 //! and a Linux frontend just frees it); `NETIF_RSP_ERROR` for a malformed chain (bad flags,
 //! sizes, too many slots; every consumed slot of it answered), a runt or oversized frame, a
-//! grant we cannot copy or pin, or a device error. Extra-info slots get `NETIF_RSP_NULL`.
+//! grant we cannot copy or pin, a blank checksum we cannot complete, or a device error. Extra-info slots get `NETIF_RSP_NULL`.
 //!
 //! Local switching (guests of one IDD talk to each other, as through the bridge Xen's dom0
 //! puts netback's vifs on): the checked header says where the frame goes. A unicast frame
@@ -37,7 +39,7 @@
 //! its channel's credit is held at the head of the channel (not dropped; counted once in
 //! `wait`) until its window ends; channels are visited round robin, up to `batch` packets each.
 //!
-//! # Receive (wire → guest), see [`rx`]
+//! # Receive (wire → guest), in `netback/rx.rs`
 //!
 //! A pool of our own pages is posted to the device. An arrived frame's Ethernet header is
 //! read from our page (`Platform::read_local`) and the frame goes by destination MAC to its
@@ -244,6 +246,8 @@ pub struct Netback<P: Platform, D: NetDevice> {
     rx_pages: Vec<OwnPage>,
     rx_by_frame: HashMap<Frame, usize>,
     free_rx: Vec<usize>,
+    /// Which receive pages the device holds (a page it returns twice is ignored).
+    at_device: Vec<bool>,
     in_flight: BTreeMap<u64, InFlight>,
     next_token: u64,
     events: Vec<NetEvent>,
@@ -301,6 +305,7 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
                 .map(|(i, pg)| (pg.frame, i))
                 .collect(),
             free_rx: (0..rx_pages.len()).rev().collect(),
+            at_device: vec![false; rx_pages.len()],
             rx_pages,
             in_flight: BTreeMap::new(),
             next_token: 1,
@@ -537,7 +542,7 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
                 frame: pg.frame,
                 iova: pg.iova,
             }) {
-                Ok(()) => {}
+                Ok(()) => self.at_device[i] = true,
                 Err(NetDevError::Full) => {
                     self.free_rx.push(i);
                     break;

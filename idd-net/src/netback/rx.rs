@@ -17,11 +17,13 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
         offset: u16,
         len: u16,
     ) -> Result<(), NetbackError> {
-        let Some(&page) = self.rx_by_frame.get(&buf.frame) else {
-            // Not one of ours: a confused device. Nothing to give back.
+        let page = self.rx_by_frame.get(&buf.frame).copied();
+        let Some(page) = page.filter(|&p| self.at_device[p]) else {
+            // Not one of ours, or not at the device: a confused device. Nothing to give back.
             self.unclaimed += 1;
             return Ok(());
         };
+        self.at_device[page] = false;
         let (off, n) = (usize::from(offset), usize::from(len));
         let mut hdr = [0u8; ETH_HLEN];
         let dest = if n >= ETH_HLEN && off + n <= PAGE_SIZE {

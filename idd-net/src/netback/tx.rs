@@ -6,7 +6,8 @@ use crate::credit::Verdict;
 use crate::device::{NetDevError, NetDevice, TxSeg};
 use crate::filter::{destination, Destination, ETH_HLEN, HEADER_COPY};
 use devchan::netif::{
-    read_tx_packet, NetifError, NetifStatus, NetifTxResponse, TxPacket, XEN_NETBK_LEGACY_SLOTS_MAX,
+    read_tx_packet, NetifError, NetifStatus, NetifTxResponse, TxFlags, TxPacket,
+    XEN_NETBK_LEGACY_SLOTS_MAX,
 };
 use devchan::platform::{CopyPtr, GrantCopyOp, Platform};
 use devchan::ring::RingIdx;
@@ -19,6 +20,20 @@ enum Step {
     Hold,
     /// The device queue is full: stop the round.
     DeviceFull,
+}
+
+/// Why a blank checksum was not completed (logged; the packet is answered with an error).
+#[derive(Debug, thiserror::Error)]
+enum CsumFail {
+    /// The frame could not be copied in.
+    #[error("Copying the frame failed")]
+    Copy,
+    /// The checksum field is past netback's header copy.
+    #[error("Checksum field outside the header copy")]
+    OutsideHeader,
+    /// Not a checksum we can complete.
+    #[error("Checksum not completed")]
+    Csum(#[from] crate::csum::CsumError),
 }
 
 /// What [`Netback::take`] found.
@@ -158,11 +173,21 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
                 self.answer(chan, &pend.idxs, &pend.packet, NetifStatus::Error);
                 return Ok(Step::Next);
             }
-            let Some(h) = self.free_headers.pop() else {
+            let blank = pend.packet.flags.contains(TxFlags::CSUM_BLANK);
+            if self.free_headers.is_empty() || (blank && self.free_rx.is_empty()) {
                 self.channels[chan].head = Some(pend);
                 return Ok(Step::Hold);
+            }
+            let Some(h) = self.free_headers.pop() else {
+                return Ok(Step::Next);
             };
-            match self.copy_header(chan, &pend.packet, h) {
+            let checked = self.copy_header(chan, &pend.packet, h).and_then(|r| {
+                if blank {
+                    self.complete_csum(chan, &pend.packet, h, r.0)?;
+                }
+                Ok(r)
+            });
+            match checked {
                 Ok((hlen, dest)) => {
                     pend.hdr = Some((h, hlen));
                     if let Some(dest) = dest {
@@ -283,6 +308,76 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
             return Ok(());
         }
         self.deliver(spare, 0, packet.size, targets)
+    }
+
+    /// Complete the TCP/UDP checksum of a `csum_blank` packet ([`crate::csum`]): the whole
+    /// frame is grant-copied into a spare receive page, summed there, and the checksum
+    /// patched into our header copy `h` (of `hlen` bytes), which is what the device sends.
+    fn complete_csum(
+        &mut self,
+        chan: usize,
+        packet: &TxPacket,
+        h: usize,
+        hlen: usize,
+    ) -> Result<(), NetifStatus> {
+        let Some(spare) = self.free_rx.pop() else {
+            return Err(NetifStatus::Error);
+        };
+        let res = self.csum_in(chan, packet, h, hlen, self.rx_pages[spare].frame);
+        self.free_rx.push(spare);
+        res.map_err(|e| {
+            tracing::debug!(guest = self.channels[chan].cfg.guest, error = %e, "checksum not completed");
+            NetifStatus::Error
+        })
+    }
+
+    fn csum_in(
+        &self,
+        chan: usize,
+        packet: &TxPacket,
+        h: usize,
+        hlen: usize,
+        scratch: devchan::platform::Frame,
+    ) -> Result<(), CsumFail> {
+        let p = &*self.platform;
+        let mut ops = Vec::with_capacity(packet.fragments.len());
+        let mut at = 0usize;
+        for f in &packet.fragments {
+            // A frame is at most max_frame bytes: offsets fit u16.
+            #[allow(clippy::cast_possible_truncation)]
+            ops.push(GrantCopyOp {
+                src: CopyPtr::Grant {
+                    domid: self.channels[chan].cfg.guest,
+                    gref: f.gref,
+                    offset: f.offset,
+                },
+                dst: CopyPtr::Local {
+                    frame: scratch,
+                    offset: at as u16,
+                },
+                len: f.size,
+            });
+            at += usize::from(f.size);
+        }
+        match p.grant_copy(&ops) {
+            Ok(st) if st.iter().all(|s| *s == 0) => {}
+            _ => return Err(CsumFail::Copy),
+        }
+        let mut frame = vec![0u8; at];
+        p.read_local(scratch, 0, &mut frame)
+            .map_err(|_| CsumFail::Copy)?;
+        // The checked header is ours: sum over it, not over the guest's (possibly changed)
+        // first bytes.
+        let page = self.headers[h / HEADERS_PER_FRAME];
+        let base = (h % HEADERS_PER_FRAME) * HEADER_COPY;
+        p.read_local(page.frame, base, &mut frame[..hlen])
+            .map_err(|_| CsumFail::Copy)?;
+        let field = crate::csum::complete(&mut frame)?;
+        if field + 2 > hlen {
+            return Err(CsumFail::OutsideHeader);
+        }
+        p.write_local(page.frame, base + field, &frame[field..field + 2])
+            .map_err(|_| CsumFail::Copy)
     }
 
     /// Grant-copy the packet's first bytes into header buffer `h` and check them against the
