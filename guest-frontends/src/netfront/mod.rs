@@ -74,6 +74,7 @@
 pub mod channel;
 mod connect;
 pub mod frames;
+pub mod fuzz;
 pub mod rx;
 pub mod tx;
 
