@@ -62,16 +62,17 @@ fn transmit_multi_slot_frames_byte_exact() {
         got.extend(b.rings().take_all_tx());
         got.len() == sizes.len()
     });
+    let mut multi = 0;
     for (i, ((p, data), n)) in got.iter().zip(sizes).enumerate() {
         assert_eq!(usize::from(p.size), n);
-        assert_eq!(
-            p.fragments.len(),
-            n.div_ceil(PAGE_SIZE),
-            "slots of frame {i}"
-        );
+        let slots = p.fragments.len();
+        let min = n.div_ceil(PAGE_SIZE);
+        assert!(slots == min || slots == min + 1, "slots of frame {i}");
+        multi += usize::from(slots > 1);
         assert!(p.extras.is_empty());
         assert_eq!(*data, frame(n, i as u8), "bytes of frame {i}");
     }
+    assert!(multi >= 4, "packets crossing pages take several slots");
     // Answer out of order: the last packet first, one with an error.
     let r = b.rings();
     r.answer_tx(&got[5].0, NetifStatus::Okay);

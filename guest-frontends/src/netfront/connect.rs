@@ -50,7 +50,11 @@ impl<P: Platform, S: FrontStore> NetFront<P, S> {
         for s in slots {
             let _ = self
                 .pool
-                .release(&*self.platform, s.gref, GrantKind::Access, Some(s.frame));
+                .release(&*self.platform, s.gref, GrantKind::Access, None);
+            self.layout.put(s.frame);
+        }
+        for f in self.layout.take_freed() {
+            self.pool.free(f);
         }
         self.stats.resent += packets.len() as u64;
         for p in packets.into_iter().rev() {

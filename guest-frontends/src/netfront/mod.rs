@@ -26,8 +26,8 @@
 //!
 //! Data lives in frames of the domain's own RAM ([`NetFrontConfig::frames`], see [`frames`]):
 //! `rx_buffers` of them are posted as receive buffers (one frame each, re-posted as soon as
-//! their response is taken), the rest carry transmits (one frame per 4 KiB of a packet, see
-//! [`tx`]). Every grant lives only while a request names it; a grant the backend still holds
+//! their response is taken), the rest carry transmits, packed one after the other so that a
+//! packet crossing a page boundary goes out in several slots (see [`tx`]). Every grant lives only while a request names it; a grant the backend still holds
 //! when it should be ended is quarantined with its frame.
 //!
 //! Receive mode ([`RxMode`]): *copy* posts writable grants and reads the packet from the frame
@@ -74,6 +74,7 @@
 pub mod channel;
 mod connect;
 pub mod frames;
+pub mod fuzz;
 pub mod rx;
 pub mod tx;
 
@@ -92,14 +93,14 @@ use channel::{Channel, ChannelError};
 pub use connect::{format_mac, parse_mac};
 use frames::{FramePool, GrantKind};
 use rx::RxAssembler;
-use tx::{TxAnswer, TxShadow};
+use tx::{TxAnswer, TxFrag, TxLayout, TxShadow};
 
 /// Shortest frame accepted: an Ethernet header.
 pub const MIN_FRAME: usize = 14;
 /// Longest frame netif carries (`XEN_NETIF_MAX_TX_SIZE`).
 pub const MAX_FRAME: usize = devchan::netif::XEN_NETIF_MAX_TX_SIZE;
-/// Frames the transmit side needs at least (one largest packet).
-pub const MIN_TX_FRAMES: usize = MAX_FRAME.div_ceil(PAGE_SIZE);
+/// Frames the transmit side needs at least (one largest packet, plus the frame being filled).
+pub const MIN_TX_FRAMES: usize = MAX_FRAME.div_ceil(PAGE_SIZE) + 1;
 /// Default receive buffers: a full ring, as Linux posts.
 pub const DEFAULT_RX_BUFFERS: usize = NET_RX_RING_SIZE as usize;
 /// Default transmit frames.
@@ -265,6 +266,7 @@ pub struct NetFront<P: Platform, S: FrontStore> {
     mac: [u8; 6],
     pool: FramePool,
     tx: TxShadow,
+    layout: TxLayout,
     rx: RxAssembler<RxBuf>,
     backlog: VecDeque<Vec<u8>>,
     received: VecDeque<Vec<u8>>,
@@ -316,6 +318,7 @@ impl<P: Platform, S: FrontStore> NetFront<P, S> {
             mac: [0; 6],
             pool: FramePool::new(cfg.frames.clone()),
             tx: TxShadow::new(NET_TX_RING_SIZE),
+            layout: TxLayout::default(),
             rx: RxAssembler::new(NET_RX_RING_SIZE),
             backlog: VecDeque::new(),
             received: VecDeque::new(),
@@ -559,59 +562,73 @@ impl<P: Platform, S: FrontStore> NetFront<P, S> {
         let backend = chan.backend();
         // Frames the receive side will need to refill its buffers stay reserved.
         let reserved = self.cfg.rx_buffers.saturating_sub(self.rx.posted());
+        let mut result = Ok(());
         while let Some(data) = self.backlog.front() {
-            let n = tx::slots_for(data.len());
-            if (chan.tx_free() as usize) < n || self.pool.available().saturating_sub(reserved) < n {
+            let fresh_n = self.layout.frames_needed(data.len());
+            if (chan.tx_free() as usize) < fresh_n + 1
+                || self.pool.available().saturating_sub(reserved) < fresh_n
+            {
                 break;
             }
-            let mut pages: Vec<(Frame, GrantRef)> = Vec::with_capacity(n);
-            let mut failure = None;
-            for chunk in data.chunks(PAGE_SIZE) {
-                let Some(frame) = self.pool.alloc() else {
-                    failure = Some(ChannelError::Platform(
-                        "alloc transmit frame",
-                        PlatformError::Exhausted("frames"),
-                    ));
-                    break;
-                };
-                if let Err(e) = self.platform.write_local(frame, 0, chunk) {
-                    self.pool.free(frame);
-                    failure = Some(ChannelError::Platform("write_local", e));
+            let mut fresh: Vec<Frame> = (0..fresh_n).filter_map(|_| self.pool.alloc()).collect();
+            let placed = self.layout.place(data.len(), &mut fresh);
+            fresh.into_iter().for_each(|f| self.pool.free(f));
+            let mut frags = Vec::with_capacity(placed.len());
+            let mut at = 0;
+            for &(frame, offset, size) in &placed {
+                let chunk = data.get(at..at + usize::from(size)).unwrap_or_default();
+                at += usize::from(size);
+                if let Err(e) = self.platform.write_local(frame, usize::from(offset), chunk) {
+                    result = Err(ChannelError::Platform("write_local", e));
                     break;
                 }
                 match self.platform.grant_access(backend, frame, true) {
-                    Ok(g) => pages.push((frame, g)),
+                    Ok(gref) => frags.push(TxFrag {
+                        frame,
+                        gref,
+                        offset,
+                        size,
+                    }),
                     Err(e) => {
-                        self.pool.free(frame);
-                        failure = Some(ChannelError::Platform("grant transmit frame", e));
+                        result = Err(ChannelError::Platform("grant transmit frame", e));
                         break;
                     }
                 }
             }
-            let reqs = match failure {
-                None => self
-                    .backlog
-                    .pop_front()
-                    .and_then(|d| match self.tx.start(d, &pages) {
-                        Ok(r) => Some(r),
-                        Err(d) => {
-                            self.backlog.push_front(d);
-                            None
-                        }
-                    }),
-                Some(_) => None,
-            };
-            let Some(reqs) = reqs else {
-                for (f, g) in pages {
-                    let _ = self
-                        .pool
-                        .release(&*self.platform, g, GrantKind::Access, Some(f));
+            let started = match (&result, self.backlog.pop_front()) {
+                (Ok(()), Some(d)) => self.tx.start(d, &frags).map_err(|d| {
+                    self.backlog.push_front(d);
+                }),
+                (_, d) => {
+                    self.backlog.extend(d);
+                    Err(())
                 }
-                return failure.map_or(Ok(()), Err);
             };
-            chan.put_tx(&reqs)?;
+            match started {
+                Ok(reqs) => {
+                    if let Err(e) = chan.put_tx(&reqs) {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                Err(()) => {
+                    // Undo: end the grants, give the fragments' frames back.
+                    for f in &frags {
+                        let _ = self
+                            .pool
+                            .release(&*self.platform, f.gref, GrantKind::Access, None);
+                    }
+                    for &(frame, _, _) in &placed {
+                        self.layout.put(frame);
+                    }
+                    break;
+                }
+            }
         }
-        Ok(())
+        for f in self.layout.take_freed() {
+            self.pool.free(f);
+        }
+        result
     }
 
     fn take_responses(&mut self) {
@@ -626,12 +643,13 @@ impl<P: Platform, S: FrontStore> NetFront<P, S> {
             match self.tx.answer(r) {
                 Ok(TxAnswer::Null) => {}
                 Ok(TxAnswer::Slot { slot, done }) => {
-                    let _ = self.pool.release(
-                        &*self.platform,
-                        slot.gref,
-                        GrantKind::Access,
-                        Some(slot.frame),
-                    );
+                    let _ = self
+                        .pool
+                        .release(&*self.platform, slot.gref, GrantKind::Access, None);
+                    self.layout.put(slot.frame);
+                    for f in self.layout.take_freed() {
+                        self.pool.free(f);
+                    }
                     if let Some(d) = done {
                         if d.status == NetifStatus::Okay {
                             self.stats.tx_packets += 1;
