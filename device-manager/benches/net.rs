@@ -312,7 +312,9 @@ fn recovery(extra_device: &str, n: usize, every: Duration) -> (Vec<Duration>, Ve
     };
     netprobe::plot::write_svg(&report, &dir.join(name)).unwrap();
     let outages = m.recoveries().iter().map(|r| r.outage()).collect();
-    let probe_out = report.outages.iter().map(|o| o.duration_ms).collect();
+    // Per crash: the reply gaps (over 3 probe intervals) that ended after it and before the
+    // next one; 0 when replies never paused that long.
+    let probe_out = report.per_mark.iter().map(|o| o.outage_ms).collect();
     (outages, probe_out, report.sent, report.lost)
 }
 
@@ -326,16 +328,6 @@ fn bench_dir() -> PathBuf {
 
 fn ms(d: f64) -> String {
     format!("{d:.1}")
-}
-
-fn pct_ms(v: &[f64]) -> (f64, f64, f64) {
-    if v.is_empty() {
-        return (0.0, 0.0, 0.0);
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let at = |q: f64| s[((s.len() as f64 - 1.0) * q).round() as usize];
-    (at(0.5), at(0.99), s[s.len() - 1])
 }
 
 fn main() {
@@ -390,7 +382,8 @@ fn main() {
     );
     for (name, (outages, probe_out, sent, lost)) in [("cold restart", cold), ("hot standby", hot)] {
         let p = Percentiles::of(&outages).unwrap();
-        let (q50, q99, qmax) = pct_ms(&probe_out);
+        let st = netprobe::probe::Stats::of(probe_out.iter().copied());
+        let (q50, q99, qmax) = (st.p50, st.p99, st.max);
         let msf = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
             "{name:<22} {:>7} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11} {:>7}/{:<5}",
@@ -421,7 +414,7 @@ fn main() {
     )
     .unwrap();
     println!(
-        "\nmanager outage: fault → first ring response; probe outage: gaps in replies over 15 ms.\nplots: {}/net-recovery-{{cold,standby}}.svg; JSON: {}/net.json",
+        "\nmanager outage: fault → first ring response; probe outage: per crash, the reply gaps over 15 ms (3 probe intervals) it caused.\nplots: {}/net-recovery-{{cold,standby}}.svg; JSON: {}/net.json",
         dir.display(),
         dir.display()
     );

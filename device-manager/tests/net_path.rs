@@ -75,7 +75,7 @@ fn config() -> ManagerConfig {
         guest_program: common::program("guest-frontends", "net-guest"),
         net_idd_program: common::program("idd-net", "idd-net"),
         heartbeat: None,
-        verbose: true,
+        verbose: std::env::var_os("DM_DEBUG").is_some(),
     }
 }
 
