@@ -605,6 +605,122 @@ mod tests {
         assert!(matches!(q.pop_used(&m), Err(DriverError::DeviceBroken(_))));
     }
 
+    /// A page both the IOMMU (device side) and the queue code (driver side) reach.
+    struct Shared(std::sync::Mutex<Vec<u8>>);
+    impl crate::iommu::DmaPage for Shared {
+        fn read(&self, offset: usize, buf: &mut [u8]) {
+            buf.copy_from_slice(&self.0.lock().unwrap()[offset..offset + buf.len()]);
+        }
+        fn write(&self, offset: usize, data: &[u8]) {
+            self.0.lock().unwrap()[offset..offset + data.len()].copy_from_slice(data);
+        }
+    }
+    impl QueueMemory for Shared {
+        fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), DriverError> {
+            crate::iommu::DmaPage::read(self, offset, buf);
+            Ok(())
+        }
+        fn write(&self, offset: usize, data: &[u8]) -> Result<(), DriverError> {
+            crate::iommu::DmaPage::write(self, offset, data);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_transport_drives_virtio_blk_too() {
+        use crate::emu::virtio_blk::{BlkConfig, VirtioBlk};
+        use crate::emu::virtio_pci::VirtioPci;
+        use crate::emu::PciBus;
+        use crate::iommu::{Iommu, IommuEntry};
+        use crate::link::LocalIo;
+        use crate::space::IoSpace;
+        use std::sync::{Arc, Mutex};
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
+        use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+
+        let dir = tempfile::tempdir().unwrap();
+        let blk = VirtioBlk::new(&BlkConfig {
+            path: dir.path().join("d.img"),
+            size: 1 << 20,
+            read_only: false,
+            serial: "shared-transport".into(),
+            workers: 1,
+        })
+        .unwrap();
+        let iommu = Iommu::new(8);
+        let dev = Arc::new(VirtioPci::new(Arc::new(blk), iommu.device(), 11).unwrap());
+        let bus = PciBus::new();
+        let bdf = bus.plug(2, dev.clone()).unwrap();
+        let space = Arc::new(IoSpace::new(bdf, dev).unwrap());
+        let pages: Vec<Arc<Shared>> = (0..2)
+            .map(|_| Arc::new(Shared(Mutex::new(vec![0; 4096]))))
+            .collect();
+        let iovas: Vec<u64> = pages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                iommu
+                    .map(IommuEntry {
+                        domain: 1,
+                        frame: i as u64,
+                        writable: true,
+                        page: p.clone(),
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let t = Transport::open(LocalIo::new(space), 2).unwrap();
+        t.negotiate(&[VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM], 0, 1)
+            .unwrap();
+        let mut q = SplitQueue::new(t.queue_size(0, 64).unwrap(), iovas[0]).unwrap();
+        t.setup_queue(0, &mut q, 0).unwrap();
+        t.driver_ok().unwrap();
+        // GET_ID: header (readable), 20 id bytes and a status byte (writable), in page 1.
+        let data = &*pages[1];
+        QueueMemory::write(data, 0, &VIRTIO_BLK_T_GET_ID.to_le_bytes()).unwrap();
+        let b = iovas[1];
+        let head = q
+            .push(
+                &*pages[0],
+                &[
+                    Buf {
+                        addr: b,
+                        len: 16,
+                        device_writes: false,
+                    },
+                    Buf {
+                        addr: b + 64,
+                        len: 20,
+                        device_writes: true,
+                    },
+                    Buf {
+                        addr: b + 128,
+                        len: 1,
+                        device_writes: true,
+                    },
+                ],
+            )
+            .unwrap();
+        assert!(q.needs_notify(&*pages[0]).unwrap());
+        t.notify(&q).unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        let used = loop {
+            if let Some(u) = q.pop_used(&*pages[0]).unwrap() {
+                break u;
+            }
+            assert!(std::time::Instant::now() < end, "nothing used");
+            let _ = t.wait_irq(Duration::from_millis(20)).unwrap();
+        };
+        assert_eq!(used, (head, 21));
+        let mut id = [0u8; 16];
+        QueueMemory::read(data, 64, &mut id).unwrap();
+        assert_eq!(&id, b"shared-transport");
+        let mut st = [0xffu8];
+        QueueMemory::read(data, 128, &mut st).unwrap();
+        assert_eq!(st[0], 0);
+        t.reset().unwrap();
+    }
+
     proptest::proptest! {
         #[test]
         fn hostile_used_rings_never_panic(

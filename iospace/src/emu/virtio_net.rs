@@ -1160,4 +1160,33 @@ mod tests {
         let s = r.stats_until(|s| s.failures == 2);
         assert_eq!(s.failures, 2);
     }
+
+    #[test]
+    fn after_reset_returns_no_thread_touches_the_rings() {
+        let mut r = rig();
+        for round in 0..20u8 {
+            r.start();
+            let p2 = r.iovas[2];
+            r.pages[2].write(12, &frame(60, round));
+            // A full transmit ring and a posted receive buffer with frames arriving.
+            for i in 0..QSIZE {
+                r.chain(TX_QUEUE, i, &[(p2, 72, false)]);
+            }
+            r.chain(RX_QUEUE, 0, &[(r.iovas[4], 2048, true)]);
+            r.far.send_to(&frame(60, round), r.wire_addr).unwrap();
+            r.w(common::DEVICE_STATUS, &[0]);
+            // Once reset has returned, the rings are the driver's alone.
+            for q in 0..2 {
+                r.pages[q].write(2048, &[0xee; 64]);
+            }
+            r.pages[4].write(0, &[0xee; 64]);
+            r.far.send_to(&frame(60, round), r.wire_addr).unwrap();
+            std::thread::yield_now();
+            for page in [0, 1, 4] {
+                let mut b = [0u8; 64];
+                r.pages[page].read(if page == 4 { 0 } else { 2048 }, &mut b);
+                assert_eq!(b, [0xee; 64], "page {page} written after reset");
+            }
+        }
+    }
 }
