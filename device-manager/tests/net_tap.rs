@@ -210,7 +210,7 @@ ips = ["10.77.0.2/32"]
     // A plain TCP conversation, 8 MiB from the host to bob, across an IDD crash.
     let listener = TcpListener::bind("10.77.0.254:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(7) + i / 4096).to_le_bytes()[0]).collect();
     let want = payload.clone();
     let ns = ns_b.clone();
     let received = std::thread::scope(|s| {
