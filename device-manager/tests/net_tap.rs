@@ -2,7 +2,8 @@
 //! interface in the host's namespace (the wire peer, 10.77.0.254), and each guest's netfront
 //! is a TAP interface `eth0` in its own network namespace (the `net-guest tap` adapter), so
 //! the kernel's own stack in each namespace is the guest. `ping` and plain sockets run over
-//! netfront → netif rings → idd-net → virtio-net → the wire.
+//! netfront → netif rings → idd-net → virtio-net → the wire; `ping`, `iperf3` and a TCP
+//! stream across an IDD crash.
 //!
 //! Skips (and says so) without root or without `ip`.
 
@@ -25,6 +26,9 @@ fn skip_reason() -> Option<String> {
     }
     if Command::new("ip").arg("-V").output().is_err() {
         return Some("needs `ip` (iproute2)".into());
+    }
+    if Command::new("iperf3").arg("-v").output().is_err() {
+        return Some("needs iperf3 (ci/setup.sh installs it)".into());
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
         return Some("needs /dev/net/tun".into());
@@ -63,6 +67,42 @@ fn ping(ns: Option<&str>, to: &str, count: u32) -> std::process::Output {
     cmd.args(["-c", &count.to_string(), "-i", "0.2", "-W", "2", to])
         .output()
         .expect("running ping")
+}
+
+/// Run an iperf3 server (in `server_ns`, or the host) on `server_ip` and a 2-second client
+/// in `client_ns`; returns the receiver's Mbit/s. `None` when iperf3 is missing.
+fn iperf3(server_ns: Option<&str>, server_ip: &str, client_ns: &str) -> f64 {
+    let mut server = match server_ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "iperf3"]);
+            c
+        }
+        None => Command::new("iperf3"),
+    };
+    let mut server = server
+        .args(["-s", "-1", "-B", server_ip, "-p", "5299"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-p", "5299", "-t", "2", "-J",
+        ])
+        .output()
+        .expect("iperf3 client");
+    let _ = server.wait();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 output: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no throughput in {json}"))
+        / 1e6
 }
 
 fn wait_ready(m: &mut Manager, g: &str) {
@@ -207,10 +247,24 @@ ips = ["10.77.0.2/32"]
         String::from_utf8_lossy(&out.stdout)
     );
 
+    // iperf3 from alice's namespace to the wire peer, and between the two guests.
+    for (server_ns, server_ip, client_ns) in [
+        (None, "10.77.0.254", &ns_a),
+        (Some(&ns_b), "10.77.0.2", &ns_a),
+    ] {
+        let mbps = supervised(&mut m, || {
+            iperf3(server_ns.map(String::as_str), server_ip, client_ns)
+        });
+        eprintln!("iperf3 {client_ns} -> {server_ip}: {mbps:.0} Mbit/s");
+        assert!(mbps > 1.0, "iperf3 moved almost nothing");
+    }
+
     // A plain TCP conversation, 8 MiB from the host to bob, across an IDD crash.
     let listener = TcpListener::bind("10.77.0.254:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(7) + i / 4096).to_le_bytes()[0]).collect();
+    let payload: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(7) + i / 4096).to_le_bytes()[0])
+        .collect();
     let want = payload.clone();
     let ns = ns_b.clone();
     let received = std::thread::scope(|s| {
