@@ -3,7 +3,9 @@
 //! an in-process IDD domain: ARP, ping and UDP echo are answered byte-correct, and the
 //! program's stdout follows the contract (`ready`, `stats`, `summary` on SIGTERM). Then the
 //! backend closes and comes back (the reconnect protocol) and the guest says `reconnected`
-//! and answers again. This is also the check that the sandbox allows everything netfront does.
+//! and answers again. `net-guest tap` (root) puts a network namespace's Linux stack on
+//! netfront (ARP, UDP and ping over the rings); `net-guest flood` sends sized UDP. These are
+//! also the check that the sandbox allows everything netfront and the TAP bridge do.
 
 #![allow(clippy::cast_possible_truncation, missing_docs)]
 
@@ -455,6 +457,69 @@ fn net_guest_tap_puts_a_linux_stack_on_netfront() {
     let exit = g.wait_exit(Some(Duration::from_secs(30))).unwrap();
     assert_eq!(exit, Some(ExitReport::Exited(0)), "{summary}");
     assert!(summary.contains("proto=0"), "{summary}");
+    drop(lines);
+    reader.join().unwrap();
+}
+
+/// `net-guest flood` sends UDP datagrams of the asked size to the asked address as fast as
+/// the backend answers, and its summary counts what was acknowledged.
+#[test]
+fn net_guest_flood_sends_sized_udp_until_time_is_up() {
+    let env = setup();
+    let (mut g, lines, reader) = spawn(
+        &env,
+        &[
+            "flood",
+            "--dst-mac",
+            "02:00:00:00:00:99",
+            "--dst-ip",
+            "10.0.0.9",
+            "--size",
+            "1000",
+            "--secs",
+            "0.5",
+        ],
+    );
+    let Env {
+        mut admin,
+        plat,
+        guest,
+        fd,
+        bd,
+        ..
+    } = env;
+    let mut r = attach(&mut admin, &plat, guest, &fd, &bd);
+    next_line(&lines, "ready ");
+    let mut seen = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let summary = loop {
+        assert!(Instant::now() < deadline, "no summary");
+        for (p, data) in r.take_all_tx() {
+            r.answer_tx(&p, NetifStatus::Okay);
+            assert_eq!(data.len(), 1000);
+            let s = SlicedPacket::from_ethernet(&data).unwrap();
+            let Some(TransportSlice::Udp(u)) = s.transport else {
+                panic!("not UDP")
+            };
+            assert_eq!(u.destination_port(), 9);
+            assert_eq!(&data[..12], &[PEER, MAC].concat()[..]);
+            seen += 1;
+        }
+        match lines.try_recv() {
+            Ok(l) if l.starts_with("summary ") => break l,
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    let exit = g.wait_exit(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(exit, Some(ExitReport::Exited(0)), "{summary}");
+    let tx: u64 = summary
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("tx="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(tx > 0 && tx <= seen, "tx={tx} seen={seen}: {summary}");
+    assert!(summary.contains(&format!("txb={}", tx * 1000)), "{summary}");
     drop(lines);
     reader.join().unwrap();
 }
