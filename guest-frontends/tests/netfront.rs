@@ -367,3 +367,71 @@ fn reconnect_to_a_new_backend_domain() {
     assert_eq!(f.recv().unwrap(), frame(90, 3));
     assert_eq!(f.stats().connects, 2);
 }
+
+#[test]
+fn exchange_mode_survives_a_reconnect() {
+    let mut w = World::new();
+    let mut b = w.new_backend(true);
+    let mut f = w.connect(&mut b, RxMode::Exchange);
+    until(&mut f, "backend connected", |f| f.is_connected());
+    b.rings().deliver_exchange(&frame(100, 1), 0, 20);
+    assert!(f.wait(Duration::from_secs(20)).unwrap());
+    assert_eq!(f.recv().unwrap(), frame(100, 1));
+    close_and_reopen(&mut w, &mut b, &mut f);
+    w.attach(&mut b, Some(&mut f));
+    until(&mut f, "reconnected", |f| f.is_connected());
+    assert_eq!(f.rx_mode(), RxMode::Exchange);
+    assert_eq!(
+        b.rings().pull_rx(),
+        RX_BUFFERS,
+        "fresh accept-transfer grants posted"
+    );
+    for i in 0..3u8 {
+        b.rings()
+            .deliver_exchange(&frame(200, i), 64, 21 + u64::from(i));
+        assert!(f.wait(Duration::from_secs(20)).unwrap());
+        assert_eq!(f.recv().unwrap(), frame(200, i));
+    }
+    assert_eq!(f.quarantined(), 0, "old grants all withdrawn");
+}
+
+#[test]
+fn after_a_protocol_error_the_frontend_reconnects_when_the_backend_cycles() {
+    let mut w = World::new();
+    let mut b = w.new_backend(false);
+    let mut f = w.connect(&mut b, RxMode::Copy);
+    until(&mut f, "backend connected", |f| f.is_connected());
+    f.send(&frame(700, 1)).unwrap();
+    until(&mut f, "on the ring", |_| b.rings().pull_rx() > 0);
+    let id = b.rings().peek_id();
+    b.rings().raw_rx_response(NetifRxResponse {
+        id,
+        offset: 4095,
+        flags: 0,
+        status: 2,
+    });
+    until(&mut f, "refused", |f| f.stats().protocol_errors == 1);
+    // The manager hears the frontend close, resets the backend, and offers it again.
+    let fd = w.front_dir();
+    let bd = b.dir.clone();
+    assert_eq!(w.r(&format!("{fd}/state")).as_deref(), Some("5"));
+    w.w(&format!("{bd}/state"), "6");
+    until(&mut f, "frontend closed", |_| {
+        w.r(&format!("{fd}/state")).as_deref() == Some("1")
+    });
+    b.rings = None;
+    w.w(&format!("{bd}/state"), "2");
+    w.attach(&mut b, Some(&mut f));
+    until(&mut f, "reconnected", |f| f.is_connected());
+    // The transmit the broken backend held is sent to the fresh rings.
+    let mut got = Vec::new();
+    until(&mut f, "resent", |_| {
+        got.extend(b.rings().take_all_tx());
+        !got.is_empty()
+    });
+    assert_eq!(got[0].1, frame(700, 1));
+    b.rings().deliver_copy(&frame(64, 2), 0);
+    assert!(f.wait(Duration::from_secs(20)).unwrap());
+    assert_eq!(f.recv().unwrap(), frame(64, 2));
+    assert_eq!(f.stats().connects, 2);
+}

@@ -3,7 +3,9 @@
 //! an in-process IDD domain: ARP, ping and UDP echo are answered byte-correct, and the
 //! program's stdout follows the contract (`ready`, `stats`, `summary` on SIGTERM). Then the
 //! backend closes and comes back (the reconnect protocol) and the guest says `reconnected`
-//! and answers again. This is also the check that the sandbox allows everything netfront does.
+//! and answers again. `net-guest tap` (root) puts a network namespace's Linux stack on
+//! netfront (ARP, UDP and ping over the rings); `net-guest flood` sends sized UDP. These are
+//! also the check that the sandbox allows everything netfront and the TAP bridge do.
 
 #![allow(clippy::cast_possible_truncation, missing_docs)]
 
@@ -125,8 +127,24 @@ fn check_pong(reply: &[u8], seq: u16) {
     );
 }
 
-#[test]
-fn net_guest_echo_answers_through_a_process_domain_and_reconnects() {
+/// The manager's part: the store (with the guest's ring), a guest domain of the RAM
+/// net-guest asks for, an in-process IDD domain, and both XenStore directories.
+struct Env {
+    // Declared (so dropped) before the directory holding its socket: stopping the server
+    // connects to it.
+    _server: hypervisor::xenstored::socket::ServerHandle,
+    _dir: tempfile::TempDir,
+    _sys: Arc<System>,
+    stores: DomainStores,
+    admin: Client<UnixStream>,
+    plat: Arc<LocalPlatform>,
+    guest: u16,
+    frames: u64,
+    fd: String,
+    bd: String,
+}
+
+fn setup() -> Env {
     let sys = System::new();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("xs.sock");
@@ -191,11 +209,35 @@ fn net_guest_echo_answers_through_a_process_domain_and_reconnects() {
             .unwrap();
     }
 
+    Env {
+        _sys: sys,
+        _dir: dir,
+        _server,
+        stores,
+        admin,
+        plat,
+        guest,
+        frames,
+        fd,
+        bd,
+    }
+}
+
+/// Start net-guest with `args`; its stdout lines arrive on the receiver.
+fn spawn(
+    env: &Env,
+    args: &[&str],
+) -> (
+    hypervisor::launch::RunningDomain,
+    mpsc::Receiver<String>,
+    std::thread::JoinHandle<()>,
+) {
     let prog = env!("CARGO_BIN_EXE_net-guest");
-    let mut g = stores
+    let mut g = env
+        .stores
         .spawn_in(
-            guest,
-            LaunchConfig::new("guest", frames, prog, &["echo", "--ip", "10.0.0.2/24"]),
+            env.guest,
+            LaunchConfig::new("guest", env.frames, prog, args),
         )
         .unwrap();
     let out = g.child_mut().stdout.take().unwrap();
@@ -205,16 +247,34 @@ fn net_guest_echo_answers_through_a_process_domain_and_reconnects() {
             let _ = tx.send(l);
         }
     });
-    let next_line = |prefix: &str| -> String {
-        loop {
-            let l = lines
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("no `{prefix}` line"));
-            if l.starts_with(prefix) {
-                return l;
-            }
+    (g, lines, reader)
+}
+
+/// The next line starting with `prefix` (earlier ones are skipped).
+fn next_line(lines: &mpsc::Receiver<String>, prefix: &str) -> String {
+    loop {
+        let l = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no `{prefix}` line"));
+        if l.starts_with(prefix) {
+            return l;
         }
-    };
+    }
+}
+
+#[test]
+fn net_guest_echo_answers_through_a_process_domain_and_reconnects() {
+    let env = setup();
+    let (mut g, lines, reader) = spawn(&env, &["echo", "--ip", "10.0.0.2/24"]);
+    let Env {
+        mut admin,
+        plat,
+        guest,
+        fd,
+        bd,
+        ..
+    } = env;
+    let next_line = |prefix: &str| next_line(&lines, prefix);
 
     let mut r = attach(&mut admin, &plat, guest, &fd, &bd);
     let ready = next_line("ready ");
@@ -279,6 +339,187 @@ fn net_guest_echo_answers_through_a_process_domain_and_reconnects() {
     ] {
         assert!(summary.contains(kv), "{kv} in {summary}");
     }
+    drop(lines);
+    reader.join().unwrap();
+}
+
+/// The next transmit for which `pred` holds (others are answered and skipped).
+fn next_tx(r: &mut Rings, what: &str, pred: impl Fn(&SlicedPacket) -> bool) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((p, data)) = r.take_tx() {
+            r.answer_tx(&p, NetifStatus::Okay);
+            if SlicedPacket::from_ethernet(&data).is_ok_and(|s| pred(&s)) {
+                return data;
+            }
+            continue;
+        }
+        assert!(Instant::now() < deadline, "no {what} from the guest");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn run_cmd(args: &[&str]) -> bool {
+    std::process::Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Root only: `net-guest tap` makes netfront an interface of a network namespace, whose Linux
+/// stack then resolves a neighbour, sends UDP and answers ping over the rings.
+#[test]
+fn net_guest_tap_puts_a_linux_stack_on_netfront() {
+    if !rustix::process::geteuid().is_root() || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIP: needs root and /dev/net/tun");
+        return;
+    }
+    let ns = format!("nfp{}", std::process::id() % 100_000);
+    if !run_cmd(&["ip", "netns", "add", &ns]) {
+        eprintln!("SKIP: ip netns add failed");
+        return;
+    }
+    struct DelNs(String);
+    impl Drop for DelNs {
+        fn drop(&mut self) {
+            run_cmd(&["ip", "netns", "del", &self.0]);
+        }
+    }
+    let _del = DelNs(ns.clone());
+    let env = setup();
+    let (mut g, lines, reader) = spawn(
+        &env,
+        &[
+            "tap",
+            "--netns",
+            &ns,
+            "--ifname",
+            "nf0",
+            "--ip",
+            "10.0.0.2/24",
+        ],
+    );
+    let Env {
+        mut admin,
+        plat,
+        guest,
+        fd,
+        bd,
+        ..
+    } = env;
+    let mut r = attach(&mut admin, &plat, guest, &fd, &bd);
+    let ready = next_line(&lines, "ready ");
+    assert!(ready.starts_with("ready mac=02:00:00:00:00:11"), "{ready}");
+    // The stack sends UDP to a neighbour: first it asks who that is.
+    assert!(run_cmd(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns,
+        "bash",
+        "-c",
+        "echo hello > /dev/udp/10.0.0.9/9"
+    ]));
+    let arp = next_tx(&mut r, "ARP request", |p| {
+        matches!(p.net, Some(NetSlice::Arp(_)))
+    });
+    assert_eq!(&arp[6..12], &MAC, "from netfront's MAC");
+    let mut reply = Vec::new();
+    PacketBuilder::ethernet2(PEER, MAC)
+        .arp(ArpPacket::from(ArpEthIpv4Packet {
+            operation: ArpOperation::REPLY,
+            sender_mac: PEER,
+            sender_ipv4: PEER_IP.octets(),
+            target_mac: MAC,
+            target_ipv4: GUEST_IP.octets(),
+        }))
+        .write(&mut reply)
+        .unwrap();
+    r.deliver_copy(&reply, 0);
+    let udp = next_tx(
+        &mut r,
+        "UDP datagram",
+        |p| matches!(&p.transport, Some(TransportSlice::Udp(u)) if u.destination_port() == 9),
+    );
+    assert_eq!(&udp[..12], &[PEER, MAC].concat()[..]);
+    assert!(udp.ends_with(b"hello\n"));
+    // A ping from the wire is answered by the namespace's stack.
+    r.deliver_copy(&ping(3), 0);
+    let pong = next_tx(
+        &mut r,
+        "echo reply",
+        |p| matches!(&p.transport, Some(TransportSlice::Icmpv4(i)) if matches!(i.icmp_type(), Icmpv4Type::EchoReply(_))),
+    );
+    check_pong(&pong, 3);
+    // SAFETY: kill(2) on our own child's pid with SIGTERM; no memory is involved.
+    unsafe { libc::kill(g.child_mut().id() as libc::pid_t, libc::SIGTERM) };
+    let summary = next_line(&lines, "summary ");
+    let exit = g.wait_exit(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(exit, Some(ExitReport::Exited(0)), "{summary}");
+    assert!(summary.contains("proto=0"), "{summary}");
+    drop(lines);
+    reader.join().unwrap();
+}
+
+/// `net-guest flood` sends UDP datagrams of the asked size to the asked address as fast as
+/// the backend answers, and its summary counts what was acknowledged.
+#[test]
+fn net_guest_flood_sends_sized_udp_until_time_is_up() {
+    let env = setup();
+    let (mut g, lines, reader) = spawn(
+        &env,
+        &[
+            "flood",
+            "--dst-mac",
+            "02:00:00:00:00:99",
+            "--dst-ip",
+            "10.0.0.9",
+            "--size",
+            "1000",
+            "--secs",
+            "0.5",
+        ],
+    );
+    let Env {
+        mut admin,
+        plat,
+        guest,
+        fd,
+        bd,
+        ..
+    } = env;
+    let mut r = attach(&mut admin, &plat, guest, &fd, &bd);
+    next_line(&lines, "ready ");
+    let mut seen = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let summary = loop {
+        assert!(Instant::now() < deadline, "no summary");
+        for (p, data) in r.take_all_tx() {
+            r.answer_tx(&p, NetifStatus::Okay);
+            assert_eq!(data.len(), 1000);
+            let s = SlicedPacket::from_ethernet(&data).unwrap();
+            let Some(TransportSlice::Udp(u)) = s.transport else {
+                panic!("not UDP")
+            };
+            assert_eq!(u.destination_port(), 9);
+            assert_eq!(&data[..12], &[PEER, MAC].concat()[..]);
+            seen += 1;
+        }
+        match lines.try_recv() {
+            Ok(l) if l.starts_with("summary ") => break l,
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    let exit = g.wait_exit(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(exit, Some(ExitReport::Exited(0)), "{summary}");
+    let tx: u64 = summary
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("tx="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(tx > 0 && tx <= seen, "tx={tx} seen={seen}: {summary}");
+    assert!(summary.contains(&format!("txb={}", tx * 1000)), "{summary}");
     drop(lines);
     reader.join().unwrap();
 }

@@ -465,9 +465,11 @@ impl<P: Platform, S: FrontStore> NetFront<P, S> {
                 self.pool.retry_quarantine(&*self.platform);
             }
             if let Err(e) = self.drive_xenbus() {
-                // Before the first connection the caller hears of it (a misconfigured device);
-                // afterwards a failed attempt is retried at the next interval.
-                if self.stats.connects == 0 {
+                // Before the first connection the caller hears of it (a misconfigured device),
+                // unless a key is merely not written yet; afterwards a failed attempt is
+                // retried at the next interval.
+                let missing = matches!(e, NetError::Store(StoreError::Missing(_)));
+                if self.stats.connects == 0 && !missing {
                     return Err(e);
                 }
                 tracing::warn!(error = %e, "reconnect attempt failed; retrying");
