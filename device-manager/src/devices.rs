@@ -27,7 +27,7 @@ use iospace::iommu::Iommu;
 use iospace::pci::{BarKind, Capability, Header};
 use iospace::space::{IoSpace, Tables};
 use policy::{BlkMedia, DeviceSpec, Policy, Wire};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::service::idd_name;
@@ -60,7 +60,7 @@ pub enum DevicesError {
 }
 
 /// One BAR.
-#[derive(Debug, Clone, Serialize, ToSchema, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct BarView {
     /// BAR number.
     pub index: u32,
@@ -75,7 +75,7 @@ pub struct BarView {
 }
 
 /// An IDD's I/O Space for this device: what the IDD may touch.
-#[derive(Debug, Clone, Serialize, ToSchema, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct IoSpaceSummary {
     /// MMIO pages it may map.
     pub mmio_pages: u64,
@@ -90,7 +90,7 @@ pub struct IoSpaceSummary {
 }
 
 /// One PCI function.
-#[derive(Debug, Clone, Serialize, ToSchema, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct PciDeviceView {
     /// `host` (sysfs) or `emulated`.
     pub origin: String,

@@ -850,6 +850,9 @@ impl Worker {
                 match cmds.recv_timeout(wait) {
                     Ok((cmd, reply)) => {
                         let r = self.handle(m.as_mut(), cmd);
+                        // Publish before answering: a client that reads right after its
+                        // command sees its effect.
+                        self.publish(m.as_mut());
                         let _ = reply.send(r);
                     }
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,

@@ -33,6 +33,7 @@
 //!   the supervision thread checks (IDD and guest names must exist in the running system).
 
 pub mod auth;
+pub mod client;
 pub mod error;
 pub mod handlers;
 pub mod metrics;
