@@ -182,7 +182,10 @@ fn served_api_end_to_end() {
 
     // Auth: no token, unknown token, read-only token on an admin endpoint.
     let anon = s.client(None);
-    assert_eq!(api_err(anon.get("/v1/idds")), (401, "unauthorized".into(), None));
+    assert_eq!(
+        api_err(anon.get("/v1/idds")),
+        (401, "unauthorized".into(), None)
+    );
     let raw = ureq::get(format!("{}/v1/status", s.http))
         .config()
         .http_status_as_error(false)
@@ -198,14 +201,20 @@ fn served_api_end_to_end() {
     assert_eq!(idds[0]["name"], "idd-disk0");
     assert_eq!(idds[0]["state"], "running");
     assert!(idds[0]["pid"].as_u64().is_some(), "{idds}");
-    let (st, code, _) = api_err(reader.post("/v1/idds/idd-disk0/faults", &json!({"fault": "crash"})));
+    let (st, code, _) =
+        api_err(reader.post("/v1/idds/idd-disk0/faults", &json!({"fault": "crash"})));
     assert_eq!((st, code.as_str()), (403, "forbidden"));
     let (st, _, _) = api_err(reader.post("/v1/idds/idd-disk0/restart", &json!({})));
     assert_eq!(st, 403);
 
     // Guests and channels from the running system.
     let guests: Value = reader.get("/v1/guests").unwrap();
-    let names: Vec<&str> = guests.as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = guests
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["alice", "bob"]);
     let chans: Value = reader.get("/v1/channels").unwrap();
     assert_eq!(chans.as_array().unwrap().len(), 2);
@@ -236,8 +245,21 @@ fn served_api_end_to_end() {
     assert!(seen.contains(&"fault_injected".to_owned()), "{seen:?}");
     assert_eq!(rec["idd"], "idd-disk0");
     assert_eq!(rec["recovery"]["seq"], 1);
-    assert!(rec["recovery"]["cause"].as_str().unwrap().starts_with("exited"), "{rec}");
-    for phase in ["detect_us", "revoke_us", "spawn_us", "reattach_us", "first_response_us", "outage_us"] {
+    assert!(
+        rec["recovery"]["cause"]
+            .as_str()
+            .unwrap()
+            .starts_with("exited"),
+        "{rec}"
+    );
+    for phase in [
+        "detect_us",
+        "revoke_us",
+        "spawn_us",
+        "reattach_us",
+        "first_response_us",
+        "outage_us",
+    ] {
         assert!(rec["recovery"][phase].is_u64(), "{phase} in {rec}");
     }
 
@@ -246,23 +268,47 @@ fn served_api_end_to_end() {
     assert_eq!(idd["restarts"], 1);
     assert_eq!(idd["last_recovery"], rec["recovery"]);
     let metrics = reader.get_text("/metrics").unwrap();
-    assert!(metrics.contains("idd_restarts_total{idd=\"idd-disk0\"} 1\n"), "{metrics}");
-    assert!(metrics.contains("idd_faults_injected_total{idd=\"idd-disk0\"} 1\n"), "{metrics}");
-    assert!(metrics.contains("idd_last_recovery_phase_seconds{idd=\"idd-disk0\",phase=\"spawn\"}"), "{metrics}");
+    assert!(
+        metrics.contains("idd_restarts_total{idd=\"idd-disk0\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("idd_faults_injected_total{idd=\"idd-disk0\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("idd_last_recovery_phase_seconds{idd=\"idd-disk0\",phase=\"spawn\"}"),
+        "{metrics}"
+    );
 
     // Policy: every error with its position; an unknown IDD; a body over the limit.
     let bad = std::fs::read_to_string(dir.path().join("policy.toml"))
         .unwrap()
-        .replace("length = \"8MiB\"\n\n[[guest]]", "length = \"9MiB\"\n\n[[guest]]")
-        .replace("kind = \"virtio-blk\"", "kind = \"virtio-blk\"\ncolour = \"red\"");
-    let (st, code, details) = api_err(admin.post("/v1/policy/validate", &json!({"text": bad, "name": "bad.toml"})));
+        .replace(
+            "length = \"8MiB\"\n\n[[guest]]",
+            "length = \"9MiB\"\n\n[[guest]]",
+        )
+        .replace(
+            "kind = \"virtio-blk\"",
+            "kind = \"virtio-blk\"\ncolour = \"red\"",
+        );
+    let (st, code, details) = api_err(admin.post(
+        "/v1/policy/validate",
+        &json!({"text": bad, "name": "bad.toml"}),
+    ));
     assert_eq!((st, code.as_str()), (422, "invalid_policy"));
     let diags = details.unwrap()["diagnostics"].as_array().unwrap().clone();
     assert_eq!(diags.len(), 2, "{diags:?}");
     for d in &diags {
-        assert!(d["line"].as_u64().unwrap() > 1 && d["column"].as_u64().unwrap() >= 1, "{d}");
+        assert!(
+            d["line"].as_u64().unwrap() > 1 && d["column"].as_u64().unwrap() >= 1,
+            "{d}"
+        );
     }
-    assert_eq!(api_err(admin.post("/v1/idds/idd-nope/restart", &json!({}))).0, 404);
+    assert_eq!(
+        api_err(admin.post("/v1/idds/idd-nope/restart", &json!({}))).0,
+        404
+    );
     let huge = "x".repeat(100_000);
     let (st, code, _) = api_err(admin.post("/v1/policy/validate", &json!({"text": huge})));
     assert_eq!((st, code.as_str()), (413, "payload_too_large"));
@@ -279,22 +325,39 @@ fn served_api_end_to_end() {
     let st: Value = tls.get("/v1/status").unwrap();
     assert_eq!(st["idds"][0]["name"], "idd-disk0");
     let untrusted = Client::new(&s.https, Some(READ.into()), None).unwrap();
-    assert!(matches!(untrusted.get::<Value>("/v1/status"), Err(ClientError::Transport { .. })));
+    assert!(matches!(
+        untrusted.get::<Value>("/v1/status"),
+        Err(ClientError::Transport { .. })
+    ));
     let tls_anon = Client::new(&s.https, None, Some(&ca)).unwrap();
     assert_eq!(api_err(tls_anon.get("/v1/status")).0, 401);
 
     // The CLI against the same server.
     let out = s.iddctl(&["idds"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("idd-disk0") && text.contains("running"), "{text}");
+    assert!(
+        out.status.success() && text.contains("idd-disk0") && text.contains("running"),
+        "{text}"
+    );
     let out = s.iddctl(&["--json", "channels"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
     let out = s.iddctl(&["restart", "idd-disk0", "--wait"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("recovered #2"), "{text}");
+    assert!(
+        out.status.success() && text.contains("recovered #2"),
+        "{text}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_iddctl"))
-        .args(["--remote", &s.http, "--token", READ, "inject", "idd-disk0", "crash"])
+        .args([
+            "--remote",
+            &s.http,
+            "--token",
+            READ,
+            "inject",
+            "idd-disk0",
+            "crash",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

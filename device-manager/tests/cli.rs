@@ -57,7 +57,11 @@ fn check_accepts_a_good_policy() {
     let dir = tempfile::tempdir().unwrap();
     let good = write(dir.path(), "good.toml", GOOD);
     let out = iddctl(&["check", &good]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("OK (2 device(s), 1 guest(s))"), "{text}");
 }
@@ -126,7 +130,11 @@ fn devices_lists_host_and_emulated_functions() {
     let good = write(dir.path(), "good.toml", GOOD);
     let sysfs = dir.path().display().to_string();
     let out = iddctl(&["devices", "--sysfs", &sysfs, "--policy", &good, "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let list = v.as_array().unwrap();
     assert_eq!(list.len(), 3, "{v}");
@@ -140,7 +148,10 @@ fn devices_lists_host_and_emulated_functions() {
     let disk = &list[1];
     assert_eq!(disk["origin"], "emulated");
     assert_eq!(disk["name"], "disk0");
-    assert_eq!((disk["vendor_id"].as_u64(), disk["device_id"].as_u64()), (Some(0x1af4), Some(0x1042)));
+    assert_eq!(
+        (disk["vendor_id"].as_u64(), disk["device_id"].as_u64()),
+        (Some(0x1af4), Some(0x1042))
+    );
     assert_eq!(disk["owner"], "idd-disk0");
     assert!(disk["io_space"]["mmio_pages"].as_u64().unwrap() > 0);
     assert!(disk["io_space"]["msix_vectors"].as_u64().unwrap() > 0);

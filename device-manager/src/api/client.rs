@@ -120,7 +120,11 @@ pub struct Client {
 impl Client {
     /// For `base` (`http://127.0.0.1:7480`), with a bearer token and PEM CA certificates to
     /// trust (for a self-signed server; default: the WebPKI roots).
-    pub fn new(base: &str, token: Option<String>, ca_pem: Option<&[u8]>) -> Result<Self, ClientError> {
+    pub fn new(
+        base: &str,
+        token: Option<String>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, ClientError> {
         crate::api::tls::install_crypto();
         let mut tls = ureq::tls::TlsConfig::builder();
         if let Some(pem) = ca_pem {
@@ -133,7 +137,10 @@ impl Client {
                 .collect::<Result<_, _>>()
                 .map_err(|e| ClientError::Ca("(pem)".into(), e.to_string()))?;
             if certs.is_empty() {
-                return Err(ClientError::Ca("(pem)".into(), "no certificate in it".into()));
+                return Err(ClientError::Ca(
+                    "(pem)".into(),
+                    "no certificate in it".into(),
+                ));
             }
             tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)));
         }
@@ -165,7 +172,11 @@ impl Client {
         }
     }
 
-    fn finish(&self, path: &str, mut r: ureq::http::Response<ureq::Body>) -> Result<String, ClientError> {
+    fn finish(
+        &self,
+        path: &str,
+        mut r: ureq::http::Response<ureq::Body>,
+    ) -> Result<String, ClientError> {
         let status = r.status().as_u16();
         let body = r
             .body_mut()
@@ -218,20 +229,27 @@ impl Client {
     /// Subscribe to `/v1/events` (returns once subscribed).
     pub fn events(&self) -> Result<SseReader<impl Read>, ClientError> {
         let path = "/v1/events";
-        let mut req = self.stream_agent.get(self.url(path)).header("Accept", "text/event-stream");
+        let mut req = self
+            .stream_agent
+            .get(self.url(path))
+            .header("Accept", "text/event-stream");
         if let Some(t) = &self.token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
         let r = req.call().map_err(|e| self.transport(path, e))?;
         if !r.status().is_success() {
-            return Err(self.finish(path, r).err().unwrap_or_else(|| self.transport(path, "unexpected status")));
+            return Err(self
+                .finish(path, r)
+                .err()
+                .unwrap_or_else(|| self.transport(path, "unexpected status")));
         }
         Ok(SseReader::new(r.into_body().into_reader()))
     }
 }
 
 fn ms(v: &Value) -> String {
-    v.as_u64().map_or_else(|| "-".into(), |us| format!("{:.1}ms", us as f64 / 1e3))
+    v.as_u64()
+        .map_or_else(|| "-".into(), |us| format!("{:.1}ms", us as f64 / 1e3))
 }
 
 fn s(v: &Value) -> String {
@@ -243,7 +261,9 @@ fn s(v: &Value) -> String {
 }
 
 fn uptime(v: &Value) -> String {
-    let Some(ms) = v.as_u64() else { return "-".into() };
+    let Some(ms) = v.as_u64() else {
+        return "-".into();
+    };
     let secs = ms / 1000;
     if secs >= 3600 {
         format!("{}h{:02}m", secs / 3600, secs / 60 % 60)
@@ -294,15 +314,27 @@ pub fn idds_table(v: &Value) -> String {
 
 /// The `guests` table.
 pub fn guests_table(v: &Value) -> String {
-    let mut out = format!("{:<16} {:>5} {:<8} {:<8} {}\n", "GUEST", "DOMID", "KIND", "RUNNING", "DEVICES");
+    let mut out = format!(
+        "{:<16} {:>5} {:<8} {:<8} {}\n",
+        "GUEST", "DOMID", "KIND", "RUNNING", "DEVICES"
+    );
     for g in v.as_array().into_iter().flatten() {
-        let devs: Vec<String> = g["devices"].as_array().into_iter().flatten().map(s).collect();
+        let devs: Vec<String> = g["devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
         out.push_str(&format!(
             "{:<16} {:>5} {:<8} {:<8} {}\n",
             s(&g["name"]),
             s(&g["domid"]),
             s(&g["kind"]),
-            if g["running"].as_bool() == Some(true) { "yes" } else { "no" },
+            if g["running"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
             devs.join(",")
         ));
     }
@@ -322,7 +354,11 @@ pub fn channels_table(v: &Value) -> String {
                 "sectors {}+{}{}",
                 s(&st["region_offset_sectors"]),
                 s(&st["sectors"]),
-                if st["read_only"].as_bool() == Some(true) { " ro" } else { "" }
+                if st["read_only"].as_bool() == Some(true) {
+                    " ro"
+                } else {
+                    ""
+                }
             ),
             Some("virtio-net") => format!(
                 "mac {} tx {}/{}B rx {}/{}B drop {} spoof {} credit {}",
@@ -343,7 +379,11 @@ pub fn channels_table(v: &Value) -> String {
             s(&c["idd"]),
             s(&c["guest"]),
             s(&st["kind"]),
-            if c["failed"].as_bool() == Some(true) { "yes" } else { "no" },
+            if c["failed"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
             s(&st["requests"]),
             s(&st["responses"]),
             s(&st["in_flight"]),
@@ -361,7 +401,10 @@ pub fn event_line(v: &Value) -> String {
             "{} is {}{}",
             s(&v["idd"]),
             s(&v["state"]),
-            v["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default()
+            v["reason"]
+                .as_str()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
         ),
         "recovery" => {
             let r = &v["recovery"];
@@ -397,7 +440,9 @@ mod tests {
     #[test]
     fn sse_parsing() {
         let text = ": subscribed\n\nevent: recovery\nid: 4\ndata: {\"a\":\ndata: 1}\n\n:keepalive\n\ndata: x\n\n";
-        let v: Vec<SseMessage> = SseReader::new(text.as_bytes()).map(Result::unwrap).collect();
+        let v: Vec<SseMessage> = SseReader::new(text.as_bytes())
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].event, "recovery");
         assert_eq!(v[0].id.as_deref(), Some("4"));
@@ -413,7 +458,8 @@ mod tests {
         let t = idds_table(&v);
         assert!(t.contains("idd-disk0"), "{t}");
         assert!(t.contains("1.5ms"), "{t}");
-        let line = event_line(&serde_json::json!({"seq": 1, "type": "guest_exited", "guest": "bob"}));
+        let line =
+            event_line(&serde_json::json!({"seq": 1, "type": "guest_exited", "guest": "bob"}));
         assert!(line.contains("guest bob exited"), "{line}");
         assert!(channels_table(&serde_json::json!([])).starts_with("  #"));
     }

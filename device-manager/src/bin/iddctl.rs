@@ -63,7 +63,12 @@ struct Cli {
 #[derive(Args, Clone)]
 struct Remote {
     /// The API's URL.
-    #[arg(long, global = true, env = "IDDCTL_REMOTE", default_value = "http://127.0.0.1:7480")]
+    #[arg(
+        long,
+        global = true,
+        env = "IDDCTL_REMOTE",
+        default_value = "http://127.0.0.1:7480"
+    )]
     remote: String,
     /// Bearer token.
     #[arg(long, global = true, env = "IDDCTL_TOKEN", hide_env_values = true)]
@@ -386,13 +391,20 @@ impl From<anyhow::Error> for Failure {
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
-        if let ClientError::Api { details: Some(d), .. } = &e {
+        if let ClientError::Api {
+            details: Some(d), ..
+        } = &e
+        {
             if let Some(r) = d["rendered"].as_str() {
                 eprint!("{r}");
             }
             if let Some(refusals) = d["refusals"].as_array() {
                 for r in refusals {
-                    eprintln!("refused: {}: {}", r["subject"].as_str().unwrap_or("?"), r["reason"].as_str().unwrap_or("?"));
+                    eprintln!(
+                        "refused: {}: {}",
+                        r["subject"].as_str().unwrap_or("?"),
+                        r["reason"].as_str().unwrap_or("?")
+                    );
                 }
             }
         }
@@ -412,7 +424,10 @@ fn print_policy_errors(e: &policy::LoadError, json_out: bool) {
         policy::LoadError::Invalid(errs) => {
             // One grep-able line per problem, then the full rendering with source and hints.
             for d in &errs.diagnostics {
-                eprintln!("{}:{}:{}: error: {}", errs.file, d.line, d.column, d.message);
+                eprintln!(
+                    "{}:{}:{}: error: {}",
+                    errs.file, d.line, d.column, d.message
+                );
             }
             eprint!("{}", errs.render());
         }
@@ -424,9 +439,17 @@ fn check(file: &Path, json_out: bool) -> Outcome {
     match Policy::load(file) {
         Ok(p) => {
             if json_out {
-                println!("{}", json!({ "file": file.display().to_string(), "valid": true, "devices": p.devices.len(), "guests": p.guests.len() }));
+                println!(
+                    "{}",
+                    json!({ "file": file.display().to_string(), "valid": true, "devices": p.devices.len(), "guests": p.guests.len() })
+                );
             } else {
-                println!("{}: OK ({} device(s), {} guest(s))", file.display(), p.devices.len(), p.guests.len());
+                println!(
+                    "{}: OK ({} device(s), {} guest(s))",
+                    file.display(),
+                    p.devices.len(),
+                    p.guests.len()
+                );
             }
             Ok(())
         }
@@ -443,6 +466,12 @@ fn client(r: &Remote) -> Result<Client, Failure> {
         None => None,
     };
     Ok(Client::new(&r.remote, r.token.clone(), ca.as_deref())?)
+}
+
+fn raw(r: &Remote, path: &str) -> Outcome {
+    let text = client(r)?.get_text(path)?;
+    print!("{text}");
+    Ok(())
 }
 
 fn print_json(v: &Value) {
@@ -492,7 +521,8 @@ fn devices_cmd(r: &Remote, local: bool, policy: Option<&Path>, sysfs: &Path) -> 
     if r.json {
         print_json(&list);
     } else {
-        let v: Vec<devices::PciDeviceView> = serde_json::from_value(list).map_err(anyhow::Error::from)?;
+        let v: Vec<devices::PciDeviceView> =
+            serde_json::from_value(list).map_err(anyhow::Error::from)?;
         print!("{}", devices::table(&v));
     }
     Ok(())
@@ -560,7 +590,8 @@ fn act(r: &Remote, path: &str, body: Value, wait: bool) -> Outcome {
 fn policy_cmd(r: &Remote, cmd: &PolicyCmd) -> Outcome {
     let c = client(r)?;
     let body = |f: &Path| -> Result<Value, Failure> {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         Ok(json!({ "text": text, "name": f.display().to_string() }))
     };
     let v: Value = match cmd {
@@ -580,7 +611,11 @@ fn policy_cmd(r: &Remote, cmd: &PolicyCmd) -> Outcome {
         print_json(&v);
     } else {
         let changes = v["changes"].as_array().cloned().unwrap_or_default();
-        let verb = if matches!(cmd, PolicyCmd::Apply { .. }) { "applied" } else { "valid" };
+        let verb = if matches!(cmd, PolicyCmd::Apply { .. }) {
+            "applied"
+        } else {
+            "valid"
+        };
         println!("{verb}: {} change(s)", changes.len());
         for ch in changes {
             println!("  {ch}");
@@ -590,7 +625,8 @@ fn policy_cmd(r: &Remote, cmd: &PolicyCmd) -> Outcome {
 }
 
 fn serve(a: &ServeArgs) -> Outcome {
-    let text = std::fs::read_to_string(&a.policy).with_context(|| format!("reading {}", a.policy.display()))?;
+    let text = std::fs::read_to_string(&a.policy)
+        .with_context(|| format!("reading {}", a.policy.display()))?;
     let policy = match Policy::load(&a.policy) {
         Ok(p) => p,
         Err(e) => {
@@ -602,17 +638,32 @@ fn serve(a: &ServeArgs) -> Outcome {
         Some(f) => Tokens::load(f).map_err(anyhow::Error::from)?,
         None => Tokens::none(),
     };
-    for (secret, role, name) in [(&a.admin_token, Role::Admin, "cli-admin"), (&a.read_token, Role::Read, "cli-read")] {
+    for (secret, role, name) in [
+        (&a.admin_token, Role::Admin, "cli-admin"),
+        (&a.read_token, Role::Read, "cli-read"),
+    ] {
         if let Some(secret) = secret {
-            tokens.add(Token { name: name.into(), secret: secret.clone(), role }).map_err(anyhow::Error::from)?;
+            tokens
+                .add(Token {
+                    name: name.into(),
+                    secret: secret.clone(),
+                    role,
+                })
+                .map_err(anyhow::Error::from)?;
         }
     }
-    let mut listeners = vec![Listener { addr: a.listen, tls: None }];
+    let mut listeners = vec![Listener {
+        addr: a.listen,
+        tls: None,
+    }];
     if let Some(addr) = a.remote_listen {
         let (Some(cert), Some(key)) = (a.tls_cert.clone(), a.tls_key.clone()) else {
             return Err(anyhow::anyhow!("--remote-listen needs --tls-cert and --tls-key").into());
         };
-        listeners.push(Listener { addr, tls: Some(TlsFiles { cert, key }) });
+        listeners.push(Listener {
+            addr,
+            tls: Some(TlsFiles { cert, key }),
+        });
     }
     for l in &listeners {
         api::check_listener(l, &tokens).map_err(anyhow::Error::from)?;
@@ -631,7 +682,10 @@ fn serve(a: &ServeArgs) -> Outcome {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let state = AppState { svc: svc.clone(), sysfs: a.sysfs.clone() };
+    let state = AppState {
+        svc: svc.clone(),
+        sysfs: a.sysfs.clone(),
+    };
     let router = api::router(state, Arc::new(tokens), a.body_limit);
     let r = rt.block_on(async {
         let mut servers = Vec::new();
@@ -644,10 +698,25 @@ fn serve(a: &ServeArgs) -> Outcome {
         let mut snaps = svc.watch();
         let announce = async {
             loop {
-                let done = snaps.borrow().idds.iter().all(|i| i.state != device_manager::service::IddState::Starting);
+                let done = snaps
+                    .borrow()
+                    .idds
+                    .iter()
+                    .all(|i| i.state != device_manager::service::IddState::Starting);
                 if done {
                     for i in &snaps.borrow().idds {
-                        println!("{} {}{}", i.name, serde_json::to_value(i.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(), i.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default());
+                        println!(
+                            "{} {}{}",
+                            i.name,
+                            serde_json::to_value(i.state)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default(),
+                            i.reason
+                                .as_deref()
+                                .map(|r| format!(" ({r})"))
+                                .unwrap_or_default()
+                        );
                     }
                     break;
                 }
@@ -675,7 +744,12 @@ fn serve(a: &ServeArgs) -> Outcome {
 }
 
 fn legacy(cmd: Cmd) -> Outcome {
-    if let Cmd::Nbd { policy, guest, socket } = &cmd {
+    if let Cmd::Nbd {
+        policy,
+        guest,
+        socket,
+    } = &cmd
+    {
         return match nbd(policy, guest, socket) {
             Ok(true) => Ok(()),
             Ok(false) => Err(Failure::Reported),
@@ -698,7 +772,8 @@ fn legacy(cmd: Cmd) -> Outcome {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = &cli.remote;
-    let remote_given = std::env::args().any(|a| a == "--remote" || a.starts_with("--remote=")) || std::env::var_os("IDDCTL_REMOTE").is_some();
+    let remote_given = std::env::args().any(|a| a == "--remote" || a.starts_with("--remote="))
+        || std::env::var_os("IDDCTL_REMOTE").is_some();
     let out = match cli.cmd {
         Cmd::Check { file } => check(&file, r.json),
         Cmd::Devices { policy, sysfs } => devices_cmd(r, !remote_given, policy.as_deref(), &sysfs),
@@ -707,8 +782,8 @@ fn main() -> ExitCode {
         Cmd::Idds => show(r, "/v1/idds", client::idds_table),
         Cmd::Guests => show(r, "/v1/guests", client::guests_table),
         Cmd::Channels => show(r, "/v1/channels", client::channels_table),
-        Cmd::Metrics => client(r).and_then(|c| Ok(print!("{}", c.get_text("/metrics")?))),
-        Cmd::Openapi => client(r).and_then(|c| Ok(print!("{}", c.get_text("/openapi.json")?))),
+        Cmd::Metrics => raw(r, "/metrics"),
+        Cmd::Openapi => raw(r, "/openapi.json"),
         Cmd::Inject { idd, fault, wait } => {
             let body = match &fault {
                 Fault::Corrupt { guest } => json!({ "fault": "corrupt", "guest": guest }),
@@ -717,12 +792,20 @@ fn main() -> ExitCode {
             act(r, &format!("/v1/idds/{idd}/faults"), body, wait)
         }
         Cmd::Restart { idd, wait } => act(r, &format!("/v1/idds/{idd}/restart"), json!({}), wait),
-        Cmd::Promote { device } => act(r, &format!("/v1/devices/{device}/promote"), json!({}), false),
+        Cmd::Promote { device } => act(
+            r,
+            &format!("/v1/devices/{device}/promote"),
+            json!({}),
+            false,
+        ),
         Cmd::Watch { count, until } => client(r).and_then(|c| {
             let mut n = 0u64;
             follow(c.events()?, r.json, |v| {
                 n += 1;
-                count.is_some_and(|c| n >= c) || until.as_deref().is_some_and(|u| v["type"].as_str() == Some(u))
+                count.is_some_and(|c| n >= c)
+                    || until
+                        .as_deref()
+                        .is_some_and(|u| v["type"].as_str() == Some(u))
             })
             .map(|_| ())
         }),
