@@ -172,6 +172,27 @@ fn api_err(r: Result<Value, ClientError>) -> (u16, String, Option<Value>) {
     }
 }
 
+/// Inject `body` through the API (subscribed first) and return every event type seen up to
+/// and including the recovery, and the recovery event.
+fn inject_and_recover(admin: &Client, body: Value) -> (Vec<String>, Value) {
+    let events = admin.events().unwrap();
+    let r: Value = admin.post("/v1/idds/idd-disk0/faults", &body).unwrap();
+    assert_eq!(r["result"], "accepted");
+    let mut seen = Vec::new();
+    for m in events {
+        let m = m.unwrap();
+        let v: Value = serde_json::from_str(&m.data).unwrap();
+        assert_eq!(m.event, v["type"].as_str().unwrap());
+        assert_eq!(m.id.as_deref(), Some(v["seq"].to_string().as_str()));
+        seen.push(m.event.clone());
+        if m.event == "recovery" {
+            return (seen, v);
+        }
+        assert!(seen.len() < 50, "no recovery among {seen:?}");
+    }
+    panic!("the event stream ended after {seen:?}");
+}
+
 #[test]
 fn served_api_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,25 +244,7 @@ fn served_api_end_to_end() {
 
     // A crash through the API; its recovery on the event stream, subscribed first.
     let admin = s.client(Some(ADMIN));
-    let events = admin.events().unwrap();
-    let r: Value = admin
-        .post("/v1/idds/idd-disk0/faults", &json!({"fault": "crash"}))
-        .unwrap();
-    assert_eq!(r["result"], "accepted");
-    let mut seen = Vec::new();
-    let mut recovery = None;
-    for m in events {
-        let m = m.unwrap();
-        let v: Value = serde_json::from_str(&m.data).unwrap();
-        assert_eq!(m.event, v["type"].as_str().unwrap());
-        seen.push(m.event.clone());
-        if m.event == "recovery" {
-            recovery = Some(v);
-            break;
-        }
-        assert!(seen.len() < 50, "no recovery among {seen:?}");
-    }
-    let rec = recovery.expect("the event stream ended");
+    let (seen, rec) = inject_and_recover(&admin, json!({"fault": "crash"}));
     assert!(seen.contains(&"fault_injected".to_owned()), "{seen:?}");
     assert_eq!(rec["idd"], "idd-disk0");
     assert_eq!(rec["recovery"]["seq"], 1);
@@ -280,6 +283,35 @@ fn served_api_end_to_end() {
         metrics.contains("idd_last_recovery_phase_seconds{idd=\"idd-disk0\",phase=\"spawn\"}"),
         "{metrics}"
     );
+
+    // A corrupted ring: the IDD refuses that channel, the manager resets it.
+    let (seen, rec) = inject_and_recover(&admin, json!({"fault": "corrupt", "guest": "bob"}));
+    assert!(seen.contains(&"channel_failed".to_owned()), "{seen:?}");
+    assert_eq!(rec["recovery"]["seq"], 2);
+    assert!(
+        rec["recovery"]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("channel 1"),
+        "{rec}"
+    );
+    // A hang: found by the missed heartbeat (the policy's 500 ms).
+    let (_, rec) = inject_and_recover(&admin, json!({"fault": "hang"}));
+    assert!(
+        rec["recovery"]["cause"]
+            .as_str()
+            .unwrap()
+            .starts_with("hung"),
+        "{rec}"
+    );
+    let (st, code, _) =
+        api_err(admin.post("/v1/idds/idd-disk0/faults", &json!({"fault": "corrupt"})));
+    assert_eq!((st, code.as_str()), (400, "bad_request"));
+    let (st, _, _) = api_err(admin.post(
+        "/v1/idds/idd-disk0/faults",
+        &json!({"fault": "corrupt", "guest": "mallory"}),
+    ));
+    assert_eq!(st, 404);
 
     // Policy: every error with its position; an unknown IDD; a body over the limit.
     let bad = std::fs::read_to_string(dir.path().join("policy.toml"))
@@ -345,7 +377,7 @@ fn served_api_end_to_end() {
     let out = s.iddctl(&["restart", "idd-disk0", "--wait"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("recovered #2"),
+        out.status.success() && text.contains("recovered #4"),
         "{text}"
     );
     let out = Command::new(env!("CARGO_BIN_EXE_iddctl"))

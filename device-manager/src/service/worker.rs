@@ -26,6 +26,8 @@ pub(super) struct Worker {
     seen_failed: Vec<usize>,
     exited: Vec<String>,
     pid_cache: Option<u32>,
+    /// Events waiting for the snapshot that shows their effect.
+    pending: Vec<EventKind>,
 }
 
 impl Worker {
@@ -49,6 +51,7 @@ impl Worker {
             seen_failed: Vec::new(),
             exited: Vec::new(),
             pid_cache: None,
+            pending: Vec::new(),
         }
     }
 
@@ -58,7 +61,8 @@ impl Worker {
             self.reason = reason.clone();
             if let Some(d) = managed_device(&self.policy) {
                 let idd = idd_name(&d.name);
-                self.svc.emit(EventKind::IddState { idd, state, reason });
+                self.pending
+                    .push(EventKind::IddState { idd, state, reason });
             }
         }
     }
@@ -94,6 +98,7 @@ impl Worker {
             }
         };
         self.publish(m.as_mut());
+        self.flush();
         while !self.svc.shared.stop.load(Ordering::SeqCst) {
             // Commands first: an injected fault is seen by the very next slice.
             loop {
@@ -108,6 +113,7 @@ impl Worker {
                         // Publish before answering: a client that reads right after its
                         // command sees its effect.
                         self.publish(m.as_mut());
+                        self.flush();
                         let _ = reply.send(r);
                     }
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
@@ -119,22 +125,53 @@ impl Worker {
                 }
             }
             self.publish(m.as_mut());
+            self.flush();
         }
         // Dropping the manager stops every process and domain.
         drop(m);
     }
 
+    /// Send the pending events; called right after a publish, so a client that reacts to an
+    /// event reads a snapshot that already shows it.
+    fn flush(&mut self) {
+        for k in std::mem::take(&mut self.pending) {
+            self.svc.emit(k);
+        }
+    }
+
     fn supervise(&mut self, m: &mut Manager) {
-        match m.supervise(SLICE) {
+        let result = m.supervise(SLICE);
+        let idd = managed_device(&self.policy)
+            .map(|d| idd_name(&d.name))
+            .unwrap_or_default();
+        // A refused channel is reset within the same `supervise` call: tell it first, so the
+        // stream reads cause (channel failed) before effect (recovery).
+        // The manager forgets a channel's failure once it reset it, and says so only in the
+        // recovery's cause (`channel N ring refused; ...`): take it from either.
+        let mut failed: Vec<usize> = m.failed_channels().to_vec();
+        if let Ok(Some(r)) = &result {
+            failed.extend(reset_channel_of(&r.cause));
+        }
+        for c in failed {
+            if !self.seen_failed.contains(&c) {
+                self.seen_failed.push(c);
+                self.pending.push(EventKind::ChannelFailed {
+                    idd: idd.clone(),
+                    channel: u32::try_from(c).unwrap_or(u32::MAX),
+                });
+            }
+        }
+        // A channel reset and healthy again may fail again later.
+        let still: Vec<usize> = m.failed_channels().to_vec();
+        self.seen_failed.retain(|c| still.contains(c));
+        match result {
             Ok(Some(r)) => {
                 self.proc_started = Instant::now();
                 self.pid_cache = None;
-                if let Some(d) = managed_device(&self.policy) {
-                    self.svc.emit(EventKind::Recovery {
-                        idd: idd_name(&d.name),
-                        recovery: RecoveryView::from(&r),
-                    });
-                }
+                self.pending.push(EventKind::Recovery {
+                    idd,
+                    recovery: RecoveryView::from(&r),
+                });
                 self.set_state(IddState::Running, None);
             }
             Ok(None) => {}
@@ -142,18 +179,6 @@ impl Worker {
                 IddState::Failed,
                 Some(format!("supervision gave up: {e:#}")),
             ),
-        }
-        let idd = managed_device(&self.policy)
-            .map(|d| idd_name(&d.name))
-            .unwrap_or_default();
-        for &c in m.failed_channels() {
-            if !self.seen_failed.contains(&c) {
-                self.seen_failed.push(c);
-                self.svc.emit(EventKind::ChannelFailed {
-                    idd: idd.clone(),
-                    channel: u32::try_from(c).unwrap_or(u32::MAX),
-                });
-            }
         }
     }
 
@@ -196,7 +221,7 @@ impl Worker {
                 m.inject(&fault)
                     .map_err(|e| ServiceError::Manager(format!("{e:#}")))?;
                 self.faults += 1;
-                self.svc.emit(EventKind::FaultInjected {
+                self.pending.push(EventKind::FaultInjected {
                     idd: idd.clone(),
                     fault: fault.to_string(),
                 });
@@ -241,7 +266,7 @@ impl Worker {
             text: text.to_owned(),
             policy: policy_json(&new),
         };
-        self.svc.emit(EventKind::PolicyApplied {
+        self.pending.push(EventKind::PolicyApplied {
             changes: outcome.changes.clone(),
         });
         // The manager keeps running the device and guests it started with; the new policy is
@@ -321,7 +346,7 @@ impl Worker {
             });
             if !r && g.ring.is_some() && !self.exited.contains(&g.name) {
                 self.exited.push(g.name.clone());
-                self.svc.emit(EventKind::GuestExited {
+                self.pending.push(EventKind::GuestExited {
                     guest: g.name.clone(),
                 });
             }
@@ -346,5 +371,41 @@ impl Worker {
             }
         }
         self.snap.send_replace(Arc::new(snap));
+    }
+}
+
+/// The channel a recovery reset, from its cause (`Manager::reset_channel` words it
+/// `channel N ring refused; frontend reconnected`).
+fn reset_channel_of(cause: &crate::recovery::Cause) -> Option<usize> {
+    match cause {
+        crate::recovery::Cause::Exited(how) => how
+            .strip_prefix("channel ")?
+            .split_once(' ')
+            .filter(|(_, rest)| rest.starts_with("ring refused"))?
+            .0
+            .parse()
+            .ok(),
+        crate::recovery::Cause::Hung(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recovery::Cause;
+
+    #[test]
+    fn reset_channel_from_cause() {
+        let c = Cause::Exited("channel 3 ring refused; frontend reconnected".into());
+        assert_eq!(reset_channel_of(&c), Some(3));
+        assert_eq!(reset_channel_of(&Cause::Exited("Signaled(6)".into())), None);
+        assert_eq!(
+            reset_channel_of(&Cause::Exited("channel x ring refused".into())),
+            None
+        );
+        assert_eq!(
+            reset_channel_of(&Cause::Hung(Duration::from_millis(1))),
+            None
+        );
     }
 }
