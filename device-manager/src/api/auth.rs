@@ -282,4 +282,18 @@ role = "admin"
         assert!(!same(b"abc", b"abd"));
         assert!(!same(b"abc", b"abcd"));
     }
+
+    proptest::proptest! {
+        /// Any text as a token file: an error or tokens, never a panic; any header value: a
+        /// verdict, never a panic.
+        #[test]
+        fn token_files_and_headers_never_panic(text in "[\\[\\]a-z=\"' \n]{0,200}", header in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let _ = Tokens::parse(&text, "t.toml");
+            let t = Tokens::parse(FILE, "t.toml").unwrap();
+            if let Ok(h) = HeaderValue::from_bytes(&header) {
+                let r = t.check(&Method::POST, Some(&h));
+                proptest::prop_assert!(r.is_err());
+            }
+        }
+    }
 }

@@ -463,4 +463,32 @@ mod tests {
         assert!(line.contains("guest bob exited"), "{line}");
         assert!(channels_table(&serde_json::json!([])).starts_with("  #"));
     }
+
+    proptest::proptest! {
+        /// Any bytes: the reader never panics, and every event it yields came from `data:`,
+        /// `event:` or `id:` lines.
+        #[test]
+        fn sse_reader_takes_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            for m in SseReader::new(bytes.as_slice()) {
+                let Ok(m) = m else { break };
+                proptest::prop_assert!(!m.event.is_empty());
+            }
+        }
+
+        /// Events written the way axum writes them read back the same.
+        #[test]
+        fn sse_round_trip(events in proptest::collection::vec(("[a-z_]{1,12}", 0u64..1000, "[ -~]{0,40}"), 1..8)) {
+            let mut text = String::from(": subscribed\n\n");
+            for (e, id, data) in &events {
+                text.push_str(&format!("event: {e}\nid: {id}\ndata: {data}\n\n"));
+            }
+            let got: Vec<SseMessage> = SseReader::new(text.as_bytes()).map(Result::unwrap).collect();
+            proptest::prop_assert_eq!(got.len(), events.len());
+            for (g, (e, id, data)) in got.iter().zip(&events) {
+                proptest::prop_assert_eq!(&g.event, e);
+                proptest::prop_assert_eq!(g.id.clone(), Some(id.to_string()));
+                proptest::prop_assert_eq!(&g.data, data);
+            }
+        }
+    }
 }

@@ -300,4 +300,22 @@ d"#
             assert!(ok, "bad line {line:?}");
         }
     }
+
+    proptest::proptest! {
+        /// An escaped value never ends a label early: no bare quote, no newline.
+        #[test]
+        fn escaped_values_stay_inside_their_quotes(v in "\\PC{0,40}") {
+            let e = escape(&v);
+            proptest::prop_assert!(!e.contains('\n'));
+            let mut chars = e.chars();
+            while let Some(c) = chars.next() {
+                if c == '\\' {
+                    let n = chars.next();
+                    proptest::prop_assert!(matches!(n, Some('\\' | '"' | 'n')), "{e}");
+                } else {
+                    proptest::prop_assert!(c != '"', "{e}");
+                }
+            }
+        }
+    }
 }
