@@ -63,6 +63,9 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events kept for slow subscribers before the oldest are dropped.
 pub const EVENT_BUFFER: usize = 1024;
 
+/// Past events kept for subscribers that resume after a disconnect.
+pub const EVENT_HISTORY: usize = 256;
+
 /// What the service could not do.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ServiceError {
@@ -170,6 +173,8 @@ struct Shared {
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
     seq: AtomicU64,
+    /// The last [`EVENT_HISTORY`] events, for subscribers that resume (`Last-Event-ID`).
+    history: Mutex<std::collections::VecDeque<Event>>,
 }
 
 /// A handle on the running service (cheap to clone; the last [`Service::shutdown`] or drop of
@@ -216,6 +221,7 @@ impl Service {
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
             seq: AtomicU64::new(0),
+            history: Mutex::new(std::collections::VecDeque::new()),
         });
         let svc = Self { shared };
         let worker = Worker::new(svc.clone(), policy, cfg, snap_tx, started);
@@ -242,6 +248,19 @@ impl Service {
     /// Subscribe to events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.shared.events.subscribe()
+    }
+
+    /// Subscribe, and the kept events numbered after `since` (oldest first) to replay before
+    /// the live ones. The receiver is created first, so an event is in the history, on the
+    /// receiver, or both (then skip live events with `seq` at or below the last replayed).
+    pub fn resume(&self, since: u64) -> (Vec<Event>, broadcast::Receiver<Event>) {
+        let rx = self.subscribe();
+        let past = lock(&self.shared.history)
+            .iter()
+            .filter(|e| e.seq > since)
+            .cloned()
+            .collect();
+        (past, rx)
     }
 
     /// The running policy.
@@ -282,6 +301,13 @@ impl Service {
             at_unix_ms: now_ms(),
             kind,
         };
+        {
+            let mut h = lock(&self.shared.history);
+            if h.len() == EVENT_HISTORY {
+                h.pop_front();
+            }
+            h.push_back(ev.clone());
+        }
         // No subscriber is fine.
         let _ = self.shared.events.send(ev);
     }

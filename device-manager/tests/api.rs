@@ -266,6 +266,29 @@ fn served_api_end_to_end() {
         assert!(rec["recovery"][phase].is_u64(), "{phase} in {rec}");
     }
 
+    // A late subscriber resumes from the kept events (`?since=0`: all of them), in order.
+    let mut replayed = Vec::new();
+    for m in reader.events_since(Some(0)).unwrap() {
+        let m = m.unwrap();
+        replayed.push((m.id.unwrap().parse::<u64>().unwrap(), m.event.clone()));
+        if m.event == "recovery" {
+            break;
+        }
+    }
+    assert_eq!(replayed[0].1, "idd_state", "{replayed:?}");
+    assert!(replayed.windows(2).all(|w| w[0].0 < w[1].0), "{replayed:?}");
+    assert!(
+        replayed.iter().any(|(_, t)| t == "fault_injected"),
+        "{replayed:?}"
+    );
+    // The CLI's watch, the same way.
+    let out = s.iddctl(&["watch", "--since", "0", "--until", "recovery"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("recovered #1"),
+        "{text}"
+    );
+
     // The same recovery in the IDD's view and in the metrics.
     let idd: Value = reader.get("/v1/idds/idd-disk0").unwrap();
     assert_eq!(idd["restarts"], 1);

@@ -228,7 +228,15 @@ impl Client {
 
     /// Subscribe to `/v1/events` (returns once subscribed).
     pub fn events(&self) -> Result<SseReader<impl Read>, ClientError> {
-        let path = "/v1/events";
+        self.events_since(None)
+    }
+
+    /// Subscribe, first replaying the kept events numbered after `since`.
+    pub fn events_since(&self, since: Option<u64>) -> Result<SseReader<impl Read>, ClientError> {
+        let path = &match since {
+            Some(n) => format!("/v1/events?since={n}"),
+            None => "/v1/events".to_owned(),
+        };
         let mut req = self
             .stream_agent
             .get(self.url(path))

@@ -3,8 +3,8 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -277,19 +277,44 @@ fn sse_of(r: Result<Event, BroadcastStreamRecvError>) -> Result<SseEvent, Infall
     })
 }
 
+/// Where to resume the event stream.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct EventsQuery {
+    /// Replay the kept events numbered after this one first (the last `seq` seen; the
+    /// `Last-Event-ID` header does the same, as browsers send it on reconnect).
+    pub since: Option<u64>,
+}
+
 /// Server-sent events: state changes, recoveries (with phases), faults, failed channels,
 /// exited guests, applied policies. Each SSE `event:` is the event's `type`, `id:` its `seq`,
-/// `data:` the JSON [`Event`].
-#[utoipa::path(get, path = "/v1/events", tag = "events",
+/// `data:` the JSON [`Event`]. With `?since=N` or `Last-Event-ID: N` the kept events after N
+/// (the last 256) come first.
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventsQuery),
     responses((status = 200, description = "text/event-stream of Event", content_type = "text/event-stream", body = Event)))]
 pub async fn events(
     State(st): State<AppState>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let rx = st.svc.subscribe();
+    let since = q.since.or_else(|| {
+        headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+    });
+    let (past, rx) = match since {
+        Some(n) => st.svc.resume(n),
+        None => (Vec::new(), st.svc.subscribe()),
+    };
+    let last_replayed = past.last().map_or(0, |e| e.seq);
     // A first comment line so a client knows it is subscribed before anything happens.
     let hello = tokio_stream::once(Ok(SseEvent::default().comment("subscribed")));
-    let stream = hello.chain(BroadcastStream::new(rx).map(sse_of));
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    let replay = tokio_stream::iter(past.into_iter().map(|e| sse_of(Ok(e))));
+    let live = BroadcastStream::new(rx)
+        .filter(move |r| !matches!(r, Ok(e) if e.seq <= last_replayed))
+        .map(sse_of);
+    Sse::new(hello.chain(replay).chain(live))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 /// Prometheus metrics.

@@ -19,7 +19,7 @@
 //! iddctl inject IDD crash|hang|corrupt:GUEST [--wait]   # --wait: follow until the recovery
 //! iddctl restart IDD [--wait]
 //! iddctl promote DEVICE
-//! iddctl watch [--count N] [--until TYPE]               # follow /v1/events
+//! iddctl watch [--count N] [--until TYPE] [--since N]   # follow /v1/events
 //! iddctl policy show | validate FILE | apply FILE
 //! ```
 //!
@@ -218,6 +218,9 @@ enum Cmd {
         /// Stop after the first event of this type (recovery, idd_state, ...).
         #[arg(long)]
         until: Option<String>,
+        /// First replay the kept events numbered after N (0: all kept).
+        #[arg(long)]
+        since: Option<u64>,
     },
     /// The running policy.
     #[command(subcommand)]
@@ -798,9 +801,13 @@ fn main() -> ExitCode {
             json!({}),
             false,
         ),
-        Cmd::Watch { count, until } => client(r).and_then(|c| {
+        Cmd::Watch {
+            count,
+            until,
+            since,
+        } => client(r).and_then(|c| {
             let mut n = 0u64;
-            follow(c.events()?, r.json, |v| {
+            follow(c.events_since(since)?, r.json, |v| {
                 n += 1;
                 count.is_some_and(|c| n >= c)
                     || until
