@@ -500,6 +500,41 @@ pci = "0000:00:03.0"
         assert!(t.contains("I/O Space:"), "{t}");
     }
 
+    /// The stand-in must describe exactly what the manager builds: compare with a real
+    /// virtio-blk transport over a scratch image, built the way `Manager::start` builds it.
+    #[test]
+    fn stand_in_matches_the_real_virtio_blk() {
+        use iospace::emu::virtio_blk::{BlkConfig, VirtioBlk};
+        let t = tempfile::tempdir().unwrap();
+        let blk = VirtioBlk::new(&BlkConfig {
+            path: t.path().join("d.img"),
+            size: 1 << 20,
+            read_only: false,
+            serial: "disk0".into(),
+            workers: 1,
+        })
+        .unwrap();
+        let iommu = Iommu::new(16);
+        let pci = Arc::new(VirtioPci::new(Arc::new(blk), iommu.device(), EMULATED_LINE).unwrap());
+        let bus = PciBus::new();
+        let bdf = bus.plug(EMULATED_SLOT, pci.clone()).unwrap();
+        let real = IoSpace::new(bdf, pci).unwrap();
+        let p = Policy::parse(POLICY, "p.toml").unwrap();
+        let ours = emulated(&p.devices[0]).unwrap().unwrap();
+        let h = &real.info().header;
+        assert_eq!((ours.vendor_id, ours.device_id), (h.vendor_id, h.device_id));
+        assert_eq!(
+            ours.class,
+            u32::from(h.class) << 16 | u32::from(h.subclass) << 8 | u32::from(h.prog_if)
+        );
+        assert_eq!(ours.bars, bar_views(&real.info().bars));
+        assert_eq!(ours.capabilities, cap_names(&real.info().capabilities));
+        let s = ours.io_space.unwrap();
+        assert_eq!(s.mmio_pages, real.mmio_pages().pages().count() as u64);
+        assert_eq!(s.msix_vectors, real.irqs().msix_vectors);
+        assert_eq!(s.irq_line, real.irqs().line);
+    }
+
     #[test]
     fn host_devices_from_a_fake_tree_with_passthrough_owner() {
         let t = tempfile::tempdir().unwrap();
