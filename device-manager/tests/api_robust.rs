@@ -65,8 +65,11 @@ fn env() -> &'static Env {
         let server = rt.block_on(api::spawn(router, &l)).unwrap();
         let base = server.url();
         std::mem::forget(server); // lives as long as the test binary
+        // No connection reuse: the server may close a connection whose request body it did
+        // not read (a 404 for a GET with a body), which is HTTP, not a failure.
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .max_idle_connections(0)
             .timeout_global(Some(std::time::Duration::from_secs(40)))
             .build()
             .into();
@@ -142,6 +145,7 @@ const PATHS: &[&str] = &[
     "/openapi.json",
     "/{x}",
     "/v1/{x}/{x}",
+    "/v1/events?since=x{x}",
 ];
 
 proptest! {
@@ -151,7 +155,13 @@ proptest! {
     fn random_requests_get_json_answers_and_never_500(
         method in prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
         path in prop::sample::select(PATHS.to_vec()),
-        seg in "[a-zA-Z0-9._~%-]{0,24}",
+        seg in prop_oneof![
+            "[a-zA-Z0-9._~%-]{0,24}",
+            Just("%ff".to_owned()),
+            Just("%zz".to_owned()),
+            Just("..%2f..".to_owned()),
+            Just("idd-disk0".to_owned()),
+        ],
         body in prop_oneof![
             prop::collection::vec(any::<u8>(), 0..256),
             "\\{\"(text|fault|guest|name)\": *(\"[a-z ]{0,20}\"|[0-9]{1,5}|null|\\[\\])\\}".prop_map(String::into_bytes),
@@ -162,7 +172,7 @@ proptest! {
     ) {
         let path = path.replace("{x}", if seg.is_empty() { "x" } else { &seg });
         // The events stream never ends by itself: not part of the random set.
-        prop_assume!(!path.starts_with("/v1/events"));
+        prop_assume!(!path.starts_with("/v1/events") || path.contains("since=x"));
         let (st, resp) = send(method, &path, body, ctype);
         prop_assert!(st != 500, "{method} {path}: 500 {}", String::from_utf8_lossy(&resp));
         if st >= 400 && method != "HEAD" {

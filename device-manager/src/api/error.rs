@@ -7,7 +7,8 @@
 //! their status (413 for a body over the limit).
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -151,6 +152,48 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Self(v)),
             Err(r) => Err(ApiError::from_rejection(&r)),
+        }
+    }
+}
+
+/// `Path<T>` whose rejections (bad percent-encoding, say) are [`ApiError`]s.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(Self(v)),
+            Err(r) => Err(Self::rejected(r.status(), r.body_text())),
+        }
+    }
+}
+
+impl<T> ApiPath<T> {
+    fn rejected(status: StatusCode, text: String) -> ApiError {
+        ApiError::new(
+            status,
+            if status.is_server_error() {
+                "internal"
+            } else {
+                "bad_request"
+            },
+            text,
+        )
+    }
+}
+
+/// `Query<T>` whose rejections are [`ApiError`]s.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Self(v)),
+            Err(r) => Err(ApiError::new(r.status(), "bad_request", r.body_text())),
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,7 @@ use tokio_stream::{Stream, StreamExt};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::error::{ApiError, ApiJson, ErrorBody};
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::{metrics, AppState};
 use crate::devices::{self, BarView, IoSpaceSummary, PciDeviceView};
 use crate::fault::Fault;
@@ -137,7 +137,7 @@ pub async fn list_idds(State(st): State<AppState>) -> Json<Vec<IddView>> {
     responses((status = 200, body = IddView), (status = 404, body = ErrorBody)))]
 pub async fn get_idd(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<IddView>, ApiError> {
     snapshot(&st)
         .idds
@@ -219,7 +219,7 @@ pub async fn apply_policy(
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn inject_fault(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<FaultRequest>,
 ) -> Result<(StatusCode, Json<Reply>), ApiError> {
     let fault = match (body.fault, body.guest) {
@@ -239,7 +239,7 @@ pub async fn inject_fault(
     responses((status = 202, body = Reply), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn restart_idd(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<(StatusCode, Json<Reply>), ApiError> {
     let r = st.svc.command(Command::Restart { idd: name }).await?;
     Ok((StatusCode::ACCEPTED, Json(r)))
@@ -251,7 +251,7 @@ pub async fn restart_idd(
     responses((status = 202, body = Reply), (status = 404, body = ErrorBody), (status = 501, body = ErrorBody)))]
 pub async fn promote_standby(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<(StatusCode, Json<Reply>), ApiError> {
     let r = st
         .svc
@@ -293,7 +293,7 @@ pub struct EventsQuery {
     responses((status = 200, description = "text/event-stream of Event", content_type = "text/event-stream", body = Event)))]
 pub async fn events(
     State(st): State<AppState>,
-    Query(q): Query<EventsQuery>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
     headers: HeaderMap,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let since = q.since.or_else(|| {
