@@ -26,7 +26,8 @@
 //!
 //! * Loopback by default (`127.0.0.1:7480`). [`check_listener`] refuses a non-loopback address
 //!   unless TLS (rustls) **and** tokens are configured; with tokens, every listener needs them.
-//! * Request bodies are limited ([`DEFAULT_BODY_LIMIT`]; 413 with a JSON error above it).
+//! * Request bodies are limited ([`DEFAULT_BODY_LIMIT`]; 413 with a JSON error above it);
+//!   headers must arrive within [`HEADER_READ_TIMEOUT`], at most [`MAX_HEADERS`] of them.
 //! * Every error is JSON ([`error`]); unknown paths 404, wrong methods 405, a panic in a
 //!   handler is caught and answered 500 (the manager runs in its own thread and never sees it).
 //! * Requests never reach a domain directly: every action is a [`crate::service::Command`]
@@ -183,6 +184,21 @@ impl Server {
     }
 }
 
+/// How long a client may take to send its request headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most request headers accepted.
+pub const MAX_HEADERS: usize = 64;
+
+/// Connection limits against slow or oversized clients (a client that trickles its headers
+/// is dropped after [`HEADER_READ_TIMEOUT`]; more than [`MAX_HEADERS`] headers is refused).
+fn harden(b: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>) {
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_headers(MAX_HEADERS);
+}
+
 /// Start serving `router` on `l` (within a Tokio runtime). The listener must have passed
 /// [`check_listener`].
 pub async fn spawn(router: Router, l: &Listener) -> Result<Server, ListenError> {
@@ -194,11 +210,13 @@ pub async fn spawn(router: Router, l: &Listener) -> Result<Server, ListenError> 
             let cfg = axum_server::tls_rustls::RustlsConfig::from_pem_file(&t.cert, &t.key)
                 .await
                 .map_err(ListenError::Tls)?;
-            let srv = axum_server::bind_rustls(l.addr, cfg).handle(handle.clone());
+            let mut srv = axum_server::bind_rustls(l.addr, cfg).handle(handle.clone());
+            harden(srv.http_builder());
             (tokio::spawn(async move { srv.serve(app).await }), "https")
         }
         None => {
-            let srv = axum_server::bind(l.addr).handle(handle.clone());
+            let mut srv = axum_server::bind(l.addr).handle(handle.clone());
+            harden(srv.http_builder());
             (tokio::spawn(async move { srv.serve(app).await }), "http")
         }
     };
