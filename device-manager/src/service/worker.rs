@@ -25,7 +25,8 @@ pub(super) struct Worker {
     faults: u64,
     seen_failed: Vec<usize>,
     exited: Vec<String>,
-    pid_cache: Option<u32>,
+    /// The current IDD process's pid, once looked up (`None` inside: not found).
+    pid_cache: Option<Option<u32>>,
     /// Events waiting for the snapshot that shows their effect.
     pending: Vec<EventKind>,
 }
@@ -292,13 +293,14 @@ impl Worker {
             return;
         };
         let idd = idd_name(&dev);
+        // One /proc scan per process (the process exists once it printed `ready`).
         if self.state == IddState::Running && self.pid_cache.is_none() {
-            self.pid_cache = find_idd_pid(&self.cfg.manager.idd_program);
+            self.pid_cache = Some(find_idd_pid(&self.cfg.manager.idd_program));
         }
         if let Some(v) = snap.idds.iter_mut().find(|v| v.name == idd) {
             v.domid = Some(u32::from(m.idd()));
             v.pid = if matches!(self.state, IddState::Running | IddState::Faulted) {
-                self.pid_cache
+                self.pid_cache.flatten()
             } else {
                 None
             };
