@@ -282,6 +282,21 @@ fn uptime(v: &Value) -> String {
     }
 }
 
+/// The `status` summary: one line, then the IDDs.
+pub fn status_table(v: &Value) -> String {
+    let mut out = format!(
+        "policy {}; up {} s; guests {}/{} running; channels {} ({} failed)\n",
+        v["policy"].as_str().unwrap_or("?"),
+        v["uptime_ms"].as_u64().unwrap_or(0) / 1000,
+        v["guests_running"],
+        v["guests"],
+        v["channels"],
+        v["channels_failed"]
+    );
+    out.push_str(&idds_table(&v["idds"]));
+    out
+}
+
 /// The `idds` table.
 pub fn idds_table(v: &Value) -> String {
     let mut out = format!(

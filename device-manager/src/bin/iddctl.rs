@@ -491,20 +491,6 @@ fn show(r: &Remote, path: &str, table: fn(&Value) -> String) -> Outcome {
     Ok(())
 }
 
-fn status_text(v: &Value) -> String {
-    let mut out = format!(
-        "policy {}; up {} s; guests {}/{} running; channels {} ({} failed)\n",
-        v["policy"].as_str().unwrap_or("?"),
-        v["uptime_ms"].as_u64().unwrap_or(0) / 1000,
-        v["guests_running"],
-        v["guests"],
-        v["channels"],
-        v["channels_failed"]
-    );
-    out.push_str(&client::idds_table(&v["idds"]));
-    out
-}
-
 fn devices_cmd(r: &Remote, local: bool, policy: Option<&Path>, sysfs: &Path) -> Outcome {
     let list: Value = if local {
         let p = match policy {
@@ -781,7 +767,7 @@ fn main() -> ExitCode {
         Cmd::Check { file } => check(&file, r.json),
         Cmd::Devices { policy, sysfs } => devices_cmd(r, !remote_given, policy.as_deref(), &sysfs),
         Cmd::Serve(a) => serve(&a),
-        Cmd::Status => show(r, "/v1/status", status_text),
+        Cmd::Status => show(r, "/v1/status", client::status_table),
         Cmd::Idds => show(r, "/v1/idds", client::idds_table),
         Cmd::Guests => show(r, "/v1/guests", client::guests_table),
         Cmd::Channels => show(r, "/v1/channels", client::channels_table),
