@@ -43,9 +43,12 @@
 //! reconnect protocol: the manager rewrites `backend`/`backend-id` in each frontend directory
 //! ([`toolstack::point_frontend`]), which blkfront takes as the signal to reconnect.
 
+pub mod api;
+pub mod devices;
 pub mod fault;
 pub mod manager;
 pub mod recovery;
+pub mod service;
 pub mod toolstack;
 
 /// The block size of the guests' workloads.
