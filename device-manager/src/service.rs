@@ -142,14 +142,22 @@ pub enum Reply {
 pub struct ServiceConfig {
     /// The programs and supervision settings.
     pub manager: ManagerConfig,
-    /// Arguments of every guest's program; `{seed}` becomes the guest's 1-based index.
+    /// Arguments of the program of a guest with a disk; `{seed}` becomes the guest's
+    /// 1-based index.
     pub guest_args: Vec<String>,
+    /// The program of a guest with only NICs (`net-guest`); `None`: such guests are not
+    /// started.
+    pub net_guest_program: Option<std::path::PathBuf>,
+    /// Its arguments; `{ip}` becomes the guest's address (its policy's first allowed IPv4
+    /// address, else `10.0.0.{seed}`) with a /24.
+    pub net_guest_args: Vec<String>,
     /// How long the guests have to publish their rings.
     pub connect_timeout: Duration,
 }
 
 impl ServiceConfig {
-    /// Guests run the verified block workload for a day (`blk-guest workload`).
+    /// Guests with a disk run the verified block workload for a day (`blk-guest workload`);
+    /// guests with only NICs answer pings (`net-guest echo`).
     pub fn new(manager: ManagerConfig) -> Self {
         Self {
             manager,
@@ -158,6 +166,8 @@ impl ServiceConfig {
             ]
             .map(str::to_owned)
             .to_vec(),
+            net_guest_program: crate::manager::find_program("net-guest").ok(),
+            net_guest_args: ["echo", "--ip", "{ip}"].map(str::to_owned).to_vec(),
             connect_timeout: Duration::from_secs(30),
         }
     }
@@ -204,7 +214,7 @@ impl Service {
         let started = Instant::now();
         let initial = Snapshot {
             at_unix_ms: now_ms(),
-            devices: device_views(&policy, None),
+            devices: device_views(&policy, &[]),
             idds: idd_placeholders(&policy, IddState::Starting, None),
             ..Snapshot::default()
         };
@@ -330,7 +340,7 @@ pub fn idd_name(device: &str) -> String {
     format!("idd-{device}")
 }
 
-fn device_views(p: &Policy, managed: Option<&str>) -> Vec<DeviceView> {
+fn device_views(p: &Policy, managed: &[String]) -> Vec<DeviceView> {
     p.devices
         .iter()
         .map(|d| {
@@ -362,7 +372,7 @@ fn device_views(p: &Policy, managed: Option<&str>) -> Vec<DeviceView> {
             DeviceView {
                 name: d.name.clone(),
                 kind: d.kind().as_str().to_owned(),
-                idd: (managed == Some(d.name.as_str())).then(|| idd_name(&d.name)),
+                idd: managed.contains(&d.name).then(|| idd_name(&d.name)),
                 backing,
                 size_bytes: size,
                 standby: d.standby,
@@ -371,19 +381,28 @@ fn device_views(p: &Policy, managed: Option<&str>) -> Vec<DeviceView> {
         .collect()
 }
 
-/// The device the manager runs today: the first virtio-blk (see `Manager::start`).
-fn managed_device(p: &Policy) -> Option<&policy::Device> {
-    p.devices
+/// The devices the manager runs (see `Manager::start`): the first virtio-blk, every
+/// virtio-net.
+fn managed_devices(p: &Policy) -> Vec<&policy::Device> {
+    let disk = p
+        .devices
         .iter()
-        .find(|d| matches!(d.spec, DeviceSpec::Blk { .. }))
+        .find(|d| matches!(d.spec, DeviceSpec::Blk { .. }));
+    disk.into_iter()
+        .chain(
+            p.devices
+                .iter()
+                .filter(|d| matches!(d.spec, DeviceSpec::Net { .. })),
+        )
+        .collect()
 }
 
 fn idd_placeholders(p: &Policy, state: IddState, reason: Option<String>) -> Vec<IddView> {
-    let managed = managed_device(p).map(|d| d.name.clone());
+    let managed: Vec<String> = managed_devices(p).iter().map(|d| d.name.clone()).collect();
     p.devices
         .iter()
         .map(|d| {
-            let ours = managed.as_deref() == Some(d.name.as_str());
+            let ours = managed.contains(&d.name);
             IddView {
                 name: idd_name(&d.name),
                 device: d.name.clone(),
@@ -393,7 +412,7 @@ fn idd_placeholders(p: &Policy, state: IddState, reason: Option<String>) -> Vec<
                 reason: if ours {
                     reason.clone()
                 } else {
-                    Some("this manager drives one virtio-blk device".into())
+                    Some("this manager drives one virtio-blk device (the first)".into())
                 },
                 pid: None,
                 restarts: 0,
@@ -455,42 +474,6 @@ fn change_name(c: &Change) -> String {
         .ok()
         .and_then(|v| v.get("change").and_then(|c| c.as_str()).map(str::to_owned))
         .unwrap_or_else(|| "change".into())
-}
-
-/// The IDD process's pid: a child of this process running the IDD program.
-///
-/// Stopgap until the manager exposes it (`Manager::idd_pid`): the IDD is `exec`ed directly by
-/// `hypervisor::launch`, so it is our child and its `comm` is the program's file name (the
-/// first 15 bytes). With two managers of the same program in one process this may name the
-/// other's IDD.
-fn find_idd_pid(program: &std::path::Path) -> Option<u32> {
-    let comm: String = program
-        .file_name()?
-        .to_string_lossy()
-        .chars()
-        .take(15)
-        .collect();
-    let me = std::process::id();
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses: split at the last `)`.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = &stat[open + 1..close];
-        let mut rest = stat[close + 1..].split_whitespace();
-        let state = rest.next();
-        let ppid = rest.next().and_then(|p| p.parse::<u32>().ok());
-        if name == comm && ppid == Some(me) && state != Some("Z") {
-            return Some(pid);
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -556,7 +539,7 @@ disk = [{ device = "disk0", length = "8MiB" }]
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].name, "idd-disk0");
         assert_eq!(v[0].state, IddState::Starting);
-        let d = device_views(&p, Some("disk0"));
+        let d = device_views(&p, &["disk0".to_owned()]);
         assert_eq!(d[0].idd.as_deref(), Some("idd-disk0"));
         assert_eq!(d[0].kind, "virtio-blk");
     }
@@ -575,10 +558,5 @@ disk = [{ device = "disk0", length = "8MiB" }]
         assert_eq!(v["type"], "fault_injected");
         assert_eq!(v["seq"], 3);
         assert_eq!(ev.type_name(), "fault_injected");
-    }
-
-    #[test]
-    fn no_idd_pid_for_a_program_we_did_not_start() {
-        assert_eq!(find_idd_pid(std::path::Path::new("/no/such-program")), None);
     }
 }

@@ -367,8 +367,9 @@ fn served_api_end_to_end() {
     let huge = "x".repeat(100_000);
     let (st, code, _) = api_err(admin.post("/v1/policy/validate", &json!({"text": huge})));
     assert_eq!((st, code.as_str()), (413, "payload_too_large"));
+    // A disk has no standby (only NICs with `standby = true` do).
     let (st, code, _) = api_err(admin.post("/v1/devices/disk0/promote", &json!({})));
-    assert_eq!((st, code.as_str()), (501, "not_implemented"));
+    assert_eq!((st, code.as_str()), (400, "bad_request"));
 
     // The OpenAPI document comes from the code and lists the routes.
     let doc: Value = reader.get("/openapi.json").unwrap();

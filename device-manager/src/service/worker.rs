@@ -1,4 +1,8 @@
 //! The supervision thread: owns the [`Manager`], runs commands, supervises, publishes.
+//!
+//! One manager runs every IDD of the policy (the first disk, every NIC); each IDD has its
+//! own state here. A bring-up failure or a supervision error (the restart budget exhausted)
+//! makes the whole manager unusable: every IDD is then `failed` with the reason.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -19,16 +23,42 @@ pub(super) struct Worker {
     cfg: ServiceConfig,
     snap: watch::Sender<Arc<Snapshot>>,
     started: Instant,
-    state: IddState,
-    reason: Option<String>,
-    proc_started: Instant,
-    faults: u64,
+    /// Per IDD name: its state and why.
+    states: BTreeMap<String, (IddState, Option<String>)>,
+    /// The manager failed as a whole (bring-up, or supervision gave up).
+    broken: Option<String>,
+    /// Per IDD name: faults injected through the service.
+    faults: BTreeMap<String, u64>,
     seen_failed: Vec<usize>,
     exited: Vec<String>,
-    /// The current IDD process's pid, once looked up (`None` inside: not found).
-    pid_cache: Option<Option<u32>>,
     /// Events waiting for the snapshot that shows their effect.
     pending: Vec<EventKind>,
+}
+
+/// The IDD name and device name of every device the manager runs.
+fn managed(p: &Policy) -> Vec<(String, String)> {
+    managed_devices(p)
+        .iter()
+        .map(|d| (idd_name(&d.name), d.name.clone()))
+        .collect()
+}
+
+/// The guest's address for `net-guest echo`: its first allowed IPv4 address, else
+/// `10.0.0.{seed}`, with a /24.
+fn guest_ip(g: Option<&policy::Guest>, seed: usize) -> String {
+    let first = g.and_then(|g| {
+        g.net
+            .iter()
+            .flat_map(|n| n.ips.iter())
+            .find_map(|net| match net.addr() {
+                std::net::IpAddr::V4(a) => Some(a),
+                std::net::IpAddr::V6(_) => None,
+            })
+    });
+    match first {
+        Some(a) => format!("{a}/24"),
+        None => format!("10.0.0.{}/24", seed.min(254)),
+    }
 }
 
 impl Worker {
@@ -39,32 +69,44 @@ impl Worker {
         snap: watch::Sender<Arc<Snapshot>>,
         started: Instant,
     ) -> Self {
+        let states = managed(&policy)
+            .into_iter()
+            .map(|(idd, _)| (idd, (IddState::Starting, None)))
+            .collect();
         Self {
             svc,
             policy,
             cfg,
             snap,
             started,
-            state: IddState::Starting,
-            reason: None,
-            proc_started: Instant::now(),
-            faults: 0,
+            states,
+            broken: None,
+            faults: BTreeMap::new(),
             seen_failed: Vec::new(),
             exited: Vec::new(),
-            pid_cache: None,
             pending: Vec::new(),
         }
     }
 
-    fn set_state(&mut self, state: IddState, reason: Option<String>) {
-        if self.state != state || self.reason != reason {
-            self.state = state;
-            self.reason = reason.clone();
-            if let Some(d) = managed_device(&self.policy) {
-                let idd = idd_name(&d.name);
-                self.pending
-                    .push(EventKind::IddState { idd, state, reason });
-            }
+    fn set_state(&mut self, idd: &str, state: IddState, reason: Option<String>) {
+        let entry = self
+            .states
+            .entry(idd.to_owned())
+            .or_insert((IddState::Starting, None));
+        if entry.0 != state || entry.1 != reason {
+            *entry = (state, reason.clone());
+            self.pending.push(EventKind::IddState {
+                idd: idd.to_owned(),
+                state,
+                reason,
+            });
+        }
+    }
+
+    fn set_all(&mut self, state: IddState, reason: Option<String>) {
+        let names: Vec<String> = self.states.keys().cloned().collect();
+        for n in names {
+            self.set_state(&n, state, reason.clone());
         }
     }
 
@@ -73,14 +115,28 @@ impl Worker {
         let names: Vec<String> = m.guests().iter().map(|g| g.name.clone()).collect();
         for (i, n) in names.iter().enumerate() {
             let seed = (i + 1).to_string();
-            let args: Vec<String> = self
-                .cfg
-                .guest_args
-                .iter()
-                .map(|a| a.replace("{seed}", &seed))
-                .collect();
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            m.start_guest(n, &args)?;
+            let pg = self.policy.guest(n);
+            let has_disk = pg.is_some_and(|g| !g.disk.is_empty());
+            if has_disk {
+                let args: Vec<String> = self
+                    .cfg
+                    .guest_args
+                    .iter()
+                    .map(|a| a.replace("{seed}", &seed))
+                    .collect();
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                m.start_guest(n, &args)?;
+            } else if let Some(prog) = self.cfg.net_guest_program.clone() {
+                let ip = guest_ip(pg, i + 1);
+                let args: Vec<String> = self
+                    .cfg
+                    .net_guest_args
+                    .iter()
+                    .map(|a| a.replace("{seed}", &seed).replace("{ip}", &ip))
+                    .collect();
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                m.start_guest_program(n, &prog, &args)?;
+            }
         }
         m.connect(self.cfg.connect_timeout)?;
         Ok(m)
@@ -89,12 +145,13 @@ impl Worker {
     pub(super) fn run(mut self, cmds: mpsc::Receiver<Request>) {
         let mut m = match self.bring_up() {
             Ok(m) => {
-                self.proc_started = Instant::now();
-                self.set_state(IddState::Running, None);
+                self.set_all(IddState::Running, None);
                 Some(m)
             }
             Err(e) => {
-                self.set_state(IddState::Failed, Some(format!("bring-up failed: {e:#}")));
+                let why = format!("bring-up failed: {e:#}");
+                self.broken = Some(why.clone());
+                self.set_all(IddState::Failed, Some(why));
                 None
             }
         };
@@ -103,7 +160,7 @@ impl Worker {
         while !self.svc.shared.stop.load(Ordering::SeqCst) {
             // Commands first: an injected fault is seen by the very next slice.
             loop {
-                let wait = if m.is_some() && self.state != IddState::Failed {
+                let wait = if m.is_some() && self.broken.is_none() {
                     Duration::ZERO
                 } else {
                     SLICE
@@ -121,7 +178,7 @@ impl Worker {
                 }
             }
             if let Some(mgr) = m.as_mut() {
-                if self.state != IddState::Failed {
+                if self.broken.is_none() {
                     self.supervise(mgr);
                 }
             }
@@ -142,7 +199,10 @@ impl Worker {
 
     fn supervise(&mut self, m: &mut Manager) {
         let result = m.supervise(SLICE);
-        let idd = managed_device(&self.policy)
+        // The disk's IDD is the one whose channels can be refused and reset.
+        let disk_idd = managed_devices(&self.policy)
+            .iter()
+            .find(|d| matches!(d.spec, DeviceSpec::Blk { .. }))
             .map(|d| idd_name(&d.name))
             .unwrap_or_default();
         // A refused channel is reset within the same `supervise` call: tell it first, so the
@@ -157,7 +217,7 @@ impl Worker {
             if !self.seen_failed.contains(&c) {
                 self.seen_failed.push(c);
                 self.pending.push(EventKind::ChannelFailed {
-                    idd: idd.clone(),
+                    idd: disk_idd.clone(),
                     channel: u32::try_from(c).unwrap_or(u32::MAX),
                 });
             }
@@ -167,37 +227,38 @@ impl Worker {
         self.seen_failed.retain(|c| still.contains(c));
         match result {
             Ok(Some(r)) => {
-                self.proc_started = Instant::now();
-                self.pid_cache = None;
+                let idd = idd_name(&r.device);
                 self.pending.push(EventKind::Recovery {
-                    idd,
+                    idd: idd.clone(),
                     recovery: RecoveryView::from(&r),
                 });
-                self.set_state(IddState::Running, None);
+                self.set_state(&idd, IddState::Running, None);
             }
             Ok(None) => {}
-            Err(e) => self.set_state(
-                IddState::Failed,
-                Some(format!("supervision gave up: {e:#}")),
-            ),
+            Err(e) => {
+                let why = format!("supervision gave up: {e:#}");
+                self.broken = Some(why.clone());
+                self.set_all(IddState::Failed, Some(why));
+            }
         }
     }
 
-    fn find_idd(&self, name: &str) -> Result<(), ServiceError> {
-        match managed_device(&self.policy) {
-            Some(d) if idd_name(&d.name) == name => Ok(()),
-            _ if self
-                .policy
-                .devices
-                .iter()
-                .any(|d| idd_name(&d.name) == name) =>
-            {
-                Err(ServiceError::NotImplemented(format!(
-                    "{name} is not run by this manager (one virtio-blk device today)"
-                )))
-            }
-            _ => Err(ServiceError::NotFound(format!("no IDD {name}"))),
+    /// The device of IDD `name`.
+    fn find_idd(&self, name: &str) -> Result<String, ServiceError> {
+        if let Some((_, dev)) = managed(&self.policy).into_iter().find(|(i, _)| i == name) {
+            return Ok(dev);
         }
+        if self
+            .policy
+            .devices
+            .iter()
+            .any(|d| idd_name(&d.name) == name)
+        {
+            return Err(ServiceError::NotImplemented(format!(
+                "{name} is not run by this manager (one virtio-blk device, the first, today)"
+            )));
+        }
+        Err(ServiceError::NotFound(format!("no IDD {name}")))
     }
 
     fn handle(&mut self, m: Option<&mut Manager>, cmd: Command) -> Result<Reply, ServiceError> {
@@ -207,40 +268,58 @@ impl Worker {
                 if self.policy.device(&device).is_none() {
                     return Err(ServiceError::NotFound(format!("no device {device}")));
                 }
-                Err(ServiceError::NotImplemented(
-                    "standby promotion arrives with the network slice's standby IDDs".into(),
-                ))
+                let idd = idd_name(&device);
+                self.find_idd(&idd)?;
+                let m = self.usable(m)?;
+                if !m.has_standby(&device).unwrap_or(false) {
+                    return Err(ServiceError::BadRequest(format!(
+                        "{device} has no standby ready (`standby = true` on a NIC)"
+                    )));
+                }
+                // Promotion is what the manager does when the primary fails: fail it.
+                m.inject_into(&device, &Fault::Crash)
+                    .map_err(|e| ServiceError::Manager(format!("{e:#}")))?;
+                self.set_state(
+                    &idd,
+                    IddState::Faulted,
+                    Some("standby promotion requested".into()),
+                );
+                Ok(Reply::Accepted {
+                    message: format!(
+                        "promoting {device}'s standby; recovery follows on /v1/events"
+                    ),
+                })
             }
             Command::Inject { idd, fault } => {
-                self.find_idd(&idd)?;
+                let device = self.find_idd(&idd)?;
                 let m = self.usable(m)?;
                 if let Fault::Corrupt { guest } = &fault {
                     if !m.guests().iter().any(|g| &g.name == guest) {
                         return Err(ServiceError::NotFound(format!("no guest {guest} on {idd}")));
                     }
                 }
-                m.inject(&fault)
+                m.inject_into(&device, &fault)
                     .map_err(|e| ServiceError::Manager(format!("{e:#}")))?;
-                self.faults += 1;
+                *self.faults.entry(idd.clone()).or_insert(0) += 1;
                 self.pending.push(EventKind::FaultInjected {
                     idd: idd.clone(),
                     fault: fault.to_string(),
                 });
                 if !matches!(fault, Fault::Corrupt { .. }) {
-                    self.set_state(IddState::Faulted, Some(format!("{fault} injected")));
+                    self.set_state(&idd, IddState::Faulted, Some(format!("{fault} injected")));
                 }
                 Ok(Reply::Accepted {
                     message: format!("{fault} injected into {idd}; recovery follows on /v1/events"),
                 })
             }
             Command::Restart { idd } => {
-                self.find_idd(&idd)?;
+                let device = self.find_idd(&idd)?;
                 let m = self.usable(m)?;
                 // Until the manager has a restart of its own, a restart is a crash it recovers
                 // from (the same path: revoke, respawn in the same domain, re-attach).
-                m.inject(&Fault::Crash)
+                m.inject_into(&device, &Fault::Crash)
                     .map_err(|e| ServiceError::Manager(format!("{e:#}")))?;
-                self.set_state(IddState::Faulted, Some("restart requested".into()));
+                self.set_state(&idd, IddState::Faulted, Some("restart requested".into()));
                 Ok(Reply::Accepted {
                     message: format!("{idd} is being restarted; recovery follows on /v1/events"),
                 })
@@ -249,11 +328,11 @@ impl Worker {
     }
 
     fn usable<'m>(&self, m: Option<&'m mut Manager>) -> Result<&'m mut Manager, ServiceError> {
-        match m {
-            Some(m) if self.state != IddState::Failed => Ok(m),
-            _ => Err(ServiceError::Unavailable(format!(
-                "the IDD is not running: {}",
-                self.reason.as_deref().unwrap_or("failed")
+        match (m, &self.broken) {
+            (Some(m), None) => Ok(m),
+            (_, why) => Err(ServiceError::Unavailable(format!(
+                "the IDDs are not running: {}",
+                why.as_deref().unwrap_or("failed")
             ))),
         }
     }
@@ -270,50 +349,62 @@ impl Worker {
         self.pending.push(EventKind::PolicyApplied {
             changes: outcome.changes.clone(),
         });
-        // The manager keeps running the device and guests it started with; the new policy is
-        // what the API shows and what the next start uses. Keep the running device's view.
-        let keep_running = managed_device(&self.policy).map(|d| d.name.clone());
-        if managed_device(&new).map(|d| d.name.clone()) == keep_running {
+        // The manager keeps running the devices and guests it started with; the new policy
+        // is what the API shows and what the next start uses. Keep the running devices' view.
+        if managed(&new) == managed(&self.policy) {
             self.policy = new;
         }
         Ok(Reply::Applied(outcome))
     }
 
     fn publish(&mut self, m: Option<&mut Manager>) {
-        let managed = managed_device(&self.policy).map(|d| d.name.clone());
+        let managed_names: Vec<String> =
+            managed(&self.policy).into_iter().map(|(_, d)| d).collect();
         let mut snap = Snapshot {
             at_unix_ms: now_ms(),
             uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            devices: device_views(&self.policy, managed.as_deref()),
-            idds: idd_placeholders(&self.policy, self.state, self.reason.clone()),
+            devices: device_views(&self.policy, &managed_names),
+            idds: idd_placeholders(&self.policy, IddState::Starting, None),
             ..Snapshot::default()
         };
-        let (Some(m), Some(dev)) = (m, managed) else {
+        for v in &mut snap.idds {
+            if let Some((st, why)) = self.states.get(&v.name) {
+                v.state = *st;
+                v.reason = why.clone();
+            }
+            v.faults_injected = self.faults.get(&v.name).copied().unwrap_or(0);
+        }
+        let Some(m) = m else {
             self.snap.send_replace(Arc::new(snap));
             return;
         };
-        let idd = idd_name(&dev);
-        // One /proc scan per process (the process exists once it printed `ready`).
-        if self.state == IddState::Running && self.pid_cache.is_none() {
-            self.pid_cache = Some(find_idd_pid(&self.cfg.manager.idd_program));
-        }
-        if let Some(v) = snap.idds.iter_mut().find(|v| v.name == idd) {
-            v.domid = m.idd().ok().map(u32::from);
-            v.pid = if matches!(self.state, IddState::Running | IddState::Faulted) {
-                self.pid_cache.flatten()
+        for st in m.idd_status() {
+            let name = idd_name(&st.device);
+            let Some(v) = snap.idds.iter_mut().find(|v| v.name == name) else {
+                continue;
+            };
+            let mine: Vec<&crate::recovery::Recovery> = m
+                .recoveries()
+                .iter()
+                .filter(|r| r.device == st.device)
+                .collect();
+            v.domid = Some(u32::from(st.domid));
+            v.pid = if matches!(v.state, IddState::Running | IddState::Faulted) {
+                st.pid
             } else {
                 None
             };
-            v.restarts = u32::try_from(m.recoveries().len()).unwrap_or(u32::MAX);
-            v.uptime_ms = if self.state == IddState::Running {
-                u64::try_from(self.proc_started.elapsed().as_millis()).unwrap_or(u64::MAX)
+            v.restarts = u32::try_from(mine.len()).unwrap_or(u32::MAX);
+            v.uptime_ms = if v.state == IddState::Running {
+                st.uptime_ms.unwrap_or(0)
             } else {
                 0
             };
-            v.faults_injected = self.faults;
-            v.outage_total_us = m.recoveries().iter().map(|r| us(r.outage())).sum();
-            v.last_recovery = m.recoveries().last().map(RecoveryView::from);
-            v.iommu_entries = m.iommu_entries() as u64;
+            v.outage_total_us = mine.iter().map(|r| us(r.outage())).sum();
+            v.last_recovery = mine.last().map(|r| RecoveryView::from(*r));
+            if st.kind == "blk" {
+                v.iommu_entries = m.iommu_entries() as u64;
+            }
         }
         let names: Vec<String> = m.guests().iter().map(|g| g.name.clone()).collect();
         let mut running = BTreeMap::new();
@@ -321,11 +412,8 @@ impl Worker {
             let r = m.guest_running(n).unwrap_or(false);
             running.insert(n.clone(), r);
         }
-        let failed = m.failed_channels().to_vec();
-        let mut chan = 0u32;
         for g in m.guests() {
             let r = running.get(&g.name).copied().unwrap_or(false);
-            let disk = m.disks().iter().find(|d| d.name == g.name);
             let policy_guest = self.policy.guest(&g.name);
             snap.guests.push(GuestView {
                 name: g.name.clone(),
@@ -347,34 +435,118 @@ impl Worker {
                     })
                     .unwrap_or_default(),
             });
-            let ring = disk.and_then(|d| d.ring.as_ref());
-            if !r && ring.is_some() && !self.exited.contains(&g.name) {
+            if !r && !self.exited.contains(&g.name) && self.was_started(m, &g.name) {
                 self.exited.push(g.name.clone());
                 self.pending.push(EventKind::GuestExited {
                     guest: g.name.clone(),
                 });
             }
-            if let (Some(ring), Some(d)) = (ring, disk) {
-                let idx = ring.indexes().ok();
-                snap.channels.push(ChannelView {
-                    index: chan,
-                    idd: idd.clone(),
-                    device: dev.clone(),
-                    guest: g.name.clone(),
-                    failed: failed.contains(&(chan as usize)),
-                    stats: ChannelStats::VirtioBlk(BlkChannel {
-                        region_offset_sectors: d.region.offset,
-                        sectors: d.region.sectors,
-                        read_only: d.nodes.read_only,
-                        requests: idx.map(|(req, _)| u64::from(req)),
-                        responses: idx.map(|(_, rsp)| u64::from(rsp)),
-                        in_flight: idx.map(|(req, rsp)| u64::from(req.wrapping_sub(rsp))),
-                    }),
-                });
-                chan += 1;
-            }
         }
+        disk_channels(m, &mut snap);
+        net_channels(m, &self.policy, &mut snap);
         self.snap.send_replace(Arc::new(snap));
+    }
+
+    /// Whether guest `name` has a channel (it was started and connected).
+    fn was_started(&self, m: &Manager, name: &str) -> bool {
+        m.disks().iter().any(|d| d.name == name && d.ring.is_some())
+            || m.net_devices().iter().any(|dev| {
+                m.nics(dev)
+                    .is_ok_and(|n| n.iter().any(|n| n.name == name && n.rings.is_some()))
+            })
+    }
+}
+
+/// The disk's channels: one per guest disk with a ring, read from the ring indexes.
+fn disk_channels(m: &Manager, snap: &mut Snapshot) {
+    let Some(dev) = m
+        .idd_status()
+        .into_iter()
+        .find(|s| s.kind == "blk")
+        .map(|s| s.device)
+    else {
+        return;
+    };
+    let idd = idd_name(&dev);
+    let failed = m.failed_channels().to_vec();
+    let mut chan = 0u32;
+    for d in m.disks() {
+        let Some(ring) = &d.ring else { continue };
+        let idx = ring.indexes().ok();
+        snap.channels.push(ChannelView {
+            index: chan,
+            idd: idd.clone(),
+            device: dev.clone(),
+            guest: d.name.clone(),
+            failed: failed.contains(&(chan as usize)),
+            stats: ChannelStats::VirtioBlk(BlkChannel {
+                region_offset_sectors: d.region.offset,
+                sectors: d.region.sectors,
+                read_only: d.nodes.read_only,
+                requests: idx.map(|(req, _)| u64::from(req)),
+                responses: idx.map(|(_, rsp)| u64::from(rsp)),
+                in_flight: idx.map(|(req, rsp)| u64::from(req.wrapping_sub(rsp))),
+            }),
+        });
+        chan += 1;
+    }
+}
+
+/// Each NIC's channels, with the counters of the IDD's latest heartbeat
+/// (`channels=tx=..,txb=..;...`, in channel order).
+fn net_channels(m: &Manager, policy: &Policy, snap: &mut Snapshot) {
+    for st in m.idd_status().into_iter().filter(|s| s.kind == "net") {
+        let idd = idd_name(&st.device);
+        let per_chan: Vec<BTreeMap<&str, u64>> = st
+            .last_heartbeat
+            .as_deref()
+            .and_then(|hb| hb.split(" channels=").nth(1))
+            .map(|c| {
+                c.split(';')
+                    .map(|ch| {
+                        ch.split(',')
+                            .filter_map(|kv| kv.split_once('='))
+                            .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let Ok(nics) = m.nics(&st.device) else {
+            continue;
+        };
+        let mut chan = 0usize;
+        for n in nics {
+            if n.rings.is_none() {
+                continue;
+            }
+            let c = per_chan.get(chan);
+            let get = |k: &str| c.and_then(|c| c.get(k)).copied().unwrap_or(0);
+            let share = policy
+                .guest(&n.name)
+                .and_then(|g| g.net.iter().find(|a| a.device == st.device))
+                .and_then(|a| a.share)
+                .map(|s| s.to_string());
+            snap.channels.push(ChannelView {
+                index: u32::try_from(chan).unwrap_or(u32::MAX),
+                idd: idd.clone(),
+                device: st.device.clone(),
+                guest: n.name.clone(),
+                failed: st.failed_channels.contains(&chan),
+                stats: ChannelStats::VirtioNet(NetChannel {
+                    mac: n.access.mac.to_string(),
+                    tx_packets: get("tx"),
+                    tx_bytes: get("txb"),
+                    rx_packets: get("rx"),
+                    rx_bytes: get("rxb"),
+                    drops: get("drop"),
+                    spoofed: get("spoof"),
+                    credit_waits: get("wait"),
+                    credit: share,
+                }),
+            });
+            chan += 1;
+        }
     }
 }
 
