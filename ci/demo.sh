@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The README's first command: build the demo (release) and run it on the embedded
-# process-domain hypervisor. No root, no KVM, no Xen needed. Extra arguments go to
-# channel-demo (e.g. `bash ci/demo.sh --stay`, `--requests 100000`, `--no-crash`).
+# The README's first command: build everything (release) and run `iddctl demo` on the embedded
+# process-domain hypervisor. No root, no KVM, no Xen needed. Extra arguments go to the demo
+# (`--crashes N`, `--no-wait`, `--listen ADDR`, `--dir DIR`); `bash ci/demo.sh channel [ARGS]`
+# runs the smaller device-channel demo (`channel-demo`) instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet -p idd-examples --bins
-exec target/release/channel-demo "$@"
+bash ci/setup.sh
+echo "ci/demo.sh: building (release; the first build takes a few minutes)"
+cargo build --release --quiet --workspace --bins
+if [ "${1:-}" = channel ]; then
+  shift
+  exec target/release/channel-demo "$@"
+fi
+exec target/release/iddctl demo "$@"

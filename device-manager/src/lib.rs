@@ -44,6 +44,7 @@
 //! ([`toolstack::point_frontend`]), which blkfront takes as the signal to reconnect.
 
 pub mod api;
+pub mod demo;
 pub mod devices;
 pub mod fault;
 pub mod manager;

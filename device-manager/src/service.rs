@@ -376,6 +376,7 @@ fn device_views(p: &Policy, managed: &[String]) -> Vec<DeviceView> {
                 backing,
                 size_bytes: size,
                 standby: d.standby,
+                wire: None,
             }
         })
         .collect()

@@ -1,6 +1,9 @@
 //! `iddctl`: the device manager's command line.
 //!
 //! ```text
+//! # The demo: a NIC IDD and a disk IDD, two guests, crashes, a recovery table, the API
+//! iddctl demo [--crashes N] [--listen ADDR] [--dir DIR] [--no-wait]
+//!
 //! # Local, no API needed
 //! iddctl check POLICY.toml [--json]           # every policy error with file:line:col; exit 1 if any
 //! iddctl devices [--policy P] [--sysfs DIR] [--json]   # PCI functions, host and emulated
@@ -159,6 +162,24 @@ enum PolicyCmd {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The demo (no root, no KVM): one NIC IDD and one disk IDD with two guests, traffic and
+    /// verified I/O, each IDD crashed a few times, a recovery table and a plot, then the API
+    /// stays up until Ctrl-C.
+    Demo {
+        /// Crashes per IDD.
+        #[arg(long, default_value_t = 3)]
+        crashes: u32,
+        /// Where the API listens (loopback; the client commands' default).
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        listen: std::net::SocketAddr,
+        /// Directory for the policy, image, plot and probe report (default: a new one under
+        /// ./target/demo).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Exit after the report instead of keeping the API up.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Check a policy file: every error with file:line:col and a hint; exit 1 if any.
     Check {
         /// The policy file.
@@ -758,12 +779,37 @@ fn legacy(cmd: Cmd) -> Outcome {
     }
 }
 
+fn demo(
+    crashes: u32,
+    listen: std::net::SocketAddr,
+    dir: Option<PathBuf>,
+    no_wait: bool,
+) -> Outcome {
+    if !listen.ip().is_loopback() {
+        return Err(anyhow::anyhow!("the demo's API listens on loopback only").into());
+    }
+    let opts = device_manager::demo::DemoOptions {
+        crashes: crashes.max(1),
+        listen,
+        dir,
+        no_wait,
+    };
+    device_manager::demo::run(&opts, ManagerConfig::beside_current_exe()?)?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = &cli.remote;
     let remote_given = std::env::args().any(|a| a == "--remote" || a.starts_with("--remote="))
         || std::env::var_os("IDDCTL_REMOTE").is_some();
     let out = match cli.cmd {
+        Cmd::Demo {
+            crashes,
+            listen,
+            dir,
+            no_wait,
+        } => demo(crashes, listen, dir, no_wait),
         Cmd::Check { file } => check(&file, r.json),
         Cmd::Devices { policy, sysfs } => devices_cmd(r, !remote_given, policy.as_deref(), &sysfs),
         Cmd::Serve(a) => serve(&a),

@@ -144,7 +144,8 @@ impl Idd {
             &args,
         );
         lc.iommu = Some(self.iommu.clone());
-        let mut run = hypervisor::launch::spawn_in(sys, self.domid, lc)?;
+        let mut run = hypervisor::launch::spawn_in(sys, self.domid, lc)
+            .with_context(|| format!("starting {}", self.program.display()))?;
         let (tx, rx) = channel();
         forward(&mut run, tx);
         let pid = run.child_mut().id();

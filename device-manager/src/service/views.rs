@@ -34,6 +34,8 @@ pub struct DeviceView {
     pub size_bytes: Option<u64>,
     /// A hot standby IDD is requested.
     pub standby: bool,
+    /// A NIC's UDP wire: the address its far side sends frames to (known once running).
+    pub wire: Option<String>,
 }
 
 /// An IDD's lifecycle state.

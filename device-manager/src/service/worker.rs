@@ -378,6 +378,11 @@ impl Worker {
             self.snap.send_replace(Arc::new(snap));
             return;
         };
+        for d in &mut snap.devices {
+            if let Ok(Some(addr)) = m.wire_addr(&d.name) {
+                d.wire = Some(addr.to_string());
+            }
+        }
         for st in m.idd_status() {
             let name = idd_name(&st.device);
             let Some(v) = snap.idds.iter_mut().find(|v| v.name == name) else {
