@@ -157,6 +157,18 @@ struct Request {
     ok: bool,
 }
 
+/// The `operation` a response to `raw` carries: the request's own, or for an indirect
+/// request its `indirect_op` (read or write), as Linux's blkback answers and Linux's blkfront
+/// expects (it rejects a response of operation 6; seen in the Xen testbed). In
+/// `blkif_request_indirect` the byte after `operation` is `indirect_op`.
+fn response_op(raw: &BlkifRequest) -> u8 {
+    if raw.operation == devchan::blkif::BLKIF_OP_INDIRECT {
+        raw.nr_segments
+    } else {
+        raw.operation
+    }
+}
+
 /// The block backend: channels, an elevator and a device.
 pub struct Blkback<P: Platform, D: BlockDevice> {
     platform: Arc<P>,
@@ -443,7 +455,7 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                     Refusal::Error => BlkStatus::Error,
                     Refusal::NotSupported => BlkStatus::NotSupported,
                 };
-                self.respond(chan, idx, BlkifResponse::new(raw.id, raw.operation, st));
+                self.respond(chan, idx, BlkifResponse::new(raw.id, response_op(raw), st));
                 Ok(())
             }
         }
@@ -581,7 +593,7 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
                     self.respond(
                         chan,
                         idx,
-                        BlkifResponse::new(raw.id, raw.operation, BlkStatus::Error),
+                        BlkifResponse::new(raw.id, response_op(raw), BlkStatus::Error),
                     );
                     return Ok(());
                 }
@@ -608,7 +620,7 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
             chan,
             ring_idx: idx,
             id: raw.id,
-            operation: raw.operation,
+            operation: response_op(raw),
             pins,
             stages,
             ok: true,
