@@ -1,0 +1,513 @@
+//! [`XenPlatform`]: `devchan::platform::Platform` for a userspace backend in a Xen domain.
+//!
+//! | trait operation | on Xen |
+//! |---|---|
+//! | `domid` | given (dom0: 0; read from XenStore `domid` by the program) |
+//! | `map_grant` | `/dev/xen/gntdev` map + `mmap`, unmapped on drop ([`crate::gntdev`]) |
+//! | `grant_copy` | `IOCTL_GNTDEV_GRANT_COPY`; our side is a frame of [`LocalMemory`] |
+//! | `pin_grant` / `unpin_grant` | a gntdev mapping entered in a software IOMMU (below) |
+//! | `read_local` / `write_local` | [`LocalMemory`], a tmpfs file that outlives the process |
+//! | `evtchn_*` | `/dev/xen/evtchn` ([`crate::evtchn`]) |
+//! | `alloc_shared_page`, `grant_access`, `end_access` | not provided: [`PlatformError::Link`] |
+//! | `accept_transfer`, `end_transfer`, `transfer` | not provided: [`PlatformError::Link`] |
+//!
+//! # What an IOVA is here
+//!
+//! A backend process in dom0 drives no hardware behind an IOMMU: its "device" is code in the
+//! same process (idd-blk's `FileDevice`, or an emulated virtio-blk device), and that code
+//! reaches memory only through an [`iospace::iommu::IommuDevice`]. So the platform keeps one
+//! software [`Iommu`] ([`XenPlatform::dma`] hands the device its view): `pin_grant` maps the
+//! guest's page through gntdev and enters that mapping in the IOMMU; the returned IOVA is the
+//! entry's. The device's DMA reaches the guest page through the mapping, and nothing else of
+//! the process can be named by an IOVA. The entry's `frame` is the grant reference (the guest's
+//! frame number is not visible to a backend).
+//!
+//! # Persistent grants (blkif `feature-persistent`)
+//!
+//! Mapping a grant is a hypercall plus page-table work; Linux's blkfront, when the backend
+//! offers `feature-persistent` and it agrees, reuses a fixed pool of granted pages and never
+//! revokes them while connected. With [`XenPlatform::set_persistent`] on, an unpinned grant
+//! stays mapped (and in the IOMMU, under the same IOVA) so the next pin of the same
+//! `(domain, gref)` costs a table lookup. At most `max_persistent` grants stay mapped; beyond
+//! that, the least recently used unpinned one is unmapped. With it off (a frontend without
+//! persistent grants revokes each grant after the response), an unpinned grant is unmapped at
+//! once, as the frontend's `gnttab_end_foreign_access` requires. A persistent entry mapped
+//! writable serves read-only pins too, so the device may write a page the guest granted
+//! writable even for a write request: the same trust Linux's blkback gives its persistent
+//! grants.
+//!
+//! # Granting our own pages
+//!
+//! Backends map and copy; they never grant (rings and data pages are the frontend's). Granting
+//! from userspace would need `/dev/xen/gntalloc`, and page exchange (`GNTTABOP_transfer`) is
+//! not available to a Linux userspace process at all (and Linux's netfront only uses copy:
+//! `feature-rx-copy`). These operations fail with a [`PlatformError::Link`] that says so.
+
+use crate::evtchn::Evtchn;
+use crate::gntdev::{CopySeg, CopySide, GntMapping, Gntdev};
+use crate::memory::LocalMemory;
+use devchan::grant::{status, DomId, GrantRef};
+use devchan::platform::{
+    CopyPtr, Frame, GrantCopyOp, Platform, PlatformError, Port, Result, SharedPage, TransferMode,
+};
+use iospace::iommu::{DmaPage, Iommu, IommuDevice, IommuEntry};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use vm_memory::volatile_memory::VolatileSlice;
+
+/// Linux blkback's default `max_persistent_grants`.
+pub const DEFAULT_MAX_PERSISTENT: usize = 1056;
+
+/// A page we cannot have: backends on Xen do not allocate grantable pages (see the module docs).
+#[derive(Debug)]
+pub enum NoPage {}
+
+impl SharedPage for NoPage {
+    fn as_ptr(&self) -> *mut u8 {
+        match *self {}
+    }
+    fn frame(&self) -> Frame {
+        match *self {}
+    }
+}
+
+/// A peer's page mapped through gntdev (the ring).
+#[derive(Debug)]
+pub struct XenMapping(GntMapping);
+
+impl SharedPage for XenMapping {
+    fn as_ptr(&self) -> *mut u8 {
+        self.0.as_ptr()
+    }
+    /// The grant reference (a backend cannot see the granter's frame number).
+    fn frame(&self) -> Frame {
+        Frame::from(self.0.gref())
+    }
+}
+
+/// A gntdev mapping as the IOMMU's page: volatile copies only (the guest may change it).
+struct GrantDma(GntMapping);
+
+impl DmaPage for GrantDma {
+    fn read(&self, offset: usize, buf: &mut [u8]) {
+        // The IOMMU checked that offset + len lies within the page.
+        // SAFETY: the mapping is one live page owned by `self`; the range is within it.
+        let s = unsafe { VolatileSlice::new(self.0.as_ptr().add(offset), buf.len()) };
+        s.copy_to(buf);
+    }
+    fn write(&self, offset: usize, data: &[u8]) {
+        // The IOMMU refuses writes to entries not marked writable, and only writable
+        // mappings are entered as writable.
+        // SAFETY: as in `read`; the page is mapped writable.
+        let s = unsafe { VolatileSlice::new(self.0.as_ptr().add(offset), data.len()) };
+        s.copy_from(data);
+    }
+}
+
+#[derive(Debug)]
+struct Pin {
+    iova: u64,
+    refs: u32,
+    writable: bool,
+    last_use: u64,
+}
+
+#[derive(Debug, Default)]
+struct Pins {
+    by_grant: HashMap<(DomId, GrantRef), Pin>,
+    by_iova: HashMap<u64, (DomId, GrantRef)>,
+    clock: u64,
+}
+
+/// Counters of the pin cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PinStats {
+    /// Grants currently mapped for DMA.
+    pub mapped: usize,
+    /// Of those, pinned now.
+    pub pinned: usize,
+}
+
+/// The platform on Xen's userspace devices.
+pub struct XenPlatform {
+    domid: DomId,
+    gntdev: Gntdev,
+    evtchn: Evtchn,
+    memory: LocalMemory,
+    iommu: Arc<Iommu>,
+    pins: Mutex<Pins>,
+    persistent: AtomicBool,
+    max_persistent: usize,
+}
+
+impl std::fmt::Debug for XenPlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XenPlatform")
+            .field("domid", &self.domid)
+            .field("pins", &self.pin_stats())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unsupported(what: &str) -> PlatformError {
+    PlatformError::Link(format!(
+        "{what} is not available to a userspace backend on Xen (backends map and copy the \
+         frontend's grants; they never grant or exchange pages)"
+    ))
+}
+
+fn link(e: impl std::error::Error) -> PlatformError {
+    PlatformError::Link(link_text(&e))
+}
+
+impl XenPlatform {
+    /// A platform for domain `domid` over the opened devices and memory; `iommu_pages` bounds
+    /// the IOVAs (at least `max_persistent` plus what may be pinned at once).
+    pub fn new(
+        domid: DomId,
+        gntdev: Gntdev,
+        evtchn: Evtchn,
+        memory: LocalMemory,
+        max_persistent: usize,
+    ) -> Self {
+        let max_persistent = max_persistent.max(1);
+        Self {
+            domid,
+            gntdev,
+            evtchn,
+            memory,
+            // Room for every persistent mapping plus as many pinned beyond them.
+            iommu: Iommu::new(2 * max_persistent as u64 + 64),
+            pins: Mutex::new(Pins::default()),
+            persistent: AtomicBool::new(false),
+            max_persistent,
+        }
+    }
+
+    /// The device's view of the IOMMU (what the in-process device does DMA through).
+    pub fn dma(&self) -> IommuDevice {
+        self.iommu.device()
+    }
+
+    /// Keep unpinned grants mapped (the frontend uses persistent grants) or not.
+    pub fn set_persistent(&self, on: bool) {
+        self.persistent.store(on, Ordering::Relaxed);
+        if !on {
+            let mut pins = self.lock();
+            let idle: Vec<(DomId, GrantRef)> = pins
+                .by_grant
+                .iter()
+                .filter(|(_, p)| p.refs == 0)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in idle {
+                self.drop_pin(&mut pins, k);
+            }
+        }
+    }
+
+    /// Counters of the pin cache.
+    pub fn pin_stats(&self) -> PinStats {
+        let pins = self.lock();
+        PinStats {
+            mapped: pins.by_grant.len(),
+            pinned: pins.by_grant.values().filter(|p| p.refs > 0).count(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pins> {
+        self.pins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn drop_pin(&self, pins: &mut Pins, key: (DomId, GrantRef)) {
+        if let Some(p) = pins.by_grant.remove(&key) {
+            pins.by_iova.remove(&p.iova);
+            // Removing the entry drops the last reference to the mapping: unmapped here.
+            let _ = self.iommu.unmap(p.iova);
+        }
+    }
+
+    /// Make room for one more mapping: unmap the least recently used idle one.
+    fn evict(&self, pins: &mut Pins) -> Result<()> {
+        if pins.by_grant.len() < self.max_persistent {
+            return Ok(());
+        }
+        let victim = pins
+            .by_grant
+            .iter()
+            .filter(|(_, p)| p.refs == 0)
+            .min_by_key(|(_, p)| p.last_use)
+            .map(|(k, _)| *k)
+            .ok_or(PlatformError::Exhausted("grant mappings for DMA"))?;
+        self.drop_pin(pins, victim);
+        Ok(())
+    }
+}
+
+impl Platform for XenPlatform {
+    type Page = NoPage;
+    type Mapping = XenMapping;
+
+    fn domid(&self) -> DomId {
+        self.domid
+    }
+
+    fn alloc_shared_page(&self) -> Result<NoPage> {
+        Err(unsupported("allocating a grantable page (gntalloc)"))
+    }
+
+    fn grant_access(&self, _peer: DomId, _frame: Frame, _readonly: bool) -> Result<GrantRef> {
+        Err(unsupported("granting our memory"))
+    }
+
+    fn end_access(&self, _gref: GrantRef) -> Result<()> {
+        Err(unsupported("ending a grant of ours"))
+    }
+
+    fn accept_transfer(&self, _peer: DomId, _frame: Frame) -> Result<GrantRef> {
+        Err(unsupported("page transfer (GNTTABOP_transfer)"))
+    }
+
+    fn end_transfer(&self, _gref: GrantRef) -> Result<Option<Frame>> {
+        Err(unsupported("page transfer (GNTTABOP_transfer)"))
+    }
+
+    fn map_grant(&self, peer: DomId, gref: GrantRef, readonly: bool) -> Result<XenMapping> {
+        self.gntdev.map(peer, gref, !readonly).map(XenMapping).map_err(|e| {
+            tracing::warn!(peer, gref, error = %link_text(&e), "grant map failed");
+            PlatformError::Grant(status::GENERAL_ERROR)
+        })
+    }
+
+    fn grant_copy(&self, ops: &[GrantCopyOp]) -> Result<Vec<i16>> {
+        // Local sides outside our memory fail their op with GNTST_bad_virt_addr; the rest
+        // go to the hypervisor in one batch.
+        let mut statuses = vec![status::OKAY; ops.len()];
+        let mut segs = Vec::with_capacity(ops.len());
+        let mut which = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            let side = |p: CopyPtr| -> Option<CopySide> {
+                match p {
+                    CopyPtr::Grant { domid, gref, offset } => {
+                        (usize::from(offset) + usize::from(op.len) <= 4096)
+                            .then_some(CopySide::Grant { domid, gref, offset })
+                    }
+                    CopyPtr::Local { frame, offset } => self
+                        .memory
+                        .ptr(frame, usize::from(offset), usize::from(op.len))
+                        .ok()
+                        .map(CopySide::Local),
+                }
+            };
+            match (side(op.src), side(op.dst)) {
+                (Some(src), Some(dst)) => {
+                    segs.push(CopySeg { src, dst, len: op.len });
+                    which.push(i);
+                }
+                _ => statuses[i] = status::BAD_VIRT_ADDR,
+            }
+        }
+        let got = self.gntdev.copy(&segs).map_err(link)?;
+        for (i, st) in which.into_iter().zip(got) {
+            statuses[i] = st;
+        }
+        Ok(statuses)
+    }
+
+    fn pin_grant(&self, peer: DomId, gref: GrantRef, writable: bool) -> Result<u64> {
+        let mut pins = self.lock();
+        pins.clock += 1;
+        let now = pins.clock;
+        let key = (peer, gref);
+        if let Some(p) = pins.by_grant.get_mut(&key) {
+            if p.writable || !writable {
+                p.refs += 1;
+                p.last_use = now;
+                return Ok(p.iova);
+            }
+            if p.refs > 0 {
+                return Err(PlatformError::Grant(status::PERMISSION_DENIED));
+            }
+            // Mapped read-only, idle, now wanted writable: map it again.
+            self.drop_pin(&mut pins, key);
+        }
+        self.evict(&mut pins)?;
+        // Writable first, so one mapping serves both directions; a read-only grant then
+        // fails that and is mapped read-only.
+        let mapping = match self.gntdev.map(peer, gref, true) {
+            Ok(m) => m,
+            Err(_) if !writable => self.gntdev.map(peer, gref, false).map_err(|e| {
+                tracing::debug!(peer, gref, error = %link_text(&e), "pin: map failed");
+                PlatformError::Grant(status::GENERAL_ERROR)
+            })?,
+            Err(e) => {
+                tracing::debug!(peer, gref, error = %link_text(&e), "pin: map failed");
+                return Err(PlatformError::Grant(status::GENERAL_ERROR));
+            }
+        };
+        let mapped_writable = mapping.writable();
+        let iova = self
+            .iommu
+            .map(IommuEntry {
+                domain: peer,
+                frame: Frame::from(gref),
+                writable: mapped_writable,
+                page: Arc::new(GrantDma(mapping)),
+            })
+            .map_err(|_| PlatformError::Exhausted("IOVAs"))?;
+        pins.by_grant.insert(
+            key,
+            Pin {
+                iova,
+                refs: 1,
+                writable: mapped_writable,
+                last_use: now,
+            },
+        );
+        pins.by_iova.insert(iova, key);
+        Ok(iova)
+    }
+
+    fn unpin_grant(&self, iova: u64) -> Result<()> {
+        let mut pins = self.lock();
+        let key = *pins
+            .by_iova
+            .get(&iova)
+            .ok_or(PlatformError::Grant(status::BAD_DEV_ADDR))?;
+        let persistent = self.persistent.load(Ordering::Relaxed);
+        let Some(p) = pins.by_grant.get_mut(&key) else {
+            return Err(PlatformError::Grant(status::BAD_DEV_ADDR));
+        };
+        if p.refs == 0 {
+            return Err(PlatformError::Grant(status::BAD_DEV_ADDR));
+        }
+        p.refs -= 1;
+        if p.refs == 0 && !persistent {
+            self.drop_pin(&mut pins, key);
+        }
+        Ok(())
+    }
+
+    fn transfer(&self, _frame: Frame, _peer: DomId, _gref: GrantRef) -> Result<TransferMode> {
+        Err(unsupported("page transfer (GNTTABOP_transfer)"))
+    }
+
+    fn read_local(&self, frame: Frame, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.memory
+            .read(frame, offset, buf)
+            .map_err(|_| PlatformError::BadFrame(frame))
+    }
+
+    fn write_local(&self, frame: Frame, offset: usize, data: &[u8]) -> Result<()> {
+        self.memory
+            .write(frame, offset, data)
+            .map_err(|_| PlatformError::BadFrame(frame))
+    }
+
+    fn evtchn_alloc_unbound(&self, remote: DomId) -> Result<Port> {
+        self.evtchn.bind_unbound(remote).map_err(link)
+    }
+
+    fn evtchn_bind_interdomain(&self, remote: DomId, remote_port: Port) -> Result<Port> {
+        self.evtchn
+            .bind_interdomain(remote, remote_port)
+            .map_err(|e| {
+                tracing::warn!(remote, remote_port, error = %link_text(&e), "bind failed");
+                PlatformError::BadPort(remote_port)
+            })
+    }
+
+    fn evtchn_notify(&self, port: Port) -> Result<()> {
+        self.evtchn.notify(port).map_err(|_| PlatformError::BadPort(port))
+    }
+
+    fn evtchn_unmask(&self, port: Port) -> Result<()> {
+        self.evtchn.unmask(port).map_err(|_| PlatformError::BadPort(port))
+    }
+
+    fn evtchn_close(&self, port: Port) -> Result<()> {
+        self.evtchn.unbind(port).map_err(|_| PlatformError::BadPort(port))
+    }
+
+    fn evtchn_wait(&self, timeout: Option<Duration>) -> Result<Vec<Port>> {
+        self.evtchn.wait(timeout).map_err(link)
+    }
+}
+
+/// `e` and its sources, `: `-separated.
+pub fn link_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A platform whose devices are `/dev/null` (every ioctl fails): what does not need Xen.
+    fn offline(dir: &Path) -> XenPlatform {
+        XenPlatform::new(
+            0,
+            Gntdev::open(Path::new("/dev/null")).unwrap(),
+            Evtchn::open(Path::new("/dev/null")).unwrap(),
+            LocalMemory::open(&dir.join("mem"), 4).unwrap(),
+            4,
+        )
+    }
+
+    #[test]
+    fn what_backends_cannot_do_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = offline(dir.path());
+        for e in [
+            p.alloc_shared_page().err(),
+            p.grant_access(1, 0, false).err().map(|_| unsupported("x")),
+            p.transfer(0, 1, 2).err(),
+        ] {
+            assert!(matches!(e, Some(PlatformError::Link(ref m)) if m.contains("userspace backend")));
+        }
+        assert!(p.accept_transfer(1, 0).is_err() && p.end_transfer(1).is_err());
+        assert!(p.end_access(1).is_err());
+    }
+
+    #[test]
+    fn local_memory_and_failed_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = offline(dir.path());
+        p.write_local(3, 10, b"journal").unwrap();
+        let mut b = [0u8; 7];
+        p.read_local(3, 10, &mut b).unwrap();
+        assert_eq!(&b, b"journal");
+        assert_eq!(p.write_local(4, 0, b"x"), Err(PlatformError::BadFrame(4)));
+        // gntdev ioctls fail on /dev/null: a clean grant error, nothing cached.
+        assert_eq!(p.pin_grant(1, 8, true), Err(PlatformError::Grant(status::GENERAL_ERROR)));
+        assert!(p.map_grant(1, 8, false).is_err());
+        assert_eq!(p.pin_stats(), PinStats::default());
+        assert!(p.unpin_grant(iospace::iommu::IOVA_BASE).is_err());
+        assert!(p.evtchn_notify(1).is_err());
+    }
+
+    #[test]
+    fn copies_with_a_local_side_outside_our_memory_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = offline(dir.path());
+        let op = |frame, len| GrantCopyOp {
+            src: CopyPtr::Grant { domid: 1, gref: 9, offset: 0 },
+            dst: CopyPtr::Local { frame, offset: 100 },
+            len,
+        };
+        // Every op is refused before the hypervisor: nothing reaches the (null) device.
+        let st = p.grant_copy(&[op(4, 8), op(0, 4000)]).unwrap();
+        assert_eq!(st, vec![status::BAD_VIRT_ADDR; 2]);
+        assert_eq!(p.grant_copy(&[]).unwrap(), Vec::<i16>::new());
+    }
+}
