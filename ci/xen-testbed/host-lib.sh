@@ -179,6 +179,8 @@ write_conf() {
 KVER=$KVER
 BACKEND=$BACKEND
 TEARDOWN=$TEARDOWN
+GUEST_WINDOW=$([ "$BACKEND" = ours ] && echo 170 || echo 110)
+GUEST_VERIFY_DD=$([ "$BACKEND" = ours ] && echo 1 || echo 0)
 EOF
 }
 
@@ -312,6 +314,8 @@ check_results() {
       grep -qE "TESTBED PASS ours-restarts( |$)" <<<"$clean" || missing+=(ours-restarts)
       grep -qE "TESTBED OBSERVE guest disk: [1-9][0-9]* verified I/Os ok, 0 failed, longest gap between successes [0-9.]+s$" <<<"$clean" ||
         missing+=("guest disk I/O without errors during the restarts")
+      grep -qE "TESTBED OBSERVE guest verifying dd: ([1-9][0-9]*) passes, \1 ok, 0 bad" <<<"$clean" ||
+        missing+=("every verifying dd pass correct")
     fi
   fi
   grep -q 'TESTBED-END' <<<"$clean" || missing+=("TESTBED-END (dom0 did not finish)")

@@ -32,7 +32,8 @@
 //! # stdout
 //!
 //! `ready fresh|resumed journaled=N port=P persistent=B` (`N`: requests the journal held),
-//! `first-answer ms_after_ready=T` when this process published its first response, then every 10 s
+//! `first-answer ms_after_ready=T replayed=R` when this process published its first response
+//! (`R`: journal requests re-executed by then), then every 10 s
 //! `stats consumed=C replayed=R answered=A errors=E mapped=M`. Diagnostics go to stderr.
 
 use clap::Parser;
@@ -207,12 +208,13 @@ fn run(args: Args) -> Result<(), String> {
     loop {
         back.run_once(Duration::from_millis(20))
             .map_err(|e| format!("serving: {}", chain(&e)))?;
-        if !first_answer && back.stats(0).is_some_and(|s| s.answered > 0) {
+        if let Some(s) = back.stats(0).filter(|s| !first_answer && s.answered > 0) {
             first_answer = true;
             let _ = writeln!(
                 out,
-                "first-answer ms_after_ready={}",
-                ready_at.elapsed().as_millis()
+                "first-answer ms_after_ready={} replayed={}",
+                ready_at.elapsed().as_millis(),
+                s.replayed
             );
             let _ = out.flush();
         }
