@@ -47,7 +47,12 @@ pub struct Evtchn {
     file: File,
 }
 
-fn ioctl<T>(file: &File, req: libc::c_ulong, arg: &mut T, what: &'static str) -> Result<i32, EvtchnError> {
+fn ioctl<T>(
+    file: &File,
+    req: libc::c_ulong,
+    arg: &mut T,
+    what: &'static str,
+) -> Result<i32, EvtchnError> {
     // SAFETY: every caller passes the struct whose size the request number encodes (checked
     // against the header); it lives across the call.
     let r = unsafe { libc::ioctl(file.as_raw_fd(), req, std::ptr::from_mut(arg)) };
@@ -98,7 +103,13 @@ impl Evtchn {
             remote_domain: u32::from(remote),
             remote_port,
         };
-        ioctl(&self.file, IOCTL_EVTCHN_BIND_INTERDOMAIN, &mut a, "IOCTL_EVTCHN_BIND_INTERDOMAIN").map(port_of)
+        ioctl(
+            &self.file,
+            IOCTL_EVTCHN_BIND_INTERDOMAIN,
+            &mut a,
+            "IOCTL_EVTCHN_BIND_INTERDOMAIN",
+        )
+        .map(port_of)
     }
 
     /// Allocate a port `remote` may bind to.
@@ -106,17 +117,35 @@ impl Evtchn {
         let mut a = EvtchnBindUnboundPort {
             remote_domain: u32::from(remote),
         };
-        ioctl(&self.file, IOCTL_EVTCHN_BIND_UNBOUND_PORT, &mut a, "IOCTL_EVTCHN_BIND_UNBOUND_PORT").map(port_of)
+        ioctl(
+            &self.file,
+            IOCTL_EVTCHN_BIND_UNBOUND_PORT,
+            &mut a,
+            "IOCTL_EVTCHN_BIND_UNBOUND_PORT",
+        )
+        .map(port_of)
     }
 
     /// Notify the remote end of `port`.
     pub fn notify(&self, port: Port) -> Result<(), EvtchnError> {
-        ioctl(&self.file, IOCTL_EVTCHN_NOTIFY, &mut EvtchnPort { port }, "IOCTL_EVTCHN_NOTIFY").map(|_| ())
+        ioctl(
+            &self.file,
+            IOCTL_EVTCHN_NOTIFY,
+            &mut EvtchnPort { port },
+            "IOCTL_EVTCHN_NOTIFY",
+        )
+        .map(|_| ())
     }
 
     /// Unbind `port`.
     pub fn unbind(&self, port: Port) -> Result<(), EvtchnError> {
-        ioctl(&self.file, IOCTL_EVTCHN_UNBIND, &mut EvtchnPort { port }, "IOCTL_EVTCHN_UNBIND").map(|_| ())
+        ioctl(
+            &self.file,
+            IOCTL_EVTCHN_UNBIND,
+            &mut EvtchnPort { port },
+            "IOCTL_EVTCHN_UNBIND",
+        )
+        .map(|_| ())
     }
 
     /// Unmask `port` (write its number back).

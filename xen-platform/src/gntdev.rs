@@ -109,7 +109,12 @@ impl Gntdev {
     }
 
     /// Map `gref` of `domid` (read-only unless `writable`).
-    pub fn map(&self, domid: DomId, gref: GrantRef, writable: bool) -> Result<GntMapping, GntdevError> {
+    pub fn map(
+        &self,
+        domid: DomId,
+        gref: GrantRef,
+        writable: bool,
+    ) -> Result<GntMapping, GntdevError> {
         let err = |what, source| GntdevError::Map {
             what,
             domid,
@@ -128,7 +133,10 @@ impl Gntdev {
         // the kernel reads and writes only that struct, which lives across the call.
         let r = unsafe { libc::ioctl(self.file.as_raw_fd(), IOCTL_GNTDEV_MAP_GRANT_REF, &mut req) };
         if r != 0 {
-            return Err(err("IOCTL_GNTDEV_MAP_GRANT_REF", io::Error::last_os_error()));
+            return Err(err(
+                "IOCTL_GNTDEV_MAP_GRANT_REF",
+                io::Error::last_os_error(),
+            ));
         }
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
@@ -177,7 +185,13 @@ impl Gntdev {
             pad: 0,
         };
         // SAFETY: as in `map`: the struct matches the request number and outlives the call.
-        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), IOCTL_GNTDEV_UNMAP_GRANT_REF, &mut req) };
+        let r = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                IOCTL_GNTDEV_UNMAP_GRANT_REF,
+                &mut req,
+            )
+        };
         if r != 0 {
             tracing::warn!(index, error = %io::Error::last_os_error(), "gntdev: releasing an index failed");
         }
@@ -188,7 +202,11 @@ impl Gntdev {
     /// A [`CopySide::Local`] pointer must be valid for `len` bytes (the caller's own memory).
     pub fn copy(&self, segs: &[CopySeg]) -> Result<Vec<i16>, GntdevError> {
         let side = |s: CopySide, flag: u16| match s {
-            CopySide::Grant { domid, gref, offset } => (
+            CopySide::Grant {
+                domid,
+                gref,
+                offset,
+            } => (
                 GntCopySide {
                     foreign: GntCopyForeign {
                         r#ref: gref,
@@ -218,8 +236,9 @@ impl Gntdev {
             return Ok(Vec::new());
         }
         let mut req = GntdevGrantCopy {
-            count: libc::c_uint::try_from(raw.len())
-                .map_err(|_| GntdevError::Copy(raw.len(), io::Error::from(io::ErrorKind::InvalidInput)))?,
+            count: libc::c_uint::try_from(raw.len()).map_err(|_| {
+                GntdevError::Copy(raw.len(), io::Error::from(io::ErrorKind::InvalidInput))
+            })?,
             segments: raw.as_mut_ptr(),
         };
         // SAFETY: `req` points at `raw`, which lives across the call; local sides point into

@@ -275,10 +275,13 @@ impl Platform for XenPlatform {
     }
 
     fn map_grant(&self, peer: DomId, gref: GrantRef, readonly: bool) -> Result<XenMapping> {
-        self.gntdev.map(peer, gref, !readonly).map(XenMapping).map_err(|e| {
-            tracing::warn!(peer, gref, error = %link_text(&e), "grant map failed");
-            PlatformError::Grant(status::GENERAL_ERROR)
-        })
+        self.gntdev
+            .map(peer, gref, !readonly)
+            .map(XenMapping)
+            .map_err(|e| {
+                tracing::warn!(peer, gref, error = %link_text(&e), "grant map failed");
+                PlatformError::Grant(status::GENERAL_ERROR)
+            })
     }
 
     fn grant_copy(&self, ops: &[GrantCopyOp]) -> Result<Vec<i16>> {
@@ -290,10 +293,17 @@ impl Platform for XenPlatform {
         for (i, op) in ops.iter().enumerate() {
             let side = |p: CopyPtr| -> Option<CopySide> {
                 match p {
-                    CopyPtr::Grant { domid, gref, offset } => {
-                        (usize::from(offset) + usize::from(op.len) <= 4096)
-                            .then_some(CopySide::Grant { domid, gref, offset })
-                    }
+                    CopyPtr::Grant {
+                        domid,
+                        gref,
+                        offset,
+                    } => (usize::from(offset) + usize::from(op.len) <= 4096).then_some(
+                        CopySide::Grant {
+                            domid,
+                            gref,
+                            offset,
+                        },
+                    ),
                     CopyPtr::Local { frame, offset } => self
                         .memory
                         .ptr(frame, usize::from(offset), usize::from(op.len))
@@ -303,7 +313,11 @@ impl Platform for XenPlatform {
             };
             match (side(op.src), side(op.dst)) {
                 (Some(src), Some(dst)) => {
-                    segs.push(CopySeg { src, dst, len: op.len });
+                    segs.push(CopySeg {
+                        src,
+                        dst,
+                        len: op.len,
+                    });
                     which.push(i);
                 }
                 _ => statuses[i] = status::BAD_VIRT_ADDR,
@@ -420,15 +434,21 @@ impl Platform for XenPlatform {
     }
 
     fn evtchn_notify(&self, port: Port) -> Result<()> {
-        self.evtchn.notify(port).map_err(|_| PlatformError::BadPort(port))
+        self.evtchn
+            .notify(port)
+            .map_err(|_| PlatformError::BadPort(port))
     }
 
     fn evtchn_unmask(&self, port: Port) -> Result<()> {
-        self.evtchn.unmask(port).map_err(|_| PlatformError::BadPort(port))
+        self.evtchn
+            .unmask(port)
+            .map_err(|_| PlatformError::BadPort(port))
     }
 
     fn evtchn_close(&self, port: Port) -> Result<()> {
-        self.evtchn.unbind(port).map_err(|_| PlatformError::BadPort(port))
+        self.evtchn
+            .unbind(port)
+            .map_err(|_| PlatformError::BadPort(port))
     }
 
     fn evtchn_wait(&self, timeout: Option<Duration>) -> Result<Vec<Port>> {
@@ -473,7 +493,9 @@ mod tests {
             p.grant_access(1, 0, false).err().map(|_| unsupported("x")),
             p.transfer(0, 1, 2).err(),
         ] {
-            assert!(matches!(e, Some(PlatformError::Link(ref m)) if m.contains("userspace backend")));
+            assert!(
+                matches!(e, Some(PlatformError::Link(ref m)) if m.contains("userspace backend"))
+            );
         }
         assert!(p.accept_transfer(1, 0).is_err() && p.end_transfer(1).is_err());
         assert!(p.end_access(1).is_err());
@@ -489,7 +511,10 @@ mod tests {
         assert_eq!(&b, b"journal");
         assert_eq!(p.write_local(4, 0, b"x"), Err(PlatformError::BadFrame(4)));
         // gntdev ioctls fail on /dev/null: a clean grant error, nothing cached.
-        assert_eq!(p.pin_grant(1, 8, true), Err(PlatformError::Grant(status::GENERAL_ERROR)));
+        assert_eq!(
+            p.pin_grant(1, 8, true),
+            Err(PlatformError::Grant(status::GENERAL_ERROR))
+        );
         assert!(p.map_grant(1, 8, false).is_err());
         assert_eq!(p.pin_stats(), PinStats::default());
         assert!(p.unpin_grant(iospace::iommu::IOVA_BASE).is_err());
@@ -501,7 +526,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = offline(dir.path());
         let op = |frame, len| GrantCopyOp {
-            src: CopyPtr::Grant { domid: 1, gref: 9, offset: 0 },
+            src: CopyPtr::Grant {
+                domid: 1,
+                gref: 9,
+                offset: 0,
+            },
             dst: CopyPtr::Local { frame, offset: 100 },
             len,
         };

@@ -201,19 +201,85 @@ pub fn abi_checks() -> Vec<AbiCheck> {
     off!(v, "ioctl_gntdev_grant_ref", GntdevGrantRef, "domid", domid);
     off!(v, "ioctl_gntdev_grant_ref", GntdevGrantRef, "ref", r#ref);
     size!(v, "ioctl_gntdev_map_grant_ref", GntdevMapGrantRef);
-    off!(v, "ioctl_gntdev_map_grant_ref", GntdevMapGrantRef, "count", count);
-    off!(v, "ioctl_gntdev_map_grant_ref", GntdevMapGrantRef, "index", index);
-    off!(v, "ioctl_gntdev_map_grant_ref", GntdevMapGrantRef, "refs", refs);
+    off!(
+        v,
+        "ioctl_gntdev_map_grant_ref",
+        GntdevMapGrantRef,
+        "count",
+        count
+    );
+    off!(
+        v,
+        "ioctl_gntdev_map_grant_ref",
+        GntdevMapGrantRef,
+        "index",
+        index
+    );
+    off!(
+        v,
+        "ioctl_gntdev_map_grant_ref",
+        GntdevMapGrantRef,
+        "refs",
+        refs
+    );
     size!(v, "ioctl_gntdev_unmap_grant_ref", GntdevUnmapGrantRef);
-    off!(v, "ioctl_gntdev_unmap_grant_ref", GntdevUnmapGrantRef, "index", index);
-    off!(v, "ioctl_gntdev_unmap_grant_ref", GntdevUnmapGrantRef, "count", count);
+    off!(
+        v,
+        "ioctl_gntdev_unmap_grant_ref",
+        GntdevUnmapGrantRef,
+        "index",
+        index
+    );
+    off!(
+        v,
+        "ioctl_gntdev_unmap_grant_ref",
+        GntdevUnmapGrantRef,
+        "count",
+        count
+    );
     size!(v, "ioctl_gntdev_grant_copy_segment", GntdevGrantCopySegment);
-    off!(v, "ioctl_gntdev_grant_copy_segment", GntdevGrantCopySegment, "source", source);
-    off!(v, "ioctl_gntdev_grant_copy_segment", GntdevGrantCopySegment, "dest", dest);
-    off!(v, "ioctl_gntdev_grant_copy_segment", GntdevGrantCopySegment, "len", len);
-    off!(v, "ioctl_gntdev_grant_copy_segment", GntdevGrantCopySegment, "flags", flags);
-    off!(v, "ioctl_gntdev_grant_copy_segment", GntdevGrantCopySegment, "status", status);
-    off!(v, "ioctl_gntdev_grant_copy_segment", GntdevGrantCopySegment, "source.foreign.ref", source);
+    off!(
+        v,
+        "ioctl_gntdev_grant_copy_segment",
+        GntdevGrantCopySegment,
+        "source",
+        source
+    );
+    off!(
+        v,
+        "ioctl_gntdev_grant_copy_segment",
+        GntdevGrantCopySegment,
+        "dest",
+        dest
+    );
+    off!(
+        v,
+        "ioctl_gntdev_grant_copy_segment",
+        GntdevGrantCopySegment,
+        "len",
+        len
+    );
+    off!(
+        v,
+        "ioctl_gntdev_grant_copy_segment",
+        GntdevGrantCopySegment,
+        "flags",
+        flags
+    );
+    off!(
+        v,
+        "ioctl_gntdev_grant_copy_segment",
+        GntdevGrantCopySegment,
+        "status",
+        status
+    );
+    off!(
+        v,
+        "ioctl_gntdev_grant_copy_segment",
+        GntdevGrantCopySegment,
+        "source.foreign.ref",
+        source
+    );
     v.push(AbiCheck {
         c_expr: "offsetof(struct ioctl_gntdev_grant_copy_segment, source.foreign.offset)".into(),
         ours: (offset_of!(GntdevGrantCopySegment, source) + offset_of!(GntCopyForeign, offset))
@@ -225,10 +291,28 @@ pub fn abi_checks() -> Vec<AbiCheck> {
             as u64,
     });
     size!(v, "ioctl_gntdev_grant_copy", GntdevGrantCopy);
-    off!(v, "ioctl_gntdev_grant_copy", GntdevGrantCopy, "count", count);
-    off!(v, "ioctl_gntdev_grant_copy", GntdevGrantCopy, "segments", segments);
+    off!(
+        v,
+        "ioctl_gntdev_grant_copy",
+        GntdevGrantCopy,
+        "count",
+        count
+    );
+    off!(
+        v,
+        "ioctl_gntdev_grant_copy",
+        GntdevGrantCopy,
+        "segments",
+        segments
+    );
     size!(v, "ioctl_evtchn_bind_interdomain", EvtchnBindInterdomain);
-    off!(v, "ioctl_evtchn_bind_interdomain", EvtchnBindInterdomain, "remote_port", remote_port);
+    off!(
+        v,
+        "ioctl_evtchn_bind_interdomain",
+        EvtchnBindInterdomain,
+        "remote_port",
+        remote_port
+    );
     size!(v, "ioctl_evtchn_bind_unbound_port", EvtchnBindUnboundPort);
     size!(v, "ioctl_evtchn_unbind", EvtchnPort);
     size!(v, "ioctl_evtchn_notify", EvtchnPort);
@@ -236,16 +320,25 @@ pub fn abi_checks() -> Vec<AbiCheck> {
         ("IOCTL_GNTDEV_MAP_GRANT_REF", IOCTL_GNTDEV_MAP_GRANT_REF),
         ("IOCTL_GNTDEV_UNMAP_GRANT_REF", IOCTL_GNTDEV_UNMAP_GRANT_REF),
         ("IOCTL_GNTDEV_GRANT_COPY", IOCTL_GNTDEV_GRANT_COPY),
-        ("IOCTL_EVTCHN_BIND_INTERDOMAIN", IOCTL_EVTCHN_BIND_INTERDOMAIN),
-        ("IOCTL_EVTCHN_BIND_UNBOUND_PORT", IOCTL_EVTCHN_BIND_UNBOUND_PORT),
+        (
+            "IOCTL_EVTCHN_BIND_INTERDOMAIN",
+            IOCTL_EVTCHN_BIND_INTERDOMAIN,
+        ),
+        (
+            "IOCTL_EVTCHN_BIND_UNBOUND_PORT",
+            IOCTL_EVTCHN_BIND_UNBOUND_PORT,
+        ),
         ("IOCTL_EVTCHN_UNBIND", IOCTL_EVTCHN_UNBIND),
         ("IOCTL_EVTCHN_NOTIFY", IOCTL_EVTCHN_NOTIFY),
-        ("GNTCOPY_source_gref", u64::from(GNTCOPY_SOURCE_GREF) as libc::c_ulong),
-        ("GNTCOPY_dest_gref", u64::from(GNTCOPY_DEST_GREF) as libc::c_ulong),
+        (
+            "GNTCOPY_source_gref",
+            libc::c_ulong::from(GNTCOPY_SOURCE_GREF),
+        ),
+        ("GNTCOPY_dest_gref", libc::c_ulong::from(GNTCOPY_DEST_GREF)),
     ] {
         v.push(AbiCheck {
             c_expr: c.to_string(),
-            ours: u64::from(ours),
+            ours,
         });
     }
     v

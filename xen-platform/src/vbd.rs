@@ -95,7 +95,10 @@ fn number(key: &'static str, v: Option<&str>, max: u64) -> Result<u64, VbdError>
     if t.is_empty() || t.len() > 20 || !t.bytes().all(|b| b.is_ascii_digit()) {
         return Err(VbdError::Frontend {
             key,
-            why: format!("not a decimal number: {:?}", v.chars().take(32).collect::<String>()),
+            why: format!(
+                "not a decimal number: {:?}",
+                v.chars().take(32).collect::<String>()
+            ),
         });
     }
     t.parse::<u64>()
@@ -225,8 +228,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn parse(keys: &[(&str, &str)]) -> Result<FrontendRing, VbdError> {
-        let m: HashMap<String, String> =
-            keys.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = keys
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         FrontendRing::parse(&mut |k| m.get(k).cloned())
     }
 
@@ -247,7 +252,11 @@ mod tests {
                 persistent: true
             }
         );
-        assert!(!parse(&[("ring-ref0", "8"), ("event-channel", "5")]).unwrap().persistent);
+        assert!(
+            !parse(&[("ring-ref0", "8"), ("event-channel", "5")])
+                .unwrap()
+                .persistent
+        );
         assert_eq!(
             VbdPaths::new(0, 3, 51712).back,
             "/local/domain/0/backend/vbd/3/51712"
@@ -261,10 +270,26 @@ mod tests {
             vec![("ring-ref", "8")],
             vec![("ring-ref", "-8"), ("event-channel", "5")],
             vec![("ring-ref", "99999999999"), ("event-channel", "5")],
-            vec![("ring-ref", "8"), ("event-channel", "5"), ("protocol", "x86_32-abi")],
-            vec![("ring-ref", "8"), ("event-channel", "5"), ("ring-page-order", "2")],
-            vec![("ring-ref", "8"), ("event-channel", "5"), ("multi-queue-num-queues", "4")],
-            vec![("ring-ref", "8"), ("event-channel", "5"), ("feature-persistent", "2")],
+            vec![
+                ("ring-ref", "8"),
+                ("event-channel", "5"),
+                ("protocol", "x86_32-abi"),
+            ],
+            vec![
+                ("ring-ref", "8"),
+                ("event-channel", "5"),
+                ("ring-page-order", "2"),
+            ],
+            vec![
+                ("ring-ref", "8"),
+                ("event-channel", "5"),
+                ("multi-queue-num-queues", "4"),
+            ],
+            vec![
+                ("ring-ref", "8"),
+                ("event-channel", "5"),
+                ("feature-persistent", "2"),
+            ],
         ] {
             assert!(parse(&bad).is_err(), "{bad:?}");
         }

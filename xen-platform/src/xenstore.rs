@@ -74,7 +74,10 @@ impl Header {
     /// The 16 wire bytes.
     pub fn encode(self) -> [u8; 16] {
         let mut b = [0u8; 16];
-        for (i, v) in [self.ty, self.req_id, self.tx_id, self.len].into_iter().enumerate() {
+        for (i, v) in [self.ty, self.req_id, self.tx_id, self.len]
+            .into_iter()
+            .enumerate()
+        {
             b[4 * i..4 * i + 4].copy_from_slice(&v.to_ne_bytes());
         }
         b
@@ -124,7 +127,13 @@ impl XenStore {
         }
     }
 
-    fn request(&mut self, ty: u32, op: &'static str, path: &str, payload: &[u8]) -> Result<Vec<u8>, XenStoreError> {
+    fn request(
+        &mut self,
+        ty: u32,
+        op: &'static str,
+        path: &str,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, XenStoreError> {
         if payload.len() > PAYLOAD_MAX {
             return Err(XenStoreError::TooLong(payload.len()));
         }
@@ -147,7 +156,9 @@ impl XenStore {
             let rh = Header::decode(&hb);
             let len = rh.len as usize;
             if len > PAYLOAD_MAX {
-                return Err(XenStoreError::Malformed("payload longer than XENSTORE_PAYLOAD_MAX"));
+                return Err(XenStoreError::Malformed(
+                    "payload longer than XENSTORE_PAYLOAD_MAX",
+                ));
             }
             let mut body = vec![0u8; len];
             self.conn.read_exact(&mut body)?;
@@ -227,7 +238,12 @@ mod tests {
                 let nul = body.iter().position(|&c| c == 0).unwrap();
                 let path = String::from_utf8(body[..nul].to_vec()).unwrap();
                 // A stray watch event first, which the client must skip.
-                let ev = Header { ty: XS_WATCH_EVENT, req_id: 0, tx_id: 0, len: 2 };
+                let ev = Header {
+                    ty: XS_WATCH_EVENT,
+                    req_id: 0,
+                    tx_id: 0,
+                    len: 2,
+                };
                 b.write_all(&ev.encode()).unwrap();
                 b.write_all(b"a\0").unwrap();
                 let (ty, reply) = match h.ty {
@@ -241,7 +257,12 @@ mod tests {
                     }
                     _ => (XS_ERROR, b"EINVAL\0".to_vec()),
                 };
-                let rh = Header { ty, req_id: h.req_id, tx_id: 0, len: reply.len() as u32 };
+                let rh = Header {
+                    ty,
+                    req_id: h.req_id,
+                    tx_id: 0,
+                    len: u32::try_from(reply.len()).unwrap(),
+                };
                 b.write_all(&rh.encode()).unwrap();
                 b.write_all(&reply).unwrap();
             }
@@ -270,11 +291,19 @@ mod tests {
             let h = Header::decode(&hb);
             let mut body = vec![0u8; h.len as usize];
             b.read_exact(&mut body).unwrap();
-            let rh = Header { ty: XS_READ, req_id: h.req_id, tx_id: 0, len: 1 << 20 };
+            let rh = Header {
+                ty: XS_READ,
+                req_id: h.req_id,
+                tx_id: 0,
+                len: 1 << 20,
+            };
             b.write_all(&rh.encode()).unwrap();
         });
         assert!(matches!(xs.read("/x"), Err(XenStoreError::Malformed(_))));
-        assert!(matches!(xs.write("/x", &"v".repeat(5000)), Err(XenStoreError::TooLong(_))));
+        assert!(matches!(
+            xs.write("/x", &"v".repeat(5000)),
+            Err(XenStoreError::TooLong(_))
+        ));
     }
 
     proptest! {

@@ -22,7 +22,12 @@ fn ioctl_layouts_match_the_linux_xen_headers() {
     }
     c.push_str("int main(void) {\n");
     for chk in &checks {
-        writeln!(c, "  printf(\"%llu\\n\", (unsigned long long)({}));", chk.c_expr).unwrap();
+        writeln!(
+            c,
+            "  printf(\"%llu\\n\", (unsigned long long)({}));",
+            chk.c_expr
+        )
+        .unwrap();
     }
     c.push_str("  return 0;\n}\n");
     let dir = tempfile::tempdir().unwrap();
@@ -51,8 +56,16 @@ fn ioctl_layouts_match_the_linux_xen_headers() {
         .iter()
         .zip(&values)
         .filter(|(chk, theirs)| chk.ours != **theirs)
-        .map(|(chk, theirs)| format!("{}: the header says {theirs}, we say {}", chk.c_expr, chk.ours))
+        .map(|(chk, theirs)| {
+            format!(
+                "{}: the header says {theirs}, we say {}",
+                chk.c_expr, chk.ours
+            )
+        })
         .collect();
     assert!(bad.is_empty(), "ABI mismatches:\n{}", bad.join("\n"));
-    eprintln!("{} ioctl ABI checks against the Linux Xen headers passed", checks.len());
+    eprintln!(
+        "{} ioctl ABI checks against the Linux Xen headers passed",
+        checks.len()
+    );
 }

@@ -35,6 +35,10 @@ fn guest_disk_through_our_backend_survives_its_restarts() {
     if stdout.lines().any(|l| l.starts_with("SKIPPED:")) {
         return;
     }
-    assert!(out.status.success(), "ci/xen-testbed.sh failed: {}", out.status);
+    assert!(
+        out.status.success(),
+        "ci/xen-testbed.sh failed: {}",
+        out.status
+    );
     assert!(stdout.contains("xen-testbed: PASS (BACKEND=ours"));
 }

@@ -138,13 +138,20 @@ fn run(args: Args) -> Result<(), String> {
 
     // 1. XenStore handshake (or find it done: a restart).
     let ours = vbd::advertise(&mut xs, &paths, sectors, args.read_only).map_err(|e| chain(&e))?;
-    eprintln!("xen-blkback: domain {domid}, {} ({sectors} sectors), backend state {}", paths.back, ours.name());
+    eprintln!(
+        "xen-blkback: domain {domid}, {} ({sectors} sectors), backend state {}",
+        paths.back,
+        ours.name()
+    );
     let mut waited = Instant::now();
     loop {
         match vbd::state(&mut xs, &paths.front).map_err(|e| chain(&e))? {
             XenbusState::Initialised | XenbusState::Connected => break,
             s if waited.elapsed() > Duration::from_secs(30) => {
-                eprintln!("xen-blkback: still waiting for the frontend (state {})", s.name());
+                eprintln!(
+                    "xen-blkback: still waiting for the frontend (state {})",
+                    s.name()
+                );
                 waited = Instant::now();
             }
             _ => {}
@@ -164,7 +171,7 @@ fn run(args: Args) -> Result<(), String> {
         journal_frame: JOURNAL_FIRST_FRAME,
     };
     if !inherited {
-        rebind_journal_port(&*platform, &cfg)?;
+        rebind_journal_port(&platform, &cfg)?;
     }
     // Requests the journal holds (consumed, not known answered): what the attach replays,
     // less any whose response turns out to be published.
@@ -183,8 +190,13 @@ fn run(args: Args) -> Result<(), String> {
             scratch_frame: SCRATCH_FRAME,
         },
     );
-    back.attach(cfg)
-        .map_err(|e| format!("attaching to domain {}'s ring: {}", args.frontend, chain(&e)))?;
+    back.attach(cfg).map_err(|e| {
+        format!(
+            "attaching to domain {}'s ring: {}",
+            args.frontend,
+            chain(&e)
+        )
+    })?;
     let port = back.port(0).unwrap_or(0);
     // A previous process may have died between taking an event and unmasking the port.
     let _ = platform.evtchn_unmask(port);
@@ -228,7 +240,10 @@ fn run(args: Args) -> Result<(), String> {
                 Ok(XenbusState::Closing | XenbusState::Closed)
             ) {
                 eprintln!("xen-blkback: the frontend is closing; closing");
-                let _ = xs.write(&format!("{}/state", paths.back), &XenbusState::Closed.to_xenstore());
+                let _ = xs.write(
+                    &format!("{}/state", paths.back),
+                    &XenbusState::Closed.to_xenstore(),
+                );
                 return Ok(());
             }
         }
