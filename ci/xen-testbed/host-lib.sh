@@ -179,8 +179,9 @@ write_conf() {
 KVER=$KVER
 BACKEND=$BACKEND
 TEARDOWN=$TEARDOWN
-GUEST_WINDOW=$([ "$BACKEND" = ours ] && echo 170 || echo 110)
+GUEST_WINDOW=$([ "$BACKEND" = ours ] && echo 200 || echo 110)
 GUEST_VERIFY_DD=$([ "$BACKEND" = ours ] && echo 1 || echo 0)
+GUEST_PEER_DISK=$([ "$BACKEND" = ours ] && echo 1 || echo 0)
 EOF
 }
 
