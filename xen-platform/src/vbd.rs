@@ -169,8 +169,8 @@ pub fn state(xs: &mut XenStore, dir: &str) -> Result<XenbusState, VbdError> {
         .unwrap_or(XenbusState::Unknown))
 }
 
-/// Write our features (idempotent; the same values on every start) and, unless we are
-/// already Connected (a restart), InitWait.
+/// Write our features and InitWait, unless we are already Connected (a restart: the
+/// features are there and nothing may change under the connected frontend). Returns our state.
 pub fn advertise(
     xs: &mut XenStore,
     paths: &VbdPaths,
@@ -178,6 +178,10 @@ pub fn advertise(
     read_only: bool,
 ) -> Result<XenbusState, VbdError> {
     let b = &paths.back;
+    let ours = state(xs, b)?;
+    if ours == XenbusState::Connected {
+        return Ok(ours);
+    }
     let info = if read_only { VDISK_READONLY } else { 0 };
     for (k, v) in [
         ("sectors", sectors.to_string()),
@@ -188,12 +192,8 @@ pub fn advertise(
     ] {
         xs.write(&format!("{b}/{k}"), &v)?;
     }
-    let ours = state(xs, b)?;
-    if ours != XenbusState::Connected {
-        xs.write(&format!("{b}/state"), &XenbusState::InitWait.to_xenstore())?;
-        return Ok(XenbusState::InitWait);
-    }
-    Ok(ours)
+    xs.write(&format!("{b}/state"), &XenbusState::InitWait.to_xenstore())?;
+    Ok(XenbusState::InitWait)
 }
 
 /// Read what the frontend published.
@@ -293,6 +293,38 @@ mod tests {
         ] {
             assert!(parse(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn advertise_then_connect_and_a_restart_writes_nothing() {
+        let mut xs = crate::xenstore::testing::fake();
+        let p = VbdPaths::new(0, 3, 51712);
+        assert_eq!(
+            advertise(&mut xs, &p, 2048, true).unwrap(),
+            XenbusState::InitWait
+        );
+        let get = |xs: &mut XenStore, k: &str| xs.read(&format!("{}/{k}", p.back)).unwrap();
+        assert_eq!(get(&mut xs, "sectors").as_deref(), Some("2048"));
+        assert_eq!(get(&mut xs, "info").as_deref(), Some("4"));
+        assert_eq!(get(&mut xs, "feature-persistent").as_deref(), Some("1"));
+        assert_eq!(get(&mut xs, "state").as_deref(), Some("2"));
+        for (k, v) in [("ring-ref", "9"), ("event-channel", "7"), ("state", "3")] {
+            xs.write(&format!("{}/{k}", p.front), v).unwrap();
+        }
+        assert_eq!(state(&mut xs, &p.front).unwrap(), XenbusState::Initialised);
+        let ring = frontend_ring(&mut xs, &p).unwrap();
+        assert_eq!(
+            (ring.ring_ref, ring.event_channel, ring.persistent),
+            (9, 7, false)
+        );
+        connect(&mut xs, &p).unwrap();
+        // A restarted backend: Connected stays, and different features are not written.
+        assert_eq!(
+            advertise(&mut xs, &p, 1, false).unwrap(),
+            XenbusState::Connected
+        );
+        assert_eq!(get(&mut xs, "sectors").as_deref(), Some("2048"));
+        assert_eq!(get(&mut xs, "state").as_deref(), Some("4"));
     }
 
     proptest! {

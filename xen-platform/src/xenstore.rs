@@ -215,15 +215,15 @@ impl XenStore {
     }
 }
 
+/// An in-memory xenstored for the tests of this crate.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use proptest::prelude::*;
     use std::collections::BTreeMap;
     use std::thread;
 
     /// A tiny in-memory xenstored on the other end of a socket pair.
-    fn fake() -> XenStore {
+    pub(crate) fn fake() -> XenStore {
         let (a, mut b) = UnixStream::pair().unwrap();
         thread::spawn(move || {
             let mut store = BTreeMap::<String, Vec<u8>>::new();
@@ -269,10 +269,17 @@ mod tests {
         });
         XenStore::over(a)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::thread;
 
     #[test]
     fn read_write_and_missing_keys() {
-        let mut xs = fake();
+        let mut xs = super::testing::fake();
         assert_eq!(xs.read("/a/b").unwrap(), None);
         xs.write("/a/b", "42").unwrap();
         assert_eq!(xs.read("/a/b").unwrap().as_deref(), Some("42"));
