@@ -217,8 +217,17 @@ mod tests {
         let a = e.bind_unbound(0).unwrap();
         let b = e.bind_interdomain(0, a).unwrap();
         e.notify(b).unwrap();
-        let got = e.wait(Some(Duration::from_secs(5))).unwrap();
-        assert_eq!(got, vec![a]);
+        // Xen marks a freshly bound interdomain port pending (an event sent before the bind
+        // is not lost), so `b` may be delivered too; `a` must be.
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            got.extend(e.wait(Some(Duration::from_secs(2))).unwrap());
+            if got.contains(&a) {
+                break;
+            }
+        }
+        assert!(got.contains(&a), "{got:?}");
+        assert!(got.iter().all(|p| *p == a || *p == b), "{got:?}");
         e.unmask(a).unwrap();
         e.unbind(b).unwrap();
         e.unbind(a).unwrap();
