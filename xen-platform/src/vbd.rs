@@ -161,6 +161,60 @@ impl FrontendRing {
     }
 }
 
+/// The toolstack's part: create both directories of a new vbd (as `xl block-attach` would)
+/// for a disk `mode` `w` or `r`. The backend's starts in state 2 (InitWait), not 1: we are
+/// the backend, already running, and a kernel backend driver loaded in the same domain
+/// (xen-blkback) probes every `backend/vbd` directory that appears in state 1.
+///
+/// Permissions first, on the parents (`device/vbd` owned by the frontend and readable by us,
+/// `backend/vbd/<front>` owned by us and readable by the frontend): keys created below them
+/// inherit those, so a running guest that probes the moment its directory appears can already
+/// read both sides. Then one key after another, the frontend's `backend` last but one and its
+/// `state` last (blkfront acts on its directory only once `state` is there).
+pub fn create(
+    xs: &mut XenStore,
+    paths: &VbdPaths,
+    back: DomId,
+    front: DomId,
+    devid: u32,
+    read_only: bool,
+) -> Result<(), VbdError> {
+    let parent = |p: &str| {
+        p.rsplit_once('/')
+            .map_or(String::new(), |(a, _)| a.to_string())
+    };
+    let (fp, bp) = (parent(&paths.front), parent(&paths.back));
+    for (dir, owner, reader) in [(&fp, front, back), (&bp, back, front)] {
+        if xs.read(dir)?.is_none() {
+            xs.write(dir, "")?;
+        }
+        xs.set_perms(dir, &[format!("n{owner}"), format!("r{reader}")])?;
+    }
+    let b = &paths.back;
+    let f = &paths.front;
+    let mode = if read_only { "r" } else { "w" };
+    for (k, v) in [
+        (format!("{b}/frontend"), f.clone()),
+        (format!("{b}/frontend-id"), front.to_string()),
+        (format!("{b}/online"), "1".into()),
+        (format!("{b}/mode"), mode.into()),
+        (format!("{b}/type"), "phy".into()),
+        (format!("{b}/dev"), devid.to_string()),
+        (format!("{b}/state"), XenbusState::InitWait.to_xenstore()),
+        (format!("{f}/backend-id"), back.to_string()),
+        (format!("{f}/virtual-device"), devid.to_string()),
+        (format!("{f}/device-type"), "disk".into()),
+        (format!("{f}/backend"), b.clone()),
+        (
+            format!("{f}/state"),
+            XenbusState::Initialising.to_xenstore(),
+        ),
+    ] {
+        xs.write(&k, &v)?;
+    }
+    Ok(())
+}
+
 /// A device end's state from XenStore (`Unknown` when missing or malformed).
 pub fn state(xs: &mut XenStore, dir: &str) -> Result<XenbusState, VbdError> {
     Ok(xs
@@ -325,6 +379,38 @@ mod tests {
         );
         assert_eq!(get(&mut xs, "sectors").as_deref(), Some("2048"));
         assert_eq!(get(&mut xs, "state").as_deref(), Some("4"));
+    }
+
+    #[test]
+    fn create_writes_both_directories_with_their_owners() {
+        let mut xs = crate::xenstore::testing::fake();
+        let p = VbdPaths::new(0, 3, 51712);
+        create(&mut xs, &p, 0, 3, 51712, false).unwrap();
+        let r = |xs: &mut XenStore, k: &str| xs.read(k).unwrap();
+        assert_eq!(
+            r(&mut xs, &format!("{}/state", p.front)).as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            r(&mut xs, &format!("{}/backend", p.front)),
+            Some(p.back.clone())
+        );
+        assert_eq!(
+            r(&mut xs, &format!("{}/frontend-id", p.back)).as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            r(&mut xs, &format!("{}/mode", p.back)).as_deref(),
+            Some("w")
+        );
+        assert_eq!(
+            r(&mut xs, "/local/domain/3/device/vbd/@perms").as_deref(),
+            Some("n3\0r0\0")
+        );
+        assert_eq!(
+            r(&mut xs, "/local/domain/0/backend/vbd/3/@perms").as_deref(),
+            Some("n0\0r3\0")
+        );
     }
 
     proptest! {

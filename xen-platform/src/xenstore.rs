@@ -5,7 +5,8 @@
 //! Every message is a 16-byte header of native-endian `u32`s — `type`, `req_id` (echoed),
 //! `tx_id` (0: no transaction), `len` — followed by `len` ≤ [`PAYLOAD_MAX`] payload bytes.
 //! `XS_READ` sends `path\0` and gets the value (no terminator); `XS_WRITE` sends `path\0value`
-//! and gets `OK\0`; a failure is `XS_ERROR` with an errno name such as `ENOENT\0`. Watch events
+//! and gets `OK\0`; `XS_SET_PERMS` sends `path\0` and one `\0`-terminated permission per entry
+//! (`n5`: owner domain 5, no access for others; `r0`: domain 0 may read); a failure is `XS_ERROR` with an errno name such as `ENOENT\0`. Watch events
 //! (`XS_WATCH_EVENT`) can arrive between replies; this client sets no watch and skips them.
 //!
 //! Why not a crate: the Rust XenStore crates bind `libxenstore` (C, not installed on the
@@ -26,6 +27,8 @@ pub const XS_READ: u32 = 2;
 pub const XS_WRITE: u32 = 11;
 /// `XS_RM`.
 pub const XS_RM: u32 = 13;
+/// `XS_SET_PERMS`.
+pub const XS_SET_PERMS: u32 = 14;
 /// `XS_WATCH_EVENT`.
 pub const XS_WATCH_EVENT: u32 = 15;
 /// `XS_ERROR`.
@@ -215,6 +218,21 @@ impl XenStore {
     }
 }
 
+impl XenStore {
+    /// Set the permissions of `path`: the first names the owner (and everyone's default
+    /// access), the others grant access to more domains (`r<dom>`, `w<dom>`, `b<dom>`).
+    pub fn set_perms(&mut self, path: &str, perms: &[String]) -> Result<(), XenStoreError> {
+        let mut p = path.as_bytes().to_vec();
+        p.push(0);
+        for perm in perms {
+            p.extend_from_slice(perm.as_bytes());
+            p.push(0);
+        }
+        self.request(XS_SET_PERMS, "set-perms", path, &p)
+            .map(|_| ())
+    }
+}
+
 /// An in-memory xenstored for the tests of this crate.
 #[cfg(test)]
 pub(crate) mod testing {
@@ -252,8 +270,18 @@ pub(crate) mod testing {
                         None => (XS_ERROR, b"ENOENT\0".to_vec()),
                     },
                     XS_WRITE => {
+                        // Like xenstored: missing parents are created, empty.
+                        let mut at = 0;
+                        while let Some(i) = path[at + 1..].find('/') {
+                            at += i + 1;
+                            store.entry(path[..at].to_string()).or_default();
+                        }
                         store.insert(path, body[nul + 1..].to_vec());
                         (XS_WRITE, b"OK\0".to_vec())
+                    }
+                    XS_SET_PERMS if store.contains_key(&path) => {
+                        store.insert(format!("{path}/@perms"), body[nul + 1..].to_vec());
+                        (XS_SET_PERMS, b"OK\0".to_vec())
                     }
                     _ => (XS_ERROR, b"EINVAL\0".to_vec()),
                 };

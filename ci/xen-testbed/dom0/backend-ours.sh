@@ -52,7 +52,7 @@ more_lines() { [ "$(count_lines "$1")" -gt "$2" ]; }
 
 start_blkback() {
   /opt/idd/bin/xen-blkback --frontend "$1" --image "$IMG" --memory /run/idd/xvda.mem \
-    --evtchn-fd 9 >>"$BLK_OUT" 2>>"$BLK_ERR" &
+    --evtchn-fd 9 --create >>"$BLK_OUT" 2>>"$BLK_ERR" &
   BLK_PID=$!
 }
 
@@ -75,12 +75,14 @@ vif_address() {
 
 backend_attach() {
   d=$1
-  # Our directory starts in state 2: the kernel's blkback (loaded for xvdb) probes only
-  # directories in state 1. Our backend writes its features (and 2 again), then 4 once the
-  # frontend's ring is attached.
-  xs_vbd "$d" 51712 2 || return 1
-  xs_vbd "$d" 51728 1 physical-device "$PEER_PHYS" params "$PEER_LOOP" || return 1
+  # Our backend is also the toolstack for its disk (--create): it writes both directories,
+  # its own in state 2 (the kernel's blkback, loaded for xvdb, probes directories in state 1),
+  # then its features, then 4 once the frontend's ring is attached. Wait for the directory
+  # before the guest is unpaused.
   start_blkback "$d"
+  wait_for 60 xenstore-read "$(vbd_fe "$d" 51712)/state" >/dev/null ||
+    { say "FAIL xen-blkback did not create the vbd directories"; show_blkback_log; return 1; }
+  xs_vbd "$d" 51728 1 physical-device "$PEER_PHYS" params "$PEER_LOOP" || return 1
   xs_vif "$d" 0 "$MAC" 1 script /bin/true hotplug-status connected type vif || return 1
   vif_address "$d"
   # Report when the backend connected (in the background: the guest is still paused).

@@ -10,6 +10,8 @@
 //!
 //! # Lifecycle
 //!
+//! 0. With `--create` (the toolstack's part) and no backend directory yet: creates the
+//!    frontend's and its own directory (`xen_platform::vbd::create`).
 //! 1. Writes its features into the backend directory and `state` = 2 (unless already 4: a
 //!    restart), waits for the frontend's ring (`state` 3 or 4), reads `ring-ref`,
 //!    `event-channel`, `feature-persistent`.
@@ -91,6 +93,10 @@ struct Args {
     /// The grant device.
     #[arg(long, default_value = "/dev/xen/gntdev")]
     gntdev: PathBuf,
+    /// Also be the toolstack: create the frontend's and our directories if ours does not
+    /// exist yet (`xen_platform::vbd::create`).
+    #[arg(long)]
+    create: bool,
     /// Requests taken from the ring per round.
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -136,6 +142,24 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("image {}: {e}", args.image.display()))?;
     let sectors = idd_blk::device::BlockDevice::capacity(&device);
 
+    // 0. The toolstack's part, when asked and not done yet.
+    if args.create
+        && xs
+            .read(&format!("{}/state", paths.back))
+            .map_err(|e| chain(&e))?
+            .is_none()
+    {
+        vbd::create(
+            &mut xs,
+            &paths,
+            domid,
+            args.frontend,
+            args.devid,
+            args.read_only,
+        )
+        .map_err(|e| chain(&e))?;
+        eprintln!("xen-blkback: created {} and {}", paths.front, paths.back);
+    }
     // 1. XenStore handshake (or find it done: a restart).
     let ours = vbd::advertise(&mut xs, &paths, sectors, args.read_only).map_err(|e| chain(&e))?;
     eprintln!(
