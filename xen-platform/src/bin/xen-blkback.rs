@@ -313,6 +313,7 @@ fn rebind_journal_port(p: &XenPlatform, cfg: &ChannelConfig) -> Result<(), Strin
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
