@@ -163,8 +163,8 @@ fn link(e: impl std::error::Error) -> PlatformError {
 }
 
 impl XenPlatform {
-    /// A platform for domain `domid` over the opened devices and memory; `iommu_pages` bounds
-    /// the IOVAs (at least `max_persistent` plus what may be pinned at once).
+    /// A platform for domain `domid` over the opened devices and memory, keeping at most
+    /// `max_persistent` grants mapped for DMA (the IOMMU has room for twice that plus 64).
     pub fn new(
         domid: DomId,
         gntdev: Gntdev,
