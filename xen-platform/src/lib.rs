@@ -10,6 +10,7 @@
 //! * [`memory`]: the backend's frames, a tmpfs file that survives the process (the journal).
 //! * [`platform`]: [`XenPlatform`], what an IOVA means without an IOMMU, persistent grants,
 //!   and what a backend cannot do on Xen.
+//! * [`pins`]: the persistent, reference-counted grant mappings behind `pin_grant`.
 //! * [`vbd`]: the blkif XenStore handshake of the `xen-blkback` program.
 //!
 //! The `xen-blkback` program (`src/bin/xen-blkback.rs`) serves one guest disk from an image
@@ -18,6 +19,7 @@
 pub mod evtchn;
 pub mod gntdev;
 pub mod memory;
+pub mod pins;
 pub mod platform;
 pub mod sys;
 pub mod vbd;

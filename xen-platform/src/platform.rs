@@ -46,14 +46,15 @@
 use crate::evtchn::Evtchn;
 use crate::gntdev::{CopySeg, CopySide, GntMapping, Gntdev};
 use crate::memory::LocalMemory;
+use crate::pins::PinCache;
+pub use crate::pins::PinStats;
 use devchan::grant::{status, DomId, GrantRef};
 use devchan::platform::{
     CopyPtr, Frame, GrantCopyOp, Platform, PlatformError, Port, Result, SharedPage, TransferMode,
 };
-use iospace::iommu::{DmaPage, Iommu, IommuDevice, IommuEntry};
-use std::collections::HashMap;
+use iospace::iommu::{DmaPage, Iommu, IommuDevice};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 use vm_memory::volatile_memory::VolatileSlice;
 
@@ -106,30 +107,6 @@ impl DmaPage for GrantDma {
     }
 }
 
-#[derive(Debug)]
-struct Pin {
-    iova: u64,
-    refs: u32,
-    writable: bool,
-    last_use: u64,
-}
-
-#[derive(Debug, Default)]
-struct Pins {
-    by_grant: HashMap<(DomId, GrantRef), Pin>,
-    by_iova: HashMap<u64, (DomId, GrantRef)>,
-    clock: u64,
-}
-
-/// Counters of the pin cache.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PinStats {
-    /// Grants currently mapped for DMA.
-    pub mapped: usize,
-    /// Of those, pinned now.
-    pub pinned: usize,
-}
-
 /// The platform on Xen's userspace devices.
 pub struct XenPlatform {
     domid: DomId,
@@ -137,9 +114,8 @@ pub struct XenPlatform {
     evtchn: Evtchn,
     memory: LocalMemory,
     iommu: Arc<Iommu>,
-    pins: Mutex<Pins>,
+    pins: PinCache,
     persistent: AtomicBool,
-    max_persistent: usize,
 }
 
 impl std::fmt::Debug for XenPlatform {
@@ -173,16 +149,16 @@ impl XenPlatform {
         max_persistent: usize,
     ) -> Self {
         let max_persistent = max_persistent.max(1);
+        // Room for every persistent mapping plus as many pinned beyond them.
+        let iommu = Iommu::new(2 * max_persistent as u64 + 64);
         Self {
             domid,
             gntdev,
             evtchn,
             memory,
-            // Room for every persistent mapping plus as many pinned beyond them.
-            iommu: Iommu::new(2 * max_persistent as u64 + 64),
-            pins: Mutex::new(Pins::default()),
+            pins: PinCache::new(iommu.clone(), max_persistent),
+            iommu,
             persistent: AtomicBool::new(false),
-            max_persistent,
         }
     }
 
@@ -195,54 +171,13 @@ impl XenPlatform {
     pub fn set_persistent(&self, on: bool) {
         self.persistent.store(on, Ordering::Relaxed);
         if !on {
-            let mut pins = self.lock();
-            let idle: Vec<(DomId, GrantRef)> = pins
-                .by_grant
-                .iter()
-                .filter(|(_, p)| p.refs == 0)
-                .map(|(k, _)| *k)
-                .collect();
-            for k in idle {
-                self.drop_pin(&mut pins, k);
-            }
+            self.pins.drop_idle();
         }
     }
 
     /// Counters of the pin cache.
     pub fn pin_stats(&self) -> PinStats {
-        let pins = self.lock();
-        PinStats {
-            mapped: pins.by_grant.len(),
-            pinned: pins.by_grant.values().filter(|p| p.refs > 0).count(),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Pins> {
-        self.pins.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn drop_pin(&self, pins: &mut Pins, key: (DomId, GrantRef)) {
-        if let Some(p) = pins.by_grant.remove(&key) {
-            pins.by_iova.remove(&p.iova);
-            // Removing the entry drops the last reference to the mapping: unmapped here.
-            let _ = self.iommu.unmap(p.iova);
-        }
-    }
-
-    /// Make room for one more mapping: unmap the least recently used idle one.
-    fn evict(&self, pins: &mut Pins) -> Result<()> {
-        if pins.by_grant.len() < self.max_persistent {
-            return Ok(());
-        }
-        let victim = pins
-            .by_grant
-            .iter()
-            .filter(|(_, p)| p.refs == 0)
-            .min_by_key(|(_, p)| p.last_use)
-            .map(|(k, _)| *k)
-            .ok_or(PlatformError::Exhausted("grant mappings for DMA"))?;
-        self.drop_pin(pins, victim);
-        Ok(())
+        self.pins.stats()
     }
 }
 
@@ -331,77 +266,28 @@ impl Platform for XenPlatform {
     }
 
     fn pin_grant(&self, peer: DomId, gref: GrantRef, writable: bool) -> Result<u64> {
-        let mut pins = self.lock();
-        pins.clock += 1;
-        let now = pins.clock;
-        let key = (peer, gref);
-        if let Some(p) = pins.by_grant.get_mut(&key) {
-            if p.writable || !writable {
-                p.refs += 1;
-                p.last_use = now;
-                return Ok(p.iova);
-            }
-            if p.refs > 0 {
-                return Err(PlatformError::Grant(status::PERMISSION_DENIED));
-            }
-            // Mapped read-only, idle, now wanted writable: map it again.
-            self.drop_pin(&mut pins, key);
-        }
-        self.evict(&mut pins)?;
-        // Writable first, so one mapping serves both directions; a read-only grant then
-        // fails that and is mapped read-only.
-        let mapping = match self.gntdev.map(peer, gref, true) {
-            Ok(m) => m,
-            Err(_) if !writable => self.gntdev.map(peer, gref, false).map_err(|e| {
-                tracing::debug!(peer, gref, error = %link_text(&e), "pin: map failed");
-                PlatformError::Grant(status::GENERAL_ERROR)
-            })?,
-            Err(e) => {
-                tracing::debug!(peer, gref, error = %link_text(&e), "pin: map failed");
-                return Err(PlatformError::Grant(status::GENERAL_ERROR));
-            }
-        };
-        let mapped_writable = mapping.writable();
-        let iova = self
-            .iommu
-            .map(IommuEntry {
-                domain: peer,
-                frame: Frame::from(gref),
-                writable: mapped_writable,
-                page: Arc::new(GrantDma(mapping)),
-            })
-            .map_err(|_| PlatformError::Exhausted("IOVAs"))?;
-        pins.by_grant.insert(
-            key,
-            Pin {
-                iova,
-                refs: 1,
-                writable: mapped_writable,
-                last_use: now,
-            },
-        );
-        pins.by_iova.insert(iova, key);
-        Ok(iova)
+        self.pins.pin(peer, gref, writable, |want_writable| {
+            // Writable first, so one mapping serves both directions; a read-only grant then
+            // fails that and, for a read-only pin, is mapped read-only.
+            let mapping = match self.gntdev.map(peer, gref, true) {
+                Ok(m) => m,
+                Err(_) if !want_writable => self.gntdev.map(peer, gref, false).map_err(|e| {
+                    tracing::debug!(peer, gref, error = %link_text(&e), "pin: map failed");
+                    PlatformError::Grant(status::GENERAL_ERROR)
+                })?,
+                Err(e) => {
+                    tracing::debug!(peer, gref, error = %link_text(&e), "pin: map failed");
+                    return Err(PlatformError::Grant(status::GENERAL_ERROR));
+                }
+            };
+            let w = mapping.writable();
+            Ok((Arc::new(GrantDma(mapping)) as Arc<dyn DmaPage>, w))
+        })
     }
 
     fn unpin_grant(&self, iova: u64) -> Result<()> {
-        let mut pins = self.lock();
-        let key = *pins
-            .by_iova
-            .get(&iova)
-            .ok_or(PlatformError::Grant(status::BAD_DEV_ADDR))?;
-        let persistent = self.persistent.load(Ordering::Relaxed);
-        let Some(p) = pins.by_grant.get_mut(&key) else {
-            return Err(PlatformError::Grant(status::BAD_DEV_ADDR));
-        };
-        if p.refs == 0 {
-            return Err(PlatformError::Grant(status::BAD_DEV_ADDR));
-        }
-        p.refs -= 1;
-        if p.refs == 0 && !persistent {
-            self.drop_pin(&mut pins, key);
-        }
-        Ok(())
+        self.pins
+            .unpin(iova, self.persistent.load(Ordering::Relaxed))
     }
 
     fn transfer(&self, _frame: Frame, _peer: DomId, _gref: GrantRef) -> Result<TransferMode> {
