@@ -164,6 +164,27 @@ impl PinCache {
         Ok(())
     }
 
+    /// Whether `gref` of `peer` is pinned now.
+    pub fn is_pinned(&self, peer: DomId, gref: GrantRef) -> bool {
+        self.lock()
+            .by_grant
+            .get(&(peer, gref))
+            .is_some_and(|p| p.refs > 0)
+    }
+
+    /// Unmap `gref` of `peer` if it is cached and not pinned; false if it is pinned.
+    pub fn forget(&self, peer: DomId, gref: GrantRef) -> bool {
+        let mut pins = self.lock();
+        match pins.by_grant.get(&(peer, gref)) {
+            Some(p) if p.refs > 0 => false,
+            Some(_) => {
+                self.remove(&mut pins, (peer, gref));
+                true
+            }
+            None => true,
+        }
+    }
+
     /// Unmap every grant that is not pinned.
     pub fn drop_idle(&self) {
         let mut pins = self.lock();

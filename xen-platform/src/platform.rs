@@ -8,7 +8,8 @@
 //! | `pin_grant` / `unpin_grant` | a gntdev mapping entered in a software IOMMU (below) |
 //! | `read_local` / `write_local` | [`LocalMemory`], a tmpfs file that outlives the process |
 //! | `evtchn_*` | `/dev/xen/evtchn` ([`crate::evtchn`]) |
-//! | `alloc_shared_page`, `grant_access`, `end_access` | not provided: [`PlatformError::Link`] |
+//! | `grant_access`, `end_access` to *ourselves* | a local handle on a frame of [`LocalMemory`] (below) |
+//! | `alloc_shared_page`; `grant_access` to another domain | not provided: [`PlatformError::Link`] |
 //! | `accept_transfer`, `end_transfer`, `transfer` | not provided: [`PlatformError::Link`] |
 //!
 //! # What an IOVA is here
@@ -38,10 +39,18 @@
 //!
 //! # Granting our own pages
 //!
-//! Backends map and copy; they never grant (rings and data pages are the frontend's). Granting
-//! from userspace would need `/dev/xen/gntalloc`, and page exchange (`GNTTABOP_transfer`) is
-//! not available to a Linux userspace process at all (and Linux's netfront only uses copy:
-//! `feature-rx-copy`). These operations fail with a [`PlatformError::Link`] that says so.
+//! A driver gives its device DMA access to its *own* pages (a virtqueue, a receive pool) the
+//! way it does for a guest's: `grant_access` to its own domain id, then `pin_grant` of that
+//! grant (idd-blk's virtio driver and idd-net's pool do this). Here such a self-grant is a
+//! local handle on a frame of [`LocalMemory`], and pinning it enters that page in the same
+//! IOMMU; no hypervisor grant exists (nothing outside this process can use it). `end_access`
+//! refuses while the handle is pinned ([`PlatformError::GrantInUse`]).
+//!
+//! Granting to *another* domain is not provided: backends map and copy the frontend's pages
+//! (rings and data pages are the frontend's); it would need `/dev/xen/gntalloc`. Page exchange
+//! (`GNTTABOP_transfer`) is not available to a Linux userspace process at all (and Linux's
+//! netfront only uses copy: `feature-rx-copy`). These fail with a [`PlatformError::Link`]
+//! that says so.
 
 use crate::evtchn::Evtchn;
 use crate::gntdev::{CopySeg, CopySide, GntMapping, Gntdev};
@@ -53,8 +62,9 @@ use devchan::platform::{
     CopyPtr, Frame, GrantCopyOp, Platform, PlatformError, Port, Result, SharedPage, TransferMode,
 };
 use iospace::iommu::{DmaPage, Iommu, IommuDevice};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use vm_memory::volatile_memory::VolatileSlice;
 
@@ -107,13 +117,37 @@ impl DmaPage for GrantDma {
     }
 }
 
+/// One of our own frames as the IOMMU's page (a pinned self-grant).
+struct LocalDma {
+    memory: Arc<LocalMemory>,
+    frame: Frame,
+}
+
+impl DmaPage for LocalDma {
+    fn read(&self, offset: usize, buf: &mut [u8]) {
+        // The frame was checked at grant time and the IOMMU keeps offset + len in the page.
+        let _ = self.memory.read(self.frame, offset, buf);
+    }
+    fn write(&self, offset: usize, data: &[u8]) {
+        let _ = self.memory.write(self.frame, offset, data);
+    }
+}
+
+/// Our grants to ourselves: handle → (frame, read-only).
+#[derive(Debug, Default)]
+struct SelfGrants {
+    by_ref: HashMap<GrantRef, (Frame, bool)>,
+    next: GrantRef,
+}
+
 /// The platform on Xen's userspace devices.
 pub struct XenPlatform {
     domid: DomId,
     gntdev: Gntdev,
     evtchn: Evtchn,
-    memory: LocalMemory,
+    memory: Arc<LocalMemory>,
     iommu: Arc<Iommu>,
+    self_grants: Mutex<SelfGrants>,
     pins: PinCache,
     persistent: AtomicBool,
 }
@@ -155,7 +189,8 @@ impl XenPlatform {
             domid,
             gntdev,
             evtchn,
-            memory,
+            memory: Arc::new(memory),
+            self_grants: Mutex::new(SelfGrants::default()),
             pins: PinCache::new(iommu.clone(), max_persistent),
             iommu,
             persistent: AtomicBool::new(false),
@@ -179,6 +214,10 @@ impl XenPlatform {
     pub fn pin_stats(&self) -> PinStats {
         self.pins.stats()
     }
+
+    fn self_grants(&self) -> MutexGuard<'_, SelfGrants> {
+        self.self_grants.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Platform for XenPlatform {
@@ -193,12 +232,40 @@ impl Platform for XenPlatform {
         Err(unsupported("allocating a grantable page (gntalloc)"))
     }
 
-    fn grant_access(&self, _peer: DomId, _frame: Frame, _readonly: bool) -> Result<GrantRef> {
-        Err(unsupported("granting our memory"))
+    fn grant_access(&self, peer: DomId, frame: Frame, readonly: bool) -> Result<GrantRef> {
+        if peer != self.domid {
+            return Err(unsupported(
+                "granting our memory to another domain (gntalloc)",
+            ));
+        }
+        if frame >= self.memory.frames() {
+            return Err(PlatformError::BadFrame(frame));
+        }
+        let mut g = self.self_grants();
+        if g.by_ref.len() >= 4096 {
+            return Err(PlatformError::Exhausted("grants to ourselves"));
+        }
+        // Handles start at 1 and skip any still in use after a wrap.
+        let gref = loop {
+            g.next = g.next.wrapping_add(1).max(1);
+            if !g.by_ref.contains_key(&g.next) {
+                break g.next;
+            }
+        };
+        g.by_ref.insert(gref, (frame, readonly));
+        Ok(gref)
     }
 
-    fn end_access(&self, _gref: GrantRef) -> Result<()> {
-        Err(unsupported("ending a grant of ours"))
+    fn end_access(&self, gref: GrantRef) -> Result<()> {
+        let mut g = self.self_grants();
+        if !g.by_ref.contains_key(&gref) {
+            return Err(PlatformError::Grant(status::BAD_GNTREF));
+        }
+        if !self.pins.forget(self.domid, gref) {
+            return Err(PlatformError::GrantInUse(gref));
+        }
+        g.by_ref.remove(&gref);
+        Ok(())
     }
 
     fn accept_transfer(&self, _peer: DomId, _frame: Frame) -> Result<GrantRef> {
@@ -266,6 +333,20 @@ impl Platform for XenPlatform {
     }
 
     fn pin_grant(&self, peer: DomId, gref: GrantRef, writable: bool) -> Result<u64> {
+        if peer == self.domid {
+            let (frame, readonly) = *self
+                .self_grants()
+                .by_ref
+                .get(&gref)
+                .ok_or(PlatformError::Grant(status::BAD_GNTREF))?;
+            let memory = self.memory.clone();
+            return self.pins.pin(peer, gref, writable, move |_| {
+                Ok((
+                    Arc::new(LocalDma { memory, frame }) as Arc<dyn DmaPage>,
+                    !readonly,
+                ))
+            });
+        }
         self.pins.pin(peer, gref, writable, |want_writable| {
             // Writable first, so one mapping serves both directions; a read-only grant then
             // fails that and, for a read-only pin, is mapped read-only.
@@ -376,7 +457,7 @@ mod tests {
         let p = offline(dir.path());
         for e in [
             p.alloc_shared_page().err(),
-            p.grant_access(1, 0, false).err().map(|_| unsupported("x")),
+            p.grant_access(1, 0, false).err(),
             p.transfer(0, 1, 2).err(),
         ] {
             assert!(
@@ -385,6 +466,34 @@ mod tests {
         }
         assert!(p.accept_transfer(1, 0).is_err() && p.end_transfer(1).is_err());
         assert!(p.end_access(1).is_err());
+    }
+
+    #[test]
+    fn our_own_frames_reach_the_device_through_self_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = offline(dir.path());
+        assert_eq!(p.grant_access(0, 4, false), Err(PlatformError::BadFrame(4)));
+        let g = p.grant_access(0, 2, false).unwrap();
+        let ro = p.grant_access(0, 3, true).unwrap();
+        let iova = p.pin_grant(0, g, true).unwrap();
+        p.dma().dma_write(iova + 100, b"queue").unwrap();
+        let mut b = [0u8; 5];
+        p.read_local(2, 100, &mut b).unwrap();
+        assert_eq!(&b, b"queue");
+        // Read-only for the device.
+        let riova = p.pin_grant(0, ro, false).unwrap();
+        assert!(p.dma().dma_write(riova, b"x").is_err());
+        assert_eq!(
+            p.pin_grant(0, ro, true),
+            Err(PlatformError::Grant(status::PERMISSION_DENIED))
+        );
+        // Pinned: cannot end; unpinned: ends, and the device loses it.
+        assert_eq!(p.end_access(g), Err(PlatformError::GrantInUse(g)));
+        p.unpin_grant(iova).unwrap();
+        p.end_access(g).unwrap();
+        assert!(p.dma().dma_write(iova, b"x").is_err());
+        assert!(p.pin_grant(0, g, true).is_err());
+        assert!(p.end_access(g).is_err());
     }
 
     #[test]
