@@ -2,11 +2,12 @@
 //!
 //! Runs in the backend domain (dom0 in the testbed) on [`XenPlatform`], with idd-blk's
 //! `FileDevice` over a raw image file as the device: every data byte crosses the platform's
-//! software IOMMU into the guest's page through a persistent gntdev mapping. (idd-blk's
-//! virtio driver over an emulated virtio-blk-pci would add a virtqueue and an emulated PCI
-//! function in the same process and needs the driver's own frames pinned as DMA memory, which
-//! a userspace Xen backend has no IOMMU entry for; the file device exercises the same
-//! blkback, journal and pin path.)
+//! software IOMMU into the guest's page through a persistent gntdev mapping. Why not idd-blk's
+//! virtio driver over an emulated virtio-blk-pci (`iospace::link::LocalIo`): in dom0 there is
+//! no device behind it either — the emulated device would end in the same image file, behind
+//! one more in-process queue — and the file device exercises the same blkback, journal and
+//! pin path with fewer moving parts. The platform supports that driver too (its own queue
+//! frames reach the device through self-grants, see `xen_platform::platform`).
 //!
 //! # Lifecycle
 //!
