@@ -20,8 +20,9 @@
 //! software [`Iommu`] ([`XenPlatform::dma`] hands the device its view): `pin_grant` maps the
 //! guest's page through gntdev and enters that mapping in the IOMMU; the returned IOVA is the
 //! entry's. The device's DMA reaches the guest page through the mapping, and nothing else of
-//! the process can be named by an IOVA. The entry's `frame` is the grant reference (the guest's
-//! frame number is not visible to a backend).
+//! the process can be named by an IOVA (but our own frames we grant ourselves, below). The
+//! entry's `frame` is the grant reference (the guest's frame number is not visible to a
+//! backend).
 //!
 //! # Persistent grants (blkif `feature-persistent`)
 //!
