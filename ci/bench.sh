@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash ci/setup.sh
 cargo bench -p hypervisor --bench channel
 cargo bench -p device-manager --bench block
+cargo bench -p device-manager --bench net
 echo "ci/bench.sh: JSON in target/bench/"

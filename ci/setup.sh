@@ -10,6 +10,9 @@ command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 [ -f /usr/share/misc/pci.ids ] || need+=(pci.ids)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "ci/setup.sh: installing ${need[*]}"

@@ -63,6 +63,7 @@ fn config() -> ManagerConfig {
     ManagerConfig {
         idd_program: common::idd_program(),
         guest_program: env!("CARGO_BIN_EXE_blk-guest").into(),
+        net_idd_program: "idd-net".into(), // no NIC in this policy
         heartbeat: None,
         verbose: std::env::var_os("DM_DEBUG").is_some(),
     }

@@ -62,8 +62,9 @@ pub mod layout {
     pub const MAX_CHANNELS: u64 = 8;
     /// RAM of the IDD domain.
     pub const IDD_FRAMES: u64 = idd_blk::layout::frames_needed(MAX_CHANNELS) + 2;
-    /// RAM of a guest domain (blkfront's data pages and ring).
-    pub const GUEST_FRAMES: u64 = 256;
+    /// RAM of a guest domain: blkfront's data pages and ring, or netfront's buffers
+    /// (`net-guest` wants 391).
+    pub const GUEST_FRAMES: u64 = 512;
 }
 
 /// FNV-1a, 64 bits: the workload's digest of a region's expected content.

@@ -30,6 +30,8 @@ impl fmt::Display for Cause {
 pub struct Recovery {
     /// 1 for the first recovery of this manager.
     pub seq: u32,
+    /// The device whose IDD recovered (policy name).
+    pub device: String,
     /// Why.
     pub cause: Cause,
     /// Fault (when injected, else detection) to detection.
@@ -61,8 +63,9 @@ impl fmt::Display for Recovery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "recovery #{}: {}; detect {:.2} ms, revoke {:.2} ms ({} mappings, {} pins/copies), spawn {:.2} ms, re-attach {:.2} ms, first response {:.2} ms; outage {:.2} ms",
+            "recovery #{} of {}: {}; detect {:.2} ms, revoke {:.2} ms ({} mappings, {} pins/copies), spawn {:.2} ms, re-attach {:.2} ms, first response {:.2} ms; outage {:.2} ms",
             self.seq,
+            self.device,
             self.cause,
             ms(self.detect),
             ms(self.revoke),
@@ -149,6 +152,7 @@ mod tests {
     fn outage_is_the_sum_of_phases() {
         let r = Recovery {
             seq: 1,
+            device: "disk0".into(),
             cause: Cause::Hung(Duration::from_millis(300)),
             detect: Duration::from_millis(1),
             revoke: Duration::from_millis(2),
@@ -158,6 +162,8 @@ mod tests {
             first_response: Duration::from_millis(5),
         };
         assert_eq!(r.outage(), Duration::from_millis(15));
-        assert!(r.to_string().contains("hung (no heartbeat for 300 ms)"));
+        assert!(r
+            .to_string()
+            .contains("recovery #1 of disk0: hung (no heartbeat for 300 ms)"));
     }
 }

@@ -72,6 +72,8 @@ pub enum ToolstackError {
 
 type Result<T> = std::result::Result<T, ToolstackError>;
 
+pub mod vif;
+
 /// One guest disk as the IDD process is told about it (`--channel`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChannelSpec {
@@ -154,7 +156,10 @@ pub fn back_dir(idd: DomId, guest: DomId, devid: u16) -> String {
     format!("/local/domain/{idd}/backend/vbd/{guest}/{devid}")
 }
 
-fn st<'a>(op: &'static str, path: &'a str) -> impl FnOnce(ClientError) -> ToolstackError + 'a {
+pub(crate) fn st<'a>(
+    op: &'static str,
+    path: &'a str,
+) -> impl FnOnce(ClientError) -> ToolstackError + 'a {
     move |source| ToolstackError::Store {
         op,
         path: path.to_owned(),
@@ -239,11 +244,19 @@ pub fn write_vbd(xs: &mut Client<UnixStream>, n: &VbdNodes) -> Result<()> {
     ] {
         nodes.push((format!("{bdir}/{k}"), v, &bperm));
     }
+    write_nodes(xs, &nodes)
+}
+
+/// Write `nodes` (path, value, permissions) in one transaction, retried on conflict.
+pub(crate) fn write_nodes(
+    xs: &mut Client<UnixStream>,
+    nodes: &[(String, String, &[Perm])],
+) -> Result<()> {
     loop {
         let tx = xs
             .transaction_start()
             .map_err(st("transaction_start", ""))?;
-        for (path, value, perms) in &nodes {
+        for (path, value, perms) in nodes {
             xs.write(tx, path, value.as_bytes())
                 .map_err(st("write", path))?;
             xs.set_perms(tx, path, perms)
@@ -272,7 +285,7 @@ pub fn set_backend_state(xs: &mut Client<UnixStream>, n: &VbdNodes, s: XenbusSta
         .map_err(st("write", &path))
 }
 
-fn read_num(xs: &mut Client<UnixStream>, key: &str) -> Result<u32> {
+pub(crate) fn read_num(xs: &mut Client<UnixStream>, key: &str) -> Result<u32> {
     let v = xs.read(NO_TX, key).map_err(st("read", key))?;
     std::str::from_utf8(&v)
         .ok()

@@ -62,6 +62,7 @@ fn manager(dir: &Path, heartbeat: &str) -> Manager {
     let cfg = ManagerConfig {
         idd_program: common::idd_program(),
         guest_program: env!("CARGO_BIN_EXE_blk-guest").into(),
+        net_idd_program: "idd-net".into(), // no NIC in this policy
         heartbeat: None,
         verbose: false,
     };
@@ -130,9 +131,9 @@ fn run(m: &mut Manager, secs: &str, faults: usize, fault: &Fault, every: Duratio
 /// Both guests verified everything, the backend refused their out-of-region writes, and the
 /// image holds exactly what each guest's model says (so neither touched the other).
 fn check_data(m: &Manager, summaries: &[String]) {
-    let (image, _) = m.image();
+    let (image, _) = m.image().unwrap();
     let f = File::open(image).unwrap();
-    for (g, s) in m.guests().iter().zip(summaries) {
+    for (g, s) in m.disks().iter().zip(summaries) {
         assert_eq!(field(s, "mismatches"), "0", "{}: {s}", g.name);
         assert_eq!(field(s, "verified"), BLOCKS.to_string(), "{}: {s}", g.name);
         assert_eq!(
@@ -157,8 +158,8 @@ fn check_data(m: &Manager, summaries: &[String]) {
     }
     // Alice's out-of-region write aimed at Bob's first block: covered by Bob's digest above.
     assert_eq!(
-        m.guests()[0].region.offset + m.guests()[0].region.sectors,
-        m.guests()[1].region.offset
+        m.disks()[0].region.offset + m.disks()[0].region.sectors,
+        m.disks()[1].region.offset
     );
 }
 
@@ -258,13 +259,13 @@ fn replacing_the_idd_domain_makes_the_frontends_reconnect_without_loss() {
         .unwrap();
     }
     m.connect(Duration::from_secs(30)).unwrap();
-    let old = m.idd();
+    let old = m.idd().unwrap();
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(1000) {
         m.supervise(Duration::from_millis(10)).unwrap();
     }
     m.replace_idd_domain(Duration::from_secs(30)).unwrap();
-    assert_ne!(m.idd(), old);
+    assert_ne!(m.idd().unwrap(), old);
     let deadline = Instant::now() + Duration::from_secs(60);
     while m.guest_running("alice").unwrap() || m.guest_running("bob").unwrap() {
         assert!(Instant::now() < deadline, "guests did not finish");

@@ -30,6 +30,7 @@ fn qemu_io_writes_and_verifies_through_the_nbd_export() {
     let cfg = ManagerConfig {
         idd_program: common::idd_program(),
         guest_program: env!("CARGO_BIN_EXE_blk-guest").into(),
+        net_idd_program: "idd-net".into(), // no NIC in this policy
         heartbeat: None,
         verbose: false,
     };
@@ -67,7 +68,7 @@ fn qemu_io_writes_and_verifies_through_the_nbd_export() {
     let (exit, _) = m.wait_guest("bob", Duration::from_secs(5)).unwrap();
     assert_eq!(exit, ExitReport::Exited(0));
     // In Bob's region of the image (which starts at 8 MiB), and nowhere else.
-    let (image, _) = m.image();
+    let (image, _) = m.image().unwrap();
     let f = std::fs::File::open(image).unwrap();
     let mut b = vec![0u8; 4096];
     f.read_exact_at(&mut b, (8 << 20) + (1 << 20)).unwrap();

@@ -96,6 +96,9 @@ pub struct LaunchConfig {
     pub args: Vec<OsString>,
     /// Extra environment variables.
     pub env: Vec<(OsString, OsString)>,
+    /// Where its stdin comes from (nothing by default; piped for a process the manager
+    /// hands work to later, such as a hot standby).
+    pub stdin: Stdio,
     /// Where its stdout goes (piped by default, so the manager can read what it publishes).
     pub stdout: Stdio,
     /// Where its stderr goes (inherited by default).
@@ -113,6 +116,7 @@ impl LaunchConfig {
             program: program.into(),
             args: args.iter().map(OsString::from).collect(),
             env: Vec::new(),
+            stdin: Stdio::null(),
             stdout: Stdio::piped(),
             stderr: Stdio::inherit(),
             iommu: None,
@@ -223,7 +227,7 @@ pub fn spawn_in(
     cmd.args(&cfg.args)
         .env(ENV_DOMID, domid.to_string())
         .env(ENV_NR_FRAMES, nr_frames.to_string())
-        .stdin(Stdio::null())
+        .stdin(cfg.stdin)
         .stdout(cfg.stdout)
         .stderr(cfg.stderr);
     for (k, v) in &cfg.env {

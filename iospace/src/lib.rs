@@ -10,6 +10,8 @@
 //! * [`iommu`]: the software IOMMU every device DMA goes through.
 //! * [`emu`]: the emulated chipset: a PCI bus, the virtio 1.x PCI transport and a
 //!   virtio-blk device over a raw image, whose DMA goes through [`iommu::IommuDevice`].
+//! * [`driver`]: the driver side of a virtio-pci device over an [`link::IoAccess`] handle
+//!   (transport bring-up and split virtqueues), shared by the IDDs' virtio drivers.
 //! * [`fuzzing`]: fuzz bodies, also run by the unit tests.
 //!
 //! # Example
@@ -33,6 +35,7 @@
 //! assert!(matches!(moved, Err(SpaceError::MoveBar { .. })));
 //! assert_eq!(space.violations(), 1);
 //! ```
+pub mod driver;
 pub mod emu;
 pub mod fuzzing;
 pub mod iommu;

@@ -29,8 +29,8 @@
 //!
 //! # Vector ownership
 //!
-//! Each link ([`serve`]) and each [`LocalIo`] binds eventfds to the device's MSI-X vectors
-//! when it starts and unbinds them when it ends. Only the latest binding of a space owns its
+//! Each link ([`serve`], at its first request) and each [`LocalIo`] (when it is made) binds
+//! eventfds to the device's MSI-X vectors, and unbinds them when it ends. Only the latest binding of a space owns its
 //! vectors: a dead IDD process's link that ends after its successor's link started leaves the
 //! successor's eventfds bound (a process-wide table records, per space, which binding is
 //! current).
@@ -340,7 +340,9 @@ impl IoAccess for RemoteIo {
 /// process died or exited). Every access goes through the I/O Space's checks; a malformed
 /// request is answered [`ST_MALFORMED`], never trusted.
 pub fn serve(space: &IoSpace, mut stream: UnixStream) -> std::io::Result<()> {
-    let vectors = Vectors::bind(space);
+    // Bound at the link's first request, not when it connects: a hot standby connects long
+    // before it may touch the device and must not take the running driver's vectors.
+    let mut bound: Option<Vectors> = None;
     let result = (|| loop {
         let mut req = [0u8; REQUEST_LEN];
         match stream.read_exact(&mut req) {
@@ -348,6 +350,7 @@ pub fn serve(space: &IoSpace, mut stream: UnixStream) -> std::io::Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         }
+        let vectors = bound.get_or_insert_with(|| Vectors::bind(space));
         let (op, len) = (req[0], usize::from(req[1]));
         let arg = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
         let mut a = [0u8; 8];
@@ -391,7 +394,9 @@ pub fn serve(space: &IoSpace, mut stream: UnixStream) -> std::io::Result<()> {
         rsp[..4].copy_from_slice(&status.to_le_bytes());
         stream.write_all(&rsp)?;
     })();
-    vectors.unbind(space);
+    if let Some(v) = bound {
+        v.unbind(space);
+    }
     result
 }
 

@@ -107,15 +107,15 @@ fn run(a: &RunArgs) -> Result<bool> {
         "== domain 0 up; xenstored at {}",
         m.xenstored_socket().display()
     );
-    let (img, sectors) = m.image();
+    let (img, sectors) = m.image()?;
     println!(
         "== device: virtio-blk-pci, image {} ({sectors} sectors); IDD domain {}",
         img.display(),
-        m.idd()
+        m.idd()?
     );
-    let names: Vec<String> = m.guests().iter().map(|g| g.name.clone()).collect();
+    let names: Vec<String> = m.disks().iter().map(|g| g.name.clone()).collect();
     for (i, n) in names.iter().enumerate() {
-        let g = &m.guests()[i];
+        let g = &m.disks()[i];
         println!(
             "   guest {n}: domain {}, region sectors {}+{}",
             g.domid, g.region.offset, g.region.sectors

@@ -1,6 +1,6 @@
-//! What the manager's tests and bench share: where the IDD program is.
+//! What the manager's tests and bench share: where the IDD and guest programs are.
 //!
-//! The IDD program is the `idd-blk` crate's binary, which Cargo does not build for another
+//! The IDD programs (and the network guest program) are other crates' binaries, which Cargo does not build for another
 //! package's tests (`CARGO_BIN_EXE_*` covers only this package's binaries). It is built here,
 //! with the Cargo that runs the tests, into the same target directory and profile, so the
 //! tests never run a stale copy; then the manager finds it next to the test executable.
@@ -9,7 +9,15 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Build `idd-blk` (a no-op when it is up to date) and return its path.
+#[allow(dead_code)] // not every test uses every program
 pub fn idd_program() -> PathBuf {
+    program("idd-blk", "idd-blk")
+}
+
+/// Build binary `bin` of package `package` (a no-op when it is up to date) and return its
+/// path.
+#[allow(dead_code)]
+pub fn program(package: &str, bin: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> → target/<profile>
     let profile_dir = exe
@@ -18,16 +26,19 @@ pub fn idd_program() -> PathBuf {
         .expect("test executable in target/<profile>/deps");
     let target_dir = profile_dir.parent().expect("target directory");
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "-p", "idd-blk", "--bin", "idd-blk"])
+    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
         .arg("--target-dir")
         .arg(target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"));
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
-    let status = cmd.status().expect("running cargo build -p idd-blk");
-    assert!(status.success(), "cargo build -p idd-blk failed: {status}");
-    let path = profile_dir.join("idd-blk");
+    let status = cmd.status().expect("running cargo build");
+    assert!(
+        status.success(),
+        "cargo build -p {package} --bin {bin} failed: {status}"
+    );
+    let path = profile_dir.join(bin);
     assert!(path.exists(), "{} was not built", path.display());
     path
 }

@@ -20,7 +20,9 @@ use crate::space::Irq;
 pub mod interrupts;
 pub mod mem;
 pub mod virtio_blk;
+pub mod virtio_net;
 pub mod virtio_pci;
+pub mod wire;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
@@ -49,6 +51,9 @@ pub enum EmuError {
     /// A configuration value is out of range.
     #[error("Invalid configuration: {0}")]
     Config(&'static str),
+    /// Opening or configuring the NIC's wire failed.
+    #[error("Opening the wire")]
+    Wire(#[source] std::io::Error),
 }
 
 /// Lock a mutex, recovering from poisoning (a panicked holder leaves plain data behind).

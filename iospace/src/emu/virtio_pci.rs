@@ -118,7 +118,7 @@ pub const MAX_QUEUES: u16 = 64;
 
 /// The device behind the transport.
 pub trait VirtioDevice: Send + Sync {
-    /// Virtio device ID (2 = block).
+    /// Virtio device ID (1 = network, 2 = block).
     fn device_type(&self) -> u16;
     /// PCI class, subclass and programming interface.
     fn class(&self) -> (u8, u8, u8);
@@ -165,7 +165,10 @@ impl QueueRegs {
     /// A queue's registers after a reset: virtio 1.x (4.1.4.3) has `queue_size` read back as
     /// the maximum the device supports until the driver writes a smaller one.
     fn reset(max_size: u16) -> Self {
-        Self { size: max_size, ..Self::default() }
+        Self {
+            size: max_size,
+            ..Self::default()
+        }
     }
 }
 
@@ -338,7 +341,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
         st.driver_features = 0;
         st.queue_select = 0;
         let max = self.device.queue_max_size();
-        st.queues.iter_mut().for_each(|q| *q = QueueRegs::reset(max));
+        st.queues
+            .iter_mut()
+            .for_each(|q| *q = QueueRegs::reset(max));
         *lock(&self.irq.vectors) = (NO_VECTOR, vec![NO_VECTOR; st.queues.len()]);
         self.irq.isr.store(0, Ordering::SeqCst);
         self.irq.status.store(0, Ordering::SeqCst);
