@@ -15,12 +15,13 @@
 //! | `info` | 0, or 4 (`VDISK_READONLY`) | at connect (required) |
 //! | `feature-flush-cache` | 1 | flush requests (`BLKIF_OP_FLUSH_DISKCACHE`) |
 //! | `feature-persistent` | 1 | the frontend reuses a fixed pool of grants |
+//! | `feature-max-indirect-segments` | 16 (idd-blk's limit), unless disabled | requests of up to 16 segments through indirect pages |
 //! | `state` | 2 (InitWait), then 4 (Connected) | drives the frontend |
 //!
 //! No `max-ring-page-order` and no `multi-queue-max-queues`: blkfront then publishes one
 //! single-page ring, as `ring-ref` and `event-channel` (and `protocol`, `feature-persistent`) in
-//! its directory, and goes to 3 (Initialised). No `feature-max-indirect-segments`: requests
-//! carry at most 11 segments.
+//! its directory, and goes to 3 (Initialised). With `feature-max-indirect-segments` a request
+//! may name up to 16 segments in indirect pages (blkback copies them in with grant copy).
 //!
 //! # Restart
 //!
@@ -225,11 +226,13 @@ pub fn state(xs: &mut XenStore, dir: &str) -> Result<XenbusState, VbdError> {
 
 /// Write our features and InitWait, unless we are already Connected (a restart: the
 /// features are there and nothing may change under the connected frontend). Returns our state.
+/// `max_indirect` is `feature-max-indirect-segments` (0: not offered).
 pub fn advertise(
     xs: &mut XenStore,
     paths: &VbdPaths,
     sectors: u64,
     read_only: bool,
+    max_indirect: u16,
 ) -> Result<XenbusState, VbdError> {
     let b = &paths.back;
     let ours = state(xs, b)?;
@@ -245,6 +248,12 @@ pub fn advertise(
         ("feature-persistent", "1".to_string()),
     ] {
         xs.write(&format!("{b}/{k}"), &v)?;
+    }
+    if max_indirect > 0 {
+        xs.write(
+            &format!("{b}/feature-max-indirect-segments"),
+            &max_indirect.to_string(),
+        )?;
     }
     xs.write(&format!("{b}/state"), &XenbusState::InitWait.to_xenstore())?;
     Ok(XenbusState::InitWait)
@@ -354,13 +363,17 @@ mod tests {
         let mut xs = crate::xenstore::testing::fake();
         let p = VbdPaths::new(0, 3, 51712);
         assert_eq!(
-            advertise(&mut xs, &p, 2048, true).unwrap(),
+            advertise(&mut xs, &p, 2048, true, 16).unwrap(),
             XenbusState::InitWait
         );
         let get = |xs: &mut XenStore, k: &str| xs.read(&format!("{}/{k}", p.back)).unwrap();
         assert_eq!(get(&mut xs, "sectors").as_deref(), Some("2048"));
         assert_eq!(get(&mut xs, "info").as_deref(), Some("4"));
         assert_eq!(get(&mut xs, "feature-persistent").as_deref(), Some("1"));
+        assert_eq!(
+            get(&mut xs, "feature-max-indirect-segments").as_deref(),
+            Some("16")
+        );
         assert_eq!(get(&mut xs, "state").as_deref(), Some("2"));
         for (k, v) in [("ring-ref", "9"), ("event-channel", "7"), ("state", "3")] {
             xs.write(&format!("{}/{k}", p.front), v).unwrap();
@@ -374,7 +387,7 @@ mod tests {
         connect(&mut xs, &p).unwrap();
         // A restarted backend: Connected stays, and different features are not written.
         assert_eq!(
-            advertise(&mut xs, &p, 1, false).unwrap(),
+            advertise(&mut xs, &p, 1, false, 0).unwrap(),
             XenbusState::Connected
         );
         assert_eq!(get(&mut xs, "sectors").as_deref(), Some("2048"));

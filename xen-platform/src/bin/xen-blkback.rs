@@ -98,6 +98,9 @@ struct Args {
     /// exist yet (`xen_platform::vbd::create`).
     #[arg(long)]
     create: bool,
+    /// `feature-max-indirect-segments` offered (0: none; at most idd-blk's 16).
+    #[arg(long, default_value_t = 16)]
+    max_indirect_segments: u16,
     /// Requests taken from the ring per round.
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -162,7 +165,12 @@ fn run(args: Args) -> Result<(), String> {
         eprintln!("xen-blkback: created {} and {}", paths.front, paths.back);
     }
     // 1. XenStore handshake (or find it done: a restart).
-    let ours = vbd::advertise(&mut xs, &paths, sectors, args.read_only).map_err(|e| chain(&e))?;
+    // idd-blk records at most PINS_PER_SLOT pins per request (16).
+    let max_indirect = args
+        .max_indirect_segments
+        .min(u16::try_from(idd_blk::journal::PINS_PER_SLOT).unwrap_or(u16::MAX));
+    let ours = vbd::advertise(&mut xs, &paths, sectors, args.read_only, max_indirect)
+        .map_err(|e| chain(&e))?;
     eprintln!(
         "xen-blkback: domain {domid}, {} ({sectors} sectors), backend state {}",
         paths.back,
