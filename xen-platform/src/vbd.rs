@@ -15,13 +15,14 @@
 //! | `info` | 0, or 4 (`VDISK_READONLY`) | at connect (required) |
 //! | `feature-flush-cache` | 1 | flush requests (`BLKIF_OP_FLUSH_DISKCACHE`) |
 //! | `feature-persistent` | 1 | the frontend reuses a fixed pool of grants |
-//! | `feature-max-indirect-segments` | 16 (idd-blk's limit), unless disabled | requests of up to 16 segments through indirect pages |
+//! | `feature-max-indirect-segments` | only with `--max-indirect-segments N` (N ≤ 16) | requests of up to N segments through indirect pages |
 //! | `state` | 2 (InitWait), then 4 (Connected) | drives the frontend |
 //!
 //! No `max-ring-page-order` and no `multi-queue-max-queues`: blkfront then publishes one
 //! single-page ring, as `ring-ref` and `event-channel` (and `protocol`, `feature-persistent`) in
-//! its directory, and goes to 3 (Initialised). With `feature-max-indirect-segments` a request
-//! may name up to 16 segments in indirect pages (blkback copies them in with grant copy).
+//! its directory, and goes to 3 (Initialised). Without `feature-max-indirect-segments` (the
+//! default: idd-blk's response to an indirect request carries operation 6, which Linux's
+//! blkfront rejects) requests carry at most 11 segments.
 //!
 //! # Restart
 //!
