@@ -9,7 +9,7 @@
 # Environment:
 #   BACKEND=kernel|ours        which backends serve the domU (default kernel)
 #   XEN_TESTBED_CACHE=DIR      downloads and builds (default <repo>/target/xen-testbed)
-#   XEN_TESTBED_TIMEOUT=SECS   wall-clock limit of the whole run (default 600)
+#   XEN_TESTBED_TIMEOUT=SECS   wall-clock limit of the whole run (default 600; 900 with BACKEND=ours)
 #   XEN_TESTBED_TEARDOWN=0     skip the backend teardown/recreate experiment
 #   XEN_TESTBED_NO_UPDATE=1    do not run apt-get update (offline re-runs from the cache)
 #   IDD_BINARIES="a b"         BACKEND=ours: binaries copied into dom0's /opt/idd/bin
@@ -28,7 +28,8 @@ TB=$HERE/xen-testbed
 
 BACKEND=${BACKEND:-kernel}
 CACHE=${XEN_TESTBED_CACHE:-$REPO/target/xen-testbed}
-TIMEOUT=${XEN_TESTBED_TIMEOUT:-600}
+# BACKEND=ours adds 60 s of guest window and 20 backend restarts.
+TIMEOUT=${XEN_TESTBED_TIMEOUT:-$([ "${BACKEND:-kernel}" = ours ] && echo 900 || echo 600)}
 # shellcheck disable=SC2034 # used by host-lib.sh
 TEARDOWN=${XEN_TESTBED_TEARDOWN:-1}
 

@@ -179,6 +179,9 @@ write_conf() {
 KVER=$KVER
 BACKEND=$BACKEND
 TEARDOWN=$TEARDOWN
+GUEST_WINDOW=$([ "$BACKEND" = ours ] && echo 200 || echo 110)
+GUEST_VERIFY_DD=$([ "$BACKEND" = ours ] && echo 1 || echo 0)
+GUEST_PEER_DISK=$([ "$BACKEND" = ours ] && echo 1 || echo 0)
 EOF
 }
 
@@ -225,6 +228,8 @@ build_images() {
       bs+=("$bin")
     done
     install_elves "$d" opt/idd/bin "${bs[@]}"
+    # Debug builds carry ~50 MB of debug info each: keep the initramfs small.
+    for bin in "${bs[@]}"; do strip "$d/opt/idd/bin/$(basename "$bin")" 2>/dev/null || true; done
   fi
   pack "$d" "$b/dom0.cpio.gz"
   DOM0_INITRD=$b/dom0.cpio.gz
@@ -305,6 +310,14 @@ check_results() {
   done
   if [ "$TEARDOWN" = 1 ]; then
     grep -qE "TESTBED PASS teardown-experiment( |$)" <<<"$clean" || missing+=(teardown-experiment)
+    if [ "$BACKEND" = ours ]; then
+      # Our restarts must be invisible: every restart re-attached, and no guest I/O failed.
+      grep -qE "TESTBED PASS ours-restarts( |$)" <<<"$clean" || missing+=(ours-restarts)
+      grep -qE "TESTBED OBSERVE guest disk: [1-9][0-9]* verified I/Os ok, 0 failed, longest gap between successes [0-9.]+s$" <<<"$clean" ||
+        missing+=("guest disk I/O without errors during the restarts")
+      grep -qE "TESTBED OBSERVE guest verifying dd: ([1-9][0-9]*) passes, \1 ok, 0 bad" <<<"$clean" ||
+        missing+=("every verifying dd pass correct")
+    fi
   fi
   grep -q 'TESTBED-END' <<<"$clean" || missing+=("TESTBED-END (dom0 did not finish)")
   if [ -n "$fails" ] || [ ${#missing[@]} -gt 0 ]; then

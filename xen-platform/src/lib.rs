@@ -1,0 +1,28 @@
+//! Our IDDs as userspace Xen backends: [`XenPlatform`] implements `devchan::platform::Platform`
+//! on Linux's Xen devices, so idd-blk's `Blkback` (and later idd-net) runs unchanged in a Xen
+//! backend domain (dom0 here) against unmodified Linux frontends.
+//!
+//! * [`sys`]: the gntdev/evtchn ioctl structs and numbers (checked against the C headers by
+//!   `tests/xen_headers.rs`).
+//! * [`gntdev`]: grant map (`mmap`), unmap on drop, grant copy.
+//! * [`evtchn`]: event channels; ports bound on a supervisor-held file survive the backend.
+//! * [`xenstore`]: a minimal XenStore client (`/dev/xen/xenbus` or xenstored's socket).
+//! * [`memory`]: the backend's frames, a tmpfs file that survives the process (the journal).
+//! * [`platform`]: [`XenPlatform`], what an IOVA means without an IOMMU, persistent grants,
+//!   and what a backend cannot do on Xen.
+//! * [`pins`]: the persistent, reference-counted grant mappings behind `pin_grant`.
+//! * [`vbd`]: the blkif XenStore handshake of the `xen-blkback` program.
+//!
+//! The `xen-blkback` program (`src/bin/xen-blkback.rs`) serves one guest disk from an image
+//! file and re-attaches transparently when restarted.
+
+pub mod evtchn;
+pub mod gntdev;
+pub mod memory;
+pub mod pins;
+pub mod platform;
+pub mod sys;
+pub mod vbd;
+pub mod xenstore;
+
+pub use platform::XenPlatform;
