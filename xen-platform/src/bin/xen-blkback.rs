@@ -98,11 +98,11 @@ struct Args {
     /// exist yet (`xen_platform::vbd::create`).
     #[arg(long)]
     create: bool,
-    /// `feature-max-indirect-segments` offered (0: none; at most idd-blk's 16). Off by
-    /// default: idd-blk answers an indirect request with operation 6 (`BLKIF_OP_INDIRECT`),
-    /// and Linux's blkfront wants the indirect request's own operation back ("response has
-    /// wrong operation (6 instead of 1)", then the disk is dead), as seen in the testbed.
-    #[arg(long, default_value_t = 0)]
+    /// `feature-max-indirect-segments` offered (0: none; at most idd-blk's 16). idd-blk
+    /// answers an indirect request with its `indirect_op`, which is what Linux's blkfront
+    /// checks ("response has wrong operation (6 instead of 1)" and a dead disk otherwise, as
+    /// an earlier idd-blk showed in the testbed).
+    #[arg(long, default_value_t = 16)]
     max_indirect_segments: u16,
     /// Requests taken from the ring per round.
     #[arg(long, default_value_t = 8)]
