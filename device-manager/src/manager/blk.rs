@@ -228,25 +228,20 @@ impl BlkSlice {
             .iter()
             .map(|g| g.ring.as_ref().and_then(|r| r.indexes().ok()))
             .collect();
-        let t0 = Instant::now();
-        let revoked = self.idd.revoke(&d0.sys)?;
         // The journals' pin tables list IOVAs the dead process pinned, for the next process
         // to unpin. They are all revoked now, and the IOMMU hands freed IOVAs out again (the
         // new process's own queue pins may get them): clear the tables, or the new process
         // would unpin someone else's fresh mapping. The request slots (page 0) stay: the
         // new process replays them and pins again.
         let mem = d0.sys.domain(self.idd.domid)?.memory().clone();
-        for i in 0..self.channels.len() as u64 {
-            mem.write(JOURNAL_FIRST_FRAME + 2 * i + 1, 0, &[0u8; 4096])?;
-        }
-        let revoke = t0.elapsed();
-        let t1 = Instant::now();
+        let channels = self.channels.len() as u64;
         let args = self.idd_args();
-        self.idd.spawn(&d0.sys, &args)?;
-        let spawn = t1.elapsed();
-        let t2 = Instant::now();
-        self.idd.wait_ready(Duration::from_secs(10))?;
-        let reattach = t2.elapsed();
+        let ph = self.idd.restart_in_place(&d0.sys, &args, || {
+            for i in 0..channels {
+                mem.write(JOURNAL_FIRST_FRAME + 2 * i + 1, 0, &[0u8; 4096])?;
+            }
+            Ok(())
+        })?;
         // First response: a ring with requests outstanding at the crash gets an answer.
         let t3 = Instant::now();
         let pending: Vec<usize> = before
@@ -277,10 +272,10 @@ impl BlkSlice {
             device: self.dev.name.clone(),
             cause,
             detect,
-            revoke,
-            revoked,
-            spawn,
-            reattach,
+            revoke: ph.revoke,
+            revoked: ph.revoked,
+            spawn: ph.spawn,
+            reattach: ph.reattach,
             first_response,
         })
     }

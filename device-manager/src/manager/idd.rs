@@ -311,6 +311,43 @@ impl Idd {
     }
 }
 
+/// The timed, device-independent phases of a same-domain restart.
+pub(crate) struct Phases {
+    /// (mappings released, pins/copies revoked).
+    pub revoked: (usize, usize),
+    pub revoke: Duration,
+    pub spawn: Duration,
+    pub reattach: Duration,
+}
+
+impl Idd {
+    /// Restart in the same domain after [`Idd::begin_recovery`]: revoke what the dead process
+    /// held, run the kind's `housekeeping` on the domain (counted in the revoke phase), start
+    /// a new process with `args` and wait until it is `ready`.
+    pub fn restart_in_place(
+        &mut self,
+        sys: &Arc<System>,
+        args: &[String],
+        housekeeping: impl FnOnce() -> Result<()>,
+    ) -> Result<Phases> {
+        let t0 = Instant::now();
+        let revoked = self.revoke(sys)?;
+        housekeeping()?;
+        let revoke = t0.elapsed();
+        let t1 = Instant::now();
+        self.spawn(sys, args)?;
+        let spawn = t1.elapsed();
+        let t2 = Instant::now();
+        self.wait_ready(Duration::from_secs(10))?;
+        Ok(Phases {
+            revoked,
+            revoke,
+            spawn,
+            reattach: t2.elapsed(),
+        })
+    }
+}
+
 impl Drop for Idd {
     fn drop(&mut self) {
         let _ = self.kill();

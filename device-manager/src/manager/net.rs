@@ -328,16 +328,8 @@ impl NetSlice {
         let detect = self.idd.begin_recovery()?;
         let views = self.ring_views(d0);
         let before: Vec<_> = views.iter().map(|v| v.indexes().ok()).collect();
-        let t0 = Instant::now();
-        let revoked = self.idd.revoke(&d0.sys)?;
-        let revoke = t0.elapsed();
-        let t1 = Instant::now();
         let args = self.idd_args();
-        self.idd.spawn(&d0.sys, &args)?;
-        let spawn = t1.elapsed();
-        let t2 = Instant::now();
-        self.idd.wait_ready(Duration::from_secs(10))?;
-        let reattach = t2.elapsed();
+        let ph = self.idd.restart_in_place(&d0.sys, &args, || Ok(()))?;
         let t3 = Instant::now();
         self.first_response(&views, &before);
         Ok(Recovery {
@@ -345,10 +337,10 @@ impl NetSlice {
             device: self.dev.name.clone(),
             cause,
             detect,
-            revoke,
-            revoked,
-            spawn,
-            reattach,
+            revoke: ph.revoke,
+            revoked: ph.revoked,
+            spawn: ph.spawn,
+            reattach: ph.reattach,
             first_response: t3.elapsed(),
         })
     }
