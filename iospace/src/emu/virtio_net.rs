@@ -353,8 +353,9 @@ impl Shared {
 
     fn fail(&self, a: &Active) {
         if !a.failed.swap(true, Ordering::SeqCst) {
-            bump(&self.stats.failures, 1);
+            // Status first: whoever sees the count must also see `DEVICE_NEEDS_RESET`.
             a.irq.needs_reset();
+            bump(&self.stats.failures, 1);
         }
     }
 
