@@ -32,6 +32,9 @@ pub struct Recovery {
     pub seq: u32,
     /// The device whose IDD recovered (policy name).
     pub device: String,
+    /// The channel whose refused ring was replaced by a reconnect, when that caused this
+    /// recovery (`Manager::reset_channel`).
+    pub channel: Option<usize>,
     /// Why.
     pub cause: Cause,
     /// Fault (when injected, else detection) to detection.
@@ -153,6 +156,7 @@ mod tests {
         let r = Recovery {
             seq: 1,
             device: "disk0".into(),
+            channel: None,
             cause: Cause::Hung(Duration::from_millis(300)),
             detect: Duration::from_millis(1),
             revoke: Duration::from_millis(2),

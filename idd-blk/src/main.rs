@@ -40,13 +40,13 @@
 //! its ring grant and event-channel port, its region of the device in sectors, read-only).
 
 use clap::Parser;
+use hypervisor::process::report::Reporter;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
 use idd_blk::blkback::{BackendConfig, Blkback, ChannelConfig, ChannelStats, Region};
-use iospace::link::RemoteIo;
 use idd_blk::layout::{DRIVER_FRAMES, JOURNAL_FIRST_FRAME, SCRATCH_FRAME};
 use idd_blk::virtio::VirtioBlkDriver;
-use std::io::Write;
+use iospace::link::RemoteIo;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -151,21 +151,8 @@ fn run(args: Args) -> Result<(), String> {
         back.attach(c)
             .map_err(|e| format!("channel of domain {}: {}", c.guest, chain(&e)))?;
     }
-    let mut out = std::io::stdout().lock();
-    // stdout is the manager's pipe. If the reader goes away, the guests still need their
-    // driver: stop reporting (said once on stderr) and keep serving.
-    let mut reporting = true;
-    let mut say = |out: &mut std::io::StdoutLock<'_>, line: &str| {
-        if reporting {
-            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-                eprintln!("idd-blk: stdout: {e}; no more reports, still serving");
-                reporting = false;
-            }
-        }
-    };
-    say(&mut out, "ready");
-    let mut reported = std::collections::BTreeSet::new();
-    let (mut beats, mut last_beat) = (0u64, Instant::now());
+    let mut report = Reporter::new("idd-blk", HEARTBEAT);
+    report.ready();
     let mut last_progress = Instant::now();
     let mut stall_reported = false;
     loop {
@@ -186,16 +173,9 @@ fn run(args: Args) -> Result<(), String> {
             stall_reported = true;
         }
         for (chan, e) in back.failed() {
-            if reported.insert(chan) {
-                eprintln!("idd-blk: channel {chan} failed: {e}");
-                say(&mut out, &format!("failed {chan}"));
-            }
+            report.failed(chan, &e);
         }
-        if last_beat.elapsed() >= HEARTBEAT {
-            beats += 1;
-            last_beat = Instant::now();
-            say(&mut out, &heartbeat(beats, &back, nchan));
-        }
+        report.heartbeat(|n| heartbeat(n, &back, nchan));
     }
 }
 

@@ -58,6 +58,7 @@
 
 use clap::Parser;
 use devchan::platform::Platform;
+use hypervisor::process::report::Reporter;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
 use idd_net::credit::Credit;
@@ -70,13 +71,12 @@ use idd_net::layout::{
 use idd_net::netback::{release_previous, BackendConfig, ChannelConfig, ChannelStats, Netback};
 use idd_net::virtio::VirtioNetDriver;
 use iospace::link::RemoteIo;
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Heartbeat period (see the stdout protocol).
 const HEARTBEAT: Duration = Duration::from_millis(50);
@@ -208,12 +208,13 @@ fn run(args: Args) -> Result<(), String> {
         platform.domid()
     );
     let platform = Arc::new(platform);
+    let mut report = Reporter::new("idd-net", HEARTBEAT);
     let specs = if args.standby {
         if !args.channels.is_empty() {
             return Err("--standby takes its channels on stdin, not --channel".into());
         }
         // Say we are idle and ready to be promoted (the first line a standby prints).
-        println!("standby");
+        report.say("standby");
         await_promotion(std::io::stdin().lock())?
     } else {
         args.channels
@@ -245,35 +246,14 @@ fn run(args: Args) -> Result<(), String> {
         back.attach(c)
             .map_err(|e| format!("channel of domain {guest}: {}", chain(&e)))?;
     }
-    let mut out = std::io::stdout().lock();
-    // stdout is the manager's pipe. If the reader goes away, the guests still need their
-    // driver: stop reporting (said once on stderr) and keep serving.
-    let mut reporting = true;
-    let mut say = |out: &mut std::io::StdoutLock<'_>, line: &str| {
-        if reporting {
-            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-                eprintln!("idd-net: stdout: {e}; no more reports, still serving");
-                reporting = false;
-            }
-        }
-    };
-    say(&mut out, "ready");
-    let mut reported = std::collections::BTreeSet::new();
-    let (mut beats, mut last_beat) = (0u64, Instant::now());
+    report.ready();
     loop {
         back.run_once(ROUND)
             .map_err(|e| format!("serving: {}", chain(&e)))?;
         for (chan, e) in back.failed() {
-            if reported.insert(chan) {
-                eprintln!("idd-net: channel {chan} failed: {e}");
-                say(&mut out, &format!("failed {chan}"));
-            }
+            report.failed(chan, &e);
         }
-        if last_beat.elapsed() >= HEARTBEAT {
-            beats += 1;
-            last_beat = Instant::now();
-            say(&mut out, &heartbeat(beats, &back, nchan));
-        }
+        report.heartbeat(|n| heartbeat(n, &back, nchan));
     }
 }
 

@@ -270,6 +270,7 @@ impl BlkSlice {
         Ok(Recovery {
             seq,
             device: self.dev.name.clone(),
+            channel: None,
             cause,
             detect,
             revoke: ph.revoke,

@@ -229,23 +229,45 @@ impl NetSlice {
     }
 
     /// Wait until every NIC of a started guest has published its rings.
-    fn collect_rings(&mut self, d0: &mut Dom0, started: &[DomId], deadline: Instant) -> Result<()> {
+    /// Wait until every NIC of a started guest has published its rings. With `leave_out`, a
+    /// guest whose rings do not come by `deadline`, or whose keys are malformed, is left
+    /// without a channel (and said so on stderr) instead of failing the whole step: one
+    /// hostile guest must not stop a promotion for the others.
+    fn collect_rings(
+        &mut self,
+        d0: &mut Dom0,
+        started: &[DomId],
+        deadline: Instant,
+        leave_out: bool,
+    ) -> Result<()> {
         let mut channels = Vec::new();
         for n in &mut self.nics {
+            n.rings = None;
             if !started.contains(&n.domid) {
                 continue;
             }
             let rings = loop {
-                if let Some(r) = vif::frontend_rings(&mut d0.admin, &n.nodes)? {
-                    break r;
+                let got = vif::frontend_rings(&mut d0.admin, &n.nodes)
+                    .with_context(|| format!("guest {}", n.name));
+                let missing = match got {
+                    Ok(Some(r)) => break Some(r),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    Ok(None) => anyhow::anyhow!("guest {} did not publish its NIC's rings", n.name),
+                    Err(e) => e,
+                };
+                if !leave_out {
+                    return Err(missing);
                 }
-                ensure!(
-                    Instant::now() < deadline,
-                    "guest {} did not publish its NIC's rings",
-                    n.name
+                eprintln!(
+                    "[manager] {}: {missing:#}; its NIC is left without a channel",
+                    self.dev.name
                 );
-                std::thread::sleep(Duration::from_millis(2));
+                break None;
             };
+            let Some(rings) = rings else { continue };
             n.rings = Some(rings);
             channels.push(NetChannel {
                 guest: n.domid,
@@ -270,7 +292,7 @@ impl NetSlice {
     /// `Connected`, and start the standby if the policy asks for one.
     pub fn connect(&mut self, d0: &mut Dom0, started: &[DomId], timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        self.collect_rings(d0, started, deadline)?;
+        self.collect_rings(d0, started, deadline, false)?;
         if self.channels.is_empty() {
             return Ok(());
         }
@@ -335,6 +357,7 @@ impl NetSlice {
         Ok(Recovery {
             seq,
             device: self.dev.name.clone(),
+            channel: None,
             cause,
             detect,
             revoke: ph.revoke,
@@ -384,12 +407,11 @@ impl NetSlice {
         let t1 = Instant::now();
         for n in &mut self.nics {
             n.nodes.idd = sb.domid;
-            n.rings = None;
             vif::write_vif(&mut d0.admin, &n.nodes)?;
             vif::point_frontend(&mut d0.admin, &n.nodes)?;
         }
         let started: Vec<DomId> = self.channels.iter().map(|c| c.guest).collect();
-        self.collect_rings(d0, &started, Instant::now() + Duration::from_secs(10))?;
+        self.collect_rings(d0, &started, Instant::now() + Duration::from_secs(10), true)?;
         let spawn = t1.elapsed();
         // Hand the standby its channels; it resets the device and attaches.
         let t2 = Instant::now();
@@ -422,6 +444,7 @@ impl NetSlice {
         Ok(Recovery {
             seq,
             device: self.dev.name.clone(),
+            channel: None,
             cause: Cause::Exited(format!("{cause}; standby promoted")),
             detect,
             revoke,

@@ -82,11 +82,12 @@ impl BlkSlice {
         // recovery's "detect" phase is the XenBus reconnect, from t0.
         self.idd.kill()?;
         self.idd.fault_at = Some(t0);
-        let r = self.recover(
+        let mut r = self.recover(
             d0,
             Cause::Exited(format!("channel {chan} ring refused; frontend reconnected")),
             seq,
         )?;
+        r.channel = Some(chan);
         toolstack::set_backend_state(&mut d0.admin, &nodes, XenbusState::Connected)?;
         self.idd.failed_channels.retain(|c| *c != chan);
         self.reset_done.retain(|c| *c != chan);

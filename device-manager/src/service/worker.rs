@@ -207,11 +207,11 @@ impl Worker {
             .unwrap_or_default();
         // A refused channel is reset within the same `supervise` call: tell it first, so the
         // stream reads cause (channel failed) before effect (recovery).
-        // The manager forgets a channel's failure once it reset it, and says so only in the
-        // recovery's cause (`channel N ring refused; ...`): take it from either.
+        // The manager forgets a channel's failure once it reset it; the recovery names the
+        // channel it reset: take it from either.
         let mut failed: Vec<usize> = m.failed_channels().to_vec();
         if let Ok(Some(r)) = &result {
-            failed.extend(reset_channel_of(&r.cause));
+            failed.extend(r.channel);
         }
         for c in failed {
             if !self.seen_failed.contains(&c) {
@@ -552,41 +552,5 @@ fn net_channels(m: &Manager, policy: &Policy, snap: &mut Snapshot) {
             });
             chan += 1;
         }
-    }
-}
-
-/// The channel a recovery reset, from its cause (`Manager::reset_channel` words it
-/// `channel N ring refused; frontend reconnected`).
-fn reset_channel_of(cause: &crate::recovery::Cause) -> Option<usize> {
-    match cause {
-        crate::recovery::Cause::Exited(how) => how
-            .strip_prefix("channel ")?
-            .split_once(' ')
-            .filter(|(_, rest)| rest.starts_with("ring refused"))?
-            .0
-            .parse()
-            .ok(),
-        crate::recovery::Cause::Hung(_) => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::recovery::Cause;
-
-    #[test]
-    fn reset_channel_from_cause() {
-        let c = Cause::Exited("channel 3 ring refused; frontend reconnected".into());
-        assert_eq!(reset_channel_of(&c), Some(3));
-        assert_eq!(reset_channel_of(&Cause::Exited("Signaled(6)".into())), None);
-        assert_eq!(
-            reset_channel_of(&Cause::Exited("channel x ring refused".into())),
-            None
-        );
-        assert_eq!(
-            reset_channel_of(&Cause::Hung(Duration::from_millis(1))),
-            None
-        );
     }
 }
