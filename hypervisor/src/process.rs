@@ -59,6 +59,7 @@ use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
 
 mod mmap;
+pub mod control;
 pub mod report;
 use mmap::{Mmap, PageRegistry};
 

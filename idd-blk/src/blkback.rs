@@ -119,6 +119,17 @@ pub enum BlkbackError {
     /// The device failed as a whole.
     #[error("Device failed")]
     Device(#[from] crate::device::DeviceError),
+    /// No channel by that index.
+    #[error("No channel {0}")]
+    NoChannel(usize),
+    /// A region may only grow in place.
+    #[error("Region would shrink from {old} to {new} sectors")]
+    Shrink {
+        /// Current length.
+        old: u64,
+        /// Asked length.
+        new: u64,
+    },
 }
 
 /// Counters of one channel.
@@ -322,6 +333,30 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
             stats: ChannelStats::default(),
         });
         Ok(self.channels.len() - 1)
+    }
+
+    /// Grow channel `chan`'s region in place to `sectors` (the manager's reload): requests
+    /// up to the new end are served from the next one taken. Shrinking is refused (the guest
+    /// may already address what would vanish), as is a region past the device's end.
+    pub fn grow_region(&mut self, chan: usize, sectors: u64) -> Result<(), BlkbackError> {
+        let capacity = self.device.capacity();
+        let c = self
+            .channels
+            .get_mut(chan)
+            .ok_or(BlkbackError::NoChannel(chan))?;
+        let Region { offset, sectors: old } = c.cfg.region;
+        if sectors < old {
+            return Err(BlkbackError::Shrink { old, new: sectors });
+        }
+        if offset.checked_add(sectors).is_none_or(|end| end > capacity) {
+            return Err(BlkbackError::Region {
+                offset,
+                sectors,
+                capacity,
+            });
+        }
+        c.cfg.region.sectors = sectors;
+        Ok(())
     }
 
     /// Our port of channel `chan`.

@@ -23,6 +23,18 @@
 //! * `failed CHAN`: channel `CHAN` (its index in `--channel` order) became impossible to
 //!   serve (a corrupted ring); it is no longer served, the others are. Printed once per
 //!   channel.
+//! * `ctl ID ok` / `ctl ID err REASON`: the answer to control command `ID` (below).
+//!
+//! # Control commands on stdin (while serving)
+//!
+//! In `hypervisor::process::control`'s format (`ID VERB ARGS`), for the manager's live reload:
+//!
+//! * `ID region CHAN SECTORS`: grow channel `CHAN`'s region in place to `SECTORS` (same
+//!   offset). Requests up to the new end are served from then on; a shrink or a region past
+//!   the device's end is answered `err`. The guest learns the new size from XenStore
+//!   (`sectors`), which the manager writes after the `ok`.
+//!
+//! stdin closed (or `/dev/null`) just means no commands.
 //!
 //! # Its own memory (frames of the IDD domain's RAM the manager reserves)
 //!
@@ -40,6 +52,7 @@
 //! its ring grant and event-channel port, its region of the device in sectors, read-only).
 
 use clap::Parser;
+use hypervisor::process::control::{answer, ControlError, ControlIn, Request};
 use hypervisor::process::report::Reporter;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
@@ -107,6 +120,44 @@ fn parse_channel(s: &str, i: usize) -> Result<ChannelConfig, String> {
     })
 }
 
+/// Parse `region CHAN SECTORS` (the only control command): (channel, new length).
+fn parse_control(r: &Request) -> Result<(usize, u64), String> {
+    match (r.verb.as_str(), r.args.as_slice()) {
+        ("region", [chan, sectors]) => Ok((
+            chan.parse()
+                .map_err(|e| format!("region: channel {chan:?}: {e}"))?,
+            sectors
+                .parse()
+                .map_err(|e| format!("region: sectors {sectors:?}: {e}"))?,
+        )),
+        ("region", _) => Err("region: want CHAN SECTORS".into()),
+        (other, _) => Err(format!(
+            "unknown command {:?}",
+            other.chars().take(20).collect::<String>()
+        )),
+    }
+}
+
+/// Run one control line against the backend; the answer line, if the line had an id.
+fn control<P: devchan::platform::Platform, D: idd_blk::device::BlockDevice>(
+    back: &mut Blkback<P, D>,
+    line: Result<String, ControlError>,
+) -> Option<String> {
+    let req = match line.and_then(|l| Request::parse(&l)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("idd-blk: control: {e}");
+            return None;
+        }
+    };
+    let result = parse_control(&req).and_then(|(chan, sectors)| {
+        back.grow_region(chan, sectors)
+            .map_err(|e| format!("region: {}", chain(&e)))
+    });
+    eprintln!("idd-blk: control {} {}: {result:?}", req.verb, req.args.join(" "));
+    Some(answer(req.id, &result))
+}
+
 fn run(args: Args) -> Result<(), String> {
     let channels = args
         .channels
@@ -152,6 +203,7 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("channel of domain {}: {}", c.guest, chain(&e)))?;
     }
     let mut report = Reporter::new("idd-blk", HEARTBEAT);
+    let mut ctl = ControlIn::stdin();
     report.ready();
     let mut last_progress = Instant::now();
     let mut stall_reported = false;
@@ -174,6 +226,11 @@ fn run(args: Args) -> Result<(), String> {
         }
         for (chan, e) in back.failed() {
             report.failed(chan, &e);
+        }
+        for line in ctl.poll_lines() {
+            if let Some(a) = control(&mut back, line) {
+                report.say(&a);
+            }
         }
         report.heartbeat(|n| heartbeat(n, &back, nchan));
     }
@@ -259,6 +316,34 @@ mod tests {
             "1:1:1:0:1:ro:x",
         ] {
             assert!(parse_channel(bad, 0).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn control_commands() {
+        let req = |l: &str| Request::parse(l).unwrap();
+        assert_eq!(parse_control(&req("4 region 1 4096")).unwrap(), (1, 4096));
+        for bad in [
+            "4 region",
+            "4 region 1",
+            "4 region x 1",
+            "4 region 1 -5",
+            "4 region 1 2 3",
+            "4 credit 1 2",
+        ] {
+            assert!(parse_control(&req(bad)).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_control_lines_never_panic(line in "\\PC{0,200}", words in proptest::collection::vec("[ -~]{0,30}", 0..4)) {
+            if let Ok(r) = Request::parse(&line) {
+                let _ = parse_control(&r);
+            }
+            if let Ok(r) = Request::parse(&format!("9 region {}", words.join(" "))) {
+                let _ = parse_control(&r);
+            }
         }
     }
 

@@ -24,6 +24,19 @@
 //! guests set up again for it (the reconnect protocol). stdin closing before `go` ends it
 //! with an error.
 //!
+//! # Control commands on stdin (while serving)
+//!
+//! The manager changes a channel's policy live (a reload) without a restart, one line per
+//! command in `hypervisor::process::control`'s format (`ID VERB ARGS`, answered `ctl ID ok`
+//! or `ctl ID err REASON` on stdout); `CHAN` is the `--channel` index:
+//!
+//! * `ID credit CHAN BYTES/USEC` or `ID credit CHAN none`: the channel's credit; its bucket
+//!   restarts full at the new rate.
+//! * `ID ips CHAN CIDR+CIDR` or `ID ips CHAN none`: the networks it may send from.
+//!
+//! A standby reads its `channel`/`go` lines from the same stdin first. stdin closed (or
+//! `/dev/null`) just means no commands.
+//!
 //! One `--channel` per guest interface: the frontend's domain, its `tx-ring-ref`,
 //! `rx-ring-ref` and `event-channel`, its MAC (the only source it may send from, and where
 //! unicast frames for it go), `rx-copy` (1, the default: grant copy, Linux's
@@ -43,6 +56,7 @@
 //!   posted buffer, packets dropped as spoofed, times a packet waited for credit.
 //! * `failed CHAN`: channel `CHAN` (its `--channel` index) broke its ring; it is no longer
 //!   served, the others are. Once per channel.
+//! * `ctl ID ok` / `ctl ID err REASON`: the answer to control command `ID`.
 //!
 //! # Its own memory (frames of the IDD domain's RAM, `idd_net::layout`)
 //!
@@ -58,6 +72,7 @@
 
 use clap::Parser;
 use devchan::platform::Platform;
+use hypervisor::process::control::{answer, ControlError, ControlIn, Request};
 use hypervisor::process::report::Reporter;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
@@ -103,21 +118,87 @@ struct Args {
     standby: bool,
 }
 
-/// A standby's wait: `channel SPEC` lines on stdin until `go`; returns the SPECs.
-fn await_promotion(input: impl std::io::BufRead) -> Result<Vec<String>, String> {
+/// A standby's wait: `channel SPEC` lines on stdin until `go`; returns the SPECs and the
+/// lines that came after `go` in the same read (control commands, served once running).
+fn await_promotion<R: std::io::Read + AsRawFd>(
+    ctl: &mut ControlIn<R>,
+) -> Result<(Vec<String>, Vec<Result<String, ControlError>>), String> {
     let mut specs = Vec::new();
-    for line in input.lines() {
-        let line = line.map_err(|e| format!("standby: stdin: {e}"))?;
-        match line.split_once(' ') {
-            Some(("channel", spec)) => specs.push(spec.trim().to_owned()),
-            None if line.trim() == "go" => return Ok(specs),
-            _ => {
-                let shown: String = line.chars().take(80).collect();
-                return Err(format!("standby: unexpected line {shown:?}"));
+    while !ctl.closed() {
+        let mut lines = ctl.wait_lines(-1).into_iter();
+        while let Some(line) = lines.next() {
+            let line = line.map_err(|e| format!("standby: stdin: {e}"))?;
+            match line.split_once(' ') {
+                Some(("channel", spec)) => specs.push(spec.trim().to_owned()),
+                None if line.trim() == "go" => return Ok((specs, lines.collect())),
+                _ => {
+                    let shown: String = line.chars().take(80).collect();
+                    return Err(format!("standby: unexpected line {shown:?}"));
+                }
             }
         }
     }
     Err("standby: stdin closed before `go`".into())
+}
+
+/// A control command (see the module docs), its channel index first.
+#[derive(Debug, Clone, PartialEq)]
+enum Control {
+    /// `credit CHAN BYTES/USEC|none`.
+    Credit(usize, Option<Credit>),
+    /// `ips CHAN CIDR+CIDR|none`.
+    Ips(usize, Vec<ipnet::IpNet>),
+}
+
+/// Parse a control request's verb and arguments.
+fn parse_control(r: &Request) -> Result<Control, String> {
+    let [chan, value] = r.args.as_slice() else {
+        return Err(format!("{}: want CHAN VALUE", r.verb));
+    };
+    let chan = chan
+        .parse::<usize>()
+        .map_err(|e| format!("{}: channel {chan:?}: {e}", r.verb))?;
+    match r.verb.as_str() {
+        "credit" if value == "none" => Ok(Control::Credit(chan, None)),
+        "credit" => value
+            .parse::<Credit>()
+            .map(|c| Control::Credit(chan, Some(c)))
+            .map_err(|e| format!("credit: {e}")),
+        "ips" if value == "none" => Ok(Control::Ips(chan, Vec::new())),
+        "ips" => parse_nets(value)
+            .map(|n| Control::Ips(chan, n))
+            .map_err(|e| format!("ips: {e}")),
+        other => Err(format!("unknown command {:?}", other.chars().take(20).collect::<String>())),
+    }
+}
+
+/// Run one control line against the backend; the answer line to print, if the line had an
+/// id to answer to (one without is said on stderr: nothing could match the answer).
+fn control<P: Platform, D: NetDevice>(
+    back: &mut Netback<P, D>,
+    line: Result<String, ControlError>,
+) -> Option<String> {
+    let req = line.and_then(|l| Request::parse(&l));
+    let req = match req {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("idd-net: control: {e}");
+            return None;
+        }
+    };
+    let result = parse_control(&req).and_then(|c| {
+        let (chan, done) = match c {
+            Control::Credit(chan, credit) => (chan, back.set_credit(chan, credit)),
+            Control::Ips(chan, nets) => (chan, back.set_nets(chan, nets)),
+        };
+        if done {
+            Ok(())
+        } else {
+            Err(format!("no channel {chan}"))
+        }
+    });
+    eprintln!("idd-net: control {} {}: {result:?}", req.verb, req.args.join(" "));
+    Some(answer(req.id, &result))
 }
 
 /// Parse one `--channel` SPEC; `i` is its index (which journal it uses).
@@ -209,15 +290,16 @@ fn run(args: Args) -> Result<(), String> {
     );
     let platform = Arc::new(platform);
     let mut report = Reporter::new("idd-net", HEARTBEAT);
-    let specs = if args.standby {
+    let mut ctl = ControlIn::stdin();
+    let (specs, mut early) = if args.standby {
         if !args.channels.is_empty() {
             return Err("--standby takes its channels on stdin, not --channel".into());
         }
         // Say we are idle and ready to be promoted (the first line a standby prints).
         report.say("standby");
-        await_promotion(std::io::stdin().lock())?
+        await_promotion(&mut ctl)?
     } else {
-        args.channels
+        (args.channels, Vec::new())
     };
     let channels = specs
         .iter()
@@ -250,6 +332,12 @@ fn run(args: Args) -> Result<(), String> {
     loop {
         back.run_once(ROUND)
             .map_err(|e| format!("serving: {}", chain(&e)))?;
+        early.extend(ctl.poll_lines());
+        for line in early.drain(..) {
+            if let Some(a) = control(&mut back, line) {
+                report.say(&a);
+            }
+        }
         for (chan, e) in back.failed() {
             report.failed(chan, &e);
         }
@@ -305,19 +393,72 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    fn standby(input: &[u8]) -> Result<(Vec<String>, usize), String> {
+        let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut w, input).unwrap();
+        drop(w);
+        await_promotion(&mut ControlIn::new(r)).map(|(s, rest)| (s, rest.len()))
+    }
+
     #[test]
     fn a_standby_takes_its_channels_from_stdin() {
-        let input = "channel guest=3,tx=8,rx=9,port=5,mac=02:00:00:00:00:01\ngo\nignored\n";
+        let input = b"channel guest=3,tx=8,rx=9,port=5,mac=02:00:00:00:00:01\ngo\n1 credit 0 none\n";
         assert_eq!(
-            await_promotion(input.as_bytes()).unwrap(),
-            vec!["guest=3,tx=8,rx=9,port=5,mac=02:00:00:00:00:01".to_owned()]
+            standby(input).unwrap(),
+            (vec!["guest=3,tx=8,rx=9,port=5,mac=02:00:00:00:00:01".to_owned()], 1)
         );
-        assert!(await_promotion("channel x\n".as_bytes()).is_err(), "no go");
-        assert!(await_promotion("hello\ngo\n".as_bytes()).is_err());
+        assert!(standby(b"channel x\n").is_err(), "no go");
+        assert!(standby(b"hello\ngo\n").is_err());
+        assert_eq!(standby(b"go\n").unwrap(), (Vec::<String>::new(), 0));
+    }
+
+    fn req(line: &str) -> Request {
+        Request::parse(line).unwrap()
+    }
+
+    #[test]
+    fn control_commands() {
         assert_eq!(
-            await_promotion("go\n".as_bytes()).unwrap(),
-            Vec::<String>::new()
+            parse_control(&req("1 credit 2 61440/100000")).unwrap(),
+            Control::Credit(2, Some(Credit::new(61_440, 100_000).unwrap()))
         );
+        assert_eq!(
+            parse_control(&req("1 credit 0 none")).unwrap(),
+            Control::Credit(0, None)
+        );
+        match parse_control(&req("1 ips 1 10.0.0.0/24+fd00::/64")).unwrap() {
+            Control::Ips(1, n) => assert_eq!(n.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_control(&req("1 ips 1 none")).unwrap(),
+            Control::Ips(1, Vec::new())
+        );
+        for bad in [
+            "1 credit",
+            "1 credit 0",
+            "1 credit x 1/1",
+            "1 credit 0 0/10",
+            "1 credit 0 1/1 extra",
+            "1 ips 0 10.0.0.0/40",
+            "1 region 0 100",
+            "1 credit -1 1/1",
+        ] {
+            assert!(parse_control(&req(bad)).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_control_lines_never_panic(line in "\\PC{0,200}", words in proptest::collection::vec("[ -~]{0,30}", 0..5)) {
+            if let Ok(r) = Request::parse(&line) {
+                let _ = parse_control(&r);
+            }
+            let joined = format!("7 {}", words.join(" "));
+            if let Ok(r) = Request::parse(&joined) {
+                let _ = parse_control(&r);
+            }
+        }
     }
 
     #[test]

@@ -446,6 +446,30 @@ impl<P: Platform, D: NetDevice> Netback<P, D> {
         self.channels.get(chan).map(|c| c.stats)
     }
 
+    /// Change channel `chan`'s credit live (the manager's reload): its bucket starts afresh,
+    /// full, at the new rate; a packet waiting for credit is checked against it next round.
+    /// `false` if there is no such channel.
+    pub fn set_credit(&mut self, chan: usize, credit: Option<Credit>) -> bool {
+        let now = self.now_us();
+        let Some(c) = self.channels.get_mut(chan) else {
+            return false;
+        };
+        c.cfg.credit = credit;
+        c.bucket = Bucket::new(credit, now);
+        true
+    }
+
+    /// Change the networks channel `chan` may send from, live (the manager's reload); empty:
+    /// no IP filter. `false` if there is no such channel.
+    pub fn set_nets(&mut self, chan: usize, nets: Vec<IpNet>) -> bool {
+        let Some(c) = self.channels.get_mut(chan) else {
+            return false;
+        };
+        c.cfg.nets.clone_from(&nets);
+        c.policy.nets = nets;
+        true
+    }
+
     /// Channels served.
     pub fn channels(&self) -> usize {
         self.channels.len()
