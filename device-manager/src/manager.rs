@@ -3,7 +3,8 @@
 //! Use: [`Manager::start`] (domain 0 services, the devices, the domains, the XenStore nodes),
 //! [`Manager::start_guest`] for each guest's process, [`Manager::connect`] (waits for the
 //! frontends' rings, starts the IDD processes, marks the backends `Connected`), then call
-//! [`Manager::supervise`] in a loop; [`Manager::inject`] injects faults.
+//! [`Manager::supervise`] in a loop; [`Manager::inject`] injects faults; [`Manager::apply`]
+//! applies a policy reload live ([`reload`]).
 //!
 //! One IDD per device: the policy's first virtio-blk device is the block slice
 //! ([`blk`]), every virtio-net device a network slice ([`net`]). A guest is one domain
@@ -31,9 +32,11 @@ mod blk;
 mod idd;
 mod net;
 mod reconnect;
+pub mod reload;
 
 pub use blk::GuestDisk;
 pub use net::GuestNic;
+pub use reload::{Applied, How, ReloadError};
 
 use crate::fault::Fault;
 use crate::layout::GUEST_FRAMES;

@@ -26,11 +26,14 @@
 //!
 //! [`Command::ApplyPolicy`] parses and validates the new text (every error with its position),
 //! computes [`Policy::diff_with`] against the running policy (guests whose process runs count
-//! as connected) and refuses every unsafe change with its reason. Changes that need no action
-//! from a running domain (new or removed unused devices and guests, device settings) are
-//! recorded and take effect at the next start; changes that need the manager to act on a
-//! running guest (share, IPs, region, access) are answered [`ServiceError::NotImplemented`]
-//! until the manager has a method to apply them live.
+//! as connected) and refuses every unsafe change with its reason ([`ServiceError::Refused`],
+//! 409). The safe ones are carried out by [`Manager::apply`](crate::manager::Manager::apply)
+//! (`manager::reload`): a NIC's share and allowed IPs and a disk region grown in place reach
+//! the running IDD at once and its stored config, without restarting anything; changes that
+//! concern nothing running (new or removed unused devices and guests, device settings) are
+//! recorded and take effect at the next start. Plugging or unplugging a running guest's NIC
+//! or disk, or removing a running guest, is answered [`ServiceError::NotImplemented`] (501)
+//! and nothing is applied. The answer and the `policy_applied` event list what was done.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -296,7 +299,7 @@ impl Service {
         let new = Policy::parse(text, name).map_err(|e| ServiceError::Invalid(Box::new(e)))?;
         let running = self.snapshot();
         let old = self.current_policy()?;
-        plan(&old, &new, &running)
+        plan(&old, &new, &running).map(|c| outcome(&c, &running))
     }
 
     fn current_policy(&self) -> Result<Policy, ServiceError> {
@@ -427,14 +430,12 @@ fn idd_placeholders(p: &Policy, state: IddState, reason: Option<String>) -> Vec<
         .collect()
 }
 
-/// Whether a change needs the manager to act on a running guest.
-fn needs_live_action(c: &Change, running: &Snapshot) -> Option<String> {
+/// Whether a change needs an action the manager does not do live (plugging or unplugging a
+/// running guest's devices): the guest, if so.
+fn not_live(c: &Change, running: &Snapshot) -> Option<String> {
     let guest_runs = |g: &str| running.guests.iter().any(|v| v.name == g && v.running);
     match c {
-        Change::ShareChanged { guest, .. }
-        | Change::IpsChanged { guest, .. }
-        | Change::RegionChanged { guest, .. }
-        | Change::AccessAdded { guest, .. }
+        Change::AccessAdded { guest, .. }
         | Change::AccessRemoved { guest, .. }
         | Change::AccessChanged { guest, .. }
         | Change::GuestRemoved { guest }
@@ -446,35 +447,53 @@ fn needs_live_action(c: &Change, running: &Snapshot) -> Option<String> {
     }
 }
 
-/// The reload plan from `old` to `new` given what runs.
-fn plan(old: &Policy, new: &Policy, running: &Snapshot) -> Result<ApplyOutcome, ServiceError> {
+/// The reload plan from `old` to `new` given what runs: the changes, or why not.
+fn plan(old: &Policy, new: &Policy, running: &Snapshot) -> Result<Vec<Change>, ServiceError> {
     let connected = |g: &str| running.guests.iter().any(|v| v.name == g && v.running);
     let changes = Policy::diff_with(old, new, connected).map_err(|r| ServiceError::Refused(r.0))?;
     let live: Vec<String> = changes
         .iter()
-        .filter_map(|c| needs_live_action(c, running).map(|g| format!("{} ({g})", change_name(c))))
+        .filter_map(|c| not_live(c, running).map(|g| format!("{} ({g})", change_name(c))))
         .collect();
     if !live.is_empty() {
         return Err(ServiceError::NotImplemented(format!(
-            "these changes need the manager to act on a running guest, which it cannot do live yet: {}",
+            "plugging or unplugging a running guest's NIC or disk, or removing a running guest, \
+             is not done live: {}; stop the guest, or restart the manager with the new policy",
             live.join(", ")
         )));
     }
-    let json: Vec<serde_json::Value> = changes
+    Ok(changes)
+}
+
+fn to_json<T: Serialize>(items: &[T]) -> Vec<serde_json::Value> {
+    items
         .iter()
         .map(|c| serde_json::to_value(c).unwrap_or(serde_json::Value::Null))
+        .collect()
+}
+
+/// What [`Service::validate`] answers: the changes, those that concern nothing running as
+/// deferred, nothing applied.
+fn outcome(changes: &[Change], running: &Snapshot) -> ApplyOutcome {
+    let runs = |g: &str| running.guests.iter().any(|v| v.name == g);
+    let deferred: Vec<&Change> = changes
+        .iter()
+        .filter(|c| match c {
+            Change::ShareChanged { guest, .. }
+            | Change::IpsChanged { guest, .. }
+            | Change::RegionChanged { guest, .. } => !runs(guest),
+            _ => true,
+        })
         .collect();
-    Ok(ApplyOutcome {
-        deferred: json.clone(),
-        changes: json,
-    })
+    ApplyOutcome {
+        changes: to_json(changes),
+        deferred: to_json(&deferred),
+        applied: Vec::new(),
+    }
 }
 
 fn change_name(c: &Change) -> String {
-    serde_json::to_value(c)
-        .ok()
-        .and_then(|v| v.get("change").and_then(|c| c.as_str()).map(str::to_owned))
-        .unwrap_or_else(|| "change".into())
+    crate::manager::reload::change_name(c)
 }
 
 #[cfg(test)]
@@ -507,30 +526,42 @@ disk = [{ device = "disk0", length = "8MiB" }]
     }
 
     #[test]
-    fn plan_refuses_unsafe_and_defers_safe_changes() {
+    fn plan_refuses_unsafe_and_passes_live_changes() {
         let old = Policy::parse(POLICY, "a.toml").unwrap();
-        // Adding a guest: safe, recorded.
+        // Adding a guest: safe, deferred.
         let added = format!("{POLICY}\n[[guest]]\nname = \"bob\"\ndisk = [{{ device = \"disk0\", offset = \"8MiB\" }}]\n");
         let new = Policy::parse(&added, "b.toml").unwrap();
-        let out = plan(&old, &new, &snap_with("alice", true)).unwrap();
+        let running = snap_with("alice", true);
+        let changes = plan(&old, &new, &running).unwrap();
+        let out = outcome(&changes, &running);
         assert_eq!(out.changes.len(), 1);
         assert_eq!(out.changes[0]["change"], "guest-added");
+        assert_eq!(out.deferred.len(), 1);
         // Moving alice's region while she runs: refused with the reason.
         let moved = POLICY.replace("length = \"8MiB\"", "offset = \"1MiB\", length = \"8MiB\"");
         let new = Policy::parse(&moved, "c.toml").unwrap();
-        match plan(&old, &new, &snap_with("alice", true)) {
+        match plan(&old, &new, &running) {
             Err(ServiceError::Refused(r)) => assert_eq!(r[0].subject, "alice"),
             other => panic!("{other:?}"),
         }
-        // Growing it in place while she runs: safe by the rules, but needs the manager.
+        // Growing it in place while she runs: a live change, not deferred.
         let grown = POLICY.replace("length = \"8MiB\"", "length = \"12MiB\"");
         let new = Policy::parse(&grown, "d.toml").unwrap();
+        let changes = plan(&old, &new, &running).unwrap();
+        assert_eq!(changes.len(), 1);
+        assert!(outcome(&changes, &running).deferred.is_empty());
+        // Removing running alice: not live.
+        let gone = Policy::parse(
+            &POLICY.replace("name = \"alice\"", "name = \"carol\""),
+            "e.toml",
+        )
+        .unwrap();
         assert!(matches!(
-            plan(&old, &new, &snap_with("alice", true)),
+            plan(&old, &gone, &running),
             Err(ServiceError::NotImplemented(_))
         ));
-        // The same while she is not running: recorded.
-        assert!(plan(&old, &new, &snap_with("alice", false)).is_ok());
+        // The same while she is not running: fine.
+        assert!(plan(&old, &gone, &snap_with("alice", false)).is_ok());
     }
 
     #[test]

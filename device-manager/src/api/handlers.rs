@@ -174,7 +174,7 @@ pub async fn get_policy(State(st): State<AppState>) -> Json<PolicyState> {
     responses((status = 200, body = ValidateOutcome),
         (status = 422, description = "every error with line and column", body = ErrorBody),
         (status = 409, description = "unsafe on the running system", body = ErrorBody),
-        (status = 501, description = "needs a live action the manager cannot do yet", body = ErrorBody)))]
+        (status = 501, description = "plugs or unplugs a running guest's device, which is not done live", body = ErrorBody)))]
 pub async fn validate_policy(
     State(st): State<AppState>,
     ApiJson(body): ApiJson<PolicyText>,
@@ -187,11 +187,15 @@ pub async fn validate_policy(
     }))
 }
 
-/// Apply a policy (admin).
+/// Apply a policy (admin): shares, allowed IPs and grown regions reach the running IDDs at
+/// once (no restart); the answer lists what was done for each change (`applied`).
 #[utoipa::path(post, path = "/v1/policy/apply", tag = "policy", request_body = PolicyText,
     responses((status = 200, body = ApplyOutcome),
-        (status = 422, body = ErrorBody), (status = 409, body = ErrorBody),
-        (status = 501, body = ErrorBody), (status = 403, body = ErrorBody)))]
+        (status = 422, description = "every error with line and column", body = ErrorBody),
+        (status = 409, description = "unsafe on the running system, every reason", body = ErrorBody),
+        (status = 501, description = "plugs or unplugs a running guest's device, which is not done live; nothing applied", body = ErrorBody),
+        (status = 500, description = "a running IDD did not take a change; the stored config has it", body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn apply_policy(
     State(st): State<AppState>,
     ApiJson(body): ApiJson<PolicyText>,

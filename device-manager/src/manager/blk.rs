@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use devchan::grant::DomId;
 use devchan::xenbus::XenbusState;
+use devchan::xenstore::client::NO_TX;
 use hypervisor::domain::DomainConfig;
 use idd_blk::blkback::Region;
 use iospace::emu::virtio_blk::{BlkConfig, VirtioBlk};
@@ -217,6 +218,78 @@ impl BlkSlice {
             }
         }
         Ok(())
+    }
+
+    /// Give guest `guest`'s disk the region `new` (the live reload: grown in place while
+    /// connected, anything while not): the stored policy first (so a restarted IDD serves the
+    /// new region), then the running IDD (`region CHAN SECTORS`), then XenStore: `sectors`,
+    /// and for a connected disk `state` rewritten as `Connected`, which is how a Linux
+    /// blkback announces a resize (Linux blkfront re-reads `sectors` on a `Connected` while
+    /// connected and resizes the disk; our blkfront reads it only at connect). Returns what
+    /// changed.
+    pub fn update_region(
+        &mut self,
+        d0: &mut Dom0,
+        guest: &str,
+        new: &policy::Region,
+        timeout: Duration,
+    ) -> Result<String> {
+        let k = self
+            .disks
+            .iter()
+            .position(|g| g.name == guest)
+            .with_context(|| format!("guest {guest} has no disk on {}", self.dev.name))?;
+        let region = Region {
+            offset: new.start_sector(),
+            sectors: new.sectors(),
+        };
+        let old = self.disks[k].region;
+        let chan = self.chan_disk.iter().position(|d| *d == k);
+        let connected = chan.is_some() && self.disks[k].ring.is_some();
+        ensure!(
+            !connected || (region.offset == old.offset && region.sectors >= old.sectors),
+            "guest {guest} is connected: its region of {} may only grow in place",
+            self.dev.name
+        );
+        ensure!(
+            region
+                .offset
+                .checked_add(region.sectors)
+                .is_some_and(|end| end <= self.dev.sectors),
+            "region {}+{} is past the end of {} ({} sectors)",
+            region.offset,
+            region.sectors,
+            self.dev.name,
+            self.dev.sectors
+        );
+        let d = &mut self.disks[k];
+        d.region = region;
+        d.nodes.sectors = region.sectors;
+        let nodes = d.nodes.clone();
+        if let Some(c) = chan {
+            self.channels[c].region = region;
+        }
+        let how = match chan {
+            Some(c) if connected && self.idd.running() => {
+                self.idd
+                    .control(&format!("region {c} {}", region.sectors), timeout)?;
+                format!("live, channel {c}")
+            }
+            Some(_) => "stored; the IDD restarts with it".to_owned(),
+            None => "stored".to_owned(),
+        };
+        let dir = toolstack::back_dir(nodes.idd, nodes.guest, nodes.devid);
+        let path = format!("{dir}/sectors");
+        d0.admin
+            .write(NO_TX, &path, region.sectors.to_string().as_bytes())
+            .with_context(|| format!("writing {path}"))?;
+        if connected {
+            toolstack::set_backend_state(&mut d0.admin, &nodes, XenbusState::Connected)?;
+        }
+        Ok(format!(
+            "{guest} on {}: region {}+{} sectors ({how})",
+            self.dev.name, region.offset, region.sectors
+        ))
     }
 
     /// Replace the dead or hung IDD process (the domain stays) and time each phase.

@@ -1,12 +1,15 @@
 //! One supervised IDD, whatever its device: the domain, its current process, the stdout
-//! protocol every IDD program speaks (`ready`, `hb N ...`, `failed CHAN`), the heartbeat
-//! deadline, the restart budget, and the device-independent phases of a recovery (revoke,
-//! spawn, re-attach). What is specific to a device kind (its channel arguments, journal
+//! protocol every IDD program speaks (`ready`, `hb N ...`, `failed CHAN`), the control
+//! commands it takes on stdin while serving (`ID VERB ARGS`, answered `ctl ID ok|err ...`,
+//! `hypervisor::process::control`; the live reload uses them), the heartbeat deadline, the
+//! restart budget, and the device-independent phases of a recovery (revoke, spawn,
+//! re-attach). What is specific to a device kind (its channel arguments, journal
 //! housekeeping, how to see a first response) stays with the kind.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
+use std::process::{ChildStdin, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +48,8 @@ pub(crate) fn forward(d: &mut RunningDomain, tx: Sender<Line>) {
 
 struct IddProcess {
     run: RunningDomain,
+    /// Where control commands go (`None`: the process has no control pipe).
+    stdin: Option<ChildStdin>,
     pid: u32,
     lines: Receiver<Line>,
     last_beat: Instant,
@@ -80,6 +85,33 @@ pub(crate) struct Idd {
     /// Processes started in this domain.
     pub starts: u32,
     verbose: bool,
+    /// The last control command id used.
+    ctl_seq: u64,
+    /// Control answers read and not yet claimed: (id, result).
+    ctl_answers: Vec<(u64, Result<(), String>)>,
+}
+
+/// Why a control command did not take effect.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ControlError {
+    /// The IDD answered `err`.
+    #[error("the IDD refused `{command}`: {reason}")]
+    Refused {
+        /// The command.
+        command: String,
+        /// Its answer.
+        reason: String,
+    },
+    /// No process, no pipe, the process ended, or no answer in time.
+    #[error("the IDD of {device} did not take `{command}`: {why}")]
+    Unreached {
+        /// The device.
+        device: String,
+        /// The command.
+        command: String,
+        /// What happened.
+        why: String,
+    },
 }
 
 impl Idd {
@@ -106,6 +138,8 @@ impl Idd {
             last_hb: None,
             starts: 0,
             verbose,
+            ctl_seq: 0,
+            ctl_answers: Vec::new(),
         }
     }
 
@@ -144,13 +178,17 @@ impl Idd {
             &args,
         );
         lc.iommu = Some(self.iommu.clone());
+        lc.stdin = Stdio::piped();
         let mut run = hypervisor::launch::spawn_in(sys, self.domid, lc)
             .with_context(|| format!("starting {}", self.program.display()))?;
         let (tx, rx) = channel();
         forward(&mut run, tx);
         let pid = run.child_mut().id();
+        let stdin = run.child_mut().stdin.take();
+        self.ctl_answers.clear();
         self.proc = Some(IddProcess {
             run,
+            stdin,
             pid,
             lines: rx,
             last_beat: Instant::now(),
@@ -161,14 +199,16 @@ impl Idd {
     }
 
     /// Take over `run`, a process already running in domain `domid` (a promoted standby),
-    /// as this IDD's process.
-    pub fn adopt(&mut self, domid: DomId, mut run: RunningDomain) {
+    /// as this IDD's process; `stdin` is its control pipe.
+    pub fn adopt(&mut self, domid: DomId, mut run: RunningDomain, stdin: ChildStdin) {
         let (tx, rx) = channel();
         forward(&mut run, tx);
         let pid = run.child_mut().id();
         self.domid = domid;
+        self.ctl_answers.clear();
         self.proc = Some(IddProcess {
             run,
+            stdin: Some(stdin),
             pid,
             lines: rx,
             last_beat: Instant::now(),
@@ -192,6 +232,13 @@ impl Idd {
                     }
                     if l.starts_with("hb ") {
                         self.last_hb = Some(l.clone());
+                    }
+                    if let Some(a) = hypervisor::process::control::parse_answer(&l) {
+                        // Bounded: answers nobody waits for any more are dropped first.
+                        if self.ctl_answers.len() >= 64 {
+                            let _ = self.ctl_answers.remove(0);
+                        }
+                        self.ctl_answers.push(a);
                     }
                     if let Some(c) = l.strip_prefix("failed ") {
                         if let Ok(c) = c.parse::<usize>() {
@@ -229,6 +276,53 @@ impl Idd {
             );
         }
         Ok(())
+    }
+
+    /// Send control command `command` (`VERB ARGS`, see the module docs) to the running
+    /// process and wait up to `timeout` for its answer. Heartbeats and other lines read
+    /// meanwhile are handled as usual.
+    pub fn control(&mut self, command: &str, timeout: Duration) -> Result<(), ControlError> {
+        let device = self.device.clone();
+        let unreached = |why: String| ControlError::Unreached {
+            device: device.clone(),
+            command: command.to_owned(),
+            why,
+        };
+        self.ctl_seq += 1;
+        let id = self.ctl_seq;
+        let p = self
+            .proc
+            .as_mut()
+            .ok_or_else(|| unreached("no process runs".into()))?;
+        let pipe = p
+            .stdin
+            .as_mut()
+            .ok_or_else(|| unreached("it has no control pipe".into()))?;
+        pipe.write_all(format!("{id} {command}\n").as_bytes())
+            .and_then(|()| pipe.flush())
+            .map_err(|e| unreached(format!("writing its stdin: {e}")))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.drain(Duration::from_millis(5), false)
+                .map_err(|e| unreached(format!("{e:#}")))?;
+            if let Some(i) = self.ctl_answers.iter().position(|(a, _)| *a == id) {
+                let (_, r) = self.ctl_answers.remove(i);
+                return r.map_err(|reason| ControlError::Refused {
+                    command: command.to_owned(),
+                    reason,
+                });
+            }
+            let p = self
+                .proc
+                .as_mut()
+                .ok_or_else(|| unreached("no process runs".into()))?;
+            if let Ok(Some(r)) = p.run.wait_exit(Some(Duration::ZERO)) {
+                return Err(unreached(format!("it ended: {r:?}")));
+            }
+            if Instant::now() >= deadline {
+                return Err(unreached(format!("no answer within {timeout:?}")));
+            }
+        }
     }
 
     /// Send `signal` to the running process (fault injection); records the fault's time.

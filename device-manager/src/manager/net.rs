@@ -423,7 +423,7 @@ impl NetSlice {
         sb.stdin
             .write_all(script.as_bytes())
             .context("handing the standby its channels")?;
-        self.idd.adopt(sb.domid, sb.run);
+        self.idd.adopt(sb.domid, sb.run, sb.stdin);
         self.idd.wait_ready(Duration::from_secs(10))?;
         self.mark_connected(d0)?;
         let reattach = t2.elapsed();
@@ -453,6 +453,81 @@ impl NetSlice {
             reattach,
             first_response,
         })
+    }
+
+    /// Give guest `guest`'s NICs on this device the share and allowed IPs of `new` (its
+    /// access entries for this device, in policy order; the MAC stays): the stored policy
+    /// first, so a respawned or promoted IDD starts with the new values, then the running
+    /// IDD's channel through its control commands. Returns what changed, one line each.
+    pub fn update_access(
+        &mut self,
+        guest: &str,
+        new: &[&NetAccess],
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        let mine: Vec<usize> = (0..self.nics.len())
+            .filter(|i| self.nics[*i].name == guest)
+            .collect();
+        ensure!(
+            mine.len() == new.len(),
+            "guest {guest} has {} NICs on {} and the new policy {}: adding or removing NICs is not live",
+            mine.len(),
+            self.dev.name,
+            new.len()
+        );
+        for (i, want) in mine.into_iter().zip(new) {
+            let n = &mut self.nics[i];
+            let (share, ips) = (n.access.share != want.share, n.access.ips != want.ips);
+            if !share && !ips {
+                continue;
+            }
+            n.access.share = want.share;
+            n.access.ips.clone_from(&want.ips);
+            let (domid, mac) = (n.domid, n.access.mac);
+            let chan = self
+                .channels
+                .iter()
+                .position(|c| c.guest == domid && c.access.mac == mac);
+            if let Some(c) = chan {
+                self.channels[c].access.share = want.share;
+                self.channels[c].access.ips.clone_from(&want.ips);
+            }
+            let mut cmds = Vec::new();
+            if share {
+                let v = want
+                    .share
+                    .map_or("none".to_owned(), |s| format!("{}/{}", s.bytes, s.interval_us));
+                cmds.push(("credit", v));
+            }
+            if ips {
+                let v: Vec<String> = want.ips.iter().map(ToString::to_string).collect();
+                cmds.push((
+                    "ips",
+                    if v.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        v.join("+")
+                    },
+                ));
+            }
+            for (verb, v) in cmds {
+                match chan {
+                    // No channel yet (the guest is not connected): it starts with the stored
+                    // values.
+                    None => done.push(format!("{guest} on {}: {verb} {v} (stored)", self.dev.name)),
+                    Some(_) if !self.idd.running() => done.push(format!(
+                        "{guest} on {}: {verb} {v} (stored; the IDD restarts with it)",
+                        self.dev.name
+                    )),
+                    Some(c) => {
+                        self.idd.control(&format!("{verb} {c} {v}"), timeout)?;
+                        done.push(format!("{guest} on {}: {verb} {v} (live, channel {c})", self.dev.name));
+                    }
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// Domain 0's view of NIC `name`'s transmit ring (fault injection).

@@ -17,6 +17,11 @@ pub struct ApplyOutcome {
     /// Changes recorded in the running policy that take effect at the next start.
     #[schema(value_type = Vec<Object>)]
     pub deferred: Vec<serde_json::Value>,
+    /// What the manager did for each change (empty for a validation): the change's fields
+    /// plus `how` (`live`: a running IDD took it; `stored`: used when the channel or IDD next
+    /// starts; `deferred`) and `actions` (one line each).
+    #[schema(value_type = Vec<Object>)]
+    pub applied: Vec<serde_json::Value>,
 }
 
 /// A device as the manager runs it.
@@ -274,6 +279,9 @@ pub enum EventKind {
         /// Its changes.
         #[schema(value_type = Vec<Object>)]
         changes: Vec<serde_json::Value>,
+        /// What the manager did for each (as in [`ApplyOutcome::applied`]).
+        #[schema(value_type = Vec<Object>)]
+        applied: Vec<serde_json::Value>,
     },
 }
 

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::fault::Fault;
-use crate::manager::Manager;
+use crate::manager::{Manager, ReloadError};
 
 pub(super) struct Worker {
     svc: Service,
@@ -263,7 +263,7 @@ impl Worker {
 
     fn handle(&mut self, m: Option<&mut Manager>, cmd: Command) -> Result<Reply, ServiceError> {
         match cmd {
-            Command::ApplyPolicy { text, name } => self.apply(&text, &name),
+            Command::ApplyPolicy { text, name } => self.apply(m, &text, &name),
             Command::PromoteStandby { device } => {
                 if self.policy.device(&device).is_none() {
                     return Err(ServiceError::NotFound(format!("no device {device}")));
@@ -337,24 +337,69 @@ impl Worker {
         }
     }
 
-    fn apply(&mut self, text: &str, name: &str) -> Result<Reply, ServiceError> {
+    fn apply(
+        &mut self,
+        m: Option<&mut Manager>,
+        text: &str,
+        name: &str,
+    ) -> Result<Reply, ServiceError> {
         let new = Policy::parse(text, name).map_err(|e| ServiceError::Invalid(Box::new(e)))?;
         let running = self.snap.borrow().clone();
-        let outcome = plan(&self.policy, &new, &running)?;
+        let changes = plan(&self.policy, &new, &running)?;
+        let mut outcome = outcome(&changes, &running);
+        // Nothing ran (bring-up failed): record only. Else the manager carries the changes
+        // out (it checks them all before doing anything).
+        let applied = match (m, &self.broken) {
+            (Some(m), None) => match m.apply(&new, &changes) {
+                Ok(a) => a,
+                Err(e @ ReloadError::NotLive { .. }) => {
+                    return Err(ServiceError::NotImplemented(e.to_string()))
+                }
+                Err(ReloadError::Failed {
+                    change,
+                    done,
+                    error,
+                }) => {
+                    // What was done stays done, and the stored config is the new one: record
+                    // the policy, say what failed.
+                    self.record_policy(new, text, name, &outcome.changes, &to_json(&done));
+                    return Err(ServiceError::Manager(format!(
+                        "applying {change}: {error:#} (applied before it: {}; the IDD's next \
+                         start uses the new values)",
+                        done.len()
+                    )));
+                }
+            },
+            _ => Vec::new(),
+        };
+        outcome.applied = to_json(&applied);
+        self.record_policy(new, text, name, &outcome.changes, &outcome.applied);
+        Ok(Reply::Applied(outcome))
+    }
+
+    /// Make `new` the running policy and announce it.
+    fn record_policy(
+        &mut self,
+        new: Policy,
+        text: &str,
+        name: &str,
+        changes: &[serde_json::Value],
+        applied: &[serde_json::Value],
+    ) {
         *lock(&self.svc.shared.policy) = PolicyState {
             name: name.to_owned(),
             text: text.to_owned(),
             policy: policy_json(&new),
         };
         self.pending.push(EventKind::PolicyApplied {
-            changes: outcome.changes.clone(),
+            changes: changes.to_vec(),
+            applied: applied.to_vec(),
         });
         // The manager keeps running the devices and guests it started with; the new policy
         // is what the API shows and what the next start uses. Keep the running devices' view.
         if managed(&new) == managed(&self.policy) {
             self.policy = new;
         }
-        Ok(Reply::Applied(outcome))
     }
 
     fn publish(&mut self, m: Option<&mut Manager>) {

@@ -1,0 +1,254 @@
+//! Live reload: the manager's side of `policy::reload`.
+//!
+//! The policy crate decides what changed between two policies and which changes are unsafe
+//! on a running system ([`policy::Policy::diff_with`]). This module carries out the safe ones
+//! without restarting a guest or touching another guest's channel:
+//!
+//! | change | what the manager does |
+//! |---|---|
+//! | a NIC's share | stored config, then `credit CHAN BYTES/USEC` to the running `idd-net` |
+//! | a NIC's allowed IPs | stored config, then `ips CHAN CIDR+CIDR` to the running `idd-net` |
+//! | a disk region grown in place | stored config, `region CHAN SECTORS` to the running `idd-blk`, then `sectors` in XenStore and `state` rewritten `Connected` |
+//! | devices added, removed or re-set, guests added | nothing now: the next start uses them |
+//! | a running guest removed, or its NIC or disk added, removed or re-moded | refused ([`ReloadError::NotLive`]): restart the manager with the new policy |
+//!
+//! "Stored config" is what the manager keeps to start an IDD process (its `--channel`
+//! arguments, a standby's `channel` lines): it is updated *first*, so an IDD that crashes
+//! during or after the apply comes back with the new values. The running IDD is then told
+//! through its control commands (`manager/idd.rs`); it answers each one. A guest without a
+//! channel yet only gets the stored value.
+//!
+//! Every change is checked before anything is done: an apply that contains a change that is
+//! not live does nothing at all.
+
+use std::time::Duration;
+
+use policy::{Change, Policy};
+use serde::Serialize;
+
+use super::Manager;
+
+/// How long an IDD has to answer a control command.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an apply did not (fully) happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// A change cannot be done live; nothing was applied.
+    #[error("{change} for {subject} cannot be applied live: {reason}")]
+    NotLive {
+        /// The change's name (`access-added`, ...).
+        change: String,
+        /// The guest or device.
+        subject: String,
+        /// Why, and what to do instead.
+        reason: String,
+    },
+    /// Acting on the running system failed part-way; `done` lists what was applied before.
+    /// The stored config of the failed change is updated (a restarted IDD uses it).
+    #[error("applying {change}: {error:#}")]
+    Failed {
+        /// The change that failed.
+        change: String,
+        /// What was applied before it.
+        done: Vec<Applied>,
+        /// What went wrong.
+        error: anyhow::Error,
+    },
+}
+
+/// What the manager did for one change.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Applied {
+    /// The change, as `policy` serializes it.
+    #[serde(flatten)]
+    pub change: Change,
+    /// `live` (a running IDD took it), `stored` (no running channel: used at the next
+    /// start), or `deferred` (nothing runs that it concerns).
+    pub how: How,
+    /// One line per action.
+    pub actions: Vec<String>,
+}
+
+/// How a change took effect (see [`Applied`]).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum How {
+    /// A running IDD took it.
+    Live,
+    /// Stored for the next start of the channel or IDD.
+    Stored,
+    /// Nothing runs that it concerns (recorded in the policy only).
+    Deferred,
+}
+
+/// What one change needs.
+enum Action<'c> {
+    Net { guest: &'c str, device: &'c str },
+    Region { guest: &'c str, device: &'c str },
+    Deferred,
+}
+
+/// The change's name as it serializes (`share-changed`, ...).
+pub fn change_name(c: &Change) -> String {
+    serde_json::to_value(c)
+        .ok()
+        .and_then(|v| v.get("change").and_then(|c| c.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| "change".into())
+}
+
+impl Manager {
+    /// Classify `c`: an action on a running slice, nothing, or not live.
+    fn action<'c>(&mut self, c: &'c Change) -> Result<Action<'c>, ReloadError> {
+        let not_live = |subject: &str, reason: &str| ReloadError::NotLive {
+            change: change_name(c),
+            subject: subject.to_owned(),
+            reason: reason.to_owned(),
+        };
+        Ok(match c {
+            Change::ShareChanged { guest, device, .. } | Change::IpsChanged { guest, device } => {
+                match self.nets.iter().find(|n| &n.dev.name == device) {
+                    Some(n) if n.nics.iter().any(|x| &x.name == guest) => Action::Net {
+                        guest,
+                        device,
+                    },
+                    _ => Action::Deferred,
+                }
+            }
+            Change::RegionChanged { guest, device, .. } => match &self.blk {
+                Some(b) if &b.dev.name == device && b.disks.iter().any(|d| &d.name == guest) => {
+                    Action::Region { guest, device }
+                }
+                _ => Action::Deferred,
+            },
+            Change::AccessAdded { guest, .. }
+            | Change::AccessRemoved { guest, .. }
+            | Change::AccessChanged { guest, .. }
+            | Change::GuestRemoved { guest }
+                if self.guest_running(guest).unwrap_or(false) =>
+            {
+                return Err(not_live(
+                    guest,
+                    "plugging or unplugging a running guest's NIC or disk, or removing a running \
+                     guest, is not done live: stop the guest, or restart the manager with the new policy",
+                ))
+            }
+            _ => Action::Deferred,
+        })
+    }
+
+    /// Check that every change of `changes` (from [`Policy::diff_with`] against the running
+    /// policy, `new` being the policy they lead to) can be applied live, without doing
+    /// anything.
+    pub fn check_live(&mut self, changes: &[Change]) -> Result<(), ReloadError> {
+        for c in changes {
+            self.action(c)?;
+        }
+        Ok(())
+    }
+
+    /// Apply `changes` (see the module docs): all checked first, then each carried out.
+    pub fn apply(&mut self, new: &Policy, changes: &[Change]) -> Result<Vec<Applied>, ReloadError> {
+        self.check_live(changes)?;
+        let mut done = Vec::new();
+        for c in changes {
+            let result = match self.action(c)? {
+                Action::Deferred => Ok((How::Deferred, Vec::new())),
+                Action::Net { guest, device } => self.apply_net(new, guest, device),
+                Action::Region { guest, device } => self.apply_region(new, guest, device),
+            };
+            match result {
+                Ok((how, actions)) => done.push(Applied {
+                    change: c.clone(),
+                    how,
+                    actions,
+                }),
+                Err(error) => {
+                    return Err(ReloadError::Failed {
+                        change: change_name(c),
+                        done,
+                        error,
+                    })
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    fn apply_net(
+        &mut self,
+        new: &Policy,
+        guest: &str,
+        device: &str,
+    ) -> anyhow::Result<(How, Vec<String>)> {
+        let entries: Vec<&policy::NetAccess> = new
+            .guest(guest)
+            .map(|g| g.net.iter().filter(|a| a.device == device).collect())
+            .unwrap_or_default();
+        let n = self
+            .nets
+            .iter_mut()
+            .find(|n| n.dev.name == device)
+            .ok_or_else(|| anyhow::anyhow!("no NIC {device}"))?;
+        let actions = n.update_access(guest, &entries, CONTROL_TIMEOUT)?;
+        Ok((how_of(&actions), actions))
+    }
+
+    fn apply_region(
+        &mut self,
+        new: &Policy,
+        guest: &str,
+        device: &str,
+    ) -> anyhow::Result<(How, Vec<String>)> {
+        let region = new
+            .guest(guest)
+            .and_then(|g| g.disk.iter().find(|d| d.device == device))
+            .map(|d| d.region)
+            .ok_or_else(|| anyhow::anyhow!("guest {guest} has no disk on {device} in the new policy"))?;
+        let b = self
+            .blk
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no disk {device}"))?;
+        let line = b.update_region(&mut self.d0, guest, &region, CONTROL_TIMEOUT)?;
+        let actions = vec![line];
+        Ok((how_of(&actions), actions))
+    }
+}
+
+/// `live` if any action reached a running IDD.
+fn how_of(actions: &[String]) -> How {
+    if actions.iter().any(|a| a.contains("(live")) {
+        How::Live
+    } else {
+        How::Stored
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applied_changes_serialize_flat() {
+        let a = Applied {
+            change: Change::IpsChanged {
+                guest: "alice".into(),
+                device: "net0".into(),
+            },
+            how: How::Live,
+            actions: vec!["alice on net0: ips 10.0.0.0/24 (live, channel 0)".into()],
+        };
+        let v = serde_json::to_value(&a).unwrap();
+        assert_eq!(v["change"], "ips-changed");
+        assert_eq!(v["guest"], "alice");
+        assert_eq!(v["how"], "live");
+        assert_eq!(change_name(&a.change), "ips-changed");
+    }
+
+    #[test]
+    fn how_follows_the_actions() {
+        assert_eq!(how_of(&["x (live, channel 1)".into()]), How::Live);
+        assert_eq!(how_of(&["x (stored)".into()]), How::Stored);
+        assert_eq!(how_of(&[]), How::Stored);
+    }
+}
