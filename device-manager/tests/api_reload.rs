@@ -1,0 +1,398 @@
+//! Live reload, driven only through the management API: the service runs the real sandboxed
+//! IDDs and process guests from a TOML policy, and the test applies new policies with
+//! `POST /v1/policy/apply` and watches `/v1/channels`, `/v1/idds`, `/v1/guests` and the event
+//! stream like any client.
+//!
+//! * Two guests flood one NIC at shares 1:1; one share is changed to get 1:3: the split
+//!   measured from the channel counters follows (within 10 %), the IDD process, the guests
+//!   and the other guest's channel are untouched (no recovery, its counters continue), and
+//!   after a crash of the IDD the restarted process keeps the new share.
+//! * Unsafe changes (a MAC change, a region shrunk or moved) are answered 409 with the
+//!   reason, a plug of a running guest's device 501, and nothing changes.
+//! * A disk region grown in place is applied live (the IDD took it, the channel shows it),
+//!   the guests' verified workloads keep running, and a crashed disk IDD comes back with it.
+//!   That requests beyond the old end are then served is shown by `idd-blk`'s program test
+//!   (`idd-blk/tests/control.rs`): our blkfront reads the capacity only at connect.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use device_manager::api::auth::Tokens;
+use device_manager::api::client::{Client, ClientError};
+use device_manager::api::{self, AppState, Listener};
+use device_manager::manager::ManagerConfig;
+use device_manager::service::{Service, ServiceConfig};
+use policy::Policy;
+use serde_json::{json, Value};
+
+/// One system at a time: the share measurement wants the machine to itself.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const ALICE_MAC: &str = "02:00:00:00:00:0a";
+const BOB_MAC: &str = "02:00:00:00:00:0b";
+
+struct Running {
+    svc: Service,
+    /// Runs the API server.
+    _rt: tokio::runtime::Runtime,
+    c: Client,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.svc.shutdown();
+    }
+}
+
+fn serve(text: &str, cfg: ServiceConfig) -> Running {
+    let policy = Policy::parse(text, "reload.toml").unwrap_or_else(|e| panic!("{}", e.render()));
+    let svc = Service::start(policy, "reload.toml", text.to_owned(), cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let state = AppState {
+        svc: svc.clone(),
+        sysfs: "/sys".into(),
+    };
+    let router = api::router(state, Arc::new(Tokens::none()), api::DEFAULT_BODY_LIMIT);
+    let l = Listener {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+    };
+    let server = rt.block_on(api::spawn(router, &l)).unwrap();
+    let c = Client::new(&server.url(), None, None).unwrap();
+    std::mem::forget(server); // lives as long as the runtime
+    let r = Running { svc, _rt: rt, c };
+    // Up: every IDD running.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let idds: Value = r.c.get("/v1/idds").unwrap();
+        let states: Vec<&str> = idds
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["state"].as_str().unwrap())
+            .collect();
+        assert!(!states.contains(&"failed"), "{idds}");
+        if states.iter().all(|s| *s == "running" || *s == "not_started") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not up: {idds}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r
+}
+
+fn manager_config() -> ManagerConfig {
+    ManagerConfig {
+        idd_program: common::idd_program(),
+        guest_program: env!("CARGO_BIN_EXE_blk-guest").into(),
+        net_idd_program: common::program("idd-net", "idd-net"),
+        heartbeat: None,
+        verbose: std::env::var_os("DM_DEBUG").is_some(),
+    }
+}
+
+fn apply(c: &Client, text: &str) -> Result<Value, ClientError> {
+    c.post(
+        "/v1/policy/apply",
+        &json!({ "text": text, "name": "reload.toml" }),
+    )
+}
+
+/// The API error's status and message.
+fn refused(r: Result<Value, ClientError>) -> (u16, String) {
+    match r {
+        Err(ClientError::Api {
+            status, message, ..
+        }) => (status, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// Channel of `guest` on `device`.
+fn channel(c: &Client, device: &str, guest: &str) -> Value {
+    let chans: Value = c.get("/v1/channels").unwrap();
+    chans
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ch| ch["device"] == device && ch["guest"] == guest)
+        .unwrap_or_else(|| panic!("no channel of {guest} on {device}: {chans}"))
+        .clone()
+}
+
+fn num(v: &Value, k: &str) -> u64 {
+    v["stats"][k]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+fn idd(c: &Client, name: &str) -> Value {
+    c.get(&format!("/v1/idds/{name}")).unwrap()
+}
+
+/// Bytes each of alice and bob sent during `secs` (from the IDD's heartbeat counters).
+fn split(c: &Client, secs: f64) -> (f64, f64) {
+    let tx = || {
+        (
+            num(&channel(c, "net0", "alice"), "tx_bytes"),
+            num(&channel(c, "net0", "bob"), "tx_bytes"),
+        )
+    };
+    let a = tx();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let b = tx();
+    assert!(b.0 >= a.0 && b.1 >= a.1, "counters went back: {a:?} -> {b:?}");
+    ((b.0 - a.0) as f64 / secs, (b.1 - a.1) as f64 / secs)
+}
+
+fn net_policy(wire_peer: &str, bob_share: &str, bob_mac: &str) -> String {
+    format!(
+        r#"
+[restart]
+max_restarts = 100
+window = "600s"
+heartbeat = "500ms"
+
+[[device]]
+name = "net0"
+kind = "virtio-net"
+wire = "udp"
+bind = "127.0.0.1:0"
+peer = "{wire_peer}"
+link = "1Gbit/s"
+
+[[guest]]
+name = "alice"
+[[guest.net]]
+device = "net0"
+mac = "{ALICE_MAC}"
+ips = ["10.0.0.1"]
+share = "20KiB every 100ms"
+
+[[guest]]
+name = "bob"
+[[guest.net]]
+device = "net0"
+mac = "{bob_mac}"
+ips = ["10.0.0.2"]
+share = "{bob_share}"
+"#
+    )
+}
+
+#[test]
+fn a_share_changes_live_and_survives_a_crash() {
+    let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // The wire's far side: frames go somewhere (nobody reads them).
+    let far = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let peer = far.local_addr().unwrap().to_string();
+    let mut cfg = ServiceConfig::new(manager_config());
+    cfg.net_guest_program = Some(common::program("guest-frontends", "net-guest"));
+    cfg.net_guest_args = [
+        "flood", "--ip", "{ip}", "--dst-mac", "02:00:00:00:00:fe", "--dst-ip", "10.0.0.254",
+        "--size", "1000", "--secs", "600",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let one_to_one = net_policy(&peer, "20KiB every 100ms", BOB_MAC);
+    let r = serve(&one_to_one, cfg);
+    let c = &r.c;
+
+    // Ramp up, then 1:1.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while num(&channel(c, "net0", "alice"), "tx_bytes") == 0
+        || num(&channel(c, "net0", "bob"), "tx_bytes") == 0
+    {
+        assert!(Instant::now() < deadline, "the guests do not send");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (a, b) = split(c, 3.0);
+    eprintln!("before: alice {a:.0} B/s, bob {b:.0} B/s, ratio {:.2} (configured 1.00)", b / a);
+    assert!((b / a - 1.0).abs() <= 0.1, "bob/alice = {:.2}, want 1", b / a);
+
+    let pid = idd(c, "idd-net0")["pid"].clone();
+    let alice_before = channel(c, "net0", "alice");
+    let mut events = c.events_since(None).unwrap();
+
+    // Unsafe: bob's MAC. Refused with the reason, nothing applied.
+    let mac_changed = net_policy(&peer, "60KiB every 100ms", "02:00:00:00:00:0c");
+    let (status, why) = refused(apply(c, &mac_changed));
+    eprintln!("MAC change: {status} {why}");
+    assert_eq!(status, 409);
+    assert!(why.contains("MAC") && why.contains("bob"), "{why}");
+    let p: Value = c.get("/v1/policy").unwrap();
+    assert!(p["text"].as_str().unwrap().contains(r#"share = "20KiB every 100ms""#));
+
+    // 1:3: bob's share tripled, live.
+    let one_to_three = net_policy(&peer, "60KiB every 100ms", BOB_MAC);
+    let out = apply(c, &one_to_three).unwrap();
+    eprintln!("applied: {}", out["applied"]);
+    let applied = out["applied"].as_array().unwrap();
+    assert_eq!(applied.len(), 1, "{out}");
+    assert_eq!(applied[0]["change"], "share-changed");
+    assert_eq!(applied[0]["guest"], "bob");
+    assert_eq!(applied[0]["how"], "live", "{out}");
+    // The event stream says so.
+    loop {
+        let m = events.next().expect("stream ended").unwrap();
+        if m.event == "policy_applied" {
+            let v: Value = serde_json::from_str(&m.data).unwrap();
+            assert_eq!(v["applied"][0]["how"], "live", "{v}");
+            break;
+        }
+        assert_ne!(m.event, "recovery", "a recovery during a reload: {}", m.data);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (a, b) = split(c, 4.0);
+    let ratio = b / a;
+    eprintln!("after apply: alice {a:.0} B/s, bob {b:.0} B/s, ratio {ratio:.2} (configured 3.00)");
+    assert!((ratio - 3.0).abs() <= 0.3, "bob/alice = {ratio:.2}, want 3 within 10 %");
+    // Nothing restarted: same IDD process, no recovery, guests running, alice's channel
+    // counting on from where it was.
+    let i = idd(c, "idd-net0");
+    assert_eq!(i["pid"], pid, "{i}");
+    assert_eq!(i["restarts"], 0, "{i}");
+    let guests: Value = c.get("/v1/guests").unwrap();
+    for g in guests.as_array().unwrap() {
+        assert_eq!(g["running"], true, "{g}");
+    }
+    let alice_after = channel(c, "net0", "alice");
+    assert_eq!(alice_after["index"], alice_before["index"]);
+    assert!(num(&alice_after, "tx_packets") > num(&alice_before, "tx_packets"));
+    let want = policy::units::parse_share("60KiB every 100ms").unwrap().to_string();
+    assert_eq!(channel(c, "net0", "bob")["stats"]["credit"], want.as_str());
+
+    // A crash of the IDD after the apply: the restarted process has the new share.
+    let _: Value = c
+        .post("/v1/idds/idd-net0/faults", &json!({ "fault": "crash" }))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let i = idd(c, "idd-net0");
+        if i["restarts"] == 1 && i["state"] == "running" {
+            assert_ne!(i["pid"], pid);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {i}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let (a, b) = split(c, 4.0);
+    let ratio = b / a;
+    eprintln!("after a crash: alice {a:.0} B/s, bob {b:.0} B/s, ratio {ratio:.2} (configured 3.00)");
+    assert!((ratio - 3.0).abs() <= 0.3, "bob/alice = {ratio:.2} after the crash, want 3");
+}
+
+fn disk_policy(dir: &Path, alice: &str, with_bob: bool) -> String {
+    let bob = if with_bob {
+        "[[guest]]\nname = \"bob\"\n[[guest.disk]]\ndevice = \"disk0\"\noffset = \"8MiB\"\nlength = \"4MiB\"\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+[restart]
+max_restarts = 100
+window = "600s"
+heartbeat = "500ms"
+
+[[device]]
+name = "disk0"
+kind = "virtio-blk"
+image = "{img}"
+size = "16MiB"
+
+[[guest]]
+name = "alice"
+[[guest.disk]]
+device = "disk0"
+{alice}
+
+{bob}"#,
+        img = dir.join("disk0.img").display(),
+    )
+}
+
+#[test]
+fn a_region_grows_live_and_unsafe_changes_are_refused() {
+    let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServiceConfig::new(manager_config());
+    cfg.guest_args = [
+        "workload", "--secs", "300", "--blocks", "32", "--seed", "{seed}",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let start = disk_policy(dir.path(), "length = \"4MiB\"", true);
+    let r = serve(&start, cfg);
+    let c = &r.c;
+    let pid = idd(c, "idd-disk0")["pid"].clone();
+    let bob_before = num(&channel(c, "disk0", "bob"), "responses");
+
+    // Shrunk or moved while running: 409 with the reason.
+    for (alice, what) in [
+        ("length = \"2MiB\"", "shrunk"),
+        ("offset = \"1MiB\"\nlength = \"4MiB\"", "moved"),
+    ] {
+        let (status, why) = refused(apply(c, &disk_policy(dir.path(), alice, true)));
+        eprintln!("region {what}: {status} {why}");
+        assert_eq!(status, 409);
+        assert!(why.contains(what) && why.contains("alice"), "{why}");
+    }
+    // Removing running bob: not live, 501, nothing applied.
+    let (status, why) = refused(apply(
+        c,
+        &disk_policy(dir.path(), "length = \"8MiB\"", false),
+    ));
+    eprintln!("unplug: {status} {why}");
+    assert_eq!(status, 501);
+    assert!(why.contains("bob"), "{why}");
+    assert_eq!(num(&channel(c, "disk0", "alice"), "sectors"), 8192);
+
+    // Grown in place: live.
+    let grown = disk_policy(dir.path(), "length = \"8MiB\"", true);
+    let out = apply(c, &grown).unwrap();
+    eprintln!("applied: {}", out["applied"]);
+    let applied = out["applied"].as_array().unwrap();
+    assert_eq!(applied.len(), 1, "{out}");
+    assert_eq!(applied[0]["change"], "region-changed");
+    assert_eq!(applied[0]["how"], "live", "{out}");
+    assert_eq!(num(&channel(c, "disk0", "alice"), "sectors"), 16_384);
+    // Nothing restarted; both guests' verified workloads go on.
+    std::thread::sleep(Duration::from_secs(1));
+    let i = idd(c, "idd-disk0");
+    assert_eq!((i["pid"].clone(), i["restarts"].clone()), (pid, json!(0)), "{i}");
+    assert!(num(&channel(c, "disk0", "bob"), "responses") > bob_before);
+
+    // A crash after the apply: the restarted IDD serves the grown region (the manager's
+    // stored channel), and the guests keep going.
+    let _: Value = c
+        .post("/v1/idds/idd-disk0/faults", &json!({ "fault": "crash" }))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let i = idd(c, "idd-disk0");
+        if i["restarts"] == 1 && i["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {i}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let alice = num(&channel(c, "disk0", "alice"), "responses");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(num(&channel(c, "disk0", "alice"), "responses") > alice);
+    assert_eq!(num(&channel(c, "disk0", "alice"), "sectors"), 16_384);
+    let guests: Value = c.get("/v1/guests").unwrap();
+    for g in guests.as_array().unwrap() {
+        assert_eq!(g["running"], true, "a guest's verified workload stopped: {g}");
+    }
+}
