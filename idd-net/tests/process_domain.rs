@@ -55,10 +55,8 @@ fn start_with(
     args.extend(extra);
     let mut cfg = LaunchConfig::new("idd-net", 0, env!("CARGO_BIN_EXE_idd-net"), &args);
     cfg.stderr = std::process::Stdio::inherit();
-    if extra.contains(&"--standby") {
-        // A standby gets its channels on stdin.
-        cfg.stdin = std::process::Stdio::piped();
-    }
+    // A standby gets its channels on stdin; every IDD its control commands.
+    cfg.stdin = std::process::Stdio::piped();
     let mut running = spawn_in(sys, idd, cfg).unwrap();
     let out = running.child_mut().stdout.take().unwrap();
     let (tx, lines) = mpsc::channel();
@@ -347,5 +345,91 @@ fn a_hot_standby_is_promoted_and_serves_the_reconnected_guests() {
         b.received().pop()
     });
     assert_eq!(got.unwrap(), back);
+    // The promoted standby's stdin goes on as its control input.
+    writeln!(ctl, "9 ips 0 10.0.0.0/24").unwrap();
+    let a = wait_for("the control answer", || {
+        standby.lines.try_recv().ok().filter(|l| l.starts_with("ctl "))
+    });
+    assert_eq!(a, "ctl 9 ok");
     standby.running.kill().unwrap();
+}
+
+#[test]
+fn control_commands_change_a_channels_policy_while_serving() {
+    let Nic {
+        far,
+        iommu,
+        socket,
+        _dir,
+        ..
+    } = nic();
+    let sys = System::new();
+    let idd = sys
+        .create_domain(DomainConfig {
+            name: "idd-net".into(),
+            nr_frames: frames_needed(1),
+            iommu: Some(iommu.clone()),
+        })
+        .unwrap();
+    let mut a = Front::new(&sys, idd, "guest-a", 1);
+    let spec = format!(
+        "guest={},tx={},rx={},port={},mac={},ips=10.0.0.1/32",
+        a.plat.domid(),
+        a.tx_ref,
+        a.rx_ref,
+        a.port,
+        a.mac
+    );
+    let mut idd_run = start(&sys, idd, &socket, &[spec]);
+    let mut ctl = idd_run.running.child_mut().stdin.take().unwrap();
+    let mut say = |line: &str| {
+        ctl.write_all(line.as_bytes()).unwrap();
+        ctl.flush().unwrap();
+    };
+    let answer = |idd_run: &mut Idd, id: u64| {
+        let want = format!("ctl {id} ");
+        wait_for("a control answer", || {
+            idd_run.lines.try_recv().ok().filter(|l| l.starts_with(&want))
+        })
+    };
+    let tx_status = |a: &mut Front, id: u16| {
+        wait_for("a transmit answer", || {
+            a.tx_responses();
+            a.tx_seen.get(&id).cloned()
+        })
+    };
+    // 10.0.0.7 is not allowed: dropped.
+    let from7 = frame_from(PEER, a.mac, [10, 0, 0, 7], 200, 1);
+    let id = a.send(&from7, 0);
+    assert_eq!(tx_status(&mut a, id), [NETIF_RSP_DROPPED]);
+    // Bad commands: err, or ignored without an id; the channel is unchanged.
+    say("1 ips 3 10.0.0.0/24\n");
+    assert!(answer(&mut idd_run, 1).starts_with("ctl 1 err"));
+    say("2 ips 0 10.0.0.0/99\n");
+    assert!(answer(&mut idd_run, 2).starts_with("ctl 2 err"));
+    say("3 credit 0 0/0\n");
+    assert!(answer(&mut idd_run, 3).starts_with("ctl 3 err"));
+    say("4 region 0 100\n");
+    assert!(answer(&mut idd_run, 4).starts_with("ctl 4 err"));
+    say("ips 0 10.0.0.0/24\nthis is not a command at all\n");
+    // Allow the /24: the same source now goes out.
+    say("5 ips 0 10.0.0.0/24\n");
+    assert_eq!(answer(&mut idd_run, 5), "ctl 5 ok");
+    let id = a.send(&from7, 1);
+    assert_eq!(tx_status(&mut a, id), [NETIF_RSP_OKAY]);
+    assert_eq!(recv_far(&far), from7);
+    // A credit, then none again: answered, and frames still flow.
+    say("6 credit 0 10000/1000\n7 credit 0 none\n");
+    assert_eq!(answer(&mut idd_run, 6), "ctl 6 ok");
+    assert_eq!(answer(&mut idd_run, 7), "ctl 7 ok");
+    let id = a.send(&from7, 2);
+    assert_eq!(tx_status(&mut a, id), [NETIF_RSP_OKAY]);
+    assert_eq!(recv_far(&far), from7);
+    // No filter at all: any source.
+    say("8 ips 0 none\n");
+    assert_eq!(answer(&mut idd_run, 8), "ctl 8 ok");
+    let other = frame_from(PEER, a.mac, [192, 168, 9, 9], 200, 3);
+    let id = a.send(&other, 3);
+    assert_eq!(tx_status(&mut a, id), [NETIF_RSP_OKAY]);
+    idd_run.running.kill().unwrap();
 }
