@@ -8,7 +8,7 @@
 //!   and the other guest's channel are untouched (no recovery, its counters continue), and
 //!   after a crash of the IDD the restarted process keeps the new share.
 //! * Unsafe changes (a MAC change, a region shrunk or moved) are answered 409 with the
-//!   reason, a plug of a running guest's device 501, and nothing changes.
+//!   reason, removing a running guest 501, and nothing changes.
 //! * A disk region grown in place is applied live (the IDD took it, the channel shows it),
 //!   the guests' verified workloads keep running, and a crashed disk IDD comes back with it.
 //!   That requests beyond the old end are then served is shown by `idd-blk`'s program test
