@@ -80,7 +80,10 @@ fn serve(text: &str, cfg: ServiceConfig) -> Running {
             .map(|i| i["state"].as_str().unwrap())
             .collect();
         assert!(!states.contains(&"failed"), "{idds}");
-        if states.iter().all(|s| *s == "running" || *s == "not_started") {
+        if states
+            .iter()
+            .all(|s| *s == "running" || *s == "not_started")
+        {
             break;
         }
         assert!(Instant::now() < deadline, "not up: {idds}");
@@ -201,15 +204,26 @@ share = "{bob_share}"
 
 #[test]
 fn a_share_changes_live_and_survives_a_crash() {
-    let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // The wire's far side: frames go somewhere (nobody reads them).
     let far = UdpSocket::bind("127.0.0.1:0").unwrap();
     let peer = far.local_addr().unwrap().to_string();
     let mut cfg = ServiceConfig::new(manager_config());
     cfg.net_guest_program = Some(common::program("guest-frontends", "net-guest"));
     cfg.net_guest_args = [
-        "flood", "--ip", "{ip}", "--dst-mac", "02:00:00:00:00:fe", "--dst-ip", "10.0.0.254",
-        "--size", "1000", "--secs", "600",
+        "flood",
+        "--ip",
+        "{ip}",
+        "--dst-mac",
+        "02:00:00:00:00:fe",
+        "--dst-ip",
+        "10.0.0.254",
+        "--size",
+        "1000",
+        "--secs",
+        "600",
     ]
     .map(str::to_owned)
     .to_vec();
@@ -227,8 +241,15 @@ fn a_share_changes_live_and_survives_a_crash() {
     }
     std::thread::sleep(Duration::from_secs(1));
     let (a, b) = split(c, 3.0);
-    eprintln!("before: alice {a:.0} B/s, bob {b:.0} B/s, ratio {:.2} (configured 1.00)", b / a);
-    assert!((b / a - 1.0).abs() <= 0.1, "bob/alice = {:.2}, want 1", b / a);
+    eprintln!(
+        "before: alice {a:.0} B/s, bob {b:.0} B/s, ratio {:.2} (configured 1.00)",
+        b / a
+    );
+    assert!(
+        (b / a - 1.0).abs() <= 0.1,
+        "bob/alice = {:.2}, want 1",
+        b / a
+    );
 
     let pid = idd(c, "idd-net0")["pid"].clone();
     let alice_before = channel(c, "net0", "alice");
@@ -241,7 +262,10 @@ fn a_share_changes_live_and_survives_a_crash() {
     assert_eq!(status, 409);
     assert!(why.contains("MAC") && why.contains("bob"), "{why}");
     let p: Value = c.get("/v1/policy").unwrap();
-    assert!(p["text"].as_str().unwrap().contains(r#"share = "20KiB every 100ms""#));
+    assert!(p["text"]
+        .as_str()
+        .unwrap()
+        .contains(r#"share = "20KiB every 100ms""#));
 
     // 1:3: bob's share tripled, live.
     let one_to_three = net_policy(&peer, "60KiB every 100ms", BOB_MAC);
@@ -260,13 +284,20 @@ fn a_share_changes_live_and_survives_a_crash() {
             assert_eq!(v["applied"][0]["how"], "live", "{v}");
             break;
         }
-        assert_ne!(m.event, "recovery", "a recovery during a reload: {}", m.data);
+        assert_ne!(
+            m.event, "recovery",
+            "a recovery during a reload: {}",
+            m.data
+        );
     }
     std::thread::sleep(Duration::from_millis(500));
     let (a, b) = split(c, 4.0);
     let ratio = b / a;
     eprintln!("after apply: alice {a:.0} B/s, bob {b:.0} B/s, ratio {ratio:.2} (configured 3.00)");
-    assert!((ratio - 3.0).abs() <= 0.3, "bob/alice = {ratio:.2}, want 3 within 10 %");
+    assert!(
+        (ratio - 3.0).abs() <= 0.3,
+        "bob/alice = {ratio:.2}, want 3 within 10 %"
+    );
     // Nothing restarted: same IDD process, no recovery, guests running, alice's channel
     // counting on from where it was.
     let i = idd(c, "idd-net0");
@@ -279,7 +310,9 @@ fn a_share_changes_live_and_survives_a_crash() {
     let alice_after = channel(c, "net0", "alice");
     assert_eq!(alice_after["index"], alice_before["index"]);
     assert!(num(&alice_after, "tx_packets") > num(&alice_before, "tx_packets"));
-    let want = policy::units::parse_share("60KiB every 100ms").unwrap().to_string();
+    let want = policy::units::parse_share("60KiB every 100ms")
+        .unwrap()
+        .to_string();
     assert_eq!(channel(c, "net0", "bob")["stats"]["credit"], want.as_str());
 
     // A crash of the IDD after the apply: the restarted process has the new share.
@@ -299,8 +332,13 @@ fn a_share_changes_live_and_survives_a_crash() {
     std::thread::sleep(Duration::from_millis(1000));
     let (a, b) = split(c, 4.0);
     let ratio = b / a;
-    eprintln!("after a crash: alice {a:.0} B/s, bob {b:.0} B/s, ratio {ratio:.2} (configured 3.00)");
-    assert!((ratio - 3.0).abs() <= 0.3, "bob/alice = {ratio:.2} after the crash, want 3");
+    eprintln!(
+        "after a crash: alice {a:.0} B/s, bob {b:.0} B/s, ratio {ratio:.2} (configured 3.00)"
+    );
+    assert!(
+        (ratio - 3.0).abs() <= 0.3,
+        "bob/alice = {ratio:.2} after the crash, want 3"
+    );
 
     // Alice's allowed IPs no longer include the address she floods from: live, her packets
     // are dropped as spoofed from then on, bob goes on.
@@ -349,7 +387,9 @@ device = "disk0"
 
 #[test]
 fn a_region_grows_live_and_unsafe_changes_are_refused() {
-    let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = ServiceConfig::new(manager_config());
     cfg.guest_args = [
@@ -395,7 +435,11 @@ fn a_region_grows_live_and_unsafe_changes_are_refused() {
     // Nothing restarted; both guests' verified workloads go on.
     std::thread::sleep(Duration::from_secs(1));
     let i = idd(c, "idd-disk0");
-    assert_eq!((i["pid"].clone(), i["restarts"].clone()), (pid, json!(0)), "{i}");
+    assert_eq!(
+        (i["pid"].clone(), i["restarts"].clone()),
+        (pid, json!(0)),
+        "{i}"
+    );
     assert!(num(&channel(c, "disk0", "bob"), "responses") > bob_before);
 
     // A crash after the apply: the restarted IDD serves the grown region (the manager's
@@ -418,6 +462,9 @@ fn a_region_grows_live_and_unsafe_changes_are_refused() {
     assert_eq!(num(&channel(c, "disk0", "alice"), "sectors"), 16_384);
     let guests: Value = c.get("/v1/guests").unwrap();
     for g in guests.as_array().unwrap() {
-        assert_eq!(g["running"], true, "a guest's verified workload stopped: {g}");
+        assert_eq!(
+            g["running"], true,
+            "a guest's verified workload stopped: {g}"
+        );
     }
 }

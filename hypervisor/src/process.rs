@@ -58,8 +58,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
 
-mod mmap;
 pub mod control;
+mod mmap;
 pub mod report;
 use mmap::{Mmap, PageRegistry};
 

@@ -344,7 +344,10 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
             .channels
             .get_mut(chan)
             .ok_or(BlkbackError::NoChannel(chan))?;
-        let Region { offset, sectors: old } = c.cfg.region;
+        let Region {
+            offset,
+            sectors: old,
+        } = c.cfg.region;
         if sectors < old {
             return Err(BlkbackError::Shrink { old, new: sectors });
         }

@@ -154,7 +154,11 @@ fn control<P: devchan::platform::Platform, D: idd_blk::device::BlockDevice>(
         back.grow_region(chan, sectors)
             .map_err(|e| format!("region: {}", chain(&e)))
     });
-    eprintln!("idd-blk: control {} {}: {result:?}", req.verb, req.args.join(" "));
+    eprintln!(
+        "idd-blk: control {} {}: {result:?}",
+        req.verb,
+        req.args.join(" ")
+    );
     Some(answer(req.id, &result))
 }
 

@@ -76,7 +76,12 @@ fn a_region_grows_while_serving() {
         "idd-blk",
         0,
         env!("CARGO_BIN_EXE_idd-blk"),
-        &["--device-socket", socket.to_str().unwrap(), "--channel", &channel],
+        &[
+            "--device-socket",
+            socket.to_str().unwrap(),
+            "--channel",
+            &channel,
+        ],
     );
     cfg.stderr = std::process::Stdio::inherit();
     cfg.stdin = std::process::Stdio::piped();
@@ -122,7 +127,11 @@ fn a_region_grows_while_serving() {
     send("region 0 2048\n\u{0}\u{ff}garbage\n");
     let inside = g.rw(false, 0, &[1]);
     assert_eq!(status(&mut g, &inside), BLKIF_RSP_OKAY);
-    assert_eq!(status(&mut g, &beyond), BLKIF_RSP_ERROR, "no id: not applied");
+    assert_eq!(
+        status(&mut g, &beyond),
+        BLKIF_RSP_ERROR,
+        "no id: not applied"
+    );
     // Grow to 2048 sectors: the same request now succeeds, up to the new end only.
     send("5 region 0 2048\n");
     assert_eq!(next("ctl 5 "), "ctl 5 ok");

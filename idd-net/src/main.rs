@@ -118,11 +118,14 @@ struct Args {
     standby: bool,
 }
 
+/// Control lines read and not yet run.
+type Pending = Vec<Result<String, ControlError>>;
+
 /// A standby's wait: `channel SPEC` lines on stdin until `go`; returns the SPECs and the
 /// lines that came after `go` in the same read (control commands, served once running).
 fn await_promotion<R: std::io::Read + AsRawFd>(
     ctl: &mut ControlIn<R>,
-) -> Result<(Vec<String>, Vec<Result<String, ControlError>>), String> {
+) -> Result<(Vec<String>, Pending), String> {
     let mut specs = Vec::new();
     while !ctl.closed() {
         let mut lines = ctl.wait_lines(-1).into_iter();
@@ -168,7 +171,10 @@ fn parse_control(r: &Request) -> Result<Control, String> {
         "ips" => parse_nets(value)
             .map(|n| Control::Ips(chan, n))
             .map_err(|e| format!("ips: {e}")),
-        other => Err(format!("unknown command {:?}", other.chars().take(20).collect::<String>())),
+        other => Err(format!(
+            "unknown command {:?}",
+            other.chars().take(20).collect::<String>()
+        )),
     }
 }
 
@@ -197,7 +203,11 @@ fn control<P: Platform, D: NetDevice>(
             Err(format!("no channel {chan}"))
         }
     });
-    eprintln!("idd-net: control {} {}: {result:?}", req.verb, req.args.join(" "));
+    eprintln!(
+        "idd-net: control {} {}: {result:?}",
+        req.verb,
+        req.args.join(" ")
+    );
     Some(answer(req.id, &result))
 }
 
@@ -402,10 +412,14 @@ mod tests {
 
     #[test]
     fn a_standby_takes_its_channels_from_stdin() {
-        let input = b"channel guest=3,tx=8,rx=9,port=5,mac=02:00:00:00:00:01\ngo\n1 credit 0 none\n";
+        let input =
+            b"channel guest=3,tx=8,rx=9,port=5,mac=02:00:00:00:00:01\ngo\n1 credit 0 none\n";
         assert_eq!(
             standby(input).unwrap(),
-            (vec!["guest=3,tx=8,rx=9,port=5,mac=02:00:00:00:00:01".to_owned()], 1)
+            (
+                vec!["guest=3,tx=8,rx=9,port=5,mac=02:00:00:00:00:01".to_owned()],
+                1
+            )
         );
         assert!(standby(b"channel x\n").is_err(), "no go");
         assert!(standby(b"hello\ngo\n").is_err());

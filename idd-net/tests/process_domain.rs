@@ -348,7 +348,11 @@ fn a_hot_standby_is_promoted_and_serves_the_reconnected_guests() {
     // The promoted standby's stdin goes on as its control input.
     writeln!(ctl, "9 ips 0 10.0.0.0/24").unwrap();
     let a = wait_for("the control answer", || {
-        standby.lines.try_recv().ok().filter(|l| l.starts_with("ctl "))
+        standby
+            .lines
+            .try_recv()
+            .ok()
+            .filter(|l| l.starts_with("ctl "))
     });
     assert_eq!(a, "ctl 9 ok");
     standby.running.kill().unwrap();
@@ -389,7 +393,11 @@ fn control_commands_change_a_channels_policy_while_serving() {
     let answer = |idd_run: &mut Idd, id: u64| {
         let want = format!("ctl {id} ");
         wait_for("a control answer", || {
-            idd_run.lines.try_recv().ok().filter(|l| l.starts_with(&want))
+            idd_run
+                .lines
+                .try_recv()
+                .ok()
+                .filter(|l| l.starts_with(&want))
         })
     };
     let tx_status = |a: &mut Front, id: u16| {

@@ -495,9 +495,9 @@ impl NetSlice {
             }
             let mut cmds = Vec::new();
             if share {
-                let v = want
-                    .share
-                    .map_or("none".to_owned(), |s| format!("{}/{}", s.bytes, s.interval_us));
+                let v = want.share.map_or("none".to_owned(), |s| {
+                    format!("{}/{}", s.bytes, s.interval_us)
+                });
                 cmds.push(("credit", v));
             }
             if ips {
@@ -522,7 +522,10 @@ impl NetSlice {
                     )),
                     Some(c) => {
                         self.idd.control(&format!("{verb} {c} {v}"), timeout)?;
-                        done.push(format!("{guest} on {}: {verb} {v} (live, channel {c})", self.dev.name));
+                        done.push(format!(
+                            "{guest} on {}: {verb} {v} (live, channel {c})",
+                            self.dev.name
+                        ));
                     }
                 }
             }

@@ -204,7 +204,9 @@ impl Manager {
             .guest(guest)
             .and_then(|g| g.disk.iter().find(|d| d.device == device))
             .map(|d| d.region)
-            .ok_or_else(|| anyhow::anyhow!("guest {guest} has no disk on {device} in the new policy"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("guest {guest} has no disk on {device} in the new policy")
+            })?;
         let b = self
             .blk
             .as_mut()

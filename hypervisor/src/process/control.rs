@@ -253,10 +253,16 @@ mod tests {
     fn lines_are_bounded_and_split_across_reads() {
         let mut l = LineBuf::default();
         assert!(l.push(b"1 cre").is_empty());
-        assert_eq!(l.push(b"dit 0 none\n2 x\n"), [Ok("1 credit 0 none".into()), Ok("2 x".into())]);
+        assert_eq!(
+            l.push(b"dit 0 none\n2 x\n"),
+            [Ok("1 credit 0 none".into()), Ok("2 x".into())]
+        );
         let long = vec![b'a'; MAX_LINE + 10];
         assert!(l.push(&long).is_empty());
-        assert_eq!(l.push(b"\n3 y\n"), [Err(ControlError::TooLong), Ok("3 y".into())]);
+        assert_eq!(
+            l.push(b"\n3 y\n"),
+            [Err(ControlError::TooLong), Ok("3 y".into())]
+        );
         assert_eq!(l.push(b"\xff\n"), [Err(ControlError::NotUtf8)]);
     }
 
