@@ -37,6 +37,7 @@ const BOB_MAC: &str = "02:00:00:00:00:0b";
 
 struct Running {
     svc: Service,
+    url: String,
     /// Runs the API server.
     _rt: tokio::runtime::Runtime,
     c: Client,
@@ -66,9 +67,15 @@ fn serve(text: &str, cfg: ServiceConfig) -> Running {
         tls: None,
     };
     let server = rt.block_on(api::spawn(router, &l)).unwrap();
-    let c = Client::new(&server.url(), None, None).unwrap();
+    let url = server.url();
+    let c = Client::new(&url, None, None).unwrap();
     std::mem::forget(server); // lives as long as the runtime
-    let r = Running { svc, _rt: rt, c };
+    let r = Running {
+        svc,
+        url,
+        _rt: rt,
+        c,
+    };
     // Up: every IDD running.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -423,10 +430,22 @@ fn a_region_grows_live_and_unsafe_changes_are_refused() {
     assert!(why.contains("bob"), "{why}");
     assert_eq!(num(&channel(c, "disk0", "alice"), "sectors"), 8192);
 
-    // Grown in place: live.
+    // Grown in place, through the CLI: live.
     let grown = disk_policy(dir.path(), "length = \"8MiB\"", true);
-    let out = apply(c, &grown).unwrap();
-    eprintln!("applied: {}", out["applied"]);
+    let file = dir.path().join("grown.toml");
+    std::fs::write(&file, &grown).unwrap();
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_iddctl"))
+        .args(["--remote", &r.url, "--json", "policy", "apply"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "iddctl policy apply: {}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let out: Value = serde_json::from_slice(&cli.stdout).unwrap();
+    eprintln!("iddctl policy apply: {}", out["applied"]);
     let applied = out["applied"].as_array().unwrap();
     assert_eq!(applied.len(), 1, "{out}");
     assert_eq!(applied[0]["change"], "region-changed");
