@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use devchan::grant::DomId;
 use devchan::xenbus::XenbusState;
-use devchan::xenstore::client::NO_TX;
 use hypervisor::domain::DomainConfig;
 use idd_blk::blkback::Region;
 use iospace::emu::virtio_blk::{BlkConfig, VirtioBlk};
@@ -220,20 +219,13 @@ impl BlkSlice {
         Ok(())
     }
 
-    /// Give guest `guest`'s disk the region `new` (the live reload: grown in place while
-    /// connected, anything while not): the stored policy first (so a restarted IDD serves the
-    /// new region), then the running IDD (`region CHAN SECTORS`), then XenStore: `sectors`,
-    /// and for a connected disk `state` rewritten as `Connected`, which is how a Linux
-    /// blkback announces a resize (Linux blkfront re-reads `sectors` on a `Connected` while
-    /// connected and resizes the disk; our blkfront reads it only at connect). Returns what
-    /// changed.
-    pub fn update_region(
-        &mut self,
-        d0: &mut Dom0,
+    /// Whether guest `guest`'s disk can take region `new` now (see [`Self::update_region`]):
+    /// its disk index, its channel, whether it is connected, and the region in sectors.
+    pub fn check_region(
+        &self,
         guest: &str,
         new: &policy::Region,
-        timeout: Duration,
-    ) -> Result<String> {
+    ) -> Result<(usize, Option<usize>, bool, Region)> {
         let k = self
             .disks
             .iter()
@@ -262,6 +254,24 @@ impl BlkSlice {
             self.dev.name,
             self.dev.sectors
         );
+        Ok((k, chan, connected, region))
+    }
+
+    /// Give guest `guest`'s disk the region `new` (the live reload: grown in place while
+    /// connected, anything while not): the stored policy first (so a restarted IDD serves the
+    /// new region), then the running IDD (`region CHAN SECTORS`), then XenStore: `sectors`,
+    /// and for a connected disk `state` rewritten as `Connected`, which is how a Linux
+    /// blkback announces a resize (Linux blkfront re-reads `sectors` on a `Connected` while
+    /// connected and resizes the disk; our blkfront reads it only at connect). Returns what
+    /// changed.
+    pub fn update_region(
+        &mut self,
+        d0: &mut Dom0,
+        guest: &str,
+        new: &policy::Region,
+        timeout: Duration,
+    ) -> Result<String> {
+        let (k, chan, connected, region) = self.check_region(guest, new)?;
         let d = &mut self.disks[k];
         d.region = region;
         d.nodes.sectors = region.sectors;
@@ -278,14 +288,31 @@ impl BlkSlice {
             Some(_) => "stored; the IDD restarts with it".to_owned(),
             None => "stored".to_owned(),
         };
+        // `sectors` and `state` in one transaction, as Linux's blkback resizes.
         let dir = toolstack::back_dir(nodes.idd, nodes.guest, nodes.devid);
-        let path = format!("{dir}/sectors");
-        d0.admin
-            .write(NO_TX, &path, region.sectors.to_string().as_bytes())
-            .with_context(|| format!("writing {path}"))?;
-        if connected {
-            toolstack::set_backend_state(&mut d0.admin, &nodes, XenbusState::Connected)?;
-        }
+        let xs = &mut d0.admin;
+        let tx = xs.transaction_start().context("XenStore transaction")?;
+        let wrote = xs
+            .write(
+                tx,
+                &format!("{dir}/sectors"),
+                region.sectors.to_string().as_bytes(),
+            )
+            .and_then(|()| {
+                if connected {
+                    xs.write(
+                        tx,
+                        &format!("{dir}/state"),
+                        XenbusState::Connected.to_xenstore().as_bytes(),
+                    )
+                } else {
+                    Ok(())
+                }
+            });
+        let ended = xs.transaction_end(tx, wrote.is_ok());
+        wrote
+            .and(ended)
+            .with_context(|| format!("writing {dir}/sectors"))?;
         Ok(format!(
             "{guest} on {}: region {}+{} sectors ({how})",
             self.dev.name, region.offset, region.sectors

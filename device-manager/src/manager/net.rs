@@ -455,6 +455,22 @@ impl NetSlice {
         })
     }
 
+    /// Whether guest `guest`'s NICs on this device can take `new` (one entry per NIC, in
+    /// order): their indexes in `nics`.
+    pub fn check_access(&self, guest: &str, new: &[&NetAccess]) -> Result<Vec<usize>> {
+        let mine: Vec<usize> = (0..self.nics.len())
+            .filter(|i| self.nics[*i].name == guest)
+            .collect();
+        ensure!(
+            mine.len() == new.len(),
+            "guest {guest} has {} NICs on {} and the new policy {}: adding or removing NICs is not live",
+            mine.len(),
+            self.dev.name,
+            new.len()
+        );
+        Ok(mine)
+    }
+
     /// Give guest `guest`'s NICs on this device the share and allowed IPs of `new` (its
     /// access entries for this device, in policy order; the MAC stays): the stored policy
     /// first, so a respawned or promoted IDD starts with the new values, then the running
@@ -466,16 +482,7 @@ impl NetSlice {
         timeout: Duration,
     ) -> Result<Vec<String>> {
         let mut done = Vec::new();
-        let mine: Vec<usize> = (0..self.nics.len())
-            .filter(|i| self.nics[*i].name == guest)
-            .collect();
-        ensure!(
-            mine.len() == new.len(),
-            "guest {guest} has {} NICs on {} and the new policy {}: adding or removing NICs is not live",
-            mine.len(),
-            self.dev.name,
-            new.len()
-        );
+        let mine = self.check_access(guest, new)?;
         for (i, want) in mine.into_iter().zip(new) {
             let n = &mut self.nics[i];
             let (share, ips) = (n.access.share != want.share, n.access.ips != want.ips);

@@ -18,8 +18,11 @@
 //! through its control commands (`manager/idd.rs`); it answers each one. A guest without a
 //! channel yet only gets the stored value.
 //!
-//! Every change is checked before anything is done: an apply that contains a change that is
-//! not live does nothing at all.
+//! Every change is checked before anything is done (kind and preconditions: a connected
+//! disk's region only grows in place and fits the device, a guest keeps its number of NICs):
+//! an apply that contains a change that is not live does nothing at all. What can still fail
+//! part-way is the running IDD's answer ([`ReloadError::Failed`]); the stored config of that
+//! change and of every change before it holds the new values by then.
 
 use std::time::Duration;
 
@@ -98,25 +101,32 @@ pub fn change_name(c: &Change) -> String {
 }
 
 impl Manager {
-    /// Classify `c`: an action on a running slice, nothing, or not live.
-    fn action<'c>(&mut self, c: &'c Change) -> Result<Action<'c>, ReloadError> {
-        let not_live = |subject: &str, reason: &str| ReloadError::NotLive {
+    /// Classify `c` (leading to policy `new`): an action on a running slice, nothing, or not
+    /// live; an action's preconditions are checked here, so that [`Manager::apply`] fails
+    /// before doing anything when one does not hold.
+    fn action<'c>(&mut self, new: &Policy, c: &'c Change) -> Result<Action<'c>, ReloadError> {
+        let not_live = |subject: &str, reason: String| ReloadError::NotLive {
             change: change_name(c),
             subject: subject.to_owned(),
-            reason: reason.to_owned(),
+            reason,
         };
         Ok(match c {
             Change::ShareChanged { guest, device, .. } | Change::IpsChanged { guest, device } => {
                 match self.nets.iter().find(|n| &n.dev.name == device) {
-                    Some(n) if n.nics.iter().any(|x| &x.name == guest) => Action::Net {
-                        guest,
-                        device,
-                    },
+                    Some(n) if n.nics.iter().any(|x| &x.name == guest) => {
+                        n.check_access(guest, &net_entries(new, guest, device))
+                            .map_err(|e| not_live(guest, format!("{e:#}")))?;
+                        Action::Net { guest, device }
+                    }
                     _ => Action::Deferred,
                 }
             }
             Change::RegionChanged { guest, device, .. } => match &self.blk {
                 Some(b) if &b.dev.name == device && b.disks.iter().any(|d| &d.name == guest) => {
+                    let region = disk_region(new, guest, device)
+                        .map_err(|e| not_live(guest, format!("{e:#}")))?;
+                    b.check_region(guest, &region)
+                        .map_err(|e| not_live(guest, format!("{e:#}")))?;
                     Action::Region { guest, device }
                 }
                 _ => Action::Deferred,
@@ -130,7 +140,8 @@ impl Manager {
                 return Err(not_live(
                     guest,
                     "plugging or unplugging a running guest's NIC or disk, or removing a running \
-                     guest, is not done live: stop the guest, or restart the manager with the new policy",
+                     guest, is not done live: stop the guest, or restart the manager with the new policy"
+                        .into(),
                 ))
             }
             _ => Action::Deferred,
@@ -138,21 +149,20 @@ impl Manager {
     }
 
     /// Check that every change of `changes` (from [`Policy::diff_with`] against the running
-    /// policy, `new` being the policy they lead to) can be applied live, without doing
-    /// anything.
-    pub fn check_live(&mut self, changes: &[Change]) -> Result<(), ReloadError> {
+    /// policy, leading to `new`) can be applied live, without doing anything.
+    pub fn check_live(&mut self, new: &Policy, changes: &[Change]) -> Result<(), ReloadError> {
         for c in changes {
-            self.action(c)?;
+            self.action(new, c)?;
         }
         Ok(())
     }
 
     /// Apply `changes` (see the module docs): all checked first, then each carried out.
     pub fn apply(&mut self, new: &Policy, changes: &[Change]) -> Result<Vec<Applied>, ReloadError> {
-        self.check_live(changes)?;
+        self.check_live(new, changes)?;
         let mut done = Vec::new();
         for c in changes {
-            let result = match self.action(c)? {
+            let result = match self.action(new, c)? {
                 Action::Deferred => Ok((How::Deferred, Vec::new())),
                 Action::Net { guest, device } => self.apply_net(new, guest, device),
                 Action::Region { guest, device } => self.apply_region(new, guest, device),
@@ -181,10 +191,7 @@ impl Manager {
         guest: &str,
         device: &str,
     ) -> anyhow::Result<(How, Vec<String>)> {
-        let entries: Vec<&policy::NetAccess> = new
-            .guest(guest)
-            .map(|g| g.net.iter().filter(|a| a.device == device).collect())
-            .unwrap_or_default();
+        let entries = net_entries(new, guest, device);
         let n = self
             .nets
             .iter_mut()
@@ -200,13 +207,7 @@ impl Manager {
         guest: &str,
         device: &str,
     ) -> anyhow::Result<(How, Vec<String>)> {
-        let region = new
-            .guest(guest)
-            .and_then(|g| g.disk.iter().find(|d| d.device == device))
-            .map(|d| d.region)
-            .ok_or_else(|| {
-                anyhow::anyhow!("guest {guest} has no disk on {device} in the new policy")
-            })?;
+        let region = disk_region(new, guest, device)?;
         let b = self
             .blk
             .as_mut()
@@ -215,6 +216,21 @@ impl Manager {
         let actions = vec![line];
         Ok((how_of(&actions), actions))
     }
+}
+
+/// Guest `guest`'s access entries for NIC `device` in `new`, in order.
+fn net_entries<'p>(new: &'p Policy, guest: &str, device: &str) -> Vec<&'p policy::NetAccess> {
+    new.guest(guest)
+        .map(|g| g.net.iter().filter(|a| a.device == device).collect())
+        .unwrap_or_default()
+}
+
+/// Guest `guest`'s region of disk `device` in `new`.
+fn disk_region(new: &Policy, guest: &str, device: &str) -> anyhow::Result<policy::Region> {
+    new.guest(guest)
+        .and_then(|g| g.disk.iter().find(|d| d.device == device))
+        .map(|d| d.region)
+        .ok_or_else(|| anyhow::anyhow!("guest {guest} has no disk on {device} in the new policy"))
 }
 
 /// `live` if any action reached a running IDD.
