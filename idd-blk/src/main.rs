@@ -33,6 +33,8 @@
 //!   offset). Requests up to the new end are served from then on; a shrink or a region past
 //!   the device's end is answered `err`. The guest learns the new size from XenStore
 //!   (`sectors`), which the manager writes after the `ok`.
+//! * `ID attach SPEC`: serve one more guest disk (SPEC as for `--channel`); it becomes the
+//!   next channel index, its journal the next pair of frames: a guest added live.
 //!
 //! stdin closed (or `/dev/null`) just means no commands.
 //!
@@ -120,10 +122,19 @@ fn parse_channel(s: &str, i: usize) -> Result<ChannelConfig, String> {
     })
 }
 
-/// Parse `region CHAN SECTORS` (the only control command): (channel, new length).
-fn parse_control(r: &Request) -> Result<(usize, u64), String> {
+/// A control command (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Control {
+    /// `region CHAN SECTORS`.
+    Region(usize, u64),
+    /// `attach SPEC`: a new channel, the next index.
+    Attach(String),
+}
+
+/// Parse a control request's verb and arguments.
+fn parse_control(r: &Request) -> Result<Control, String> {
     match (r.verb.as_str(), r.args.as_slice()) {
-        ("region", [chan, sectors]) => Ok((
+        ("region", [chan, sectors]) => Ok(Control::Region(
             chan.parse()
                 .map_err(|e| format!("region: channel {chan:?}: {e}"))?,
             sectors
@@ -131,6 +142,8 @@ fn parse_control(r: &Request) -> Result<(usize, u64), String> {
                 .map_err(|e| format!("region: sectors {sectors:?}: {e}"))?,
         )),
         ("region", _) => Err("region: want CHAN SECTORS".into()),
+        ("attach", [spec]) => Ok(Control::Attach(spec.clone())),
+        ("attach", _) => Err("attach: want SPEC".into()),
         (other, _) => Err(format!(
             "unknown command {:?}",
             other.chars().take(20).collect::<String>()
@@ -141,6 +154,8 @@ fn parse_control(r: &Request) -> Result<(usize, u64), String> {
 /// Run one control line against the backend; the answer line, if the line had an id.
 fn control<P: devchan::platform::Platform, D: idd_blk::device::BlockDevice>(
     back: &mut Blkback<P, D>,
+    platform: &P,
+    nchan: &mut usize,
     line: Result<String, ControlError>,
 ) -> Option<String> {
     let req = match line.and_then(|l| Request::parse(&l)) {
@@ -150,9 +165,20 @@ fn control<P: devchan::platform::Platform, D: idd_blk::device::BlockDevice>(
             return None;
         }
     };
-    let result = parse_control(&req).and_then(|(chan, sectors)| {
-        back.grow_region(chan, sectors)
-            .map_err(|e| format!("region: {}", chain(&e)))
+    let result = parse_control(&req).and_then(|c| match c {
+        Control::Region(chan, sectors) => back
+            .grow_region(chan, sectors)
+            .map_err(|e| format!("region: {}", chain(&e))),
+        Control::Attach(spec) => {
+            let c = parse_channel(&spec, *nchan)?;
+            // A journal left by an earlier process of this domain in that slot is not ours.
+            idd_blk::journal::release_stale_pins(platform, c.journal_frame)
+                .map_err(|e| format!("attach: journal: {}", chain(&e)))?;
+            back.attach(c)
+                .map_err(|e| format!("attach: channel of domain {}: {}", c.guest, chain(&e)))?;
+            *nchan += 1;
+            Ok(())
+        }
     });
     eprintln!(
         "idd-blk: control {} {}: {result:?}",
@@ -194,14 +220,14 @@ fn run(args: Args) -> Result<(), String> {
     let driver = VirtioBlkDriver::probe(platform.clone(), io, DRIVER_FRAMES)
         .map_err(|e| format!("virtio-blk: {}", chain(&e)))?;
     let mut back = Blkback::new(
-        platform,
+        platform.clone(),
         driver,
         BackendConfig {
             batch: args.batch,
             scratch_frame: SCRATCH_FRAME,
         },
     );
-    let nchan = channels.len();
+    let mut nchan = channels.len();
     for c in channels {
         back.attach(c)
             .map_err(|e| format!("channel of domain {}: {}", c.guest, chain(&e)))?;
@@ -232,7 +258,7 @@ fn run(args: Args) -> Result<(), String> {
             report.failed(chan, &e);
         }
         for line in ctl.poll_lines() {
-            if let Some(a) = control(&mut back, line) {
+            if let Some(a) = control(&mut back, &*platform, &mut nchan, line) {
                 report.say(&a);
             }
         }
@@ -326,7 +352,14 @@ mod tests {
     #[test]
     fn control_commands() {
         let req = |l: &str| Request::parse(l).unwrap();
-        assert_eq!(parse_control(&req("4 region 1 4096")).unwrap(), (1, 4096));
+        assert_eq!(
+            parse_control(&req("4 region 1 4096")).unwrap(),
+            Control::Region(1, 4096)
+        );
+        assert_eq!(
+            parse_control(&req("4 attach 3:12:5:0:8")).unwrap(),
+            Control::Attach("3:12:5:0:8".into())
+        );
         for bad in [
             "4 region",
             "4 region 1",
@@ -334,6 +367,8 @@ mod tests {
             "4 region 1 -5",
             "4 region 1 2 3",
             "4 credit 1 2",
+            "4 attach",
+            "4 attach a b",
         ] {
             assert!(parse_control(&req(bad)).is_err(), "{bad}");
         }

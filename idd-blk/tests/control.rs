@@ -1,5 +1,6 @@
 //! The `idd-blk` binary's control commands (the manager's live reload): a guest's region is
-//! grown while the IDD serves, requests beyond the old end then succeed, and bad commands
+//! grown while the IDD serves, requests beyond the old end then succeed, a second guest is
+//! attached and served, and bad commands
 //! (a shrink, a region past the device, an unknown channel, garbage) are answered `err` or
 //! ignored without disturbing the service.
 
@@ -36,7 +37,7 @@ fn status(g: &mut Front, req: &devchan::blkif::BlkRequest) -> i16 {
 }
 
 #[test]
-fn a_region_grows_while_serving() {
+fn a_region_grows_and_a_guest_is_attached_while_serving() {
     let dir = tempfile::tempdir().unwrap();
     let blk = Arc::new(
         VirtioBlk::new(&BlkConfig {
@@ -142,7 +143,29 @@ fn a_region_grows_while_serving() {
     assert_eq!(g.page(2), pattern(5));
     let past = g.rw(false, 2048, &[2]);
     assert_eq!(status(&mut g, &past), BLKIF_RSP_ERROR);
-    // Still heartbeating.
-    next("hb ");
+    // A second guest attached while serving: its own region, served at once.
+    let mut h = Front::new(&sys, idd, "guest-2");
+    send(&format!(
+        "6 attach {}:{}:{}:3000:64\n",
+        h.plat.domid(),
+        h.ring_ref,
+        h.port
+    ));
+    assert_eq!(next("ctl 6 "), "ctl 6 ok");
+    h.fill(0, &pattern(6));
+    let w = h.rw(true, 8, &[0]);
+    assert_eq!(status(&mut h, &w), BLKIF_RSP_OKAY);
+    let past = h.rw(false, 64, &[1]);
+    assert_eq!(status(&mut h, &past), BLKIF_RSP_ERROR, "its own bounds");
+    send("7 attach 1:2\n");
+    assert!(next("ctl 7 ").starts_with("ctl 7 err"));
+    // The heartbeat counts both channels.
+    let hb = loop {
+        let l = next("hb ");
+        if l.matches('/').count() == 6 {
+            break l;
+        }
+    };
+    eprintln!("{hb}");
     d.kill().unwrap();
 }

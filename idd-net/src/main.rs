@@ -33,6 +33,8 @@
 //! * `ID credit CHAN BYTES/USEC` or `ID credit CHAN none`: the channel's credit; its bucket
 //!   restarts full at the new rate.
 //! * `ID ips CHAN CIDR+CIDR` or `ID ips CHAN none`: the networks it may send from.
+//! * `ID attach SPEC`: serve one more guest interface (SPEC as for `--channel`); it becomes
+//!   the next channel index (its journal the next one): a guest added live.
 //!
 //! A standby reads its `channel`/`go` lines from the same stdin first. stdin closed (or
 //! `/dev/null`) just means no commands.
@@ -99,6 +101,9 @@ const HEARTBEAT: Duration = Duration::from_millis(50);
 const ROUND: Duration = Duration::from_millis(5);
 /// Most packets taken from one channel per round.
 const MAX_BATCH: usize = 64;
+/// Most channels: journals past this would lie outside the memory the manager gives the
+/// domain (`idd_net::layout::frames_needed(64)`).
+const MAX_CHANNELS: usize = 64;
 
 #[derive(Parser, Debug)]
 #[command(about = "Network driver domain (netback over a virtio-net device)")]
@@ -151,10 +156,18 @@ enum Control {
     Credit(usize, Option<Credit>),
     /// `ips CHAN CIDR+CIDR|none`.
     Ips(usize, Vec<ipnet::IpNet>),
+    /// `attach SPEC`: a new channel (checked when run: its index is the next one).
+    Attach(String),
 }
 
 /// Parse a control request's verb and arguments.
 fn parse_control(r: &Request) -> Result<Control, String> {
+    if r.verb == "attach" {
+        return match r.args.as_slice() {
+            [spec] => Ok(Control::Attach(spec.clone())),
+            _ => Err("attach: want SPEC".into()),
+        };
+    }
     let [chan, value] = r.args.as_slice() else {
         return Err(format!("{}: want CHAN VALUE", r.verb));
     };
@@ -196,6 +209,18 @@ fn control<P: Platform, D: NetDevice>(
         let (chan, done) = match c {
             Control::Credit(chan, credit) => (chan, back.set_credit(chan, credit)),
             Control::Ips(chan, nets) => (chan, back.set_nets(chan, nets)),
+            Control::Attach(spec) => {
+                let i = back.channels();
+                if i >= MAX_CHANNELS {
+                    return Err(format!("attach: at most {MAX_CHANNELS} channels"));
+                }
+                let c = parse_channel(&spec, i)?;
+                let guest = c.guest;
+                return back
+                    .attach(c)
+                    .map(|_| ())
+                    .map_err(|e| format!("attach: channel of domain {guest}: {}", chain(&e)));
+            }
         };
         if done {
             Ok(())
@@ -332,7 +357,6 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("virtio-net: {}", chain(&e)))?;
     let mut back = Netback::new(platform, driver, backend_config(args.batch))
         .map_err(|e| format!("netback: {}", chain(&e)))?;
-    let nchan = channels.len();
     for c in channels {
         let guest = c.guest;
         back.attach(c)
@@ -351,6 +375,7 @@ fn run(args: Args) -> Result<(), String> {
         for (chan, e) in back.failed() {
             report.failed(chan, &e);
         }
+        let nchan = back.channels();
         report.heartbeat(|n| heartbeat(n, &back, nchan));
     }
 }
@@ -448,6 +473,10 @@ mod tests {
             parse_control(&req("1 ips 1 none")).unwrap(),
             Control::Ips(1, Vec::new())
         );
+        assert_eq!(
+            parse_control(&req("1 attach guest=1,tx=2")).unwrap(),
+            Control::Attach("guest=1,tx=2".into())
+        );
         for bad in [
             "1 credit",
             "1 credit 0",
@@ -457,6 +486,8 @@ mod tests {
             "1 ips 0 10.0.0.0/40",
             "1 region 0 100",
             "1 credit -1 1/1",
+            "1 attach",
+            "1 attach a b",
         ] {
             assert!(parse_control(&req(bad)).is_err(), "{bad}");
         }

@@ -371,7 +371,7 @@ fn control_commands_change_a_channels_policy_while_serving() {
     let idd = sys
         .create_domain(DomainConfig {
             name: "idd-net".into(),
-            nr_frames: frames_needed(1),
+            nr_frames: frames_needed(2),
             iommu: Some(iommu.clone()),
         })
         .unwrap();
@@ -439,5 +439,24 @@ fn control_commands_change_a_channels_policy_while_serving() {
     let other = frame_from(PEER, a.mac, [192, 168, 9, 9], 200, 3);
     let id = a.send(&other, 3);
     assert_eq!(tx_status(&mut a, id), [NETIF_RSP_OKAY]);
+    assert_eq!(recv_far(&far), other);
+    // A second guest attached while serving: channel 1, its own filter.
+    let mut b = Front::new(&sys, idd, "guest-b", 2);
+    say(&format!(
+        "10 attach guest={},tx={},rx={},port={},mac={},ips=10.0.0.2/32\n",
+        b.plat.domid(),
+        b.tx_ref,
+        b.rx_ref,
+        b.port,
+        b.mac
+    ));
+    assert_eq!(answer(&mut idd_run, 10), "ctl 10 ok");
+    let from_b = frame_from(PEER, b.mac, [10, 0, 0, 2], 300, 4);
+    let id = b.send(&from_b, 0);
+    assert_eq!(tx_status(&mut b, id), [NETIF_RSP_OKAY]);
+    assert_eq!(recv_far(&far), from_b);
+    say("11 credit 1 1000/1000\n12 attach guest=1\n");
+    assert_eq!(answer(&mut idd_run, 11), "ctl 11 ok");
+    assert!(answer(&mut idd_run, 12).starts_with("ctl 12 err"));
     idd_run.running.kill().unwrap();
 }
