@@ -265,39 +265,7 @@ impl Manager {
         );
         let mut guests = Vec::new();
         for g in &policy.guests {
-            let disk = blk
-                .as_ref()
-                .and_then(|b| g.disk.iter().find(|d| d.device == b.dev.name));
-            let uses_net = g
-                .net
-                .iter()
-                .any(|a| nets.iter().any(|n: &NetSlice| n.dev.name == a.device));
-            if disk.is_none() && !uses_net {
-                continue;
-            }
-            if g.kind != GuestKind::Process {
-                bail!("guest {}: only process guests are supported yet", g.name);
-            }
-            let domid = d0.sys.create_domain(DomainConfig {
-                name: g.name.clone(),
-                nr_frames: GUEST_FRAMES,
-                iommu: None,
-            })?;
-            d0.stores.introduce(domid)?;
-            if let (Some(b), Some(disk)) = (blk.as_mut(), disk) {
-                b.add_disk(&mut d0, &g.name, domid, disk)?;
-            }
-            for a in &g.net {
-                if let Some(n) = nets.iter_mut().find(|n| n.dev.name == a.device) {
-                    n.add_nic(&mut d0, &g.name, domid, a)?;
-                }
-            }
-            guests.push(GuestDomain {
-                name: g.name.clone(),
-                domid,
-                process: None,
-                lines: None,
-            });
+            guests.extend(add_guest_domain(&mut d0, blk.as_mut(), &mut nets, g)?);
         }
         ensure!(!guests.is_empty(), "no process guest uses a device");
         Ok(Self {
@@ -631,6 +599,53 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// Whether guest `g` uses a device this manager runs (the disk `blk`, a NIC of `nets`).
+fn uses_ours(blk: Option<&BlkSlice>, nets: &[NetSlice], g: &policy::Guest) -> bool {
+    let disk = blk.is_some_and(|b| g.disk.iter().any(|d| d.device == b.dev.name));
+    disk || g
+        .net
+        .iter()
+        .any(|a| nets.iter().any(|n| n.dev.name == a.device))
+}
+
+/// Guest `g`'s domain, with its devices' XenStore nodes on the slices this manager runs
+/// (backends `InitWait`); `None` if it uses none of them.
+fn add_guest_domain(
+    d0: &mut Dom0,
+    blk: Option<&mut BlkSlice>,
+    nets: &mut [NetSlice],
+    g: &policy::Guest,
+) -> Result<Option<GuestDomain>> {
+    if !uses_ours(blk.as_deref(), nets, g) {
+        return Ok(None);
+    }
+    if g.kind != GuestKind::Process {
+        bail!("guest {}: only process guests are supported yet", g.name);
+    }
+    let domid = d0.sys.create_domain(DomainConfig {
+        name: g.name.clone(),
+        nr_frames: GUEST_FRAMES,
+        iommu: None,
+    })?;
+    d0.stores.introduce(domid)?;
+    if let Some(b) = blk {
+        if let Some(disk) = g.disk.iter().find(|d| d.device == b.dev.name) {
+            b.add_disk(d0, &g.name, domid, disk)?;
+        }
+    }
+    for a in &g.net {
+        if let Some(n) = nets.iter_mut().find(|n| n.dev.name == a.device) {
+            n.add_nic(d0, &g.name, domid, a)?;
+        }
+    }
+    Ok(Some(GuestDomain {
+        name: g.name.clone(),
+        domid,
+        process: None,
+        lines: None,
+    }))
 }
 
 impl Drop for Manager {

@@ -5,12 +5,15 @@
 //!
 //! * Two guests flood one NIC at shares 1:1; one share is changed to get 1:3: the split
 //!   measured from the channel counters follows (within 10 %), the IDD process, the guests
-//!   and the other guest's channel are untouched (no recovery, its counters continue), and
-//!   after a crash of the IDD the restarted process keeps the new share.
+//!   and the other guest's channel are untouched (no recovery, its counters continue); a
+//!   third guest is added live (its channel attached to the running IDD); after a crash of
+//!   the IDD the restarted process keeps the new share and the added guest; an allowed-IP
+//!   change takes effect live.
 //! * Unsafe changes (a MAC change, a region shrunk or moved) are answered 409 with the
 //!   reason, removing a running guest 501, and nothing changes.
 //! * A disk region grown in place is applied live (the IDD took it, the channel shows it),
-//!   the guests' verified workloads keep running, and a crashed disk IDD comes back with it.
+//!   the guests' verified workloads keep running, a third guest is added live on the same
+//!   disk, and a crashed disk IDD comes back with both.
 //!   That requests beyond the old end are then served is shown by `idd-blk`'s program test
 //!   (`idd-blk/tests/control.rs`): our blkfront reads the capacity only at connect.
 
@@ -170,6 +173,13 @@ fn split(c: &Client, secs: f64) -> (f64, f64) {
     panic!("the IDD kept restarting");
 }
 
+/// `text` with a third guest, carol, on net0.
+fn with_carol(text: &str) -> String {
+    format!(
+        "{text}\n[[guest]]\nname = \"carol\"\n[[guest.net]]\ndevice = \"net0\"\nmac = \"02:00:00:00:00:0c\"\nips = [\"10.0.0.3\"]\nshare = \"20KiB every 100ms\"\n"
+    )
+}
+
 fn net_policy(wire_peer: &str, bob_share: &str, bob_mac: &str) -> String {
     net_policy_ips(wire_peer, bob_share, bob_mac, "10.0.0.1")
 }
@@ -322,6 +332,35 @@ fn a_share_changes_live_and_survives_a_crash() {
         .to_string();
     assert_eq!(channel(c, "net0", "bob")["stats"]["credit"], want.as_str());
 
+    // A third guest added live: its domain, its process, its channel attached to the running
+    // IDD; nobody else disturbed.
+    let out = apply(c, &with_carol(&one_to_three)).unwrap();
+    eprintln!("guest added: {}", out["applied"]);
+    assert_eq!(out["applied"][0]["change"], "guest-added", "{out}");
+    assert_eq!(out["applied"][0]["how"], "live", "{out}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while num(&channel(c, "net0", "carol"), "tx_bytes") == 0 {
+        assert!(Instant::now() < deadline, "carol does not send");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let i = idd(c, "idd-net0");
+    assert_eq!(
+        (i["pid"].clone(), i["restarts"].clone()),
+        (pid.clone(), json!(0)),
+        "{i}"
+    );
+    let carol = |c: &Client| num(&channel(c, "net0", "carol"), "tx_bytes");
+    let (a, b) = split(c, 3.0);
+    eprintln!(
+        "with carol: alice {a:.0} B/s, bob {b:.0} B/s, ratio {:.2}",
+        b / a
+    );
+    assert!(
+        (b / a - 3.0).abs() <= 0.3,
+        "bob/alice = {:.2} with carol",
+        b / a
+    );
+
     // A crash of the IDD after the apply: the restarted process has the new share.
     let _: Value = c
         .post("/v1/idds/idd-net0/faults", &json!({ "fault": "crash" }))
@@ -346,10 +385,19 @@ fn a_share_changes_live_and_survives_a_crash() {
         (ratio - 3.0).abs() <= 0.3,
         "bob/alice = {ratio:.2} after the crash, want 3"
     );
+    // carol's channel was in the restarted IDD's arguments.
+    let before = carol(c);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(carol(c) > before, "carol not served after the crash");
 
     // Alice's allowed IPs no longer include the address she floods from: live, her packets
     // are dropped as spoofed from then on, bob goes on.
-    let moved = net_policy_ips(&peer, "60KiB every 100ms", BOB_MAC, "10.0.0.99");
+    let moved = with_carol(&net_policy_ips(
+        &peer,
+        "60KiB every 100ms",
+        BOB_MAC,
+        "10.0.0.99",
+    ));
     let out = apply(c, &moved).unwrap();
     assert_eq!(out["applied"][0]["change"], "ips-changed", "{out}");
     assert_eq!(out["applied"][0]["how"], "live", "{out}");
@@ -461,8 +509,23 @@ fn a_region_grows_live_and_unsafe_changes_are_refused() {
     );
     assert!(num(&channel(c, "disk0", "bob"), "responses") > bob_before);
 
+    // A guest added live on the same disk: its verified workload runs on its own region.
+    let carol = format!(
+        "{grown}\n[[guest]]\nname = \"carol\"\n[[guest.disk]]\ndevice = \"disk0\"\noffset = \"12MiB\"\nlength = \"4MiB\"\n"
+    );
+    let out = apply(c, &carol).unwrap();
+    eprintln!("guest added: {}", out["applied"]);
+    assert_eq!(out["applied"][0]["change"], "guest-added", "{out}");
+    assert_eq!(out["applied"][0]["how"], "live", "{out}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while num(&channel(c, "disk0", "carol"), "responses") == 0 {
+        assert!(Instant::now() < deadline, "carol's disk is not served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(idd(c, "idd-disk0")["restarts"], 0);
+
     // A crash after the apply: the restarted IDD serves the grown region (the manager's
-    // stored channel), and the guests keep going.
+    // stored channel) and carol's channel, and the guests keep going.
     let _: Value = c
         .post("/v1/idds/idd-disk0/faults", &json!({ "fault": "crash" }))
         .unwrap();
@@ -476,8 +539,10 @@ fn a_region_grows_live_and_unsafe_changes_are_refused() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let alice = num(&channel(c, "disk0", "alice"), "responses");
+    let carol = num(&channel(c, "disk0", "carol"), "responses");
     std::thread::sleep(Duration::from_secs(1));
     assert!(num(&channel(c, "disk0", "alice"), "responses") > alice);
+    assert!(num(&channel(c, "disk0", "carol"), "responses") > carol);
     assert_eq!(num(&channel(c, "disk0", "alice"), "sectors"), 16_384);
     let guests: Value = c.get("/v1/guests").unwrap();
     for g in guests.as_array().unwrap() {

@@ -219,6 +219,61 @@ impl BlkSlice {
         Ok(())
     }
 
+    /// Give guest domain `guest`'s disk (added with [`Self::add_disk`], its process started)
+    /// its channel while the IDD serves: wait for its ring, store the channel (a restarted
+    /// IDD has it), `attach SPEC` to the running IDD (or start the IDD if it never ran), mark
+    /// the backend `Connected`. Returns what was done (nothing if it has no disk here).
+    pub fn attach_guest(
+        &mut self,
+        d0: &mut Dom0,
+        guest: DomId,
+        timeout: Duration,
+    ) -> Result<Option<String>> {
+        let Some(k) = self
+            .disks
+            .iter()
+            .position(|d| d.domid == guest && d.ring.is_none())
+        else {
+            return Ok(None);
+        };
+        if self.idd.starts == 0 {
+            self.connect(d0, &[guest], timeout)?;
+            return Ok(Some(format!("{}: the IDD started", self.dev.name)));
+        }
+        let deadline = Instant::now() + timeout;
+        let (gref, port) = loop {
+            let g = &self.disks[k];
+            if let Some(r) = toolstack::frontend_ring(&mut d0.admin, &g.nodes)? {
+                break r;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "guest {} did not publish its disk's ring",
+                g.name
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let g = &mut self.disks[k];
+        g.ring = Some(RingView::new(d0.sys.clone(), g.domid, gref));
+        let c = ChannelSpec {
+            guest,
+            ring_ref: gref,
+            port,
+            region: g.region,
+            read_only: g.nodes.read_only,
+        };
+        self.channels.push(c);
+        self.chan_disk.push(k);
+        let chan = self.channels.len() - 1;
+        self.idd.control(&format!("attach {c}"), timeout)?;
+        let g = &self.disks[k];
+        toolstack::set_backend_state(&mut d0.admin, &g.nodes, XenbusState::Connected)?;
+        Ok(Some(format!(
+            "{} on {}: attached (live, channel {chan})",
+            g.name, self.dev.name
+        )))
+    }
+
     /// Whether guest `guest`'s disk can take region `new` now (see [`Self::update_region`]):
     /// its disk index, its channel, whether it is connected, and the region in sectors.
     pub fn check_region(

@@ -455,6 +455,65 @@ impl NetSlice {
         })
     }
 
+    /// Give guest domain `guest`'s NICs on this device (added with [`Self::add_nic`], its
+    /// process started) their channels while the IDD serves: wait for its rings, store the
+    /// channels (a restarted or promoted IDD has them), `attach SPEC` each to the running IDD
+    /// (or start the IDD if it never ran: no guest had connected), mark the backends
+    /// `Connected`. Returns what was done.
+    pub fn attach_guest(
+        &mut self,
+        d0: &mut Dom0,
+        guest: DomId,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
+        if self.idd.starts == 0 {
+            self.connect(d0, &[guest], timeout)?;
+            return Ok(vec![format!(
+                "{}: the IDD started with {} channel(s)",
+                self.dev.name,
+                self.channels.len()
+            )]);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut done = Vec::new();
+        for k in 0..self.nics.len() {
+            if self.nics[k].domid != guest || self.nics[k].rings.is_some() {
+                continue;
+            }
+            let rings = loop {
+                let n = &self.nics[k];
+                if let Some(r) = vif::frontend_rings(&mut d0.admin, &n.nodes)
+                    .with_context(|| format!("guest {}", n.name))?
+                {
+                    break r;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "guest {} did not publish its NIC's rings",
+                    n.name
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            let c = NetChannel {
+                guest,
+                rings,
+                access: self.nics[k].access.clone(),
+            };
+            let spec = c.to_string();
+            self.nics[k].rings = Some(rings);
+            self.channels.push(c);
+            let chan = self.channels.len() - 1;
+            self.idd.control(&format!("attach {spec}"), timeout)?;
+            let n = &self.nics[k];
+            vif::set_backend_state(&mut d0.admin, &n.nodes, XenbusState::Connected)?;
+            done.push(format!(
+                "{} on {}: attached (live, channel {chan})",
+                n.name, self.dev.name
+            ));
+        }
+        Ok(done)
+    }
+
     /// Whether guest `guest`'s NICs on this device can take `new` (one entry per NIC, in
     /// order): their indexes in `nics`.
     pub fn check_access(&self, guest: &str, new: &[&NetAccess]) -> Result<Vec<usize>> {

@@ -9,8 +9,12 @@
 //! | a NIC's share | stored config, then `credit CHAN BYTES/USEC` to the running `idd-net` |
 //! | a NIC's allowed IPs | stored config, then `ips CHAN CIDR+CIDR` to the running `idd-net` |
 //! | a disk region grown in place | stored config, `region CHAN SECTORS` to the running `idd-blk`, then `sectors` in XenStore and `state` rewritten `Connected` |
-//! | devices added, removed or re-set, guests added | nothing now: the next start uses them |
+//! | a process guest added that uses a running device | its domain and XenStore nodes, its process started (the caller's [`GuestStarter`]), its rings awaited, then `attach SPEC` to each running IDD |
+//! | devices added, removed or re-set, other guests added | nothing now: the next start uses them |
 //! | a running guest removed, or its NIC or disk added, removed or re-moded | refused ([`ReloadError::NotLive`]): restart the manager with the new policy |
+//!
+//! Removing a guest live is not done: the IDDs have no detach (a channel's index is its
+//! journal's place, and every later channel would move), so it stays a refusal.
 //!
 //! "Stored config" is what the manager keeps to start an IDD process (its `--channel`
 //! arguments, a standby's `channel` lines): it is updated *first*, so an IDD that crashes
@@ -29,7 +33,7 @@ use std::time::Duration;
 use policy::{Change, Policy};
 use serde::Serialize;
 
-use super::Manager;
+use super::{add_guest_domain, uses_ours, Manager};
 
 /// How long an IDD has to answer a control command.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,8 +93,17 @@ pub enum How {
 enum Action<'c> {
     Net { guest: &'c str, device: &'c str },
     Region { guest: &'c str, device: &'c str },
+    AddGuest { guest: &'c str },
     Deferred,
 }
+
+/// Starts a guest's process (its program and arguments are the caller's business): called
+/// by [`Manager::apply`] with the manager and the guest's name, after its domain and nodes
+/// exist and before its rings are awaited.
+pub type GuestStarter<'a> = dyn FnMut(&mut Manager, &str) -> anyhow::Result<()> + 'a;
+
+/// How long a guest added live has to publish its rings.
+pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The change's name as it serializes (`share-changed`, ...).
 pub fn change_name(c: &Change) -> String {
@@ -131,6 +144,28 @@ impl Manager {
                 }
                 _ => Action::Deferred,
             },
+            Change::GuestAdded { guest } => match new.guest(guest) {
+                Some(g) if uses_ours(self.blk.as_ref(), &self.nets, g) => {
+                    if g.kind != policy::GuestKind::Process {
+                        return Err(not_live(guest, "only process guests are run".into()));
+                    }
+                    if let Some(b) = &self.blk {
+                        ensure_room(
+                            g.disk.iter().any(|d| d.device == b.dev.name),
+                            b.disks.len(),
+                            usize::try_from(crate::layout::MAX_CHANNELS).unwrap_or(usize::MAX),
+                        )
+                        .map_err(|e| not_live(guest, format!("{}: {e}", b.dev.name)))?;
+                    }
+                    for n in &self.nets {
+                        let more = g.net.iter().filter(|a| a.device == n.dev.name).count();
+                        ensure_room(more > 0, n.nics.len() + more - 1, super::net::MAX_NICS)
+                            .map_err(|e| not_live(guest, format!("{}: {e}", n.dev.name)))?;
+                    }
+                    Action::AddGuest { guest }
+                }
+                _ => Action::Deferred,
+            },
             Change::AccessAdded { guest, .. }
             | Change::AccessRemoved { guest, .. }
             | Change::AccessChanged { guest, .. }
@@ -157,8 +192,14 @@ impl Manager {
         Ok(())
     }
 
-    /// Apply `changes` (see the module docs): all checked first, then each carried out.
-    pub fn apply(&mut self, new: &Policy, changes: &[Change]) -> Result<Vec<Applied>, ReloadError> {
+    /// Apply `changes` (see the module docs): all checked first, then each carried out;
+    /// `start` starts the process of a guest added live.
+    pub fn apply(
+        &mut self,
+        new: &Policy,
+        changes: &[Change],
+        start: &mut GuestStarter<'_>,
+    ) -> Result<Vec<Applied>, ReloadError> {
         self.check_live(new, changes)?;
         let mut done = Vec::new();
         for c in changes {
@@ -166,6 +207,7 @@ impl Manager {
                 Action::Deferred => Ok((How::Deferred, Vec::new())),
                 Action::Net { guest, device } => self.apply_net(new, guest, device),
                 Action::Region { guest, device } => self.apply_region(new, guest, device),
+                Action::AddGuest { guest } => self.apply_add_guest(new, guest, start),
             };
             match result {
                 Ok((how, actions)) => done.push(Applied {
@@ -201,6 +243,35 @@ impl Manager {
         Ok((how_of(&actions), actions))
     }
 
+    fn apply_add_guest(
+        &mut self,
+        new: &Policy,
+        guest: &str,
+        start: &mut GuestStarter<'_>,
+    ) -> anyhow::Result<(How, Vec<String>)> {
+        let g = new
+            .guest(guest)
+            .ok_or_else(|| anyhow::anyhow!("no guest {guest} in the new policy"))?;
+        anyhow::ensure!(
+            self.guests.iter().all(|x| x.name != guest),
+            "guest {guest} exists already"
+        );
+        let dom = add_guest_domain(&mut self.d0, self.blk.as_mut(), &mut self.nets, g)?
+            .ok_or_else(|| anyhow::anyhow!("guest {guest} uses no device this manager runs"))?;
+        let domid = dom.domid;
+        self.guests.push(dom);
+        let mut actions = vec![format!("{guest}: domain {domid} created")];
+        start(self, guest)?;
+        actions.push(format!("{guest}: process started"));
+        if let Some(b) = self.blk.as_mut() {
+            actions.extend(b.attach_guest(&mut self.d0, domid, ATTACH_TIMEOUT)?);
+        }
+        for n in &mut self.nets {
+            actions.extend(n.attach_guest(&mut self.d0, domid, ATTACH_TIMEOUT)?);
+        }
+        Ok((How::Live, actions))
+    }
+
     fn apply_region(
         &mut self,
         new: &Policy,
@@ -231,6 +302,15 @@ fn disk_region(new: &Policy, guest: &str, device: &str) -> anyhow::Result<policy
         .and_then(|g| g.disk.iter().find(|d| d.device == device))
         .map(|d| d.region)
         .ok_or_else(|| anyhow::anyhow!("guest {guest} has no disk on {device} in the new policy"))
+}
+
+/// Room for one more channel when `wanted`: `have` channels now, `max` at most.
+fn ensure_room(wanted: bool, have: usize, max: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !wanted || have < max,
+        "it serves {have} channels, at most {max}"
+    );
+    Ok(())
 }
 
 /// `live` if any action reached a running IDD.

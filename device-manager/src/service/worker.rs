@@ -61,6 +61,39 @@ fn guest_ip(g: Option<&policy::Guest>, seed: usize) -> String {
     }
 }
 
+/// Start guest `name`'s process (the `seed`-th guest, from 1): the verified block workload
+/// for a guest with a disk, `net-guest` for one with only NICs (if configured).
+fn start_guest(
+    cfg: &ServiceConfig,
+    policy: &Policy,
+    m: &mut Manager,
+    name: &str,
+    seed: usize,
+) -> anyhow::Result<()> {
+    let pg = policy.guest(name);
+    let has_disk = pg.is_some_and(|g| !g.disk.is_empty());
+    let seed_s = seed.to_string();
+    if has_disk {
+        let args: Vec<String> = cfg
+            .guest_args
+            .iter()
+            .map(|a| a.replace("{seed}", &seed_s))
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        m.start_guest(name, &args)?;
+    } else if let Some(prog) = cfg.net_guest_program.clone() {
+        let ip = guest_ip(pg, seed);
+        let args: Vec<String> = cfg
+            .net_guest_args
+            .iter()
+            .map(|a| a.replace("{seed}", &seed_s).replace("{ip}", &ip))
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        m.start_guest_program(name, &prog, &args)?;
+    }
+    Ok(())
+}
+
 impl Worker {
     pub(super) fn new(
         svc: Service,
@@ -114,29 +147,7 @@ impl Worker {
         let mut m = Manager::start(&self.policy, self.cfg.manager.clone())?;
         let names: Vec<String> = m.guests().iter().map(|g| g.name.clone()).collect();
         for (i, n) in names.iter().enumerate() {
-            let seed = (i + 1).to_string();
-            let pg = self.policy.guest(n);
-            let has_disk = pg.is_some_and(|g| !g.disk.is_empty());
-            if has_disk {
-                let args: Vec<String> = self
-                    .cfg
-                    .guest_args
-                    .iter()
-                    .map(|a| a.replace("{seed}", &seed))
-                    .collect();
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                m.start_guest(n, &args)?;
-            } else if let Some(prog) = self.cfg.net_guest_program.clone() {
-                let ip = guest_ip(pg, i + 1);
-                let args: Vec<String> = self
-                    .cfg
-                    .net_guest_args
-                    .iter()
-                    .map(|a| a.replace("{seed}", &seed).replace("{ip}", &ip))
-                    .collect();
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                m.start_guest_program(n, &prog, &args)?;
-            }
+            start_guest(&self.cfg, &self.policy, &mut m, n, i + 1)?;
         }
         m.connect(self.cfg.connect_timeout)?;
         Ok(m)
@@ -346,11 +357,14 @@ impl Worker {
         let new = Policy::parse(text, name).map_err(|e| ServiceError::Invalid(Box::new(e)))?;
         let running = self.snap.borrow().clone();
         let changes = plan(&self.policy, &new, &running)?;
-        let mut outcome = outcome(&changes, &running);
+        let mut outcome = outcome(&changes, &new, &running);
         // Nothing ran (bring-up failed): record only. Else the manager carries the changes
         // out (it checks them all before doing anything).
         let applied = match (m, &self.broken) {
-            (Some(m), None) => match m.apply(&new, &changes) {
+            (Some(m), None) => match m.apply(&new, &changes, &mut |m, guest| {
+                let seed = m.guests().iter().position(|g| g.name == guest).unwrap_or(0) + 1;
+                start_guest(&self.cfg, &new, m, guest, seed)
+            }) {
                 Ok(a) => a,
                 Err(e @ ReloadError::NotLive { .. }) => {
                     return Err(ServiceError::NotImplemented(e.to_string()))
