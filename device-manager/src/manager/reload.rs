@@ -344,6 +344,14 @@ mod tests {
     }
 
     #[test]
+    fn room_is_checked_only_when_wanted() {
+        assert!(ensure_room(true, 63, 64).is_ok());
+        let e = ensure_room(true, 64, 64).unwrap_err().to_string();
+        assert!(e.contains("at most 64"), "{e}");
+        assert!(ensure_room(false, 64, 64).is_ok());
+    }
+
+    #[test]
     fn how_follows_the_actions() {
         assert_eq!(how_of(&["x (live, channel 1)".into()]), How::Live);
         assert_eq!(how_of(&["x (stored)".into()]), How::Stored);
