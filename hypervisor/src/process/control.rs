@@ -93,13 +93,18 @@ pub fn answer(id: u64, result: &Result<(), String>) -> String {
 }
 
 /// Parse an answer line (the manager's side): `Some((id, result))` for `ctl ID ok|err ...`.
+/// The line comes from a driver domain: the reason is cut to 200 characters and stripped of
+/// control characters, whatever the IDD printed.
 pub fn parse_answer(line: &str) -> Option<(u64, Result<(), String>)> {
     let rest = line.strip_prefix("ctl ")?;
     let (id, rest) = rest.split_once(' ')?;
     let id = id.parse().ok()?;
     match rest.split_once(' ') {
         None if rest == "ok" => Some((id, Ok(()))),
-        Some(("err", why)) => Some((id, Err(why.to_owned()))),
+        Some(("err", why)) => Some((
+            id,
+            Err(why.chars().filter(|c| !c.is_control()).take(200).collect()),
+        )),
         None if rest == "err" => Some((id, Err(String::new()))),
         _ => None,
     }
@@ -294,6 +299,14 @@ mod tests {
                     let _ = Request::parse(&line);
                 }
             }
+        }
+
+        #[test]
+        fn hostile_answers_are_bounded(line in "\\PC{0,1000}") {
+            if let Some((_, Err(why))) = parse_answer(&format!("ctl 1 err {line}")) {
+                prop_assert!(why.chars().count() <= 200);
+            }
+            let _ = parse_answer(&line);
         }
 
         #[test]
