@@ -150,7 +150,7 @@ impl Dom0 {
             nr_frames: 16,
             iommu: None,
         })?;
-        let xs = Xenstored::new();
+        let xs = Xenstored::with_quotas(crate::layout::xenstore_quotas());
         let xs_sock = dir.path().join("xenstored.sock");
         let server = SocketServer::bind(&xs_sock, Arc::clone(&xs))?.spawn()?;
         let stores = DomainStores::start(Arc::clone(&sys), xs, dom0)?;

@@ -23,11 +23,11 @@ use device_manager::service::{Service, ServiceConfig};
 use policy::Policy;
 use serde_json::{json, Value};
 
-const CRASHES: u32 = 20;
+const CRASHES: u32 = 3;
 
 fn policy_text(dir: &std::path::Path) -> String {
     let mut t = format!(
-        "[restart]\nmax_restarts = 1000\nwindow = \"600s\"\nheartbeat = \"1s\"\n\n[[device]]\nname = \"disk0\"\nkind = \"virtio-blk\"\nimage = \"{}\"\nsize = \"16MiB\"\n",
+        "[restart]\nmax_restarts = 1000\nwindow = \"600s\"\nheartbeat = \"1s\"\n\n[[device]]\nname = \"disk0\"\nkind = \"virtio-blk\"\nimage = \"{}\"\nsize = \"128MiB\"\n",
         dir.join("disk0.img").display()
     );
     for i in 0..MAX_CHANNELS {
