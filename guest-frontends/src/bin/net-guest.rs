@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! net-guest [--vif N] echo --ip 10.0.0.2/24 [--rx-mode copy|exchange] [--secs S]
+//!                          [--disk-blocks B [--disk-seed X] [--disk-period-ms P]]
 //! net-guest [--vif N] tap --netns NS --ifname IF [--ip CIDR] [--rx-mode ..] [--secs S]
 //! net-guest [--vif N] flood --dst-mac M --dst-ip IP --size B --secs S [--ip CIDR] [--rx-mode ..]
 //! ```
@@ -14,7 +15,14 @@
 //! described it) and the mode runs until `--secs` pass (0: until SIGTERM or SIGINT).
 //!
 //! * `echo`: answers ARP for its address, ICMP echo and UDP echo (port 7)
-//!   ([`guest_frontends::echo`]).
+//!   ([`guest_frontends::echo`]). With `--disk-blocks B` the guest also has a disk
+//!   (`vbd/51712`, connected through blkfront before the NIC, as the manager connects the disk
+//!   IDD first) and checks it while it echoes: every `P` ms it writes block `i mod B` with a
+//!   pattern of (seed, block, version) and reads it back, one operation in flight, never
+//!   blocking the echo loop. A disk error or a read that differs from what was written ends
+//!   the program (status 1, the reason on stderr): a supervisor sees a failed check as an
+//!   exited guest. This is the guest of the manager's load test: one process per domain, so
+//!   a domain with a disk and a NIC runs both frontends in this one loop.
 //! * `tap`: frames between netfront and the TAP, so the namespace's Linux stack is the guest
 //!   OS.
 //! * `flood`: UDP datagrams of `B` bytes (whole frame) to `M`/`IP` port 9 as fast as the
@@ -27,6 +35,7 @@
 //! stats tx=.. txb=.. rx=.. rxb=.. txerr=.. rxerr=.. drop=.. proto=.. arp=.. icmp=.. udp=..   (every second)
 //! reconnected n=1                                                      (on each reconnect)
 //! summary tx=.. txb=.. rx=.. rxb=.. txerr=.. rxerr=.. drop=.. proto=.. arp=.. icmp=.. udp=.. reconnects=.. resent=.. secs=..
+//! disk ops=.. errors=0 mismatches=0 reconnects=.. reissued=..         (with --disk-blocks, after each stats and the summary)
 //! ```
 //! `tx`/`rx` are packets the backend acknowledged / delivered, `drop` frames the guest could
 //! not queue (its transmit queue full, or the TAP refused one), `proto` responses refused as
@@ -37,7 +46,12 @@
 //!
 //! The domain needs [`NET_GUEST_FRAMES`] frames (391: the platform's 7, 256 receive buffers,
 //! 128 transmit frames). With fewer, fewer receive buffers are posted; at least
-//! 7 + 1 + 16 frames are required.
+//! 7 + 1 + 16 frames are required. blkfront's pages are shareable pages, not RAM frames
+//! (at most [`DISK_PAGES`]).
+//!
+//! Both frontends share the domain's one XenStore connection ([`SharedStore`]): the ring
+//! carries one request at a time in order, so a second client on it would take the other's
+//! replies.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -47,9 +61,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use std::sync::Mutex;
+
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use devchan::platform::{Platform, PlatformError, Port};
+use guest_frontends::blkfront::{BlkFront, BlkFrontConfig, StoreError};
 use guest_frontends::echo::{udp_frame, EchoStats, Responder, DISCARD_PORT};
 use guest_frontends::netfront::{
     format_mac, frames_needed, parse_mac, EventWait, FrontStore, NetError, NetFront,
@@ -60,6 +77,13 @@ use hypervisor::memory::layout::FIRST_FREE_FRAME;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
 use hypervisor::store_link::{process_client, EventMux, StoreClient};
+
+/// The disk's virtual device number (`xvda`, the toolstack's `vbd/51712`).
+pub const VBD_DEVID: u16 = 51712;
+/// Most data pages blkfront may hold for the disk check (one 4 KiB operation at a time).
+pub const DISK_PAGES: usize = 8;
+/// Bytes of one checked block.
+const DISK_BLOCK: usize = 4096;
 
 /// Frames of RAM the guest's domain should have.
 pub const NET_GUEST_FRAMES: u64 =
@@ -87,6 +111,15 @@ enum Mode {
         /// Run this long (0: until SIGTERM).
         #[arg(long, default_value_t = 0.0)]
         secs: f64,
+        /// Also check the disk `vbd/51712` on its first B 4 KiB blocks (0: no disk).
+        #[arg(long, default_value_t = 0)]
+        disk_blocks: u64,
+        /// Seed of the disk check's data patterns.
+        #[arg(long, default_value_t = 1)]
+        disk_seed: u64,
+        /// Milliseconds between two checked blocks.
+        #[arg(long, default_value_t = 20)]
+        disk_period_ms: u64,
     },
     /// Bridge netfront and a TAP interface in a network namespace (root).
     Tap {
@@ -162,12 +195,35 @@ impl EventWait for MuxEvents {
     }
 }
 
-type Front = NetFront<ProcessPlatform, StoreClient<ProcessPlatform>>;
+/// The domain's one XenStore connection, shared by its frontends (see the module docs).
+#[derive(Clone)]
+struct SharedStore(Arc<Mutex<StoreClient<ProcessPlatform>>>);
+
+impl SharedStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StoreClient<ProcessPlatform>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl FrontStore for SharedStore {
+    fn read(&mut self, path: &str) -> std::result::Result<Option<Vec<u8>>, StoreError> {
+        FrontStore::read(&mut *self.lock(), path)
+    }
+    fn write(&mut self, path: &str, value: &[u8]) -> std::result::Result<(), StoreError> {
+        FrontStore::write(&mut *self.lock(), path, value)
+    }
+    fn write_all(&mut self, kvs: &[(String, Vec<u8>)]) -> std::result::Result<(), StoreError> {
+        self.lock().write_all(kvs)
+    }
+}
+
+type Front = NetFront<ProcessPlatform, SharedStore>;
+type Disk = BlkFront<ProcessPlatform, SharedStore>;
 
 /// The domain's platform and XenStore, before the sandbox.
 struct Domain {
     mux: Arc<EventMux<ProcessPlatform>>,
-    xs: StoreClient<ProcessPlatform>,
+    xs: SharedStore,
     nr_frames: u64,
 }
 
@@ -178,7 +234,9 @@ fn domain() -> Result<Domain> {
         .context("PDOM_NR_FRAMES")?;
     let platform = ProcessPlatform::from_launch_env().context("platform")?;
     let mux = EventMux::new(Arc::new(platform));
-    let xs = process_client(&mux).context("XenStore")?;
+    let xs = SharedStore(Arc::new(Mutex::new(
+        process_client(&mux).context("XenStore")?,
+    )));
     Ok(Domain { mux, xs, nr_frames })
 }
 
@@ -189,13 +247,24 @@ fn front_dir(d: &Domain, vif: u32) -> String {
     )
 }
 
-/// Enter the sandbox keeping `extra` descriptors, then connect netfront.
-fn connect(d: Domain, vif: u32, mode: RxMode, extra: &[i32]) -> Result<Front> {
+/// Enter the sandbox keeping `extra` descriptors.
+fn enter_sandbox(extra: &[i32]) -> Result<()> {
     let mut sandbox = SandboxConfig::default();
     sandbox.keep_fds.extend([0, 1, 2]);
     sandbox.keep_fds.extend(hypervisor::launch::PLATFORM_FDS);
     sandbox.keep_fds.extend(extra);
     hypervisor::sandbox::apply(&sandbox).context("sandbox")?;
+    Ok(())
+}
+
+/// Enter the sandbox keeping `extra` descriptors, then connect netfront.
+fn connect(d: Domain, vif: u32, mode: RxMode, extra: &[i32]) -> Result<Front> {
+    enter_sandbox(extra)?;
+    connect_net(d, vif, mode)
+}
+
+/// Connect netfront (in the sandbox).
+fn connect_net(d: Domain, vif: u32, mode: RxMode) -> Result<Front> {
     let first = FIRST_FREE_FRAME;
     let avail = usize::try_from(d.nr_frames.saturating_sub(first))?;
     if avail < 1 + MIN_TX_FRAMES {
@@ -220,6 +289,8 @@ struct Report {
     connects: u64,
     drop: u64,
     echo: EchoStats,
+    /// `stats` lines printed.
+    stats_lines: u64,
 }
 
 impl Report {
@@ -238,6 +309,7 @@ impl Report {
             connects: f.stats().connects,
             drop: 0,
             echo: EchoStats::default(),
+            stats_lines: 0,
         })
     }
 
@@ -271,6 +343,7 @@ impl Report {
         }
         if self.last.elapsed() >= Duration::from_secs(1) {
             self.last = Instant::now();
+            self.stats_lines += 1;
             writeln!(out, "stats {}", self.counters(f))?;
             out.flush()?;
         }
@@ -322,24 +395,214 @@ fn send(f: &mut Front, r: &mut Report, frame: &[u8]) -> Result<()> {
     }
 }
 
-fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64) -> Result<()> {
+/// The disk check of `echo --disk-blocks` (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DiskSpec {
+    blocks: u64,
+    seed: u64,
+    period: Duration,
+}
+
+/// What the disk check is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DiskStep {
+    /// Nothing in flight; the next block is written at this time.
+    Idle(Instant),
+    /// Block `block` at version `version` being written.
+    Writing { token: u64, block: u64, version: u64 },
+    /// ... and being read back.
+    Reading { token: u64, block: u64, version: u64 },
+}
+
+/// One block of the disk check's data: starts with (seed, block, version) in little endian
+/// (readable in a hex dump), then an xorshift stream seeded from them.
+fn disk_pattern(seed: u64, block: u64, version: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(DISK_BLOCK);
+    for v in [seed, block, version] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut x = (seed ^ block.rotate_left(21) ^ version.rotate_left(42))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        | 1;
+    while out.len() < DISK_BLOCK {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// The disk check: one write-then-read-back in flight, driven between echo rounds.
+struct DiskCheck {
+    disk: Disk,
+    spec: DiskSpec,
+    step: DiskStep,
+    ops: u64,
+    version: u64,
+}
+
+impl DiskCheck {
+    const SPB: u64 = DISK_BLOCK as u64 / 512;
+
+    /// Connect blkfront (in the sandbox) and check that `spec.blocks` fit the disk.
+    fn connect(d: &Domain, spec: DiskSpec) -> Result<Self> {
+        let mut cfg = BlkFrontConfig::new(d.mux.platform().domid(), VBD_DEVID);
+        cfg.max_pages = DISK_PAGES;
+        // A short wait per round keeps the echo loop responsive; the frontend's own stall
+        // detection and reconnect are unchanged.
+        cfg.poll_interval = Duration::from_millis(2);
+        cfg.stall_timeout = Duration::from_secs(3);
+        let disk = BlkFront::connect_with(
+            d.mux.platform().clone(),
+            d.xs.clone(),
+            Box::new(MuxEvents(d.mux.clone())),
+            cfg,
+        )
+        .context("blkfront connect")?;
+        let sectors = disk.capacity() / 512;
+        ensure!(
+            spec.blocks > 0 && spec.blocks.saturating_mul(Self::SPB) <= sectors,
+            "{} blocks of 4 KiB do not fit a disk of {sectors} sectors",
+            spec.blocks
+        );
+        Ok(Self {
+            disk,
+            spec,
+            step: DiskStep::Idle(Instant::now()),
+            ops: 0,
+            version: 0,
+        })
+    }
+
+    /// How long the echo loop may wait before [`Self::drive`] is due again.
+    fn due_in(&self) -> Duration {
+        match self.step {
+            DiskStep::Idle(at) => at.saturating_duration_since(Instant::now()),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Advance the check without blocking longer than blkfront's poll interval. An I/O error
+    /// or a mismatch is returned as an error (it ends the program).
+    fn drive(&mut self) -> Result<()> {
+        if let DiskStep::Idle(at) = self.step {
+            if Instant::now() < at {
+                return Ok(());
+            }
+            self.version += 1;
+            let block = self.version % self.spec.blocks;
+            let data = disk_pattern(self.spec.seed, block, self.version);
+            let token = self
+                .disk
+                .submit_write(block * Self::SPB, data)
+                .context("disk: submit write")?;
+            self.step = DiskStep::Writing {
+                token,
+                block,
+                version: self.version,
+            };
+        }
+        self.disk.poll(Duration::ZERO).context("disk")?;
+        match self.step {
+            DiskStep::Idle(_) => {}
+            DiskStep::Writing {
+                token,
+                block,
+                version,
+            } => {
+                if let Some(r) = self.disk.take(token) {
+                    r.with_context(|| format!("disk: write of block {block}"))?;
+                    let token = self
+                        .disk
+                        .submit_read(block * Self::SPB, DISK_BLOCK)
+                        .context("disk: submit read")?;
+                    self.step = DiskStep::Reading {
+                        token,
+                        block,
+                        version,
+                    };
+                }
+            }
+            DiskStep::Reading {
+                token,
+                block,
+                version,
+            } => {
+                if let Some(r) = self.disk.take(token) {
+                    let data = r.with_context(|| format!("disk: read of block {block}"))?;
+                    ensure!(
+                        data == disk_pattern(self.spec.seed, block, version),
+                        "disk: block {block} does not read back as version {version} was written"
+                    );
+                    self.ops += 1;
+                    self.step = DiskStep::Idle(Instant::now() + self.spec.period);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn line(&self) -> String {
+        let s = self.disk.stats();
+        format!(
+            "disk ops={} errors=0 mismatches=0 reconnects={} reissued={}",
+            self.ops,
+            s.connects.saturating_sub(1),
+            s.reissued
+        )
+    }
+}
+
+fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> Result<()> {
     let (addr, _) = parse_cidr(ip)?;
-    let mut f = connect(domain()?, vif, mode, &[])?;
+    let d = domain()?;
+    enter_sandbox(&[])?;
+    // The disk first: the manager connects the disk IDD before the NIC IDDs.
+    let mut check = disk.map(|spec| DiskCheck::connect(&d, spec)).transpose()?;
+    let mut f = connect_net(d, vif, mode)?;
     let mut resp = Responder::new(f.mac(), addr);
     let mut r = Report::new(&f)?;
     let end = deadline(secs);
+    let mut stats_seen = 0;
     while running(end) {
-        f.wait(Duration::from_millis(50))?;
+        let wait = check
+            .as_ref()
+            .map_or(Duration::from_millis(50), |c| {
+                c.due_in().clamp(Duration::from_millis(1), Duration::from_millis(50))
+            });
+        f.wait(wait)?;
         while let Some(frame) = f.recv() {
             if let Some(reply) = resp.handle(&frame) {
                 send(&mut f, &mut r, &reply)?;
             }
         }
+        if let Some(c) = check.as_mut() {
+            c.drive()?;
+        }
         r.echo = resp.stats();
         r.tick(&f)?;
+        if let Some(c) = check.as_ref() {
+            // After each `stats` line.
+            if r.stats_lines > stats_seen {
+                stats_seen = r.stats_lines;
+                println_flush(&c.line())?;
+            }
+        }
     }
     f.flush(Duration::from_secs(1))?;
-    r.summary(&f)
+    r.summary(&f)?;
+    if let Some(c) = check.as_ref() {
+        println_flush(&c.line())?;
+    }
+    Ok(())
+}
+
+fn println_flush(line: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
 }
 
 fn tap(
@@ -428,8 +691,20 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let mode = |s: &str| s.parse::<RxMode>().map_err(anyhow::Error::from);
     let r = match args.mode {
-        Mode::Echo { ip, rx_mode, secs } => {
-            mode(&rx_mode).and_then(|m| echo(args.vif, &ip, m, secs))
+        Mode::Echo {
+            ip,
+            rx_mode,
+            secs,
+            disk_blocks,
+            disk_seed,
+            disk_period_ms,
+        } => {
+            let disk = (disk_blocks > 0).then_some(DiskSpec {
+                blocks: disk_blocks,
+                seed: disk_seed,
+                period: Duration::from_millis(disk_period_ms),
+            });
+            mode(&rx_mode).and_then(|m| echo(args.vif, &ip, m, secs, disk))
         }
         Mode::Tap {
             netns,
@@ -453,5 +728,34 @@ fn main() -> ExitCode {
             eprintln!("net-guest: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_patterns_differ_by_each_coordinate_and_start_with_them() {
+        let a = disk_pattern(1, 2, 3);
+        assert_eq!(a.len(), DISK_BLOCK);
+        assert_eq!(&a[..8], &1u64.to_le_bytes());
+        assert_eq!(&a[8..16], &2u64.to_le_bytes());
+        assert_eq!(&a[16..24], &3u64.to_le_bytes());
+        assert_eq!(a, disk_pattern(1, 2, 3));
+        for other in [disk_pattern(1, 2, 4), disk_pattern(1, 3, 3), disk_pattern(2, 2, 3)] {
+            assert_ne!(a[24..], other[24..]);
+        }
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        assert_eq!(
+            parse_cidr("10.0.0.7/24").unwrap(),
+            (Ipv4Addr::new(10, 0, 0, 7), 24)
+        );
+        assert_eq!(parse_cidr("10.0.0.7").unwrap().1, 32);
+        assert!(parse_cidr("10.0.0.7/33").is_err());
+        assert!(parse_cidr("10.0.0/24").is_err());
     }
 }
