@@ -201,7 +201,9 @@ struct SharedStore(Arc<Mutex<StoreClient<ProcessPlatform>>>);
 
 impl SharedStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, StoreClient<ProcessPlatform>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -409,9 +411,17 @@ enum DiskStep {
     /// Nothing in flight; the next block is written at this time.
     Idle(Instant),
     /// Block `block` at version `version` being written.
-    Writing { token: u64, block: u64, version: u64 },
+    Writing {
+        token: u64,
+        block: u64,
+        version: u64,
+    },
     /// ... and being read back.
-    Reading { token: u64, block: u64, version: u64 },
+    Reading {
+        token: u64,
+        block: u64,
+        version: u64,
+    },
 }
 
 /// One block of the disk check's data: starts with (seed, block, version) in little endian
@@ -566,11 +576,10 @@ fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> 
     let end = deadline(secs);
     let mut stats_seen = 0;
     while running(end) {
-        let wait = check
-            .as_ref()
-            .map_or(Duration::from_millis(50), |c| {
-                c.due_in().clamp(Duration::from_millis(1), Duration::from_millis(50))
-            });
+        let wait = check.as_ref().map_or(Duration::from_millis(50), |c| {
+            c.due_in()
+                .clamp(Duration::from_millis(1), Duration::from_millis(50))
+        });
         f.wait(wait)?;
         while let Some(frame) = f.recv() {
             if let Some(reply) = resp.handle(&frame) {
@@ -743,7 +752,11 @@ mod tests {
         assert_eq!(&a[8..16], &2u64.to_le_bytes());
         assert_eq!(&a[16..24], &3u64.to_le_bytes());
         assert_eq!(a, disk_pattern(1, 2, 3));
-        for other in [disk_pattern(1, 2, 4), disk_pattern(1, 3, 3), disk_pattern(2, 2, 3)] {
+        for other in [
+            disk_pattern(1, 2, 4),
+            disk_pattern(1, 3, 3),
+            disk_pattern(2, 2, 3),
+        ] {
             assert_ne!(a[24..], other[24..]);
         }
     }
