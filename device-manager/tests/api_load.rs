@@ -17,6 +17,9 @@
 //! must carry traffic again (disk: its ring's responses advance; NIC: the guest answers a
 //! ping sent after the recovery).
 //!
+//! A second test shows that the guests' disk check can fail: one such guest whose blocks are
+//! overwritten behind its back (in the image file) ends with status 1.
+//!
 //! Asserted: every request succeeds, every crash is recovered, every channel reconnects after
 //! every recovery, no guest exits (no guest I/O error). Printed, never asserted (timings
 //! belong to benchmarks): bring-up time, API read latency p50/p99/max, each IDD's outages and
@@ -33,7 +36,7 @@ use std::time::{Duration, Instant};
 use device_manager::api::client::{Client, SseReader};
 use device_manager::api::{self, auth::Tokens, AppState, Listener};
 use device_manager::layout::MAX_CHANNELS;
-use device_manager::manager::ManagerConfig;
+use device_manager::manager::{Manager, ManagerConfig};
 use device_manager::recovery::Percentiles;
 use device_manager::service::{Service, ServiceConfig};
 use netprobe::frame::{self, Endpoint, Mac, Payload};
@@ -44,7 +47,7 @@ use serde_json::{json, Value};
 /// Guests (each with a disk and a NIC).
 const GUESTS: u64 = MAX_CHANNELS;
 /// Crashes of each IDD.
-const CRASHES: u32 = 4;
+const CRASHES: u32 = 6;
 /// How long a channel may take to carry traffic again after a recovery before the test
 /// fails (a correctness bound, far above any expected time).
 const RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
@@ -417,4 +420,70 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
     println!("guest I/O errors: {} (guests that ended)", stopped.len());
     rt.block_on(server.shutdown());
     svc.shutdown();
+}
+
+#[test]
+fn a_guest_whose_disk_reads_back_wrong_data_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let wire_addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = policy_text(dir.path(), wire_addr, "127.0.0.1:9".parse().unwrap());
+    // Only g0 of the load test's policy.
+    let one = &text[..text.find("\n[[guest]]\nname = \"g1\"").unwrap()];
+    let policy = Policy::parse(one, "one.toml").unwrap_or_else(|e| panic!("{}", e.render()));
+    let mut m = Manager::start(
+        &policy,
+        ManagerConfig {
+            idd_program: common::idd_program(),
+            guest_program: common::program("guest-frontends", "net-guest"),
+            net_idd_program: common::program("idd-net", "idd-net"),
+            heartbeat: None,
+            verbose: false,
+        },
+    )
+    .unwrap();
+    let args = [
+        "echo",
+        "--ip",
+        "10.0.0.1/24",
+        "--disk-blocks",
+        "4",
+        "--disk-period-ms",
+        "1",
+    ];
+    m.start_guest("g0", &args).unwrap();
+    m.connect(Duration::from_secs(60)).unwrap();
+    // The check runs: a `disk ops=N` line with N > 0 (after a `stats` line, every second).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'ops: loop {
+        for l in m.guest_lines("g0").unwrap() {
+            if l.starts_with("disk ops=") && !l.starts_with("disk ops=0 ") {
+                break 'ops;
+            }
+        }
+        assert!(
+            m.guest_running("g0").unwrap(),
+            "g0 ended before its disk check ran"
+        );
+        assert!(Instant::now() < deadline, "no disk check progress from g0");
+        m.supervise(Duration::from_millis(10)).unwrap();
+    }
+    // Overwrite its four blocks (region offset 0) until a read-back sees it.
+    let image = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("disk0.img"))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.guest_running("g0").unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "g0 never noticed its disk overwritten"
+        );
+        std::os::unix::fs::FileExt::write_all_at(&image, &[0xa5; 4 * 4096], 0).unwrap();
+        m.supervise(Duration::from_millis(1)).unwrap();
+    }
+    let (exit, _) = m.wait_guest("g0", Duration::from_secs(10)).unwrap();
+    assert_eq!(exit, hypervisor::launch::ExitReport::Exited(1));
 }
