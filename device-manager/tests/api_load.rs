@@ -51,6 +51,8 @@ const CRASHES: u32 = 6;
 /// How long a channel may take to carry traffic again after a recovery before the test
 /// fails (a correctness bound, far above any expected time).
 const RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
+/// Pause after each recovery (see the crash loop).
+const SETTLE: Duration = Duration::from_millis(300);
 /// Pings per second to all guests together.
 const PING_RATE: f64 = 400.0;
 /// The wire peer (this test).
@@ -109,10 +111,21 @@ ips = ["{}/32"]
     t
 }
 
-/// Pings every guest round robin from the wire; remembers when each last answered.
+/// Pings every guest round robin from the wire. Each ping carries its number (in its data),
+/// so an answer is matched to the ping it answers, whenever it comes.
+#[derive(Default)]
 struct Pinger {
-    answered: Mutex<HashMap<Ipv4Addr, (u64, Instant)>>,
-    sent: Mutex<u64>,
+    /// When each ping was sent (index: its number).
+    sent: Mutex<Vec<Instant>>,
+    /// Each answer: the ping's number and its round trip (the first answer to each ping).
+    answers: Mutex<Vec<(usize, Duration)>>,
+    /// Answers to a ping already answered (a reply transmitted again by a restarted NIC IDD
+    /// replaying its journal).
+    duplicates: Mutex<usize>,
+    /// Which pings were answered.
+    answered: Mutex<std::collections::HashSet<usize>>,
+    /// Per guest, when the latest answered ping was *sent*.
+    latest: Mutex<HashMap<Ipv4Addr, Instant>>,
 }
 
 impl Pinger {
@@ -120,37 +133,80 @@ impl Pinger {
         let gap = Duration::from_secs_f64(1.0 / PING_RATE);
         let mut next = Instant::now();
         let mut buf = vec![0u8; 2048];
-        let mut seq = 0u16;
         let mut i = 0;
         while !stop.load(Ordering::Relaxed) {
             if Instant::now() >= next {
-                let f = frame::icmp_echo(PEER, guest_ep(i), false, 0x10ad, seq, b"load").unwrap();
+                let mut sent = self.sent.lock().unwrap();
+                let n = sent.len() as u64;
+                let data = n.to_be_bytes();
+                let seq = u16::try_from(n % 65536).unwrap();
+                let f = frame::icmp_echo(PEER, guest_ep(i), false, 0x10ad, seq, &data).unwrap();
                 wire.send(&f).unwrap();
-                *self.sent.lock().unwrap() += 1;
+                sent.push(Instant::now());
                 i = (i + 1) % GUESTS;
-                seq = seq.wrapping_add(1);
                 next += gap;
             }
             let wait = next.saturating_duration_since(Instant::now());
             let Some(n) = wire.recv(&mut buf, Some(wait)).unwrap() else {
                 continue;
             };
-            if let Ok(f) = frame::parse(&buf[..n]) {
-                if let Payload::EchoReply { ip, id: 0x10ad, .. } = f.payload {
-                    let mut a = self.answered.lock().unwrap();
-                    let e = a.entry(ip.src).or_insert((0, Instant::now()));
-                    e.0 += 1;
-                    e.1 = Instant::now();
-                }
+            let Ok(f) = frame::parse(&buf[..n]) else {
+                continue;
+            };
+            let Payload::EchoReply {
+                ip,
+                id: 0x10ad,
+                data,
+                ..
+            } = f.payload
+            else {
+                continue;
+            };
+            let Some(k) = data
+                .try_into()
+                .ok()
+                .map(u64::from_be_bytes)
+                .and_then(|k| usize::try_from(k).ok())
+            else {
+                continue;
+            };
+            let Some(at) = self.sent.lock().unwrap().get(k).copied() else {
+                continue;
+            };
+            if !self.answered.lock().unwrap().insert(k) {
+                *self.duplicates.lock().unwrap() += 1;
+                continue;
             }
+            self.answers.lock().unwrap().push((k, at.elapsed()));
+            let mut latest = self.latest.lock().unwrap();
+            let e = latest.entry(ip.src).or_insert(at);
+            *e = (*e).max(at);
         }
     }
 
-    /// Guests that answered a ping after `since`.
+    /// Pings sent so far (the next ping's number).
+    fn mark(&self) -> usize {
+        self.sent.lock().unwrap().len()
+    }
+
+    /// Of the pings numbered `from..to`: how many, how many answered, and the round trips.
+    fn window(&self, from: usize, to: usize) -> (usize, usize, Vec<Duration>) {
+        let rtt: Vec<Duration> = self
+            .answers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| (from..to).contains(k))
+            .map(|(_, d)| *d)
+            .collect();
+        (to - from, rtt.len(), rtt)
+    }
+
+    /// Guests that answered a ping sent after `since`.
     fn answered_since(&self, since: Instant) -> usize {
-        let a = self.answered.lock().unwrap();
+        let latest = self.latest.lock().unwrap();
         (0..GUESTS)
-            .filter(|i| a.get(&guest_ep(*i).ip).is_some_and(|(_, t)| *t > since))
+            .filter(|i| latest.get(&guest_ep(*i).ip).is_some_and(|t| *t > since))
             .count()
     }
 }
@@ -170,6 +226,18 @@ fn disk_responses(c: &Client) -> HashMap<String, u64> {
             )
         })
         .collect()
+}
+
+/// The NIC channels' drops (a frame for a guest that had no receive buffer posted).
+fn net_drops(c: &Client) -> u64 {
+    let chans: Value = c.get("/v1/channels").unwrap();
+    chans
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|ch| ch["stats"]["kind"] == "virtio-net")
+        .map(|ch| ch["stats"]["drops"].as_u64().unwrap_or(0))
+        .sum()
 }
 
 /// Wait (bounded) until every disk channel's responses went past `base`; returns how many
@@ -297,10 +365,7 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
     }
 
     // The pinger.
-    let pinger = Arc::new(Pinger {
-        answered: Mutex::new(HashMap::new()),
-        sent: Mutex::new(0),
-    });
+    let pinger = Arc::new(Pinger::default());
     let stop = Arc::new(AtomicBool::new(false));
     let ping_thread = {
         let (p, stop) = (pinger.clone(), stop.clone());
@@ -313,6 +378,12 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
     assert_eq!(moving as u64, GUESTS, "disk channels with I/O");
     let (answering, _) = nics_answering(&pinger, t0);
     assert_eq!(answering as u64, GUESTS, "guests answering pings");
+
+    // Two quiet seconds for comparison.
+    let quiet_from = pinger.mark();
+    std::thread::sleep(Duration::from_secs(2));
+    let quiet_to = pinger.mark();
+    let drops_quiet = net_drops(&c);
 
     // Readers.
     let readers: Vec<_> = (0..4)
@@ -341,9 +412,12 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
     let mut all_back: HashMap<&str, Vec<Duration>> = HashMap::new();
     let mut reconnected: HashMap<&str, usize> = HashMap::new();
     let mut recoveries = 0;
+    // The pings sent from a crash until all the IDD's channels were back, by IDD.
+    let mut pings: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
     for _ in 0..CRASHES {
         for idd in ["idd-disk0", "idd-net0"] {
             let base = disk_responses(&c);
+            let ping_from = pinger.mark();
             let r: Value = c
                 .post(
                     &format!("/v1/idds/{idd}/faults"),
@@ -368,6 +442,13 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
             );
             *reconnected.entry(idd).or_default() += n;
             all_back.entry(idd).or_default().push(took);
+            pings
+                .entry(idd)
+                .or_default()
+                .push((ping_from, pinger.mark()));
+            // Let the pings of this window be answered before the next crash, so that each
+            // window's numbers are its IDD's alone.
+            std::thread::sleep(SETTLE);
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -392,14 +473,8 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
         assert_eq!(v["state"], "running", "{v}");
     }
 
-    let sent = *pinger.sent.lock().unwrap();
-    let answered: u64 = pinger
-        .answered
-        .lock()
-        .unwrap()
-        .values()
-        .map(|(n, _)| n)
-        .sum();
+    // Late answers to the last pings.
+    std::thread::sleep(Duration::from_millis(500));
     println!("bring-up of {GUESTS} guests (disk + NIC each), both IDDs running: {bring_up:.2?}");
     println!(
         "API read latency under {recoveries} crashes: {}",
@@ -414,8 +489,28 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
             u64::from(CRASHES) * GUESTS
         );
     }
+    let report = |what: &str, windows: &[(usize, usize)]| {
+        let (mut sent, mut answered, mut rtt) = (0, 0, Vec::new());
+        for (from, to) in windows {
+            let (s, a, r) = pinger.window(*from, *to);
+            sent += s;
+            answered += a;
+            rtt.extend(r);
+        }
+        let rtt = Percentiles::of(&rtt).map_or_else(|| "-".to_owned(), |p| p.to_string());
+        println!("pings {what}: {answered} of {sent} answered, round trip {rtt}");
+    };
+    report("in 2 s without crashes", &[(quiet_from, quiet_to)]);
+    for idd in ["idd-disk0", "idd-net0"] {
+        report(
+            &format!("while {idd} was crashed and recovering"),
+            &pings[idd],
+        );
+    }
     println!(
-        "pings from the wire: {answered} of {sent} answered (not asserted: pings in an outage of the NIC IDD are lost)"
+        "duplicate answers: {}; NIC channel drops (no receive buffer posted): {drops_quiet} before the crashes, {} at the end",
+        pinger.duplicates.lock().unwrap(),
+        net_drops(&c)
     );
     println!("guest I/O errors: {} (guests that ended)", stopped.len());
     rt.block_on(server.shutdown());

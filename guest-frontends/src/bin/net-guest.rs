@@ -18,8 +18,8 @@
 //!   ([`guest_frontends::echo`]). With `--disk-blocks B` the guest also has a disk
 //!   (`vbd/51712`, connected through blkfront before the NIC, as the manager connects the disk
 //!   IDD first) and checks it while it echoes: every `P` ms it writes block `i mod B` with a
-//!   pattern of (seed, block, version) and reads it back, one operation in flight, never
-//!   blocking the echo loop. A disk error or a read that differs from what was written ends
+//!   pattern of (seed, block, version) and reads it back, one operation in flight; the
+//!   loop waits for either device's event at once ([`SharedEvents`]). A disk error or a read that differs from what was written ends
 //!   the program (status 1, the reason on stderr): a supervisor sees a failed check as an
 //!   exited guest. This is the guest of the manager's load test: one process per domain, so
 //!   a domain with a disk and a NIC runs both frontends in this one loop.
@@ -35,7 +35,7 @@
 //! stats tx=.. txb=.. rx=.. rxb=.. txerr=.. rxerr=.. drop=.. proto=.. arp=.. icmp=.. udp=..   (every second)
 //! reconnected n=1                                                      (on each reconnect)
 //! summary tx=.. txb=.. rx=.. rxb=.. txerr=.. rxerr=.. drop=.. proto=.. arp=.. icmp=.. udp=.. reconnects=.. resent=.. secs=..
-//! disk ops=.. errors=0 mismatches=0 reconnects=.. reissued=..         (with --disk-blocks, after each stats and the summary)
+//! disk ops=.. errors=0 mismatches=0 max_wait_us=.. reconnects=.. reissued=..   (with --disk-blocks, after each stats line and the summary)
 //! ```
 //! `tx`/`rx` are packets the backend acknowledged / delivered, `drop` frames the guest could
 //! not queue (its transmit queue full, or the TAP refused one), `proto` responses refused as
@@ -57,7 +57,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -262,11 +262,17 @@ fn enter_sandbox(extra: &[i32]) -> Result<()> {
 /// Enter the sandbox keeping `extra` descriptors, then connect netfront.
 fn connect(d: Domain, vif: u32, mode: RxMode, extra: &[i32]) -> Result<Front> {
     enter_sandbox(extra)?;
-    connect_net(d, vif, mode)
+    connect_net(d, vif, mode, None)
 }
 
-/// Connect netfront (in the sandbox).
-fn connect_net(d: Domain, vif: u32, mode: RxMode) -> Result<Front> {
+/// Connect netfront (in the sandbox), waiting for its events through `events` (default:
+/// its own port on the domain's multiplexer).
+fn connect_net(
+    d: Domain,
+    vif: u32,
+    mode: RxMode,
+    events: Option<Box<dyn EventWait>>,
+) -> Result<Front> {
     let first = FIRST_FREE_FRAME;
     let avail = usize::try_from(d.nr_frames.saturating_sub(first))?;
     if avail < 1 + MIN_TX_FRAMES {
@@ -281,7 +287,8 @@ fn connect_net(d: Domain, vif: u32, mode: RxMode) -> Result<Front> {
     cfg.rx_mode = mode;
     cfg.rx_buffers = DEFAULT_RX_BUFFERS.min(avail - MIN_TX_FRAMES);
     let plat = d.mux.platform().clone();
-    NetFront::connect_with(plat, d.xs, Box::new(MuxEvents(d.mux)), cfg).context("netfront connect")
+    let events = events.unwrap_or_else(|| Box::new(MuxEvents(d.mux)));
+    NetFront::connect_with(plat, d.xs, events, cfg).context("netfront connect")
 }
 
 /// Counters and the periodic lines.
@@ -417,7 +424,7 @@ enum DiskStep {
         version: u64,
         since: Instant,
     },
-    /// ... and being read back.
+    /// ... and being read back (`since`: when the write was submitted).
     Reading {
         token: u64,
         block: u64,
@@ -445,30 +452,94 @@ fn disk_pattern(seed: u64, block: u64, version: u64) -> Vec<u8> {
     out
 }
 
+/// The event waits of a domain whose one loop drives netfront and blkfront (see the module
+/// docs): the loop blocks in netfront's wait, which also wakes for the disk's port and leaves
+/// a note for blkfront's next wait. Either frontend looks at XenStore whenever a wait of its
+/// own ends without an event, so neither may be woken by short timeouts instead: 64 guests
+/// doing that every millisecond keep domain 0's xenstored busy for nothing.
+struct SharedEvents {
+    mux: Arc<EventMux<ProcessPlatform>>,
+    /// The disk's port as of blkfront's latest wait (0: none yet; Xen never allocates 0).
+    disk_port: AtomicU32,
+    /// The disk's port fired during a wait of netfront's, unmasked, not yet seen by blkfront.
+    disk_fired: AtomicBool,
+}
+
+impl SharedEvents {
+    fn wait(
+        &self,
+        ports: &[Port],
+        timeout: Duration,
+    ) -> std::result::Result<Vec<Port>, PlatformError> {
+        match self.mux.wait_any(ports, Some(timeout)) {
+            Ok(p) => Ok(p),
+            Err(PlatformError::TimedOut) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// netfront's side of [`SharedEvents`]: a disk event counts as "fired" so that netfront
+/// returns from its poll to the loop without a XenStore look.
+struct NetEvents(Arc<SharedEvents>);
+
+impl EventWait for NetEvents {
+    fn wait(&self, port: Port, timeout: Duration) -> std::result::Result<bool, PlatformError> {
+        let disk = self.0.disk_port.load(Ordering::Relaxed);
+        let ports: &[Port] = if disk == 0 { &[port] } else { &[port, disk] };
+        let fired = self.0.wait(ports, timeout)?;
+        let disk_hit = disk != 0 && fired.contains(&disk);
+        if disk_hit {
+            self.0.disk_fired.store(true, Ordering::Relaxed);
+        }
+        Ok(disk_hit || fired.contains(&port))
+    }
+}
+
+/// blkfront's side of [`SharedEvents`].
+struct DiskEvents(Arc<SharedEvents>);
+
+impl EventWait for DiskEvents {
+    fn wait(&self, port: Port, timeout: Duration) -> std::result::Result<bool, PlatformError> {
+        self.0.disk_port.store(port, Ordering::Relaxed);
+        if self.0.disk_fired.swap(false, Ordering::Relaxed) {
+            return Ok(true);
+        }
+        Ok(self.0.wait(&[port], timeout)?.contains(&port))
+    }
+}
+
 /// The disk check: one write-then-read-back in flight, driven between echo rounds.
 struct DiskCheck {
     disk: Disk,
+    events: Arc<SharedEvents>,
     spec: DiskSpec,
     step: DiskStep,
+    /// When blkfront last ran (an operation outstanding is looked at every [`Self::LOOK`]
+    /// even without an event, for blkfront's stall detection and reconnect).
+    looked: Instant,
     ops: u64,
     version: u64,
+    /// Longest write and read-back (the outage this guest saw).
+    max_wait: Duration,
 }
 
 impl DiskCheck {
     const SPB: u64 = DISK_BLOCK as u64 / 512;
+    /// See [`Self::looked`]; blkfront's own default poll interval.
+    const LOOK: Duration = Duration::from_millis(50);
 
     /// Connect blkfront (in the sandbox) and check that `spec.blocks` fit the disk.
-    fn connect(d: &Domain, spec: DiskSpec) -> Result<Self> {
+    fn connect(d: &Domain, events: Arc<SharedEvents>, spec: DiskSpec) -> Result<Self> {
         let mut cfg = BlkFrontConfig::new(d.mux.platform().domid(), VBD_DEVID);
         cfg.max_pages = DISK_PAGES;
-        // A short wait per round keeps the echo loop responsive; the frontend's own stall
-        // detection and reconnect are unchanged.
+        // Each look at an operation outstanding blocks the echo loop for at most this long.
         cfg.poll_interval = Duration::from_millis(2);
         cfg.stall_timeout = Duration::from_secs(3);
         let disk = BlkFront::connect_with(
             d.mux.platform().clone(),
             d.xs.clone(),
-            Box::new(MuxEvents(d.mux.clone())),
+            Box::new(DiskEvents(events.clone())),
             cfg,
         )
         .context("blkfront connect")?;
@@ -480,34 +551,29 @@ impl DiskCheck {
         );
         Ok(Self {
             disk,
+            events,
             spec,
             step: DiskStep::Idle(Instant::now()),
+            looked: Instant::now(),
             ops: 0,
             version: 0,
+            max_wait: Duration::ZERO,
         })
     }
 
-    /// How long the echo loop may wait before [`Self::drive`] is due again. An operation
-    /// is usually answered within a few milliseconds; one outstanding longer (its backend is
-    /// being restarted) is looked at less and less often, up to every 20 ms: each look that
-    /// finds no event costs blkfront a few XenStore reads, and 64 guests polling every
-    /// millisecond would load xenstored while the IDD recovers.
+    /// How long the echo loop may wait (for an event of either device) before
+    /// [`Self::drive`] is due.
     fn due_in(&self) -> Duration {
         match self.step {
             DiskStep::Idle(at) => at.saturating_duration_since(Instant::now()),
-            DiskStep::Writing { since, .. } | DiskStep::Reading { since, .. } => {
-                let waited = since.elapsed();
-                if waited < Duration::from_millis(10) {
-                    Duration::ZERO
-                } else {
-                    (waited / 4).min(Duration::from_millis(20))
-                }
+            DiskStep::Writing { .. } | DiskStep::Reading { .. } => {
+                Self::LOOK.saturating_sub(self.looked.elapsed())
             }
         }
     }
 
-    /// Advance the check without blocking longer than blkfront's poll interval. An I/O error
-    /// or a mismatch is returned as an error (it ends the program).
+    /// Advance the check, blocking at most blkfront's poll interval. An I/O error or a
+    /// mismatch is returned as an error (it ends the program).
     fn drive(&mut self) -> Result<()> {
         if let DiskStep::Idle(at) = self.step {
             if Instant::now() < at {
@@ -527,14 +593,17 @@ impl DiskCheck {
                 since: Instant::now(),
             };
         }
-        self.disk.poll(Duration::ZERO).context("disk")?;
+        if self.events.disk_fired.load(Ordering::Relaxed) || self.looked.elapsed() >= Self::LOOK {
+            self.looked = Instant::now();
+            self.disk.poll(Duration::ZERO).context("disk")?;
+        }
         match self.step {
             DiskStep::Idle(_) => {}
             DiskStep::Writing {
                 token,
                 block,
                 version,
-                ..
+                since,
             } => {
                 if let Some(r) = self.disk.take(token) {
                     r.with_context(|| format!("disk: write of block {block}"))?;
@@ -546,7 +615,7 @@ impl DiskCheck {
                         token,
                         block,
                         version,
-                        since: Instant::now(),
+                        since,
                     };
                 }
             }
@@ -554,7 +623,7 @@ impl DiskCheck {
                 token,
                 block,
                 version,
-                ..
+                since,
             } => {
                 if let Some(r) = self.disk.take(token) {
                     let data = r.with_context(|| format!("disk: read of block {block}"))?;
@@ -563,6 +632,7 @@ impl DiskCheck {
                         "disk: block {block} does not read back as version {version} was written"
                     );
                     self.ops += 1;
+                    self.max_wait = self.max_wait.max(since.elapsed());
                     self.step = DiskStep::Idle(Instant::now() + self.spec.period);
                 }
             }
@@ -573,8 +643,9 @@ impl DiskCheck {
     fn line(&self) -> String {
         let s = self.disk.stats();
         format!(
-            "disk ops={} errors=0 mismatches=0 reconnects={} reissued={}",
+            "disk ops={} errors=0 mismatches=0 max_wait_us={} reconnects={} reissued={}",
             self.ops,
+            self.max_wait.as_micros(),
             s.connects.saturating_sub(1),
             s.reissued
         )
@@ -586,18 +657,32 @@ fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> 
     let d = domain()?;
     enter_sandbox(&[])?;
     // The disk first: the manager connects the disk IDD before the NIC IDDs.
-    let mut check = disk.map(|spec| DiskCheck::connect(&d, spec)).transpose()?;
-    let mut f = connect_net(d, vif, mode)?;
+    let (mut check, net_events) = match disk {
+        Some(spec) => {
+            let events = Arc::new(SharedEvents {
+                mux: d.mux.clone(),
+                disk_port: AtomicU32::new(0),
+                disk_fired: AtomicBool::new(false),
+            });
+            let check = DiskCheck::connect(&d, events.clone(), spec)?;
+            let net: Box<dyn EventWait> = Box::new(NetEvents(events));
+            (Some(check), Some(net))
+        }
+        None => (None, None),
+    };
+    let mut f = connect_net(d, vif, mode, net_events)?;
     let mut resp = Responder::new(f.mac(), addr);
     let mut r = Report::new(&f)?;
     let end = deadline(secs);
     let mut stats_seen = 0;
     while running(end) {
-        let wait = check.as_ref().map_or(Duration::from_millis(50), |c| {
-            c.due_in()
-                .clamp(Duration::from_millis(1), Duration::from_millis(50))
-        });
-        f.wait(wait)?;
+        match check.as_ref() {
+            // One wait for either device's event (or the disk check's next step).
+            Some(c) => f.poll(c.due_in().min(Duration::from_millis(50)))?,
+            None => {
+                f.wait(Duration::from_millis(50))?;
+            }
+        }
         while let Some(frame) = f.recv() {
             if let Some(reply) = resp.handle(&frame) {
                 send(&mut f, &mut r, &reply)?;
