@@ -13,9 +13,9 @@
 //! devices, 128 channels, the disk channels' responses and the NIC channels' packets moving.
 //! Then four client threads keep reading `/v1/idds`, `/v1/channels`, `/v1/guests` and
 //! `/metrics` while each IDD is crashed [`CRASHES`] times through the API (alternating), each
-//! recovery awaited on the event stream, and after each one every channel of the crashed IDD
-//! must carry traffic again (disk: its ring's responses advance; NIC: the guest answers a
-//! ping sent after the recovery).
+//! recovery awaited on the event stream, and after each one every channel of both IDDs must
+//! carry traffic again (disk: its ring's responses advance past the snapshot that shows the
+//! recovery; NIC: the guest answers a ping sent after the recovery).
 //!
 //! A second test shows that the guests' disk check can fail: one such guest whose blocks are
 //! overwritten behind its back (in the image file) ends with status 1.
@@ -416,7 +416,6 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
     let mut pings: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
     for _ in 0..CRASHES {
         for idd in ["idd-disk0", "idd-net0"] {
-            let base = disk_responses(&c);
             let ping_from = pinger.mark();
             let r: Value = c
                 .post(
@@ -431,14 +430,24 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
             outages.entry(idd).or_default().push(Duration::from_micros(
                 rec["recovery"]["outage_us"].as_u64().unwrap(),
             ));
-            let (n, took) = if idd == "idd-disk0" {
-                disk_channels_moving(&c, &base)
+            // Every channel of *both* IDDs carries traffic again (the crashed IDD's first, timed):
+            // disk responses past those of the snapshot that shows the recovery, answers to
+            // pings sent after it.
+            let base = disk_responses(&c);
+            let disk = || disk_channels_moving(&c, &base);
+            let nics = || nics_answering(&pinger, recovered_at);
+            let ((n, took), (other, _)) = if idd == "idd-disk0" {
+                (disk(), nics())
             } else {
-                nics_answering(&pinger, recovered_at)
+                (nics(), disk())
             };
             assert_eq!(
                 n as u64, GUESTS,
-                "{idd}: channels carrying traffic after a recovery"
+                "{idd}: channels carrying traffic after its recovery"
+            );
+            assert_eq!(
+                other as u64, GUESTS,
+                "the other IDD's channels carrying traffic after {idd}'s recovery"
             );
             *reconnected.entry(idd).or_default() += n;
             all_back.entry(idd).or_default().push(took);
