@@ -18,11 +18,12 @@
 //!   ([`guest_frontends::echo`]). With `--disk-blocks B` the guest also has a disk
 //!   (`vbd/51712`, connected through blkfront before the NIC, as the manager connects the disk
 //!   IDD first) and checks it while it echoes: every `P` ms it writes block `i mod B` with a
-//!   pattern of (seed, block, version) and reads it back, one operation in flight; the
-//!   loop waits for either device's event at once ([`SharedEvents`]). A disk error or a read that differs from what was written ends
-//!   the program (status 1, the reason on stderr): a supervisor sees a failed check as an
-//!   exited guest. This is the guest of the manager's load test: one process per domain, so
-//!   a domain with a disk and a NIC runs both frontends in this one loop.
+//!   pattern of (seed, block, version) and reads it back ([`disk`]), one operation in
+//!   flight; the loop waits for either device's event at once ([`SharedEvents`]). A disk
+//!   error or a read that differs from what was written ends the program (status 1, the
+//!   reason on stderr): a supervisor sees a failed check as an exited guest. This is the
+//!   guest of the manager's load test: one process per domain, so a domain with a disk and
+//!   a NIC runs both frontends in this one loop.
 //! * `tap`: frames between netfront and the TAP, so the namespace's Linux stack is the guest
 //!   OS.
 //! * `flood`: UDP datagrams of `B` bytes (whole frame) to `M`/`IP` port 9 as fast as the
@@ -35,8 +36,11 @@
 //! stats tx=.. txb=.. rx=.. rxb=.. txerr=.. rxerr=.. drop=.. proto=.. arp=.. icmp=.. udp=..   (every second)
 //! reconnected n=1                                                      (on each reconnect)
 //! summary tx=.. txb=.. rx=.. rxb=.. txerr=.. rxerr=.. drop=.. proto=.. arp=.. icmp=.. udp=.. reconnects=.. resent=.. secs=..
-//! disk ops=.. errors=0 mismatches=0 max_wait_us=.. reconnects=.. reissued=..   (with --disk-blocks, after each stats line and the summary)
+//! disk ops=.. errors=0 mismatches=0 max_wait_us=.. reconnects=.. reissued=..  (--disk-blocks)
 //! ```
+//! With `--disk-blocks` a `disk` line follows each `stats` line and the summary: checks
+//! done, the longest write and read-back in microseconds, blkfront's reconnects and
+//! reissued requests (errors and mismatches are always 0: either ends the program).
 //! `tx`/`rx` are packets the backend acknowledged / delivered, `drop` frames the guest could
 //! not queue (its transmit queue full, or the TAP refused one), `proto` responses refused as
 //! protocol violations. `mode` is the receive mode in use (copy if the backend lacks
@@ -47,7 +51,7 @@
 //! The domain needs [`NET_GUEST_FRAMES`] frames (391: the platform's 7, 256 receive buffers,
 //! 128 transmit frames). With fewer, fewer receive buffers are posted; at least
 //! 7 + 1 + 16 frames are required. blkfront's pages are shareable pages, not RAM frames
-//! (at most [`DISK_PAGES`]).
+//! (at most [`disk::DISK_PAGES`]).
 //!
 //! Both frontends share the domain's one XenStore connection ([`SharedStore`]): the ring
 //! carries one request at a time in order, so a second client on it would take the other's
@@ -57,16 +61,16 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::sync::Mutex;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use devchan::platform::{Platform, PlatformError, Port};
-use guest_frontends::blkfront::{BlkFront, BlkFrontConfig, StoreError};
+use guest_frontends::blkfront::StoreError;
 use guest_frontends::echo::{udp_frame, EchoStats, Responder, DISCARD_PORT};
 use guest_frontends::netfront::{
     format_mac, frames_needed, parse_mac, EventWait, FrontStore, NetError, NetFront,
@@ -78,12 +82,12 @@ use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
 use hypervisor::store_link::{process_client, EventMux, StoreClient};
 
-/// The disk's virtual device number (`xvda`, the toolstack's `vbd/51712`).
-pub const VBD_DEVID: u16 = 51712;
-/// Most data pages blkfront may hold for the disk check (one 4 KiB operation at a time).
-pub const DISK_PAGES: usize = 8;
-/// Bytes of one checked block.
-const DISK_BLOCK: usize = 4096;
+#[path = "net_guest/disk.rs"]
+mod disk;
+use disk::{DiskCheck, DiskSpec, NetEvents, SharedEvents};
+
+/// netfront's poll interval (its default; `disk::NetEvents` must know it).
+const NET_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Frames of RAM the guest's domain should have.
 pub const NET_GUEST_FRAMES: u64 =
@@ -220,7 +224,6 @@ impl FrontStore for SharedStore {
 }
 
 type Front = NetFront<ProcessPlatform, SharedStore>;
-type Disk = BlkFront<ProcessPlatform, SharedStore>;
 
 /// The domain's platform and XenStore, before the sandbox.
 struct Domain {
@@ -284,6 +287,7 @@ fn connect_net(
     }
     let me = d.mux.platform().domid();
     let mut cfg = NetFrontConfig::new(me, vif, first..d.nr_frames);
+    cfg.poll_interval = NET_POLL_INTERVAL;
     cfg.rx_mode = mode;
     cfg.rx_buffers = DEFAULT_RX_BUFFERS.min(avail - MIN_TX_FRAMES);
     let plat = d.mux.platform().clone();
@@ -404,254 +408,6 @@ fn send(f: &mut Front, r: &mut Report, frame: &[u8]) -> Result<()> {
     }
 }
 
-/// The disk check of `echo --disk-blocks` (see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct DiskSpec {
-    blocks: u64,
-    seed: u64,
-    period: Duration,
-}
-
-/// What the disk check is doing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DiskStep {
-    /// Nothing in flight; the next block is written at this time.
-    Idle(Instant),
-    /// Block `block` at version `version` being written, since `since`.
-    Writing {
-        token: u64,
-        block: u64,
-        version: u64,
-        since: Instant,
-    },
-    /// ... and being read back (`since`: when the write was submitted).
-    Reading {
-        token: u64,
-        block: u64,
-        version: u64,
-        since: Instant,
-    },
-}
-
-/// One block of the disk check's data: starts with (seed, block, version) in little endian
-/// (readable in a hex dump), then an xorshift stream seeded from them.
-fn disk_pattern(seed: u64, block: u64, version: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(DISK_BLOCK);
-    for v in [seed, block, version] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    let mut x = (seed ^ block.rotate_left(21) ^ version.rotate_left(42))
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        | 1;
-    while out.len() < DISK_BLOCK {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
-}
-
-/// The event waits of a domain whose one loop drives netfront and blkfront (see the module
-/// docs): the loop blocks in netfront's wait, which also wakes for the disk's port and leaves
-/// a note for blkfront's next wait. Either frontend looks at XenStore whenever a wait of its
-/// own ends without an event, so neither may be woken by short timeouts instead: 64 guests
-/// doing that every millisecond keep domain 0's xenstored busy for nothing.
-struct SharedEvents {
-    mux: Arc<EventMux<ProcessPlatform>>,
-    /// The disk's port as of blkfront's latest wait (0: none yet; Xen never allocates 0).
-    disk_port: AtomicU32,
-    /// The disk's port fired during a wait of netfront's, unmasked, not yet seen by blkfront.
-    disk_fired: AtomicBool,
-}
-
-impl SharedEvents {
-    fn wait(
-        &self,
-        ports: &[Port],
-        timeout: Duration,
-    ) -> std::result::Result<Vec<Port>, PlatformError> {
-        match self.mux.wait_any(ports, Some(timeout)) {
-            Ok(p) => Ok(p),
-            Err(PlatformError::TimedOut) => Ok(Vec::new()),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// netfront's side of [`SharedEvents`]: a disk event counts as "fired" so that netfront
-/// returns from its poll to the loop without a XenStore look.
-struct NetEvents(Arc<SharedEvents>);
-
-impl EventWait for NetEvents {
-    fn wait(&self, port: Port, timeout: Duration) -> std::result::Result<bool, PlatformError> {
-        let disk = self.0.disk_port.load(Ordering::Relaxed);
-        let ports: &[Port] = if disk == 0 { &[port] } else { &[port, disk] };
-        let fired = self.0.wait(ports, timeout)?;
-        let disk_hit = disk != 0 && fired.contains(&disk);
-        if disk_hit {
-            self.0.disk_fired.store(true, Ordering::Relaxed);
-        }
-        Ok(disk_hit || fired.contains(&port))
-    }
-}
-
-/// blkfront's side of [`SharedEvents`].
-struct DiskEvents(Arc<SharedEvents>);
-
-impl EventWait for DiskEvents {
-    fn wait(&self, port: Port, timeout: Duration) -> std::result::Result<bool, PlatformError> {
-        self.0.disk_port.store(port, Ordering::Relaxed);
-        if self.0.disk_fired.swap(false, Ordering::Relaxed) {
-            return Ok(true);
-        }
-        Ok(self.0.wait(&[port], timeout)?.contains(&port))
-    }
-}
-
-/// The disk check: one write-then-read-back in flight, driven between echo rounds.
-struct DiskCheck {
-    disk: Disk,
-    events: Arc<SharedEvents>,
-    spec: DiskSpec,
-    step: DiskStep,
-    /// When blkfront last ran (an operation outstanding is looked at every [`Self::LOOK`]
-    /// even without an event, for blkfront's stall detection and reconnect).
-    looked: Instant,
-    ops: u64,
-    version: u64,
-    /// Longest write and read-back (the outage this guest saw).
-    max_wait: Duration,
-}
-
-impl DiskCheck {
-    const SPB: u64 = DISK_BLOCK as u64 / 512;
-    /// See [`Self::looked`]; blkfront's own default poll interval.
-    const LOOK: Duration = Duration::from_millis(50);
-
-    /// Connect blkfront (in the sandbox) and check that `spec.blocks` fit the disk.
-    fn connect(d: &Domain, events: Arc<SharedEvents>, spec: DiskSpec) -> Result<Self> {
-        let mut cfg = BlkFrontConfig::new(d.mux.platform().domid(), VBD_DEVID);
-        cfg.max_pages = DISK_PAGES;
-        // Each look at an operation outstanding blocks the echo loop for at most this long.
-        cfg.poll_interval = Duration::from_millis(2);
-        cfg.stall_timeout = Duration::from_secs(3);
-        let disk = BlkFront::connect_with(
-            d.mux.platform().clone(),
-            d.xs.clone(),
-            Box::new(DiskEvents(events.clone())),
-            cfg,
-        )
-        .context("blkfront connect")?;
-        let sectors = disk.capacity() / 512;
-        ensure!(
-            spec.blocks > 0 && spec.blocks.saturating_mul(Self::SPB) <= sectors,
-            "{} blocks of 4 KiB do not fit a disk of {sectors} sectors",
-            spec.blocks
-        );
-        Ok(Self {
-            disk,
-            events,
-            spec,
-            step: DiskStep::Idle(Instant::now()),
-            looked: Instant::now(),
-            ops: 0,
-            version: 0,
-            max_wait: Duration::ZERO,
-        })
-    }
-
-    /// How long the echo loop may wait (for an event of either device) before
-    /// [`Self::drive`] is due.
-    fn due_in(&self) -> Duration {
-        match self.step {
-            DiskStep::Idle(at) => at.saturating_duration_since(Instant::now()),
-            DiskStep::Writing { .. } | DiskStep::Reading { .. } => {
-                Self::LOOK.saturating_sub(self.looked.elapsed())
-            }
-        }
-    }
-
-    /// Advance the check, blocking at most blkfront's poll interval. An I/O error or a
-    /// mismatch is returned as an error (it ends the program).
-    fn drive(&mut self) -> Result<()> {
-        if let DiskStep::Idle(at) = self.step {
-            if Instant::now() < at {
-                return Ok(());
-            }
-            self.version += 1;
-            let block = self.version % self.spec.blocks;
-            let data = disk_pattern(self.spec.seed, block, self.version);
-            let token = self
-                .disk
-                .submit_write(block * Self::SPB, data)
-                .context("disk: submit write")?;
-            self.step = DiskStep::Writing {
-                token,
-                block,
-                version: self.version,
-                since: Instant::now(),
-            };
-        }
-        if self.events.disk_fired.load(Ordering::Relaxed) || self.looked.elapsed() >= Self::LOOK {
-            self.looked = Instant::now();
-            self.disk.poll(Duration::ZERO).context("disk")?;
-        }
-        match self.step {
-            DiskStep::Idle(_) => {}
-            DiskStep::Writing {
-                token,
-                block,
-                version,
-                since,
-            } => {
-                if let Some(r) = self.disk.take(token) {
-                    r.with_context(|| format!("disk: write of block {block}"))?;
-                    let token = self
-                        .disk
-                        .submit_read(block * Self::SPB, DISK_BLOCK)
-                        .context("disk: submit read")?;
-                    self.step = DiskStep::Reading {
-                        token,
-                        block,
-                        version,
-                        since,
-                    };
-                }
-            }
-            DiskStep::Reading {
-                token,
-                block,
-                version,
-                since,
-            } => {
-                if let Some(r) = self.disk.take(token) {
-                    let data = r.with_context(|| format!("disk: read of block {block}"))?;
-                    ensure!(
-                        data == disk_pattern(self.spec.seed, block, version),
-                        "disk: block {block} does not read back as version {version} was written"
-                    );
-                    self.ops += 1;
-                    self.max_wait = self.max_wait.max(since.elapsed());
-                    self.step = DiskStep::Idle(Instant::now() + self.spec.period);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn line(&self) -> String {
-        let s = self.disk.stats();
-        format!(
-            "disk ops={} errors=0 mismatches=0 max_wait_us={} reconnects={} reissued={}",
-            self.ops,
-            self.max_wait.as_micros(),
-            s.connects.saturating_sub(1),
-            s.reissued
-        )
-    }
-}
-
 fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> Result<()> {
     let (addr, _) = parse_cidr(ip)?;
     let d = domain()?;
@@ -659,13 +415,9 @@ fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> 
     // The disk first: the manager connects the disk IDD before the NIC IDDs.
     let (mut check, net_events) = match disk {
         Some(spec) => {
-            let events = Arc::new(SharedEvents {
-                mux: d.mux.clone(),
-                disk_port: AtomicU32::new(0),
-                disk_fired: AtomicBool::new(false),
-            });
+            let events = SharedEvents::new(d.mux.clone());
             let check = DiskCheck::connect(&d, events.clone(), spec)?;
-            let net: Box<dyn EventWait> = Box::new(NetEvents(events));
+            let net: Box<dyn EventWait> = Box::new(NetEvents::new(events, NET_POLL_INTERVAL));
             (Some(check), Some(net))
         }
         None => (None, None),
@@ -845,23 +597,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn disk_patterns_differ_by_each_coordinate_and_start_with_them() {
-        let a = disk_pattern(1, 2, 3);
-        assert_eq!(a.len(), DISK_BLOCK);
-        assert_eq!(&a[..8], &1u64.to_le_bytes());
-        assert_eq!(&a[8..16], &2u64.to_le_bytes());
-        assert_eq!(&a[16..24], &3u64.to_le_bytes());
-        assert_eq!(a, disk_pattern(1, 2, 3));
-        for other in [
-            disk_pattern(1, 2, 4),
-            disk_pattern(1, 3, 3),
-            disk_pattern(2, 2, 3),
-        ] {
-            assert_ne!(a[24..], other[24..]);
-        }
-    }
 
     #[test]
     fn cidr_parsing() {
