@@ -62,10 +62,27 @@ pub const VBD_DEVID: u16 = 51712;
 pub mod layout {
     pub use idd_blk::layout::JOURNAL_FIRST_FRAME;
 
-    /// Most channels (guest disks) one IDD serves.
-    pub const MAX_CHANNELS: u64 = 8;
+    /// Most channels (guest disks) one IDD serves: as many as a NIC IDD
+    /// (`manager::net::MAX_NICS`), so 64 guests can each have a disk and a NIC.
+    ///
+    /// Every disk IDD domain is sized for this many (its journals are two frames per
+    /// channel): the RAM memfd is sparse and only the journals of the channels in use are
+    /// ever written, so the frames of unused channels cost address space, not memory
+    /// (142 frames, 568 KiB of address space, for 64; 8 channels needed 30).
+    pub const MAX_CHANNELS: u64 = 64;
     /// RAM of the IDD domain.
     pub const IDD_FRAMES: u64 = idd_blk::layout::frames_needed(MAX_CHANNELS) + 2;
+    /// XenStore quotas of every domain. A driver domain owns the backend nodes of every
+    /// device it serves (a vbd directory is about 16 nodes, a vif one about 20): 64 of them
+    /// exceed C xenstored's default of 1000 nodes per domain (`ENOSPC` at bring-up), so the
+    /// manager's xenstored uses oxenstored's default of 8192, enough for [`MAX_CHANNELS`]
+    /// disks and as many NICs on one IDD with room to spare.
+    pub fn xenstore_quotas() -> devchan::xenstore::Quotas {
+        devchan::xenstore::Quotas {
+            nodes: 8192,
+            ..Default::default()
+        }
+    }
     /// RAM of a guest domain: blkfront's data pages and ring, or netfront's buffers
     /// (`net-guest` wants 391).
     pub const GUEST_FRAMES: u64 = 512;

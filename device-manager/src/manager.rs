@@ -147,13 +147,18 @@ pub(crate) struct Dom0 {
 impl Dom0 {
     fn start() -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("idd-dm-").tempdir()?;
+        // About 20 descriptors per guest (see `hypervisor::limits`): 64 guests need more
+        // than the usual soft limit of 1024.
+        if let Err(e) = hypervisor::limits::raise_fd_limit() {
+            tracing::warn!("{e}; many guests may exhaust the descriptors");
+        }
         let sys = System::new();
         let dom0 = sys.create_domain(DomainConfig {
             name: "dom0".into(),
             nr_frames: 16,
             iommu: None,
         })?;
-        let xs = Xenstored::new();
+        let xs = Xenstored::with_quotas(crate::layout::xenstore_quotas());
         let xs_sock = dir.path().join("xenstored.sock");
         let server = SocketServer::bind(&xs_sock, Arc::clone(&xs))?.spawn()?;
         let stores = DomainStores::start(Arc::clone(&sys), xs, dom0)?;

@@ -61,6 +61,7 @@ pub mod local;
 pub mod hypercall;
 pub mod process;
 pub mod launch;
+pub mod limits;
 pub mod sandbox;
 pub mod store_link;
 pub mod xenstored;

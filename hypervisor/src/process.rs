@@ -558,8 +558,14 @@ impl Platform for ProcessPlatform {
 
     fn alloc_shared_page(&self) -> Result<ProcessPage> {
         let (rep, fd) = self.control.request(ctl::ALLOC_SHARED_PAGE, [0; 3])?;
-        if rep.status != 0 {
+        if rep.status == -libc::ENOSPC {
             return Err(PlatformError::Exhausted("shareable pages"));
+        }
+        if rep.status != 0 {
+            // Domain 0 could not create the page (its memfd): not this domain's quota.
+            return Err(PlatformError::Exhausted(
+                "shareable pages (domain 0 could not create one: see its log)",
+            ));
         }
         self.own_page(fd, rep.result[0])
     }

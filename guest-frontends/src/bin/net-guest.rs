@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! net-guest [--vif N] echo --ip 10.0.0.2/24 [--rx-mode copy|exchange] [--secs S]
+//!                          [--disk-blocks B [--disk-seed X] [--disk-period-ms P]]
 //! net-guest [--vif N] tap --netns NS --ifname IF [--ip CIDR] [--rx-mode ..] [--secs S]
 //! net-guest [--vif N] flood --dst-mac M --dst-ip IP --size B --secs S [--ip CIDR] [--rx-mode ..]
 //! ```
@@ -14,7 +15,15 @@
 //! described it) and the mode runs until `--secs` pass (0: until SIGTERM or SIGINT).
 //!
 //! * `echo`: answers ARP for its address, ICMP echo and UDP echo (port 7)
-//!   ([`guest_frontends::echo`]).
+//!   ([`guest_frontends::echo`]). With `--disk-blocks B` the guest also has a disk
+//!   (`vbd/51712`, connected through blkfront before the NIC, as the manager connects the disk
+//!   IDD first) and checks it while it echoes: every `P` ms it writes block `i mod B` with a
+//!   pattern of (seed, block, version) and reads it back ([`disk`]), one operation in
+//!   flight; the loop waits for either device's event at once ([`SharedEvents`]). A disk
+//!   error or a read that differs from what was written ends the program (status 1, the
+//!   reason on stderr): a supervisor sees a failed check as an exited guest. This is the
+//!   guest of the manager's load test: one process per domain, so a domain with a disk and
+//!   a NIC runs both frontends in this one loop.
 //! * `tap`: frames between netfront and the TAP, so the namespace's Linux stack is the guest
 //!   OS.
 //! * `flood`: UDP datagrams of `B` bytes (whole frame) to `M`/`IP` port 9 as fast as the
@@ -27,7 +36,11 @@
 //! stats tx=.. txb=.. rx=.. rxb=.. txerr=.. rxerr=.. drop=.. proto=.. arp=.. icmp=.. udp=..   (every second)
 //! reconnected n=1                                                      (on each reconnect)
 //! summary tx=.. txb=.. rx=.. rxb=.. txerr=.. rxerr=.. drop=.. proto=.. arp=.. icmp=.. udp=.. reconnects=.. resent=.. secs=..
+//! disk ops=.. errors=0 mismatches=0 max_wait_us=.. reconnects=.. reissued=..  (--disk-blocks)
 //! ```
+//! With `--disk-blocks` a `disk` line follows each `stats` line and the summary: checks
+//! done, the longest write and read-back in microseconds, blkfront's reconnects and
+//! reissued requests (errors and mismatches are always 0: either ends the program).
 //! `tx`/`rx` are packets the backend acknowledged / delivered, `drop` frames the guest could
 //! not queue (its transmit queue full, or the TAP refused one), `proto` responses refused as
 //! protocol violations. `mode` is the receive mode in use (copy if the backend lacks
@@ -37,7 +50,12 @@
 //!
 //! The domain needs [`NET_GUEST_FRAMES`] frames (391: the platform's 7, 256 receive buffers,
 //! 128 transmit frames). With fewer, fewer receive buffers are posted; at least
-//! 7 + 1 + 16 frames are required.
+//! 7 + 1 + 16 frames are required. blkfront's pages are shareable pages, not RAM frames
+//! (at most [`disk::DISK_PAGES`]).
+//!
+//! Both frontends share the domain's one XenStore connection ([`SharedStore`]): the ring
+//! carries one request at a time in order, so a second client on it would take the other's
+//! replies.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -47,9 +65,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::Mutex;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use devchan::platform::{Platform, PlatformError, Port};
+use guest_frontends::blkfront::StoreError;
 use guest_frontends::echo::{udp_frame, EchoStats, Responder, DISCARD_PORT};
 use guest_frontends::netfront::{
     format_mac, frames_needed, parse_mac, EventWait, FrontStore, NetError, NetFront,
@@ -60,6 +81,13 @@ use hypervisor::memory::layout::FIRST_FREE_FRAME;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
 use hypervisor::store_link::{process_client, EventMux, StoreClient};
+
+#[path = "net_guest/disk.rs"]
+mod disk;
+use disk::{DiskCheck, DiskSpec, NetEvents, SharedEvents};
+
+/// netfront's poll interval (its default; `disk::NetEvents` must know it).
+const NET_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Frames of RAM the guest's domain should have.
 pub const NET_GUEST_FRAMES: u64 =
@@ -87,6 +115,15 @@ enum Mode {
         /// Run this long (0: until SIGTERM).
         #[arg(long, default_value_t = 0.0)]
         secs: f64,
+        /// Also check the disk `vbd/51712` on its first B 4 KiB blocks (0: no disk).
+        #[arg(long, default_value_t = 0)]
+        disk_blocks: u64,
+        /// Seed of the disk check's data patterns.
+        #[arg(long, default_value_t = 1)]
+        disk_seed: u64,
+        /// Milliseconds between two checked blocks.
+        #[arg(long, default_value_t = 20)]
+        disk_period_ms: u64,
     },
     /// Bridge netfront and a TAP interface in a network namespace (root).
     Tap {
@@ -162,12 +199,36 @@ impl EventWait for MuxEvents {
     }
 }
 
-type Front = NetFront<ProcessPlatform, StoreClient<ProcessPlatform>>;
+/// The domain's one XenStore connection, shared by its frontends (see the module docs).
+#[derive(Clone)]
+struct SharedStore(Arc<Mutex<StoreClient<ProcessPlatform>>>);
+
+impl SharedStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StoreClient<ProcessPlatform>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl FrontStore for SharedStore {
+    fn read(&mut self, path: &str) -> std::result::Result<Option<Vec<u8>>, StoreError> {
+        FrontStore::read(&mut *self.lock(), path)
+    }
+    fn write(&mut self, path: &str, value: &[u8]) -> std::result::Result<(), StoreError> {
+        FrontStore::write(&mut *self.lock(), path, value)
+    }
+    fn write_all(&mut self, kvs: &[(String, Vec<u8>)]) -> std::result::Result<(), StoreError> {
+        self.lock().write_all(kvs)
+    }
+}
+
+type Front = NetFront<ProcessPlatform, SharedStore>;
 
 /// The domain's platform and XenStore, before the sandbox.
 struct Domain {
     mux: Arc<EventMux<ProcessPlatform>>,
-    xs: StoreClient<ProcessPlatform>,
+    xs: SharedStore,
     nr_frames: u64,
 }
 
@@ -178,7 +239,9 @@ fn domain() -> Result<Domain> {
         .context("PDOM_NR_FRAMES")?;
     let platform = ProcessPlatform::from_launch_env().context("platform")?;
     let mux = EventMux::new(Arc::new(platform));
-    let xs = process_client(&mux).context("XenStore")?;
+    let xs = SharedStore(Arc::new(Mutex::new(
+        process_client(&mux).context("XenStore")?,
+    )));
     Ok(Domain { mux, xs, nr_frames })
 }
 
@@ -189,13 +252,30 @@ fn front_dir(d: &Domain, vif: u32) -> String {
     )
 }
 
-/// Enter the sandbox keeping `extra` descriptors, then connect netfront.
-fn connect(d: Domain, vif: u32, mode: RxMode, extra: &[i32]) -> Result<Front> {
+/// Enter the sandbox keeping `extra` descriptors.
+fn enter_sandbox(extra: &[i32]) -> Result<()> {
     let mut sandbox = SandboxConfig::default();
     sandbox.keep_fds.extend([0, 1, 2]);
     sandbox.keep_fds.extend(hypervisor::launch::PLATFORM_FDS);
     sandbox.keep_fds.extend(extra);
     hypervisor::sandbox::apply(&sandbox).context("sandbox")?;
+    Ok(())
+}
+
+/// Enter the sandbox keeping `extra` descriptors, then connect netfront.
+fn connect(d: Domain, vif: u32, mode: RxMode, extra: &[i32]) -> Result<Front> {
+    enter_sandbox(extra)?;
+    connect_net(d, vif, mode, None)
+}
+
+/// Connect netfront (in the sandbox), waiting for its events through `events` (default:
+/// its own port on the domain's multiplexer).
+fn connect_net(
+    d: Domain,
+    vif: u32,
+    mode: RxMode,
+    events: Option<Box<dyn EventWait>>,
+) -> Result<Front> {
     let first = FIRST_FREE_FRAME;
     let avail = usize::try_from(d.nr_frames.saturating_sub(first))?;
     if avail < 1 + MIN_TX_FRAMES {
@@ -207,10 +287,12 @@ fn connect(d: Domain, vif: u32, mode: RxMode, extra: &[i32]) -> Result<Front> {
     }
     let me = d.mux.platform().domid();
     let mut cfg = NetFrontConfig::new(me, vif, first..d.nr_frames);
+    cfg.poll_interval = NET_POLL_INTERVAL;
     cfg.rx_mode = mode;
     cfg.rx_buffers = DEFAULT_RX_BUFFERS.min(avail - MIN_TX_FRAMES);
     let plat = d.mux.platform().clone();
-    NetFront::connect_with(plat, d.xs, Box::new(MuxEvents(d.mux)), cfg).context("netfront connect")
+    let events = events.unwrap_or_else(|| Box::new(MuxEvents(d.mux)));
+    NetFront::connect_with(plat, d.xs, events, cfg).context("netfront connect")
 }
 
 /// Counters and the periodic lines.
@@ -220,6 +302,8 @@ struct Report {
     connects: u64,
     drop: u64,
     echo: EchoStats,
+    /// `stats` lines printed.
+    stats_lines: u64,
 }
 
 impl Report {
@@ -238,6 +322,7 @@ impl Report {
             connects: f.stats().connects,
             drop: 0,
             echo: EchoStats::default(),
+            stats_lines: 0,
         })
     }
 
@@ -271,6 +356,7 @@ impl Report {
         }
         if self.last.elapsed() >= Duration::from_secs(1) {
             self.last = Instant::now();
+            self.stats_lines += 1;
             writeln!(out, "stats {}", self.counters(f))?;
             out.flush()?;
         }
@@ -322,24 +408,64 @@ fn send(f: &mut Front, r: &mut Report, frame: &[u8]) -> Result<()> {
     }
 }
 
-fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64) -> Result<()> {
+fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> Result<()> {
     let (addr, _) = parse_cidr(ip)?;
-    let mut f = connect(domain()?, vif, mode, &[])?;
+    let d = domain()?;
+    enter_sandbox(&[])?;
+    // The disk first: the manager connects the disk IDD before the NIC IDDs.
+    let (mut check, net_events) = match disk {
+        Some(spec) => {
+            let events = SharedEvents::new(d.mux.clone());
+            let check = DiskCheck::connect(&d, events.clone(), spec)?;
+            let net: Box<dyn EventWait> = Box::new(NetEvents::new(events, NET_POLL_INTERVAL));
+            (Some(check), Some(net))
+        }
+        None => (None, None),
+    };
+    let mut f = connect_net(d, vif, mode, net_events)?;
     let mut resp = Responder::new(f.mac(), addr);
     let mut r = Report::new(&f)?;
     let end = deadline(secs);
+    let mut stats_seen = 0;
     while running(end) {
-        f.wait(Duration::from_millis(50))?;
+        match check.as_ref() {
+            // One wait for either device's event (or the disk check's next step).
+            Some(c) => f.poll(c.due_in().min(Duration::from_millis(50)))?,
+            None => {
+                f.wait(Duration::from_millis(50))?;
+            }
+        }
         while let Some(frame) = f.recv() {
             if let Some(reply) = resp.handle(&frame) {
                 send(&mut f, &mut r, &reply)?;
             }
         }
+        if let Some(c) = check.as_mut() {
+            c.drive()?;
+        }
         r.echo = resp.stats();
         r.tick(&f)?;
+        if let Some(c) = check.as_ref() {
+            // After each `stats` line.
+            if r.stats_lines > stats_seen {
+                stats_seen = r.stats_lines;
+                println_flush(&c.line())?;
+            }
+        }
     }
     f.flush(Duration::from_secs(1))?;
-    r.summary(&f)
+    r.summary(&f)?;
+    if let Some(c) = check.as_ref() {
+        println_flush(&c.line())?;
+    }
+    Ok(())
+}
+
+fn println_flush(line: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
 }
 
 fn tap(
@@ -428,8 +554,20 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let mode = |s: &str| s.parse::<RxMode>().map_err(anyhow::Error::from);
     let r = match args.mode {
-        Mode::Echo { ip, rx_mode, secs } => {
-            mode(&rx_mode).and_then(|m| echo(args.vif, &ip, m, secs))
+        Mode::Echo {
+            ip,
+            rx_mode,
+            secs,
+            disk_blocks,
+            disk_seed,
+            disk_period_ms,
+        } => {
+            let disk = (disk_blocks > 0).then_some(DiskSpec {
+                blocks: disk_blocks,
+                seed: disk_seed,
+                period: Duration::from_millis(disk_period_ms),
+            });
+            mode(&rx_mode).and_then(|m| echo(args.vif, &ip, m, secs, disk))
         }
         Mode::Tap {
             netns,
@@ -453,5 +591,21 @@ fn main() -> ExitCode {
             eprintln!("net-guest: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parsing() {
+        assert_eq!(
+            parse_cidr("10.0.0.7/24").unwrap(),
+            (Ipv4Addr::new(10, 0, 0, 7), 24)
+        );
+        assert_eq!(parse_cidr("10.0.0.7").unwrap().1, 32);
+        assert!(parse_cidr("10.0.0.7/33").is_err());
+        assert!(parse_cidr("10.0.0/24").is_err());
     }
 }

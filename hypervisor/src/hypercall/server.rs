@@ -29,7 +29,8 @@ pub fn errno_status(e: &SystemError) -> i32 {
         SystemError::NoSuchDomain(_) | SystemError::Dying(_) => libc::ESRCH,
         SystemError::BadPort(_) | SystemError::BadFrame(_) | SystemError::Grant(_) => libc::EINVAL,
         SystemError::GrantInUse(_) => libc::EBUSY,
-        SystemError::Exhausted(_) => libc::ENOSPC,
+        SystemError::Exhausted(_)
+        | SystemError::Memory(crate::memory::MemoryError::TooManySharedPages) => libc::ENOSPC,
         SystemError::Memory(_) | SystemError::Io(_) => libc::EIO,
     }
 }
@@ -135,7 +136,12 @@ pub fn execute_ctl(sys: &System, caller: DomId, bytes: &[u8]) -> (CtlReply, Opti
                 },
                 Some(file),
             ),
-            Err(e) => fail(errno_status(&e)),
+            Err(e) => {
+                // The domain hears only a status; say here what failed (a domain 0 out of
+                // descriptors shows as a memfd that could not be created).
+                tracing::warn!(dom = caller, error = %e, "alloc_shared_page failed");
+                fail(errno_status(&e))
+            }
         },
         ctl::MAP_GRANT if a[2] <= 1 => {
             let (Ok(granter), Ok(gref)) = (DomId::try_from(a[0]), GrantRef::try_from(a[1])) else {
@@ -329,5 +335,19 @@ fn serve(
         } else if ctl_ev.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
             return ServerExit::DomainGone;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryError;
+
+    #[test]
+    fn a_domain_out_of_shareable_pages_is_told_apart_from_a_failure_of_domain_0() {
+        let quota = SystemError::Memory(MemoryError::TooManySharedPages);
+        assert_eq!(errno_status(&quota), -libc::ENOSPC);
+        let ours = SystemError::Memory(MemoryError::BadSize(0));
+        assert_eq!(errno_status(&ours), -libc::EIO);
     }
 }
