@@ -43,6 +43,9 @@ fn managed(p: &Policy) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Blocks a guest with a disk and a NIC checks in `net-guest`'s disk loop.
+const DISK_CHECK_BLOCKS: u64 = 64;
+
 /// The guest's address for `net-guest echo`: its first allowed IPv4 address, else
 /// `10.0.0.{seed}`, with a /24.
 fn guest_ip(g: Option<&policy::Guest>, seed: usize) -> String {
@@ -62,7 +65,9 @@ fn guest_ip(g: Option<&policy::Guest>, seed: usize) -> String {
 }
 
 /// Start guest `name`'s process (the `seed`-th guest, from 1): the verified block workload
-/// for a guest with a disk, `net-guest` for one with only NICs (if configured).
+/// for a guest with only a disk, `net-guest` for one with NICs (if configured); a guest with
+/// both runs `net-guest` with its disk check (`--disk-blocks`), since `blk-guest` drives no
+/// NIC and the guest's NIC would never connect.
 fn start_guest(
     cfg: &ServiceConfig,
     policy: &Policy,
@@ -72,8 +77,9 @@ fn start_guest(
 ) -> anyhow::Result<()> {
     let pg = policy.guest(name);
     let has_disk = pg.is_some_and(|g| !g.disk.is_empty());
+    let has_nic = pg.is_some_and(|g| !g.net.is_empty());
     let seed_s = seed.to_string();
-    if has_disk {
+    if has_disk && (!has_nic || cfg.net_guest_program.is_none()) {
         let args: Vec<String> = cfg
             .guest_args
             .iter()
@@ -83,11 +89,15 @@ fn start_guest(
         m.start_guest(name, &args)?;
     } else if let Some(prog) = cfg.net_guest_program.clone() {
         let ip = guest_ip(pg, seed);
-        let args: Vec<String> = cfg
+        let mut args: Vec<String> = cfg
             .net_guest_args
             .iter()
             .map(|a| a.replace("{seed}", &seed_s).replace("{ip}", &ip))
             .collect();
+        if has_disk {
+            let blocks = DISK_CHECK_BLOCKS.to_string();
+            args.extend(["--disk-blocks", &blocks, "--disk-seed", &seed_s].map(str::to_owned));
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         m.start_guest_program(name, &prog, &args)?;
     }
