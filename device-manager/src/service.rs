@@ -426,6 +426,7 @@ fn idd_placeholders(p: &Policy, state: IddState, reason: Option<String>) -> Vec<
                 outage_total_us: 0,
                 last_recovery: None,
                 iommu_entries: 0,
+                nic: None,
             }
         })
         .collect()

@@ -483,6 +483,22 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
         assert_eq!(v["restarts"], CRASHES, "{v}");
         assert_eq!(v["state"], "running", "{v}");
     }
+    // The NIC's own counters (kept by the device across IDD restarts): the guests' answers
+    // reached the wire, the probes reached the guests, in the view and in the metrics.
+    let net: Value = c.get("/v1/idds/idd-net0").unwrap();
+    let nic = &net["nic"];
+    assert!(nic["tx_frames"].as_u64().unwrap() > 0, "{net}");
+    assert!(nic["rx_frames"].as_u64().unwrap() > 0, "{net}");
+    let metrics = c.get_text("/metrics").unwrap();
+    // (the counter moves between the two reads: only its presence is checked here)
+    assert!(
+        metrics.contains("nic_rx_frames_total{idd=\"idd-net0\"} "),
+        "{metrics}"
+    );
+    println!(
+        "NIC device counters: tx {} frames, rx {} frames, rx dropped for want of a buffer {}",
+        nic["tx_frames"], nic["rx_frames"], nic["rx_no_buffer"]
+    );
 
     // Late answers to the last pings.
     std::thread::sleep(Duration::from_millis(500));

@@ -19,6 +19,7 @@
 //! | `idd_last_recovery_phase_seconds` | gauge | last recovery, by `phase` |
 //! | `idd_uptime_seconds` | gauge | since the current process started |
 //! | `idd_iommu_entries` | gauge | pins the device holds |
+//! | `nic_tx_frames_total`, `nic_rx_frames_total`, `nic_tx_dropped_total`, `nic_rx_no_buffer_total`, `nic_rx_dropped_total` | counter | a NIC's device counters (survive IDD restarts) |
 //! | `channel_requests_total`, `channel_responses_total` | counter | ring producer indexes |
 //! | `channel_in_flight` | gauge | requests without a response |
 //! | `channel_failed` | gauge | 1 when the IDD refused the ring |
@@ -26,7 +27,7 @@
 
 use std::fmt::Write;
 
-use crate::service::{ChannelStats, IddState, Snapshot};
+use crate::service::{ChannelStats, IddState, NicCounters, Snapshot};
 
 /// The content type of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -65,6 +66,9 @@ impl Out {
 fn secs_us(us: u64) -> f64 {
     us as f64 / 1e6
 }
+
+/// A NIC counter family: name, help, and the counter.
+type NicFamily = (&'static str, &'static str, fn(&NicCounters) -> u64);
 
 /// Render the snapshot.
 pub fn render(s: &Snapshot) -> String {
@@ -163,6 +167,40 @@ pub fn render(s: &Snapshot) -> String {
             &[("idd", &i.name)],
             i.iommu_entries as f64,
         );
+    }
+    // A NIC's device counters, one family per counter, labelled by `idd`.
+    let nic_families: [NicFamily; 5] = [
+        (
+            "nic_tx_frames_total",
+            "frames the NIC put on the wire",
+            |c| c.tx_frames,
+        ),
+        (
+            "nic_rx_frames_total",
+            "frames the NIC delivered into receive buffers",
+            |c| c.rx_frames,
+        ),
+        (
+            "nic_tx_dropped_total",
+            "transmits the NIC returned unsent",
+            |c| c.tx_dropped,
+        ),
+        (
+            "nic_rx_no_buffer_total",
+            "frames dropped for want of a posted receive buffer",
+            |c| c.rx_no_buffer,
+        ),
+        ("nic_rx_dropped_total", "frames dropped as too long", |c| {
+            c.rx_dropped
+        }),
+    ];
+    for (name, help, get) in nic_families {
+        o.family(name, "counter", help);
+        for i in &s.idds {
+            if let Some(c) = &i.nic {
+                o.sample(name, &[("idd", &i.name)], get(c) as f64);
+            }
+        }
     }
     o.family(
         "channel_requests_total",
@@ -284,10 +322,18 @@ d"#
                     outage_us: 15,
                 }),
                 iommu_entries: 3,
+                nic: Some(NicCounters {
+                    rx_no_buffer: 4,
+                    ..Default::default()
+                }),
             }],
             ..Snapshot::default()
         };
         let text = render(&s);
+        assert!(
+            text.contains("nic_rx_no_buffer_total{idd=\"idd-\\\"x\\\"\"} 4\n"),
+            "{text}"
+        );
         assert!(
             text.contains("idd_restarts_total{idd=\"idd-\\\"x\\\"\"} 2\n"),
             "{text}"

@@ -134,6 +134,48 @@ pub struct IddView {
     pub last_recovery: Option<RecoveryView>,
     /// IOMMU entries (pins) the device holds.
     pub iommu_entries: u64,
+    /// A NIC's device-side counters (the emulated virtio-net device's own view: what reached
+    /// the wire, and frames it dropped for want of a receive buffer the IDD had posted).
+    pub nic: Option<NicCounters>,
+}
+
+/// A NIC's counters, kept by the device (they survive IDD restarts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct NicCounters {
+    /// Frames put on the wire.
+    pub tx_frames: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+    /// Transmits returned unsent (malformed, oversized, refused by the wire).
+    pub tx_dropped: u64,
+    /// Frames delivered into receive buffers.
+    pub rx_frames: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Frames dropped because the IDD had no receive buffer posted (e.g. while it restarts).
+    pub rx_no_buffer: u64,
+    /// Frames dropped as too long.
+    pub rx_dropped: u64,
+    /// Errors reading from the wire.
+    pub wire_errors: u64,
+    /// Times the device marked itself as needing a reset.
+    pub failures: u64,
+}
+
+impl From<iospace::emu::virtio_net::NetDevStats> for NicCounters {
+    fn from(s: iospace::emu::virtio_net::NetDevStats) -> Self {
+        Self {
+            tx_frames: s.tx_frames,
+            tx_bytes: s.tx_bytes,
+            tx_dropped: s.tx_dropped,
+            rx_frames: s.rx_frames,
+            rx_bytes: s.rx_bytes,
+            rx_no_buffer: s.rx_no_buffer,
+            rx_dropped: s.rx_dropped,
+            wire_errors: s.wire_errors,
+            failures: s.failures,
+        }
+    }
 }
 
 /// A guest domain.

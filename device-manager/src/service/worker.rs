@@ -479,6 +479,7 @@ impl Worker {
             if st.kind == "blk" {
                 v.iommu_entries = m.iommu_entries() as u64;
             }
+            v.nic = m.net_stats(&st.device).ok().map(NicCounters::from);
         }
         let names: Vec<String> = m.guests().iter().map(|g| g.name.clone()).collect();
         let mut running = BTreeMap::new();
