@@ -55,6 +55,8 @@ backend_prepare() {
   done
   exec 9<>/dev/xen/evtchn || return 1
   exec 8<>/dev/xen/evtchn || return 1
+  # iospace's TAP wire sets the interface up through a socket bound to 127.0.0.1.
+  ip link set lo up || return 1
   # An HTTP server on every dom0 address: the guest times a download through each vif.
   mkdir -p /srv/www && dd if=/dev/zero of=/srv/www/blob bs=1M count="$BLOB_MIB" 2>/dev/null &&
     httpd -p 8080 -h /srv/www || return 1
