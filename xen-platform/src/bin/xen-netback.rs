@@ -45,7 +45,9 @@
 //! * `first-answer ms_after_ready=T tx=A rx=B replayed=R`: the first transmit answered or
 //!   frame delivered to the guest by this process;
 //! * every 10 s `stats tx=.. txb=.. rx=.. rxb=.. drop=.. spoof=.. errors=.. replayed=..
-//!   unclaimed=.. tap_rx_bad=.. mapped=..`.
+//!   unclaimed=.. tap_rx_bad=.. mapped=.. cpu_ms=..` (`mapped`: persistent grant mappings;
+//!   `cpu_ms`: this process's CPU time so far: netback's loop polls the event channel and the
+//!   TAP in turn, 0.5 ms each, so an idle backend still wakes about 1000 times a second).
 //!
 //! Diagnostics go to stderr.
 
@@ -309,7 +311,7 @@ fn run(args: Args) -> Result<(), String> {
                 say(
                     &mut out,
                     format_args!(
-                        "stats tx={} txb={} rx={} rxb={} drop={} spoof={} errors={} replayed={} unclaimed={} tap_rx_bad={} mapped={}",
+                        "stats tx={} txb={} rx={} rxb={} drop={} spoof={} errors={} replayed={} unclaimed={} tap_rx_bad={} mapped={} cpu_ms={}",
                         s.tx,
                         s.txb,
                         s.rx,
@@ -320,12 +322,28 @@ fn run(args: Args) -> Result<(), String> {
                         s.replayed,
                         back.unclaimed(),
                         back.device().stats().rx_bad,
-                        platform.pin_stats().mapped
+                        platform.pin_stats().mapped,
+                        cpu_ms()
                     ),
                 );
             }
         }
     }
+}
+
+/// CPU time (user + system) this process used so far, in milliseconds.
+fn cpu_ms() -> u64 {
+    // SAFETY: all-zero is a valid `rusage`; getrusage fills the one passed, which outlives
+    // the call.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0;
+    }
+    let ms = |t: libc::timeval| {
+        u64::try_from(t.tv_sec).unwrap_or(0) * 1000 + u64::try_from(t.tv_usec).unwrap_or(0) / 1000
+    };
+    ms(ru.ru_utime) + ms(ru.ru_stime)
 }
 
 /// Whether the journal at `cfg.journal_frame` belongs to these rings.
