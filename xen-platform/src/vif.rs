@@ -405,6 +405,67 @@ mod tests {
             .any(|k| k.contains("multi-queue") || k.contains("split")));
     }
 
+    /// The whole handshake against an in-memory xenstored: the toolstack part, InitWait with
+    /// the features, a Linux-like frontend's keys read back, Connected; then a restart finds
+    /// itself Connected and writes nothing.
+    #[test]
+    fn handshake_over_xenstore_and_restart_leaves_it_alone() {
+        let mut xs = crate::xenstore::testing::fake();
+        let p = VifPaths::new(0, 3, 0);
+        create(&mut xs, &p, 0, 3, 0, "00:16:3e:00:00:02").unwrap();
+        let rd = |xs: &mut XenStore, k: &str| xs.read(k).unwrap();
+        assert_eq!(
+            rd(&mut xs, &format!("{}/mac", p.front)).as_deref(),
+            Some("00:16:3e:00:00:02")
+        );
+        assert_eq!(
+            rd(&mut xs, &format!("{}/backend", p.front)),
+            Some(p.back.clone())
+        );
+        assert_eq!(
+            rd(&mut xs, &format!("{}/frontend-id", p.back)).as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            rd(&mut xs, "/local/domain/3/device/vif/@perms").as_deref(),
+            Some("n3\0r0\0")
+        );
+        assert_eq!(state(&mut xs, &p.back).unwrap(), XenbusState::InitWait);
+        assert_eq!(state(&mut xs, &p.front).unwrap(), XenbusState::Initialising);
+        assert_eq!(advertise(&mut xs, &p).unwrap(), XenbusState::InitWait);
+        assert_eq!(
+            rd(&mut xs, &format!("{}/feature-rx-copy", p.back)).as_deref(),
+            Some("1")
+        );
+        // What netfront writes on seeing InitWait.
+        for (k, v) in linux() {
+            xs.write(&format!("{}/{k}", p.front), &v).unwrap();
+        }
+        xs.write(&format!("{}/state", p.front), "4").unwrap();
+        let r = FrontendRings::read(&mut xs, &p).unwrap();
+        assert_eq!((r.tx_ring_ref, r.rx_ring_ref, r.event_channel), (8, 9, 5));
+        connect(&mut xs, &p).unwrap();
+        assert_eq!(state(&mut xs, &p.back).unwrap(), XenbusState::Connected);
+        // A restarted process: Connected stays, the features are not rewritten.
+        xs.write(&format!("{}/feature-rx-copy", p.back), "marker")
+            .unwrap();
+        assert_eq!(advertise(&mut xs, &p).unwrap(), XenbusState::Connected);
+        assert_eq!(
+            rd(&mut xs, &format!("{}/feature-rx-copy", p.back)).as_deref(),
+            Some("marker")
+        );
+        // A frontend that wrote garbage is refused through `read` too.
+        xs.write(&format!("{}/rx-ring-ref", p.front), "9; rm -rf")
+            .unwrap();
+        assert!(matches!(
+            FrontendRings::read(&mut xs, &p),
+            Err(VifError::Frontend {
+                key: "rx-ring-ref",
+                ..
+            })
+        ));
+    }
+
     proptest! {
         /// Any frontend directory either parses into values that are what it wrote, or is
         /// refused with an error naming a key; never a panic.
