@@ -156,7 +156,7 @@ mean() { awk -v s="$1" -v n="$2" 'BEGIN { printf "%.2f", n ? s / n : 0 }'; }
 # through them, start new processes at once, and measure per backend kill -> ready
 # (re-attached, journal replayed) and kill -> the first response the new process published
 # (the guest-visible outage, an upper bound: it includes the guest's own time to issue its
-# next request). A 10 Hz ping from dom0 to the guest over the whole cycle measures the
+# next request; xen-netback's from the dom0 uptime it prints in those lines). A 10 Hz ping from dom0 to the guest over the whole cycle measures the
 # network outage independently of the backend's own report.
 backend_teardown_cycle() {
   d=$DOMID
@@ -178,27 +178,14 @@ backend_teardown_cycle() {
     wait "$BLK_PID" "$NET_PID" 2>/dev/null
     start_blkback "$d"
     start_netback "$d"
-    # Poll all four events together (every 0.1 s), so that neither backend's figures include
-    # the time spent waiting for the other's.
-    tr='' ntr='' ta='' nta='' lim=$(add "$t" 30)
-    while awk -v a="$(up)" -v e="$lim" 'BEGIN { exit !(a < e) }'; do
-      now=$(up)
-      [ -n "$tr" ] || ! more_lines ready "$r0" || tr=$now
-      [ -n "$ntr" ] || ! more_net_lines ready "$nr0" || ntr=$now
-      [ -n "$ta" ] || ! more_lines first-answer "$a0" || ta=$now
-      [ -n "$nta" ] || ! more_net_lines first-answer "$na0" || nta=$now
-      [ -n "$ta" ] && [ -n "$nta" ] && break
-      # Both ready and 6 s without a first answer: the guest sent nothing meanwhile.
-      [ -n "$tr" ] && [ -n "$ntr" ] && awk -v a="$now" -v r="$(max "$tr" "$ntr")" 'BEGIN { exit !(a > r + 6) }' && break
-      usleep 100000
-    done
-    if [ -z "$tr" ]; then
+    if ! wait_for 30 more_lines ready "$r0"; then
       say "FAIL ours-restart $i: the new xen-blkback was not ready within 30 s"
       show_blkback_log
       bad=1
       break
     fi
-    if [ -z "$ntr" ]; then
+    tr=$(up)
+    if ! wait_for 30 more_net_lines ready "$nr0"; then
       say "FAIL ours-restart $i: the new xen-netback was not ready within 30 s"
       show_netback_log
       bad=1
@@ -208,24 +195,28 @@ backend_teardown_cycle() {
     nline=$(grep '^ready' "$NET_OUT" | tail -1)
     case $line in *journaled=0*) ;; *) replays=$((replays + 1)) ;; esac
     case $nline in *journaled=0*) ;; *) nreplays=$((nreplays + 1)) ;; esac
-    if [ -n "$ta" ]; then
-      out=$(dt "$t" "$ta")
+    if wait_for 6 more_lines first-answer "$a0"; then
+      out=$(dt "$t" "$(up)")
       n_out=$((n_out + 1)) sum_out=$(add "$sum_out" "$out") max_out=$(max "$max_out" "$out")
     else
       out="none (no guest request within 6 s)"
     fi
-    if [ -n "$nta" ]; then
-      nout=$(dt "$t" "$nta")
+    # xen-netback stamps its lines with dom0's uptime: its figures do not include the time
+    # this script spent waiting for the block backend.
+    ntr=$(echo "$nline" | sed -n 's/.* up=\([0-9.]*\).*/\1/p')
+    if wait_for 6 more_net_lines first-answer "$na0"; then
+      nta=$(grep '^first-answer' "$NET_OUT" | tail -1 | sed -n 's/.* up=\([0-9.]*\).*/\1/p')
+      nout=$(dt "$t" "${nta:-$(up)}")
       nn_out=$((nn_out + 1)) nsum_out=$(add "$nsum_out" "$nout") nmax_out=$(max "$nmax_out" "$nout")
     else
       nout="none (no packet within 6 s)"
     fi
     sum_ready=$(add "$sum_ready" "$(dt "$t" "$tr")")
-    nsum_ready=$(add "$nsum_ready" "$(dt "$t" "$ntr")")
+    nsum_ready=$(add "$nsum_ready" "$(dt "$t" "${ntr:-$t}")")
     st=$(xs_states "$fe" "$be") nst=$(xs_states "$nfe" "$nbe")
     [ "$st" = 4/4 ] && [ "$nst" = 4/4 ] || bad=1
     say "TIME ours-restart $i blk: kill-to-ready $(dt "$t" "$tr") s, kill-to-first-response $out s, states(fe/be) $st ($line; $(grep '^first-answer' "$BLK_OUT" | tail -1))"
-    say "TIME ours-restart $i net: kill-to-ready $(dt "$t" "$ntr") s, kill-to-first-answer $nout s, states(fe/be) $nst ($nline; $(grep '^first-answer' "$NET_OUT" | tail -1))"
+    say "TIME ours-restart $i net: kill-to-ready $(dt "$t" "${ntr:-$t}") s, kill-to-first-answer $nout s, states(fe/be) $nst ($nline; $(grep '^first-answer' "$NET_OUT" | tail -1))"
     sleep 1
     i=$((i + 1))
   done

@@ -40,10 +40,11 @@
 //!
 //! # stdout
 //!
-//! * `ready fresh|resumed journaled=N port=P tap=IFNAME` (`N`: transmit slots and receive
-//!   requests the journal held);
-//! * `first-answer ms_after_ready=T tx=A rx=B replayed=R`: the first transmit answered or
-//!   frame delivered to the guest by this process;
+//! * `ready fresh|resumed journaled=N port=P tap=IFNAME up=U` (`N`: transmit slots the
+//!   journal held as consumed and unanswered; `U`: `/proc/uptime` when the line was written, so
+//!   a supervisor measures kill → ready without polling);
+//! * `first-answer ms_after_ready=T tx=A rx=B replayed=R up=U`: the first transmit answered
+//!   or frame delivered to the guest by this process;
 //! * every 10 s `stats tx=.. txb=.. rx=.. rxb=.. drop=.. spoof=.. errors=.. replayed=..
 //!   unclaimed=.. tap_rx_bad=.. mapped=.. cpu_ms=..` (`mapped`: persistent grant mappings;
 //!   `cpu_ms`: this process's CPU time so far: netback's loop polls the event channel and the
@@ -259,9 +260,10 @@ fn run(args: Args) -> Result<(), String> {
     say(
         &mut out,
         format_args!(
-            "ready {} journaled={journaled} port={port} tap={}",
+            "ready {} journaled={journaled} port={port} tap={} up={}",
             if resumed { "resumed" } else { "fresh" },
-            args.tap
+            args.tap,
+            uptime()
         ),
     );
 
@@ -280,11 +282,12 @@ fn run(args: Args) -> Result<(), String> {
             say(
                 &mut out,
                 format_args!(
-                    "first-answer ms_after_ready={} tx={} rx={} replayed={}",
+                    "first-answer ms_after_ready={} tx={} rx={} replayed={} up={}",
                     ready_at.elapsed().as_millis(),
                     s.tx,
                     s.rx,
-                    s.replayed
+                    s.replayed,
+                    uptime()
                 ),
             );
         }
@@ -329,6 +332,16 @@ fn run(args: Args) -> Result<(), String> {
             }
         }
     }
+}
+
+/// The domain's uptime as `/proc/uptime` gives it (seconds, two decimals; `?` if unreadable):
+/// a supervisor subtracts the time it killed the previous process, without polling.
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// CPU time (user + system) this process used so far, in milliseconds.
