@@ -131,6 +131,9 @@ fn say(out: &mut impl Write, line: std::fmt::Arguments<'_>) {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    if let Some(fd) = args.evtchn_fd.filter(|fd| *fd <= 2) {
+        return Err(format!("--evtchn-fd {fd} is a standard stream"));
+    }
     let mut xs = XenStore::open(&args.xenstore)
         .map_err(|e| format!("XenStore {}: {}", args.xenstore.display(), chain(&e)))?;
     let domid = xs
@@ -145,8 +148,8 @@ fn run(args: Args) -> Result<(), String> {
     let evtchn = match args.evtchn_fd {
         // SAFETY: the supervisor passes an open /dev/xen/evtchn descriptor nothing else in
         // this process uses; from here on the platform owns it.
-        Some(fd) if fd > 2 => unsafe { Evtchn::from_fd(fd) },
-        Some(fd) => return Err(format!("--evtchn-fd {fd} is a standard stream")),
+        // (A standard stream was refused above.)
+        Some(fd) => unsafe { Evtchn::from_fd(fd) },
         None => Evtchn::open(std::path::Path::new("/dev/xen/evtchn")).map_err(|e| chain(&e))?,
     };
     let memory = LocalMemory::open(&args.memory, frames_needed(1)).map_err(|e| chain(&e))?;
