@@ -10,7 +10,8 @@
 //!
 //! The file is opened once, when the backend is added, and every process of that backend
 //! inherits the *same open file description* (not a reopened file): that is what keeps the
-//! ports bound. Each backend gets its own, so one backend's ports are never another's.
+//! ports bound. Each backend gets its own, so one backend's ports are never another's, and
+//! nothing else: every other descriptor above stderr is made close-on-exec in the child.
 //!
 //! # Restart
 //!
@@ -513,13 +514,24 @@ impl Supervisor {
         });
         cmd.stderr(log.map_or_else(Stdio::inherit, Stdio::from));
         // SAFETY: between fork and exec the closure only calls async-signal-safe functions
-        // (fcntl, sigemptyset, pthread_sigmask) on the fd this supervisor owns and keeps open.
+        // (fcntl, close_range, sigemptyset, pthread_sigmask); the fds it touches are the
+        // child's own copies (the supervisor keeps its evtchn file open).
         unsafe {
             cmd.pre_exec(move || {
-                // The one descriptor this backend inherits: clear its close-on-exec.
+                // The one descriptor this backend inherits: clear its close-on-exec, and
+                // set it on every other one above stderr (what our own parent may have
+                // leaked to us, e.g. a jobserver's pipe).
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Marked close-on-exec rather than closed: std's own error pipe to the
+                // parent (close-on-exec already) must stay open until the exec.
+                let fd_u = libc::c_uint::try_from(fd).unwrap_or(0);
+                let cloexec = libc::CLOSE_RANGE_CLOEXEC;
+                if fd_u > 3 {
+                    libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, fd_u - 1, cloexec);
+                }
+                libc::syscall(libc::SYS_close_range, fd_u + 1, libc::c_uint::MAX, cloexec);
                 // A clean signal mask (the caller may block SIGTERM to wait for it).
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
