@@ -45,6 +45,7 @@ use std::path::Path;
 use devchan::grant::DomId;
 use devchan::xenbus::XenbusState;
 use devchan::xenstore::client::{Client, ClientError, NO_TX};
+use devchan::xenstore::XsError;
 use policy::MacAddr;
 use xen_platform::vbd::{self, VbdError, VbdPaths};
 use xen_platform::xenstore::{XenStore, XenStoreError};
@@ -101,8 +102,13 @@ pub fn find_domain<T: Read + Write>(
     c: &mut Client<T>,
     name: &str,
 ) -> Result<Option<DomId>, ToolstackError> {
-    let mut ids: Vec<DomId> = c
-        .directory(NO_TX, "/local/domain")?
+    // No `/local/domain` yet: no domain yet (xenstored just started).
+    let entries = match c.directory(NO_TX, "/local/domain") {
+        Ok(e) => e,
+        Err(ClientError::Xs(XsError::Enoent)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut ids: Vec<DomId> = entries
         .iter()
         .filter(|e| !e.is_empty() && e.len() <= 5 && e.bytes().all(|b| b.is_ascii_digit()))
         .filter_map(|e| e.parse().ok())
