@@ -55,11 +55,10 @@ fn next(rx: &Receiver<Event>) -> Event {
 }
 
 fn kill9(pid: u32) {
+    let pid = i32::try_from(pid).unwrap();
     // SAFETY: kill(2) on a pid the supervisor has not reaped yet (it waits for our signal).
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) },
-        0
-    );
+    let r = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(r, 0);
 }
 
 fn alive(pid: u32) -> bool {

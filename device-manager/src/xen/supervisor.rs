@@ -636,7 +636,7 @@ impl Supervisor {
         // The waiter saw it exit without reaping it: this returns at once.
         let status = child
             .wait()
-            .map_or_else(|e| format!("wait failed: {e}"), |st| describe(st));
+            .map_or_else(|e| format!("wait failed: {e}"), describe);
         let name = s.spec.name.clone();
         let uptime = at.saturating_duration_since(s.spawned);
         let budget = s.spec.budget;
