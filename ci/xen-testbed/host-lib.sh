@@ -8,7 +8,7 @@ XEN_PACKAGES=(
   libxendevicemodel1 libxentoolcore1 libxentoollog1 libxenhypfs1 libyajl2
 )
 # Modules loaded in dom0: the Xen device files, then the kernel backends and their disk.
-DOM0_MODULES=(xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc loop xen-blkback xen-netback)
+DOM0_MODULES=(xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc loop xen-blkback xen-netback tun)
 DOMU_MODULES=(xen-blkfront xen-netfront)
 # Xen tools run in dom0 (called directly, not through Debian's xen-utils-wrapper).
 XEN_BINS=(xl xenstored xenconsoled xen-init-dom0)
@@ -182,6 +182,7 @@ TEARDOWN=$TEARDOWN
 GUEST_WINDOW=$([ "$BACKEND" = ours ] && echo 200 || echo 110)
 GUEST_VERIFY_DD=$([ "$BACKEND" = ours ] && echo 1 || echo 0)
 GUEST_PEER_DISK=$([ "$BACKEND" = ours ] && echo 1 || echo 0)
+GUEST_PEER_NET=$([ "$BACKEND" = ours ] && echo 1 || echo 0)
 EOF
 }
 
@@ -308,6 +309,12 @@ check_results() {
   for req in guest-blk-pattern guest-net-ping dom0-disk-checksum; do
     grep -qE "TESTBED PASS $req( |$)" <<<"$clean" || missing+=("$req")
   done
+  if [ "$BACKEND" = ours ]; then
+    # xen-netback's vif next to the kernel netback's, same guest, same run.
+    for req in guest-net-peer guest-net-download; do
+      grep -qE "TESTBED PASS $req( |$)" <<<"$clean" || missing+=("$req")
+    done
+  fi
   if [ "$TEARDOWN" = 1 ]; then
     grep -qE "TESTBED PASS teardown-experiment( |$)" <<<"$clean" || missing+=(teardown-experiment)
     if [ "$BACKEND" = ours ]; then
@@ -317,6 +324,8 @@ check_results() {
         missing+=("guest disk I/O without errors during the restarts")
       grep -qE "TESTBED OBSERVE guest verifying dd: ([1-9][0-9]*) passes, \1 ok, 0 bad" <<<"$clean" ||
         missing+=("every verifying dd pass correct")
+      # The network through xen-netback kept working across the kills.
+      grep -qE "TESTBED PASS guest-net-through-kills( |$)" <<<"$clean" || missing+=(guest-net-through-kills)
     fi
   fi
   grep -q 'TESTBED-END' <<<"$clean" || missing+=("TESTBED-END (dom0 did not finish)")

@@ -12,9 +12,12 @@
 //!   and what a backend cannot do on Xen.
 //! * [`pins`]: the persistent, reference-counted grant mappings behind `pin_grant`.
 //! * [`vbd`]: the blkif XenStore handshake of the `xen-blkback` program.
+//! * [`vif`]: the netif XenStore handshake of the `xen-netback` program.
+//! * [`tapnic`]: idd-net's `NetDevice` over a dom0 TAP interface, DMA through the platform's IOMMU.
 //!
 //! The `xen-blkback` program (`src/bin/xen-blkback.rs`) serves one guest disk from an image
-//! file and re-attaches transparently when restarted.
+//! file and re-attaches transparently when restarted; `xen-netback` (`src/bin/xen-netback.rs`)
+//! serves one guest vif with idd-net's `Netback` onto a TAP interface, the same way.
 
 pub mod evtchn;
 pub mod gntdev;
@@ -22,7 +25,9 @@ pub mod memory;
 pub mod pins;
 pub mod platform;
 pub mod sys;
+pub mod tapnic;
 pub mod vbd;
+pub mod vif;
 pub mod xenstore;
 
 pub use platform::XenPlatform;

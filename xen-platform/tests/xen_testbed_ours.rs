@@ -1,10 +1,12 @@
-//! Our block backend on real Xen: the emulated Xen testbed (`ci/xen-testbed.sh`) with
-//! `BACKEND=ours` and this crate's `xen-blkback` in dom0.
+//! Our backends on real Xen: the emulated Xen testbed (`ci/xen-testbed.sh`) with
+//! `BACKEND=ours` and this crate's `xen-blkback` and `xen-netback` in dom0.
 //!
 //! The guest's xen-blkfront writes and reads back a checksummed pattern through `xen-blkback`,
-//! then dom0 kills the backend 20 times while the guest runs verified direct I/O; the run
-//! passes only if every restart re-attached with both ends still Connected and no guest I/O
-//! failed (see `docs/xen-testbed.md`). It boots Xen under QEMU TCG (minutes, root for the host
+//! its xen-netfront pings dom0 and downloads through `xen-netback` (and through Xen's kernel
+//! netback on a second vif, for the ratios), then dom0 kills both backends 20 times while the
+//! guest runs verified direct I/O and a ping; the run passes only if every restart
+//! re-attached with both ends still Connected, no guest I/O failed and the ping kept getting
+//! replies (see `docs/xen-testbed.md`). It boots Xen under QEMU TCG (minutes, root for the host
 //! packages), so it runs only when asked:
 //!
 //! ```text
@@ -15,7 +17,7 @@ use std::path::Path;
 use std::process::Command;
 
 #[test]
-fn guest_disk_through_our_backend_survives_its_restarts() {
+fn guest_disk_and_network_through_our_backends_survive_their_restarts() {
     if std::env::var("XEN_TESTBED").as_deref() != Ok("1") {
         eprintln!("SKIP: set XEN_TESTBED=1 to boot the emulated Xen host");
         return;
@@ -24,7 +26,14 @@ fn guest_disk_through_our_backend_survives_its_restarts() {
     let out = Command::new("bash")
         .arg(&script)
         .env("BACKEND", "ours")
-        .env("IDD_BINARIES", env!("CARGO_BIN_EXE_xen-blkback"))
+        .env(
+            "IDD_BINARIES",
+            format!(
+                "{} {}",
+                env!("CARGO_BIN_EXE_xen-blkback"),
+                env!("CARGO_BIN_EXE_xen-netback")
+            ),
+        )
         .output()
         .expect("spawn ci/xen-testbed.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
