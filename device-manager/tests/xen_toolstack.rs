@@ -89,7 +89,8 @@ fn vbd_and_vif_directories_with_their_owners() {
             "handle",
             "mac",
             "online",
-            "state"
+            "state",
+            "type"
         ]
     );
 

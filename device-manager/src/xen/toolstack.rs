@@ -4,37 +4,24 @@
 //!
 //! # Nodes (what Linux 6.1's xen-blkfront and xen-netfront read)
 //!
-//! A vbd: [`xen_platform::vbd::create`] (documented there). A vif, with `F =
-//! /local/domain/<guest>/device/vif/<handle>` and `B = /local/domain/<us>/backend/vif/<guest>/<handle>`:
-//!
-//! | key | value | who reads it |
-//! |---|---|---|
-//! | `B/frontend`, `B/frontend-id` | `F`, the guest's id | the backend |
-//! | `B/online` | 1 | the backend (0 asks it to close) |
-//! | `B/handle`, `B/mac` | handle, the guest's MAC | the backend |
-//! | `B/state` | 2 (InitWait) | netfront (starts connecting), the backend |
-//! | `F/backend-id`, `F/handle`, `F/mac` | our id, handle, MAC | netfront (`mac` is its address) |
-//! | `F/backend` | `B` | netfront: where to find the backend |
-//! | `F/state` | 1 (Initialising), written last | netfront probes the device once it is there |
-//!
-//! The backend's directory starts in state 2, not 1: its backend is our process, started
-//! right after, and a kernel backend module loaded in the same domain (xen-netback,
-//! xen-blkback) probes every `backend/vif` or `backend/vbd` directory that appears in state 1.
-//! The features (`feature-rx-copy`, `sectors`, ...) are the backend's to write; netfront and
-//! blkfront read them only once the backend is Connected.
-//!
-//! Permissions are set on the parents first (`device/vif` owned by the guest and readable by
-//! us, `backend/vif/<guest>` owned by us and readable by the guest): new nodes inherit their
-//! parent's, so a running guest that probes the moment its directory appears can already read
-//! both sides (the testbed saw a probe fail with `-ENOENT` when the permissions came after).
+//! A vbd: [`xen_platform::vbd::create`]; a vif: [`xen_platform::vif::create`] (the keys
+//! are documented there; the same ones `xen-blkback --create` and `xen-netback --create`
+//! write). Both start the backend's directory in state 2 (InitWait), not 1: its backend is
+//! our process, started right after, and a kernel backend module loaded in the same domain
+//! (xen-blkback, xen-netback) probes every `backend/vbd` or `backend/vif` directory that
+//! appears in state 1. The features (`sectors`, `feature-rx-copy`, ...) are the backend's to
+//! write; blkfront and netfront read them only once the backend is Connected. Both set the
+//! permissions on the parents first (`device/vif` owned by the guest and readable by us,
+//! `backend/vif/<guest>` owned by us and readable by the guest): new nodes inherit them, so a
+//! running guest that probes the moment its directory appears can already read both sides.
 //!
 //! A directory whose backend `state` already exists is left alone: its backend is connected
 //! (or being connected) and rewriting it would disturb the guest.
 //!
 //! # Two clients
 //!
-//! Writes go through [`xen_platform::xenstore::XenStore`] (the client `xen-blkback` uses, and
-//! so [`xen_platform::vbd::create`]); the domain lookup needs `XS_DIRECTORY`, which that
+//! Writes go through [`xen_platform::xenstore::XenStore`] (the client of the backends, and
+//! so of `vbd::create` and `vif::create`); the domain lookup needs `XS_DIRECTORY`, which that
 //! minimal client does not have, so it uses `devchan`'s full client on its own connection.
 
 use std::fs::OpenOptions;
@@ -43,11 +30,12 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use devchan::grant::DomId;
-use devchan::xenbus::XenbusState;
 use devchan::xenstore::client::{Client, ClientError, NO_TX};
 use devchan::xenstore::XsError;
 use policy::MacAddr;
 use xen_platform::vbd::{self, VbdError, VbdPaths};
+pub use xen_platform::vif::VifPaths;
+use xen_platform::vif::{self, VifError};
 use xen_platform::xenstore::{XenStore, XenStoreError};
 
 /// Why the toolstack failed.
@@ -59,6 +47,9 @@ pub enum ToolstackError {
     /// The vbd helper failed.
     #[error(transparent)]
     Vbd(#[from] VbdError),
+    /// The vif helper failed.
+    #[error(transparent)]
+    Vif(#[from] VifError),
     /// The domain listing failed.
     #[error("listing XenStore's domains")]
     Lookup(#[from] ClientError),
@@ -134,75 +125,9 @@ pub fn own_domid(xs: &mut XenStore) -> DomId {
         .unwrap_or(0)
 }
 
-/// The two directories of one vif.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VifPaths {
-    /// The frontend's directory.
-    pub front: String,
-    /// The backend's.
-    pub back: String,
-}
-
-impl VifPaths {
-    /// The standard paths of `front`'s vif `handle` served by `back`.
-    pub fn new(back: DomId, front: DomId, handle: u32) -> Self {
-        Self {
-            front: format!("/local/domain/{front}/device/vif/{handle}"),
-            back: format!("/local/domain/{back}/backend/vif/{front}/{handle}"),
-        }
-    }
-}
-
 /// Whether a backend directory exists already (its `state` is there).
 fn exists(xs: &mut XenStore, back: &str) -> Result<bool, XenStoreError> {
     Ok(xs.read(&format!("{back}/state"))?.is_some())
-}
-
-/// Parents first, with the device's owners: the frontend's parent owned by the guest and
-/// readable by us, ours owned by us and readable by the guest.
-fn parents(
-    xs: &mut XenStore,
-    front: &str,
-    back: &str,
-    fd: DomId,
-    bd: DomId,
-) -> Result<(), XenStoreError> {
-    for (dir, owner, reader) in [(front, fd, bd), (back, bd, fd)] {
-        let parent = dir.rsplit_once('/').map_or(dir, |(p, _)| p);
-        if xs.read(parent)?.is_none() {
-            xs.write(parent, "")?;
-        }
-        xs.set_perms(parent, &[format!("n{owner}"), format!("r{reader}")])?;
-    }
-    Ok(())
-}
-
-/// The keys of a new vif, in the order they are written (the frontend's `state` last).
-pub fn vif_nodes(
-    p: &VifPaths,
-    back: DomId,
-    front: DomId,
-    handle: u32,
-    mac: MacAddr,
-) -> Vec<(String, String)> {
-    let (b, f) = (&p.back, &p.front);
-    let (h, m) = (handle.to_string(), mac.to_string());
-    vec![
-        (format!("{b}/frontend"), f.clone()),
-        (format!("{b}/frontend-id"), front.to_string()),
-        (format!("{b}/online"), "1".into()),
-        (format!("{b}/handle"), h.clone()),
-        (format!("{b}/mac"), m.clone()),
-        (format!("{b}/state"), XenbusState::InitWait.to_xenstore()),
-        (format!("{f}/backend-id"), back.to_string()),
-        (format!("{f}/handle"), h),
-        (format!("{f}/mac"), m),
-        (format!("{f}/backend"), b.clone()),
-        (
-            format!("{f}/state"),
-            XenbusState::Initialising.to_xenstore(),
-        ),
-    ]
 }
 
 /// Write a vif's directories unless its backend directory exists. Returns the paths and
@@ -218,10 +143,7 @@ pub fn write_vif(
     if exists(xs, &p.back)? {
         return Ok((p, false));
     }
-    parents(xs, &p.front, &p.back, front, back)?;
-    for (k, v) in vif_nodes(&p, back, front, handle, mac) {
-        xs.write(&k, &v)?;
-    }
+    vif::create(xs, &p, back, front, handle, &mac.to_string())?;
     Ok((p, true))
 }
 
@@ -244,31 +166,22 @@ pub fn write_vbd(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hypervisor::xenstored::socket::SocketServer;
+    use hypervisor::xenstored::Xenstored;
 
     #[test]
-    fn vif_nodes_end_with_the_frontend_state() {
-        let p = VifPaths::new(0, 3, 1);
-        assert_eq!(p.back, "/local/domain/0/backend/vif/3/1");
-        let n = vif_nodes(&p, 0, 3, 1, MacAddr([0, 0x16, 0x3e, 0, 0, 2]));
-        let last = n.last().unwrap();
-        assert_eq!(
-            last,
-            &("/local/domain/3/device/vif/1/state".into(), "1".into())
-        );
-        let get = |k: &str| {
-            n.iter()
-                .find(|(p, _)| p.ends_with(k))
-                .map(|(_, v)| v.as_str())
-        };
-        assert_eq!(get("/device/vif/1/mac"), Some("00:16:3e:00:00:02"));
-        assert_eq!(
-            get("/device/vif/1/backend"),
-            Some("/local/domain/0/backend/vif/3/1")
-        );
-        assert_eq!(get("backend/vif/3/1/state"), Some("2"));
-        assert_eq!(get("backend/vif/3/1/frontend-id"), Some("3"));
-        // The frontend's `backend` comes after everything of the backend's directory.
-        let at = |k: &str| n.iter().position(|(p, _)| p.ends_with(k)).unwrap();
-        assert!(at("/device/vif/1/backend") > at("backend/vif/3/1/state"));
+    fn an_empty_store_has_no_domains_yet() {
+        let t = tempfile::tempdir().unwrap();
+        let sock = t.path().join("xs");
+        let _h = SocketServer::bind(&sock, Xenstored::new())
+            .unwrap()
+            .spawn()
+            .unwrap();
+        let mut c = lookup_client(&sock).unwrap();
+        // xenstored just started: no /local/domain at all is "not there yet", not an error.
+        assert_eq!(find_domain(&mut c, "domu").unwrap(), None);
+        let mut xs = XenStore::open(&sock).unwrap();
+        assert!(!exists(&mut xs, "/local/domain/0/backend/vbd/1/51712").unwrap());
+        assert!(lookup_client(&t.path().join("nothing")).is_err());
     }
 }
