@@ -46,9 +46,16 @@
 //! * `first-answer ms_after_ready=T tx=A rx=B replayed=R up=U`: the first transmit answered
 //!   or frame delivered to the guest by this process;
 //! * every 10 s `stats tx=.. txb=.. rx=.. rxb=.. drop=.. spoof=.. errors=.. replayed=..
-//!   unclaimed=.. tap_rx_bad=.. mapped=.. cpu_ms=..` (`mapped`: persistent grant mappings;
-//!   `cpu_ms`: this process's CPU time so far: netback's loop polls the event channel and the
-//!   TAP in turn, 0.5 ms each, so an idle backend still wakes about 1000 times a second).
+//!   unclaimed=.. tap_rx_bad=.. tap_rx_overflow=.. mapped=.. cpu_ms=..` (`mapped`: grant
+//!   mappings made; `cpu_ms`: this process's CPU time so far).
+//!
+//! # Idle
+//!
+//! netback's `run_once` waits on the event channel and on the device in turn, 0.5 ms each
+//! (the `Platform` and `NetDevice` traits cannot wait on both at once). When a round found
+//! nothing to do, this program sleeps instead in one `poll(2)` on the event-channel file and
+//! the TAP device's wake-up descriptor ([`TapNic::wake_fd`]), up to 100 ms, so an idle
+//! backend does not wake thousands of times a second.
 //!
 //! Diagnostics go to stderr.
 
@@ -62,6 +69,7 @@ use idd_net::layout::{
 };
 use idd_net::netback::{self, BackendConfig, ChannelConfig, Netback, SPARES};
 use std::io::Write;
+use std::os::fd::{BorrowedFd, IntoRawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -70,11 +78,13 @@ use xen_platform::evtchn::Evtchn;
 use xen_platform::gntdev::Gntdev;
 use xen_platform::memory::LocalMemory;
 use xen_platform::platform::{link_text, DEFAULT_MAX_PERSISTENT};
-use xen_platform::tapnic::{self, TapNic};
+use xen_platform::tapnic::{self, wait_readable, TapNic};
 use xen_platform::vif::{self, FrontendRings, VifPaths};
 use xen_platform::xenstore::XenStore;
 use xen_platform::XenPlatform;
 
+/// Longest idle sleep (the loop also checks the frontend's state and prints stats).
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// Journal header offsets (idd-net's documented layout) a port rebind needs.
 const J_MAGIC: usize = 0;
 const J_TX_RING_REF: usize = 8;
@@ -145,13 +155,21 @@ fn run(args: Args) -> Result<(), String> {
     let paths = VifPaths::new(domid, args.frontend, args.handle);
     let gntdev = Gntdev::open(&args.gntdev).map_err(|e| chain(&e))?;
     let inherited = args.evtchn_fd.is_some();
-    let evtchn = match args.evtchn_fd {
-        // SAFETY: the supervisor passes an open /dev/xen/evtchn descriptor nothing else in
-        // this process uses; from here on the platform owns it.
-        // (A standard stream was refused above.)
-        Some(fd) => unsafe { Evtchn::from_fd(fd) },
-        None => Evtchn::open(std::path::Path::new("/dev/xen/evtchn")).map_err(|e| chain(&e))?,
+    // The descriptor's number is kept: the idle loop sleeps on it (readable = an event is
+    // pending), without reading it (netback's `run_once` reads and unmasks).
+    let evtchn_fd = match args.evtchn_fd {
+        Some(fd) => fd,
+        None => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/xen/evtchn")
+            .map_err(|e| format!("/dev/xen/evtchn: {e}"))?
+            .into_raw_fd(),
     };
+    // SAFETY: `evtchn_fd` is an open /dev/xen/evtchn descriptor (the supervisor's, or opened
+    // just above) nothing else in this process owns (a standard stream was refused above);
+    // from here on the platform owns it and keeps it open as long as `platform` lives.
+    let evtchn = unsafe { Evtchn::from_fd(evtchn_fd) };
     let memory = LocalMemory::open(&args.memory, frames_needed(1)).map_err(|e| chain(&e))?;
     let platform = Arc::new(XenPlatform::new(
         domid,
@@ -275,8 +293,18 @@ fn run(args: Args) -> Result<(), String> {
     let ready_at = Instant::now();
     let mut first_answer = false;
     loop {
-        back.run_once(Duration::from_millis(20))
+        let work = back
+            .run_once(Duration::from_millis(20))
             .map_err(|e| format!("serving: {}", chain(&e)))?;
+        // Idle: `run_once` armed the rings' notifications (its final check) and took any
+        // event; one more poll catches work that event announced. Then sleep on the event
+        // channel and the TAP together, instead of run_once's alternating 0.5 ms waits.
+        if work == 0 && back.poll().map_err(|e| format!("serving: {}", chain(&e)))? == 0 {
+            // SAFETY: the platform owns `evtchn_fd` and outlives this borrow.
+            let ev = unsafe { BorrowedFd::borrow_raw(evtchn_fd) };
+            wait_readable(&[ev, back.device().wake_fd()], IDLE_WAIT)
+                .map_err(|e| format!("waiting: {e}"))?;
+        }
         if let Some(s) = back
             .stats(0)
             .filter(|s| !first_answer && s.tx + s.rx + s.errors + s.spoof > 0)
@@ -317,7 +345,7 @@ fn run(args: Args) -> Result<(), String> {
                 say(
                     &mut out,
                     format_args!(
-                        "stats tx={} txb={} rx={} rxb={} drop={} spoof={} errors={} replayed={} unclaimed={} tap_rx_bad={} mapped={} cpu_ms={}",
+                        "stats tx={} txb={} rx={} rxb={} drop={} spoof={} errors={} replayed={} unclaimed={} tap_rx_bad={} tap_rx_overflow={} mapped={} cpu_ms={}",
                         s.tx,
                         s.txb,
                         s.rx,
@@ -328,6 +356,7 @@ fn run(args: Args) -> Result<(), String> {
                         s.replayed,
                         back.unclaimed(),
                         back.device().stats().rx_bad,
+                        back.device().stats().rx_overflow,
                         platform.pin_stats().mapped,
                         cpu_ms()
                     ),
