@@ -52,10 +52,17 @@ fn the_manager_serves_and_restarts_the_guests_backends() {
     if stdout.lines().any(|l| l.starts_with("SKIPPED:")) {
         return;
     }
-    assert!(out.status.success(), "ci/xen-testbed.sh failed: {}", out.status);
+    assert!(
+        out.status.success(),
+        "ci/xen-testbed.sh failed: {}",
+        out.status
+    );
     // The manager's own lines made it to the console: it wrote the nodes, restarted the
     // backends, and printed its summary when stopped.
-    assert!(stdout.contains("TESTBED INFO manager: domain domu is "), "no manager lines");
+    assert!(
+        stdout.contains("TESTBED INFO manager: domain domu is "),
+        "no manager lines"
+    );
     assert!(stdout.contains("TESTBED PASS ours-restarts "));
     assert!(stdout.contains("TESTBED INFO manager: summary domu/xvda starts="));
 }

@@ -315,7 +315,9 @@ mod tests {
         let new = Policy::parse(&XEN.replace("domu", "domv"), "b.toml").unwrap();
         let e = Policy::diff(&old, &new).unwrap_err();
         assert!(
-            e.0[0].reason.contains("Xen domain changed from domu to domv"),
+            e.0[0]
+                .reason
+                .contains("Xen domain changed from domu to domv"),
             "{e}"
         );
         assert!(Policy::diff_with(&old, &new, |_| false).unwrap().is_empty());

@@ -628,7 +628,11 @@ impl<'s, 'a> Validator<'s, 'a> {
         seen: &mut HashMap<String, Range<usize>>,
     ) -> Option<String> {
         if kind != GuestKind::Xen {
-            self.not_for(span(&g.domain), "domain", "only kind = \"xen\" guests have it");
+            self.not_for(
+                span(&g.domain),
+                "domain",
+                "only kind = \"xen\" guests have it",
+            );
             return None;
         }
         let (name, at) = match &g.domain {
@@ -779,7 +783,12 @@ net = [{ device = "tap0" }]
         let e = Policy::parse(text, "x.toml").unwrap_err();
         e.diagnostics
             .iter()
-            .map(|d| (d.kind, &text[d.span.start..d.span.end.min(d.span.start + 8)]))
+            .map(|d| {
+                (
+                    d.kind,
+                    &text[d.span.start..d.span.end.min(d.span.start + 8)],
+                )
+            })
             .collect()
     }
 
@@ -787,7 +796,10 @@ net = [{ device = "tap0" }]
     fn a_xen_guest_names_its_domain() {
         let p = Policy::parse(XEN, "x.toml").unwrap();
         let g = p.guest("web").unwrap();
-        assert_eq!((g.kind, g.domain.as_deref()), (GuestKind::Xen, Some("domu")));
+        assert_eq!(
+            (g.kind, g.domain.as_deref()),
+            (GuestKind::Xen, Some("domu"))
+        );
         // Without `domain`, the guest's own name.
         let p = Policy::parse(&XEN.replace("domain = \"domu\"\n", ""), "x.toml").unwrap();
         assert_eq!(p.guest("web").unwrap().domain.as_deref(), Some("web"));
