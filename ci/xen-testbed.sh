@@ -39,7 +39,10 @@ case $BACKEND in
     if [ -z "${IDD_BINARIES:-}" ]; then
       die 2 "BACKEND=ours needs IDD_BINARIES (the project's Xen backends are not built yet; see docs/xen-testbed.md)"
     fi ;;
-  *) die 2 "BACKEND must be kernel or ours, not '$BACKEND'" ;;
+  managed) # as ours, with `iddctl xen serve` as toolstack and supervisor (dom0/backend-managed.sh)
+    [ -n "${IDD_BINARIES:-}" ] || die 2 "BACKEND=managed needs IDD_BINARIES (iddctl xen-blkback xen-netback)"
+    DOM0_BACKEND=managed BACKEND=ours TIMEOUT=${XEN_TESTBED_TIMEOUT:-900} ;;
+  *) die 2 "BACKEND must be kernel, ours or managed, not '$BACKEND'" ;;
 esac
 
 mkdir -p "$CACHE"

@@ -177,7 +177,7 @@ pack() { (cd "$1" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -1)
 write_conf() {
   cat >"$1" <<EOF
 KVER=$KVER
-BACKEND=$BACKEND
+BACKEND=${DOM0_BACKEND:-$BACKEND}
 TEARDOWN=$TEARDOWN
 GUEST_WINDOW=$([ "$BACKEND" = ours ] && echo 200 || echo 110)
 GUEST_VERIFY_DD=$([ "$BACKEND" = ours ] && echo 1 || echo 0)

@@ -51,6 +51,7 @@ pub mod manager;
 pub mod recovery;
 pub mod service;
 pub mod toolstack;
+pub mod xen;
 
 /// The block size of the guests' workloads.
 pub const BLOCK: usize = 4096;

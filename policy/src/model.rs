@@ -153,6 +153,9 @@ pub struct Guest {
     pub name: String,
     /// What runs in it.
     pub kind: GuestKind,
+    /// kind = "xen": the Xen domain's name (the guest's name unless `domain` says otherwise);
+    /// `None` for other kinds.
+    pub domain: Option<String>,
     /// Its NICs, in file order.
     pub net: Vec<NetAccess>,
     /// Its disks, in file order.

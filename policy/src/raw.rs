@@ -101,6 +101,21 @@ pub enum GuestKind {
     Process,
     /// An unmodified Linux guest on Xen (xen-netfront / xen-blkfront).
     XenLinux,
+    /// A domain of a real Xen host, found by its name (`domain`); the device manager runs in
+    /// the backend domain as its toolstack and supervises one userspace backend per device
+    /// (`iddctl xen serve`).
+    Xen,
+}
+
+impl GuestKind {
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::XenLinux => "xen-linux",
+            Self::Xen => "xen",
+        }
+    }
 }
 
 /// A whole policy file.
@@ -205,9 +220,13 @@ pub struct RawGuest {
     /// Unique guest name.
     #[schemars(with = "String")]
     pub name: Spanned<String>,
-    /// "process" (default) or "xen-linux".
+    /// "process" (default), "xen-linux" or "xen".
     #[schemars(with = "Option<GuestKind>")]
     pub kind: Option<Spanned<GuestKind>>,
+    /// kind = "xen": the Xen domain's name (`name` in xl's config; default: the guest's
+    /// name), resolved to a domain id through XenStore's `/local/domain/*/name`.
+    #[schemars(with = "Option<String>")]
+    pub domain: Option<Spanned<String>>,
     /// Network interfaces, one `[[guest.net]]` each.
     #[serde(default)]
     #[schemars(with = "Vec<RawNetAccess>")]
@@ -219,7 +238,7 @@ pub struct RawGuest {
 }
 
 /// Keys of `[[guest]]`.
-pub const GUEST_KEYS: &[&str] = &["name", "kind", "net", "disk"];
+pub const GUEST_KEYS: &[&str] = &["name", "kind", "domain", "net", "disk"];
 
 /// One `[[guest.net]]`: a NIC on a virtio-net device.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]

@@ -20,6 +20,7 @@
 //! | region shrunk or moved | refused | data the guest already addressed would vanish or change under it |
 //! | read-only turned on or off | refused | the frontend reads the mode once, at connect |
 //! | guest kind changed | refused | a different guest; remove and re-add it |
+//! | Xen domain (`domain`) changed | refused | a different domain; remove and re-add the guest |
 //!
 //! For a guest that is not connected every access change is applied. Access entries are
 //! matched by (guest, device, position among that guest's entries for that device).
@@ -169,6 +170,17 @@ pub fn diff_with(
             );
             continue;
         }
+        if ng.domain != og.domain && live {
+            refuse(
+                &og.name,
+                format!(
+                    "its Xen domain changed from {} to {}: a different domain; remove the guest and add it under a new name",
+                    og.domain.as_deref().unwrap_or("-"),
+                    ng.domain.as_deref().unwrap_or("-")
+                ),
+            );
+            continue;
+        }
         let g = og.name.clone();
         let (on, nn) = (keyed(&og.net, |n| &n.device), keyed(&ng.net, |n| &n.device));
         for (k, o) in &on {
@@ -288,5 +300,27 @@ impl Device {
             },
             s => s.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Policy;
+
+    const XEN: &str = "[[guest]]\nname = \"web\"\nkind = \"xen\"\ndomain = \"domu\"\n";
+
+    #[test]
+    fn a_xen_guest_moved_to_another_domain_is_refused_while_connected() {
+        let old = Policy::parse(XEN, "a.toml").unwrap();
+        let new = Policy::parse(&XEN.replace("domu", "domv"), "b.toml").unwrap();
+        let e = Policy::diff(&old, &new).unwrap_err();
+        assert!(
+            e.0[0]
+                .reason
+                .contains("Xen domain changed from domu to domv"),
+            "{e}"
+        );
+        assert!(Policy::diff_with(&old, &new, |_| false).unwrap().is_empty());
+        assert!(Policy::diff(&old, &old).unwrap().is_empty());
     }
 }

@@ -11,6 +11,10 @@
 //! iddctl crash|hang POLICY.toml / iddctl corrupt POLICY.toml GUEST
 //! iddctl nbd POLICY.toml GUEST SOCKET         # export GUEST's disk to one NBD client
 //!
+//! # On a real Xen host (device_manager::xen::cli)
+//! iddctl xen serve --policy P [--bin-dir D] [--run-dir D]   # toolstack + backend supervisor
+//! iddctl xen config DEVICE|--all [--policy P] [--sysfs DIR] [--json]   # a driver domain's xl settings
+//!
 //! # The manager with its API, until Ctrl-C
 //! iddctl serve POLICY.toml [--listen ADDR] [--remote-listen ADDR --tls-cert F --tls-key F]
 //!              [--tokens FILE] [--admin-token T] [--read-token T] [--body-limit BYTES]
@@ -267,6 +271,9 @@ enum Cmd {
         /// The Unix socket path.
         socket: PathBuf,
     },
+    /// On a real Xen host: serve the policy's Xen guests, or print xl driver-domain settings.
+    #[command(subcommand)]
+    Xen(device_manager::xen::cli::XenCmd),
     /// Corrupt GUEST's ring once while the guests run.
     Corrupt {
         /// The policy file.
@@ -849,6 +856,11 @@ fn main() -> ExitCode {
             .map(|_| ())
         }),
         Cmd::Policy(p) => policy_cmd(r, &p),
+        Cmd::Xen(x) => match device_manager::xen::cli::run(&x, r.json) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Failure::Reported),
+            Err(e) => Err(Failure::Other(e)),
+        },
         other => legacy(other),
     };
     match out {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use toml::Spanned;
 
-use super::values::{parse_mac, parse_pci, valid_ifname};
+use super::values::{parse_mac, parse_pci, valid_domain_name, valid_ifname};
 use super::{did_you_mean, DEFAULT_LINK, DEFAULT_UDP_BIND};
 use crate::diag::{ErrorKind as K, Sink};
 use crate::model::*;
@@ -385,6 +385,7 @@ impl<'s, 'a> Validator<'s, 'a> {
         let mut macs: HashMap<MacAddr, Range<usize>> = HashMap::new();
         let mut shares: HashMap<String, Vec<(Share, Range<usize>)>> = HashMap::new();
         let mut regions: HashMap<String, Vec<Declared<'_>>> = HashMap::new();
+        let mut xen_domains: HashMap<String, Range<usize>> = HashMap::new();
         for (gidx, g) in raw_guests.iter().enumerate() {
             let g = g.get_ref();
             let gname = g.name.get_ref();
@@ -597,9 +598,12 @@ impl<'s, 'a> Validator<'s, 'a> {
                     read_only,
                 });
             }
+            let kind = g.kind.as_ref().map(|k| *k.get_ref()).unwrap_or_default();
+            let domain = self.xen_domain(g, kind, &by_name, &mut xen_domains);
             guests.push(Guest {
                 name: gname.clone(),
-                kind: g.kind.as_ref().map(|k| *k.get_ref()).unwrap_or_default(),
+                kind,
+                domain,
                 net,
                 disk,
             });
@@ -611,6 +615,64 @@ impl<'s, 'a> Validator<'s, 'a> {
             devices,
             guests,
         }
+    }
+
+    /// The Xen rules of a guest: `domain` only for kind = "xen" (default: the guest's name),
+    /// a valid domain name used by one guest only, and NICs on TAP-wired devices (Xen's
+    /// network backend bridges a guest's vif to a host interface; a UDP wire has none).
+    fn xen_domain(
+        &mut self,
+        g: &RawGuest,
+        kind: GuestKind,
+        devices: &HashMap<String, (usize, Device)>,
+        seen: &mut HashMap<String, Range<usize>>,
+    ) -> Option<String> {
+        if kind != GuestKind::Xen {
+            self.not_for(
+                span(&g.domain),
+                "domain",
+                "only kind = \"xen\" guests have it",
+            );
+            return None;
+        }
+        let (name, at) = match &g.domain {
+            Some(d) => (d.get_ref().clone(), d.span()),
+            None => (g.name.get_ref().clone(), g.name.span()),
+        };
+        if !valid_domain_name(&name) {
+            self.err(
+                K::BadValue,
+                at.clone(),
+                format!("`{name}` is not a Xen domain name"),
+                "write the domain's `name` from its xl config: 1 to 64 printable characters, no `/` or spaces",
+            );
+        } else if let Some(first) = seen.get(&name).cloned() {
+            self.err(
+                K::DuplicateName,
+                at.clone(),
+                format!("Xen domain `{name}` is named by two guests"),
+                "each Xen domain is one guest: merge their access entries",
+            )
+            .related
+            .push((first, "first named here".into()));
+        } else {
+            seen.insert(name.clone(), at);
+        }
+        for n in &g.net {
+            let dev = &n.get_ref().device;
+            let wired = devices.get(dev.get_ref()).map(|(_, d)| &d.spec);
+            if let Some(DeviceSpec::Net { wire, .. }) = wired {
+                if !matches!(wire, Wire::Tap { .. }) {
+                    self.err(
+                        K::KindMismatch,
+                        dev.span(),
+                        format!("Xen guest `{}` needs a TAP-wired device, and `{}` is not one", g.name.get_ref(), dev.get_ref()),
+                        "give the device wire = \"tap\" and an `ifname`: xen-netback bridges the guest's vif to it",
+                    );
+                }
+            }
+        }
+        Some(name)
     }
 
     fn check_shares(
@@ -685,4 +747,80 @@ impl<'s, 'a> Validator<'s, 'a> {
 
 fn span<T>(f: &Option<Spanned<T>>) -> Option<Range<usize>> {
     f.as_ref().map(Spanned::span)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{ErrorKind, GuestKind, Policy};
+
+    const XEN: &str = r#"
+[[device]]
+name = "disk0"
+kind = "virtio-blk"
+image = "disk0.img"
+size = "16MiB"
+
+[[device]]
+name = "tap0"
+kind = "virtio-net"
+wire = "tap"
+ifname = "idd-tap0"
+
+[[device]]
+name = "udp0"
+kind = "virtio-net"
+
+[[guest]]
+name = "web"
+kind = "xen"
+domain = "domu"
+disk = [{ device = "disk0" }]
+net = [{ device = "tap0" }]
+"#;
+
+    /// Each diagnostic's kind and the text its span starts with.
+    fn kinds(text: &str) -> Vec<(ErrorKind, &str)> {
+        let e = Policy::parse(text, "x.toml").unwrap_err();
+        e.diagnostics
+            .iter()
+            .map(|d| {
+                (
+                    d.kind,
+                    &text[d.span.start..d.span.end.min(d.span.start + 8)],
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_xen_guest_names_its_domain() {
+        let p = Policy::parse(XEN, "x.toml").unwrap();
+        let g = p.guest("web").unwrap();
+        assert_eq!(
+            (g.kind, g.domain.as_deref()),
+            (GuestKind::Xen, Some("domu"))
+        );
+        // Without `domain`, the guest's own name.
+        let p = Policy::parse(&XEN.replace("domain = \"domu\"\n", ""), "x.toml").unwrap();
+        assert_eq!(p.guest("web").unwrap().domain.as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn xen_rules_are_diagnostics_with_positions() {
+        // `domain` on a process guest.
+        let t = XEN.replace("kind = \"xen\"\n", "");
+        assert_eq!(kinds(&t), vec![(ErrorKind::NotForKind, "\"domu\"")]);
+        // A UDP-wired NIC for a Xen guest: at the device name of the NIC.
+        let t = XEN.replace("device = \"tap0\"", "device = \"udp0\"");
+        assert_eq!(kinds(&t), vec![(ErrorKind::KindMismatch, "\"udp0\"")]);
+        // A bad name, and one domain named by two guests (at the second).
+        let t = XEN.replace("\"domu\"", "\"dom u\"");
+        assert_eq!(kinds(&t), vec![(ErrorKind::BadValue, "\"dom u\"")]);
+        let t = format!("{XEN}\n[[guest]]\nname = \"other\"\nkind = \"xen\"\ndomain = \"domu\"\n");
+        let k = kinds(&t);
+        assert_eq!(k, vec![(ErrorKind::DuplicateName, "\"domu\"")], "{k:?}");
+        let e = Policy::parse(&t, "x.toml").unwrap_err();
+        assert!(e.diagnostics[0].span.start > XEN.len());
+        assert!(e.render().contains("first named here"), "{}", e.render());
+    }
 }

@@ -53,6 +53,12 @@ pub(super) fn valid_ifname(s: &str) -> bool {
         && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
+/// A Xen domain name as the policy accepts it: 1 to 64 printable ASCII characters without
+/// `/` (it is compared with XenStore values, and a `/` would read as a path) or spaces.
+pub(super) fn valid_domain_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +117,15 @@ mod tests {
         assert!(!valid_ifname("a-very-long-interface"));
         assert!(!valid_ifname("a/b"));
         assert!(!valid_ifname(""));
+    }
+
+    #[test]
+    fn domain_names() {
+        assert!(valid_domain_name("domu"));
+        assert!(valid_domain_name("web-1.example"));
+        assert!(!valid_domain_name(""));
+        assert!(!valid_domain_name("a b"));
+        assert!(!valid_domain_name("a/b"));
+        assert!(!valid_domain_name(&"x".repeat(65)));
     }
 }
