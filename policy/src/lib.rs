@@ -40,9 +40,9 @@
 //!     `"tap"` (`ifname`), and `link` (default "1Gbit/s");
 //!   * instead of `image`/`wire`: `pci = "0000:00:04.0"`, a host device to pass through (later);
 //!   * `standby` (false), and a `[device.restart]` table overriding `[restart]`.
-//! * `[[guest]]`: `name`, `kind` = `"process"` (default) | `"xen-linux"` | `"xen"` (a domain
-//!   of a real Xen host, named by `domain`, default the guest's name; its NICs need TAP-wired
-//!   devices; served by `iddctl xen serve`), then its access:
+//! * `[[guest]]`: `name`, `kind` = `"process"` (default) | `"xen"` (a domain of a real Xen
+//!   host, named by `domain`, default the guest's name; its NICs need TAP-wired devices;
+//!   served by `iddctl xen serve`; `"xen-linux"` is read as `"xen"`), then its access:
 //!   * `[[guest.net]]`: `device`, `mac` (generated if left out), `ips` (allowed source
 //!     addresses or networks; absent = no IP filter), `share` ("100Mbit/s", "100Mbit/s@20ms",
 //!     "64KiB every 1ms"; absent = unlimited);

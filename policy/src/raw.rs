@@ -99,11 +99,11 @@ pub enum GuestKind {
     /// A process domain with the Rust frontends (the default).
     #[default]
     Process,
-    /// An unmodified Linux guest on Xen (xen-netfront / xen-blkfront).
-    XenLinux,
-    /// A domain of a real Xen host, found by its name (`domain`); the device manager runs in
-    /// the backend domain as its toolstack and supervises one userspace backend per device
-    /// (`iddctl xen serve`).
+    /// A domain of a real Xen host (e.g. an unmodified Linux guest with xen-netfront /
+    /// xen-blkfront), found by its name (`domain`); the device manager runs in the backend
+    /// domain as its toolstack and supervises one userspace backend per device (`iddctl xen
+    /// serve`). `"xen-linux"`, the name earlier policies used, is read as `"xen"`.
+    #[serde(alias = "xen-linux")]
     Xen,
 }
 
@@ -112,7 +112,6 @@ impl GuestKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Process => "process",
-            Self::XenLinux => "xen-linux",
             Self::Xen => "xen",
         }
     }
@@ -220,7 +219,7 @@ pub struct RawGuest {
     /// Unique guest name.
     #[schemars(with = "String")]
     pub name: Spanned<String>,
-    /// "process" (default), "xen-linux" or "xen".
+    /// "process" (default) or "xen" ("xen-linux" is read as "xen").
     #[schemars(with = "Option<GuestKind>")]
     pub kind: Option<Spanned<GuestKind>>,
     /// kind = "xen": the Xen domain's name (`name` in xl's config; default: the guest's

@@ -637,6 +637,16 @@ fn policy_cmd(r: &Remote, cmd: &PolicyCmd) -> Outcome {
         for ch in changes {
             println!("  {ch}");
         }
+        // What the running system did for each change (live, stored for the next start, or
+        // deferred), one line per action.
+        for a in v["applied"].as_array().into_iter().flatten() {
+            let how = a["how"].as_str().unwrap_or("?");
+            let what = a["change"].as_str().unwrap_or("change");
+            println!("  {what} ({how})");
+            for line in a["actions"].as_array().into_iter().flatten() {
+                println!("    {}", line.as_str().unwrap_or_default());
+            }
+        }
     }
     Ok(())
 }

@@ -494,10 +494,7 @@ impl Worker {
                 name: g.name.clone(),
                 domid: u32::from(g.domid),
                 kind: policy_guest
-                    .map_or("process", |p| match p.kind {
-                        policy::GuestKind::Process => "process",
-                        _ => "xen-linux",
-                    })
+                    .map_or("process", |p| p.kind.as_str())
                     .to_owned(),
                 running: r,
                 devices: policy_guest
