@@ -11,6 +11,8 @@
 //! * [`platform`]: [`XenPlatform`], what an IOVA means without an IOMMU, persistent grants,
 //!   and what a backend cannot do on Xen.
 //! * [`pins`]: the persistent, reference-counted grant mappings behind `pin_grant`.
+//! * [`handshake`]: the XenStore handshake steps every device shares (paths, states, the
+//!   toolstack's directories, features, reading the frontend's keys).
 //! * [`vbd`]: the blkif XenStore handshake of the `xen-blkback` program.
 //! * [`vif`]: the netif XenStore handshake of the `xen-netback` program.
 //! * [`tapnic`]: idd-net's `NetDevice` over a dom0 TAP interface, DMA through the platform's IOMMU.
@@ -21,6 +23,7 @@
 
 pub mod evtchn;
 pub mod gntdev;
+pub mod handshake;
 pub mod memory;
 pub mod pins;
 pub mod platform;

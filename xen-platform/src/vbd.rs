@@ -33,6 +33,7 @@
 //! Every value read from the frontend's directory is the guest's and untrusted: parsed
 //! strictly, bounded, and refused with a clear error.
 
+use crate::handshake::{self, DeviceClass, DevicePaths};
 use crate::xenstore::{XenStore, XenStoreError};
 use devchan::grant::{DomId, GrantRef};
 use devchan::platform::Port;
@@ -57,24 +58,16 @@ pub enum VbdError {
     },
 }
 
-/// The two directories of one virtual block device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VbdPaths {
-    /// The frontend's directory.
-    pub front: String,
-    /// Ours.
-    pub back: String,
+/// The vbd device class (`device/vbd`, `backend/vbd`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vbd;
+
+impl DeviceClass for Vbd {
+    const NAME: &'static str = "vbd";
 }
 
-impl VbdPaths {
-    /// The standard paths for `front` domain's device `devid`, served by domain `back`.
-    pub fn new(back: DomId, front: DomId, devid: u32) -> Self {
-        Self {
-            front: format!("/local/domain/{front}/device/vbd/{devid}"),
-            back: format!("/local/domain/{back}/backend/vbd/{front}/{devid}"),
-        }
-    }
-}
+/// The two directories of one virtual block device: `VbdPaths::new(back, front, devid)`.
+pub type VbdPaths = DevicePaths<Vbd>;
 
 /// What the frontend published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,27 +82,7 @@ pub struct FrontendRing {
 
 /// Parse a decimal number key (no sign, no spaces but a trailing newline, at most `max`).
 fn number(key: &'static str, v: Option<&str>, max: u64) -> Result<u64, VbdError> {
-    let v = v.ok_or(VbdError::Frontend {
-        key,
-        why: "missing".into(),
-    })?;
-    let t = v.strip_suffix('\n').unwrap_or(v);
-    if t.is_empty() || t.len() > 20 || !t.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(VbdError::Frontend {
-            key,
-            why: format!(
-                "not a decimal number: {:?}",
-                v.chars().take(32).collect::<String>()
-            ),
-        });
-    }
-    t.parse::<u64>()
-        .ok()
-        .filter(|n| *n <= max)
-        .ok_or(VbdError::Frontend {
-            key,
-            why: format!("{t} out of range (max {max})"),
-        })
+    handshake::number(v, max).map_err(|why| VbdError::Frontend { key, why })
 }
 
 impl FrontendRing {
@@ -181,48 +154,28 @@ pub fn create(
     devid: u32,
     read_only: bool,
 ) -> Result<(), VbdError> {
-    let parent = |p: &str| {
-        p.rsplit_once('/')
-            .map_or(String::new(), |(a, _)| a.to_string())
-    };
-    let (fp, bp) = (parent(&paths.front), parent(&paths.back));
-    for (dir, owner, reader) in [(&fp, front, back), (&bp, back, front)] {
-        if xs.read(dir)?.is_none() {
-            xs.write(dir, "")?;
-        }
-        xs.set_perms(dir, &[format!("n{owner}"), format!("r{reader}")])?;
-    }
-    let b = &paths.back;
-    let f = &paths.front;
     let mode = if read_only { "r" } else { "w" };
-    for (k, v) in [
-        (format!("{b}/frontend"), f.clone()),
-        (format!("{b}/frontend-id"), front.to_string()),
-        (format!("{b}/online"), "1".into()),
-        (format!("{b}/mode"), mode.into()),
-        (format!("{b}/type"), "phy".into()),
-        (format!("{b}/dev"), devid.to_string()),
-        (format!("{b}/state"), XenbusState::InitWait.to_xenstore()),
-        (format!("{f}/backend-id"), back.to_string()),
-        (format!("{f}/virtual-device"), devid.to_string()),
-        (format!("{f}/device-type"), "disk".into()),
-        (format!("{f}/backend"), b.clone()),
-        (
-            format!("{f}/state"),
-            XenbusState::Initialising.to_xenstore(),
-        ),
-    ] {
-        xs.write(&k, &v)?;
-    }
+    handshake::create(
+        xs,
+        paths,
+        back,
+        front,
+        &[
+            ("mode", mode.into()),
+            ("type", "phy".into()),
+            ("dev", devid.to_string()),
+        ],
+        &[
+            ("virtual-device", devid.to_string()),
+            ("device-type", "disk".into()),
+        ],
+    )?;
     Ok(())
 }
 
 /// A device end's state from XenStore (`Unknown` when missing or malformed).
 pub fn state(xs: &mut XenStore, dir: &str) -> Result<XenbusState, VbdError> {
-    Ok(xs
-        .read(&format!("{dir}/state"))?
-        .and_then(|v| XenbusState::from_xenstore(v.as_bytes()).ok())
-        .unwrap_or(XenbusState::Unknown))
+    Ok(handshake::state(xs, dir)?)
 }
 
 /// Write our features and InitWait, unless we are already Connected (a restart: the
@@ -235,53 +188,33 @@ pub fn advertise(
     read_only: bool,
     max_indirect: u16,
 ) -> Result<XenbusState, VbdError> {
-    let b = &paths.back;
-    let ours = state(xs, b)?;
-    if ours == XenbusState::Connected {
-        return Ok(ours);
-    }
     let info = if read_only { VDISK_READONLY } else { 0 };
-    for (k, v) in [
+    let mut features = vec![
         ("sectors", sectors.to_string()),
         ("sector-size", "512".to_string()),
         ("info", info.to_string()),
         ("feature-flush-cache", "1".to_string()),
         ("feature-persistent", "1".to_string()),
-    ] {
-        xs.write(&format!("{b}/{k}"), &v)?;
-    }
+    ];
     if max_indirect > 0 {
-        xs.write(
-            &format!("{b}/feature-max-indirect-segments"),
-            &max_indirect.to_string(),
-        )?;
+        features.push(("feature-max-indirect-segments", max_indirect.to_string()));
     }
-    xs.write(&format!("{b}/state"), &XenbusState::InitWait.to_xenstore())?;
+    let ours = handshake::write_features(xs, &paths.back, &features)?;
+    if ours == XenbusState::Connected {
+        return Ok(ours);
+    }
+    handshake::set_state(xs, &paths.back, XenbusState::InitWait)?;
     Ok(XenbusState::InitWait)
 }
 
 /// Read what the frontend published.
 pub fn frontend_ring(xs: &mut XenStore, paths: &VbdPaths) -> Result<FrontendRing, VbdError> {
-    let mut err = None;
-    let ring = FrontendRing::parse(&mut |k| match xs.read(&format!("{}/{k}", paths.front)) {
-        Ok(v) => v,
-        Err(e) => {
-            err.get_or_insert(e);
-            None
-        }
-    });
-    match err {
-        Some(e) => Err(e.into()),
-        None => ring,
-    }
+    handshake::read_frontend(xs, &paths.front, FrontendRing::parse)
 }
 
 /// Mark us Connected.
 pub fn connect(xs: &mut XenStore, paths: &VbdPaths) -> Result<(), VbdError> {
-    xs.write(
-        &format!("{}/state", paths.back),
-        &XenbusState::Connected.to_xenstore(),
-    )?;
+    handshake::set_state(xs, &paths.back, XenbusState::Connected)?;
     Ok(())
 }
 

@@ -40,6 +40,7 @@
 //! Every value read from the frontend's directory is the guest's and untrusted: parsed
 //! strictly, bounded, and refused with a clear error.
 
+use crate::handshake::{self, DeviceClass, DevicePaths};
 use crate::xenstore::{XenStore, XenStoreError};
 use devchan::grant::{DomId, GrantRef};
 use devchan::platform::Port;
@@ -61,24 +62,16 @@ pub enum VifError {
     },
 }
 
-/// The two directories of one virtual network interface.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VifPaths {
-    /// The frontend's directory.
-    pub front: String,
-    /// Ours.
-    pub back: String,
+/// The vif device class (`device/vif`, `backend/vif`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vif;
+
+impl DeviceClass for Vif {
+    const NAME: &'static str = "vif";
 }
 
-impl VifPaths {
-    /// The standard paths for `front` domain's interface `handle`, served by domain `back`.
-    pub fn new(back: DomId, front: DomId, handle: u32) -> Self {
-        Self {
-            front: format!("/local/domain/{front}/device/vif/{handle}"),
-            back: format!("/local/domain/{back}/backend/vif/{front}/{handle}"),
-        }
-    }
-}
+/// The two directories of one virtual network interface: `VifPaths::new(back, front, handle)`.
+pub type VifPaths = DevicePaths<Vif>;
 
 /// What the frontend published for its single queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,22 +91,9 @@ fn bad(key: &'static str, why: impl Into<String>) -> VifError {
     }
 }
 
-/// At most 32 characters of a hostile value, for an error message.
-fn shown(v: &str) -> String {
-    format!("{:?}", v.chars().take(32).collect::<String>())
-}
-
 /// Parse a decimal key (digits only, an optional trailing newline, at most `max`).
 fn number(key: &'static str, v: Option<&str>, max: u64) -> Result<u64, VifError> {
-    let v = v.ok_or_else(|| bad(key, "missing"))?;
-    let t = v.strip_suffix('\n').unwrap_or(v);
-    if t.is_empty() || t.len() > 20 || !t.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad(key, format!("not a decimal number: {}", shown(v))));
-    }
-    t.parse::<u64>()
-        .ok()
-        .filter(|n| *n <= max)
-        .ok_or_else(|| bad(key, format!("{t} out of range (max {max})")))
+    handshake::number(v, max).map_err(|why| bad(key, why))
 }
 
 impl FrontendRings {
@@ -172,19 +152,7 @@ impl FrontendRings {
 
     /// Read and parse the frontend's keys from XenStore.
     pub fn read(xs: &mut XenStore, paths: &VifPaths) -> Result<Self, VifError> {
-        let mut err = None;
-        let front = paths.front.clone();
-        let r = Self::parse(&mut |k| match xs.read(&format!("{front}/{k}")) {
-            Ok(v) => v,
-            Err(e) => {
-                err.get_or_insert(e);
-                None
-            }
-        });
-        match err {
-            Some(e) => Err(e.into()),
-            None => r,
-        }
+        handshake::read_frontend(xs, &paths.front, Self::parse)
     }
 }
 
@@ -203,47 +171,24 @@ pub fn create(
     handle: u32,
     mac: &str,
 ) -> Result<(), VifError> {
-    let parent = |p: &str| {
-        p.rsplit_once('/')
-            .map_or(String::new(), |(a, _)| a.to_string())
-    };
-    let (fp, bp) = (parent(&paths.front), parent(&paths.back));
-    for (dir, owner, reader) in [(&fp, front, back), (&bp, back, front)] {
-        if xs.read(dir)?.is_none() {
-            xs.write(dir, "")?;
-        }
-        xs.set_perms(dir, &[format!("n{owner}"), format!("r{reader}")])?;
-    }
-    let b = &paths.back;
-    let f = &paths.front;
-    for (k, v) in [
-        (format!("{b}/frontend"), f.clone()),
-        (format!("{b}/frontend-id"), front.to_string()),
-        (format!("{b}/online"), "1".into()),
-        (format!("{b}/handle"), handle.to_string()),
-        (format!("{b}/mac"), mac.into()),
-        (format!("{b}/type"), "vif".into()),
-        (format!("{b}/state"), XenbusState::InitWait.to_xenstore()),
-        (format!("{f}/backend-id"), back.to_string()),
-        (format!("{f}/handle"), handle.to_string()),
-        (format!("{f}/mac"), mac.into()),
-        (format!("{f}/backend"), b.clone()),
-        (
-            format!("{f}/state"),
-            XenbusState::Initialising.to_xenstore(),
-        ),
-    ] {
-        xs.write(&k, &v)?;
-    }
+    handshake::create(
+        xs,
+        paths,
+        back,
+        front,
+        &[
+            ("handle", handle.to_string()),
+            ("mac", mac.into()),
+            ("type", "vif".into()),
+        ],
+        &[("handle", handle.to_string()), ("mac", mac.into())],
+    )?;
     Ok(())
 }
 
 /// A device end's state from XenStore (`Unknown` when missing or malformed).
 pub fn state(xs: &mut XenStore, dir: &str) -> Result<XenbusState, VifError> {
-    Ok(xs
-        .read(&format!("{dir}/state"))?
-        .and_then(|v| XenbusState::from_xenstore(v.as_bytes()).ok())
-        .unwrap_or(XenbusState::Unknown))
+    Ok(handshake::state(xs, dir)?)
 }
 
 /// The keys [`advertise`] writes, in order (state last).
@@ -254,26 +199,17 @@ pub fn features() -> [(&'static str, &'static str); 2] {
 /// Write our features and InitWait, unless we are already Connected (a restart: nothing may
 /// change under the connected frontend). Returns our state as found.
 pub fn advertise(xs: &mut XenStore, paths: &VifPaths) -> Result<XenbusState, VifError> {
-    let b = &paths.back;
-    let ours = state(xs, b)?;
-    if ours == XenbusState::Connected {
-        return Ok(ours);
-    }
-    for (k, v) in features() {
-        xs.write(&format!("{b}/{k}"), v)?;
-    }
-    if ours != XenbusState::InitWait {
-        xs.write(&format!("{b}/state"), &XenbusState::InitWait.to_xenstore())?;
+    let features = features().map(|(k, v)| (k, v.to_string()));
+    let ours = handshake::write_features(xs, &paths.back, &features)?;
+    if ours != XenbusState::Connected && ours != XenbusState::InitWait {
+        handshake::set_state(xs, &paths.back, XenbusState::InitWait)?;
     }
     Ok(ours)
 }
 
 /// Connected: the rings are attached.
 pub fn connect(xs: &mut XenStore, paths: &VifPaths) -> Result<(), VifError> {
-    xs.write(
-        &format!("{}/state", paths.back),
-        &XenbusState::Connected.to_xenstore(),
-    )?;
+    handshake::set_state(xs, &paths.back, XenbusState::Connected)?;
     Ok(())
 }
 
