@@ -183,6 +183,14 @@ impl Evtchn {
     }
 }
 
+/// The event-channel file's descriptor, to sleep on in `poll(2)` (readable: an event is
+/// pending) without reading it.
+impl AsRawFd for Evtchn {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 /// The ports in a `read` result (native-endian `u32`s; a trailing partial one is dropped).
 pub fn parse_ports(bytes: &[u8]) -> Vec<Port> {
     bytes

@@ -15,6 +15,8 @@
 //!   toolstack's directories, features, reading the frontend's keys).
 //! * [`vbd`]: the blkif XenStore handshake of the `xen-blkback` program.
 //! * [`vif`]: the netif XenStore handshake of the `xen-netback` program.
+//! * [`program`]: what the `xen-blkback` and `xen-netback` programs do alike (start-up,
+//!   opening the devices, waiting for the frontend, journal port rebind, stdout lines).
 //! * [`tapnic`]: idd-net's `NetDevice` over a dom0 TAP interface, DMA through the platform's IOMMU.
 //!
 //! The `xen-blkback` program (`src/bin/xen-blkback.rs`) serves one guest disk from an image
@@ -27,6 +29,7 @@ pub mod handshake;
 pub mod memory;
 pub mod pins;
 pub mod platform;
+pub mod program;
 pub mod sys;
 pub mod tapnic;
 pub mod vbd;

@@ -45,23 +45,17 @@ use devchan::xenbus::XenbusState;
 use idd_blk::blkback::{BackendConfig, Blkback, ChannelConfig, Region};
 use idd_blk::device::FileDevice;
 use idd_blk::layout::{JOURNAL_FIRST_FRAME, SCRATCH_FRAME};
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use xen_platform::evtchn::Evtchn;
-use xen_platform::gntdev::Gntdev;
-use xen_platform::memory::LocalMemory;
-use xen_platform::platform::{link_text, DEFAULT_MAX_PERSISTENT};
+use xen_platform::program::{self, chain, say, JournalHeader};
 use xen_platform::vbd::{self, VbdPaths};
-use xen_platform::xenstore::XenStore;
-use xen_platform::XenPlatform;
 
+/// The program's name on stderr.
+const NAME: &str = "xen-blkback";
 /// Frames of the memory file: up to the journal of one channel and one spare.
 const FRAMES: u64 = JOURNAL_FIRST_FRAME + 4;
 /// Journal header: offsets of the fields a port rebind rewrites (idd-blk's documented layout).
-const J_MAGIC: usize = 0;
 const J_LOCAL_PORT: usize = 16;
 const J_REMOTE_PORT: usize = 12;
 const J_RING_REF: usize = 8;
@@ -109,64 +103,37 @@ struct Args {
     batch: usize,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    link_text(e)
-}
-
 fn run(args: Args) -> Result<(), String> {
-    let mut xs = XenStore::open(&args.xenstore)
-        .map_err(|e| format!("XenStore {}: {}", args.xenstore.display(), chain(&e)))?;
-    let domid = xs
-        .read_u64("domid")
-        .ok()
-        .flatten()
-        .and_then(|d| u16::try_from(d).ok())
-        .unwrap_or(0);
+    let (mut xs, domid) = program::open_xenstore(&args.xenstore)?;
     let paths = VbdPaths::new(domid, args.frontend, args.devid);
     let image = std::fs::OpenOptions::new()
         .read(true)
         .write(!args.read_only)
         .open(&args.image)
         .map_err(|e| format!("image {}: {e}", args.image.display()))?;
-    let gntdev = Gntdev::open(&args.gntdev).map_err(|e| chain(&e))?;
     let inherited = args.evtchn_fd.is_some();
-    let evtchn = match args.evtchn_fd {
-        // SAFETY: the supervisor passes an open /dev/xen/evtchn descriptor nothing else in
-        // this process uses; from here on the platform owns it.
-        Some(fd) if fd > 2 => unsafe { Evtchn::from_fd(fd) },
-        Some(fd) => return Err(format!("--evtchn-fd {fd} is a standard stream")),
-        None => Evtchn::open(std::path::Path::new("/dev/xen/evtchn")).map_err(|e| chain(&e))?,
-    };
-    let memory = LocalMemory::open(&args.memory, FRAMES).map_err(|e| chain(&e))?;
-    let platform = Arc::new(XenPlatform::new(
+    let (platform, _) = program::open_platform(
         domid,
-        gntdev,
-        evtchn,
-        memory,
-        DEFAULT_MAX_PERSISTENT,
-    ));
+        &args.gntdev,
+        args.evtchn_fd,
+        &args.memory,
+        FRAMES,
+    )?;
     let device = FileDevice::new(image, platform.dma(), args.read_only)
         .map_err(|e| format!("image {}: {e}", args.image.display()))?;
     let sectors = idd_blk::device::BlockDevice::capacity(&device);
 
     // 0. The toolstack's part, when asked and not done yet.
-    if args.create
-        && xs
-            .read(&format!("{}/state", paths.back))
-            .map_err(|e| chain(&e))?
-            .is_none()
-    {
+    program::create_if_missing(&mut xs, args.create, NAME, &paths.front, &paths.back, |xs| {
         vbd::create(
-            &mut xs,
+            xs,
             &paths,
             domid,
             args.frontend,
             args.devid,
             args.read_only,
         )
-        .map_err(|e| chain(&e))?;
-        eprintln!("xen-blkback: created {} and {}", paths.front, paths.back);
-    }
+    })?;
     // 1. XenStore handshake (or find it done: a restart).
     // idd-blk records at most PINS_PER_SLOT pins per request (16).
     let max_indirect = args
@@ -179,21 +146,7 @@ fn run(args: Args) -> Result<(), String> {
         paths.back,
         ours.name()
     );
-    let mut waited = Instant::now();
-    loop {
-        match vbd::state(&mut xs, &paths.front).map_err(|e| chain(&e))? {
-            XenbusState::Initialised | XenbusState::Connected => break,
-            s if waited.elapsed() > Duration::from_secs(30) => {
-                eprintln!(
-                    "xen-blkback: still waiting for the frontend (state {})",
-                    s.name()
-                );
-                waited = Instant::now();
-            }
-            _ => {}
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    program::wait_for_frontend(&mut xs, NAME, &paths.front)?;
     let ring = vbd::frontend_ring(&mut xs, &paths).map_err(|e| chain(&e))?;
     platform.set_persistent(ring.persistent);
 
@@ -207,7 +160,13 @@ fn run(args: Args) -> Result<(), String> {
         journal_frame: JOURNAL_FIRST_FRAME,
     };
     if !inherited {
-        rebind_journal_port(&platform, &cfg)?;
+        JournalHeader {
+            frame: cfg.journal_frame,
+            magic: idd_blk::journal::MAGIC,
+            channel: vec![(J_REMOTE_PORT, cfg.remote_port), (J_RING_REF, cfg.ring_ref)],
+            local_port: J_LOCAL_PORT,
+        }
+        .rebind_port(&platform, cfg.guest, cfg.remote_port)?;
     }
     // Requests the journal holds (consumed, not known answered): what the attach replays,
     // less any whose response turns out to be published.
@@ -241,13 +200,14 @@ fn run(args: Args) -> Result<(), String> {
         vbd::connect(&mut xs, &paths).map_err(|e| chain(&e))?;
     }
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "ready {} journaled={journaled} port={port} persistent={}",
-        if resumed { "resumed" } else { "fresh" },
-        ring.persistent
+    say(
+        &mut out,
+        format_args!(
+            "ready {} journaled={journaled} port={port} persistent={}",
+            if resumed { "resumed" } else { "fresh" },
+            ring.persistent
+        ),
     );
-    let _ = out.flush();
 
     // 3. Serve.
     let (mut last_stats, mut last_state) = (Instant::now(), Instant::now());
@@ -258,84 +218,43 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("serving: {}", chain(&e)))?;
         if let Some(s) = back.stats(0).filter(|s| !first_answer && s.answered > 0) {
             first_answer = true;
-            let _ = writeln!(
-                out,
-                "first-answer ms_after_ready={} replayed={}",
-                ready_at.elapsed().as_millis(),
-                s.replayed
+            say(
+                &mut out,
+                format_args!(
+                    "first-answer ms_after_ready={} replayed={}",
+                    ready_at.elapsed().as_millis(),
+                    s.replayed
+                ),
             );
-            let _ = out.flush();
         }
         if let Some((_, e)) = back.failed().first() {
             return Err(format!("the ring failed: {e}"));
         }
         if last_state.elapsed() > Duration::from_secs(1) {
             last_state = Instant::now();
-            if matches!(
-                vbd::state(&mut xs, &paths.front),
-                Ok(XenbusState::Closing | XenbusState::Closed)
-            ) {
-                eprintln!("xen-blkback: the frontend is closing; closing");
-                let _ = xs.write(
-                    &format!("{}/state", paths.back),
-                    &XenbusState::Closed.to_xenstore(),
-                );
+            if program::frontend_closed(&mut xs, NAME, &paths.front, &paths.back) {
                 return Ok(());
             }
         }
         if last_stats.elapsed() > Duration::from_secs(10) {
             last_stats = Instant::now();
             if let Some(s) = back.stats(0) {
-                let _ = writeln!(
-                    out,
-                    "stats consumed={} replayed={} answered={} errors={} mapped={}",
-                    s.consumed,
-                    s.replayed,
-                    s.answered,
-                    s.errors,
-                    platform.pin_stats().mapped
+                say(
+                    &mut out,
+                    format_args!(
+                        "stats consumed={} replayed={} answered={} errors={} mapped={}",
+                        s.consumed,
+                        s.replayed,
+                        s.answered,
+                        s.errors,
+                        platform.pin_stats().mapped
+                    ),
                 );
-                let _ = out.flush();
             }
         }
     }
 }
 
-/// Without a supervisor-held event-channel file, the journal's port died with the previous
-/// process: bind the frontend's port again and record the new local port, so the journal
-/// resumes on a live port. Nothing to do for a journal of another ring (it starts fresh).
-fn rebind_journal_port(p: &XenPlatform, cfg: &ChannelConfig) -> Result<(), String> {
-    let mut h = [0u8; 20];
-    p.read_local(cfg.journal_frame, 0, &mut h)
-        .map_err(|e| format!("journal: {e}"))?;
-    let u = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-    if u(J_MAGIC) != idd_blk::journal::MAGIC
-        || u(J_REMOTE_PORT) != cfg.remote_port
-        || u(J_RING_REF) != cfg.ring_ref
-    {
-        return Ok(());
-    }
-    let port = p
-        .evtchn_bind_interdomain(cfg.guest, cfg.remote_port)
-        .map_err(|e| format!("rebinding the frontend's port {}: {e}", cfg.remote_port))?;
-    p.write_local(cfg.journal_frame, J_LOCAL_PORT, &port.to_le_bytes())
-        .map_err(|e| format!("journal: {e}"))
-}
-
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xen-blkback: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    program::main(NAME, || run(Args::parse()))
 }
