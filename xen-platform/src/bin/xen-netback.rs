@@ -68,25 +68,20 @@ use idd_net::layout::{
     RX_FRAMES,
 };
 use idd_net::netback::{self, BackendConfig, ChannelConfig, Netback, SPARES};
-use std::io::Write;
-use std::os::fd::{BorrowedFd, IntoRawFd};
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use xen_platform::evtchn::Evtchn;
-use xen_platform::gntdev::Gntdev;
-use xen_platform::memory::LocalMemory;
-use xen_platform::platform::{link_text, DEFAULT_MAX_PERSISTENT};
+use xen_platform::program::{self, chain, say, JournalHeader};
 use xen_platform::tapnic::{self, wait_readable, TapNic};
 use xen_platform::vif::{self, FrontendRings, VifPaths};
-use xen_platform::xenstore::XenStore;
 use xen_platform::XenPlatform;
 
+/// The program's name on stderr.
+const NAME: &str = "xen-netback";
 /// Longest idle sleep (the loop also checks the frontend's state and prints stats).
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// Journal header offsets (idd-net's documented layout) a port rebind needs.
-const J_MAGIC: usize = 0;
 const J_TX_RING_REF: usize = 8;
 const J_RX_RING_REF: usize = 12;
 const J_REMOTE_PORT: usize = 16;
@@ -130,74 +125,33 @@ struct Args {
     batch: usize,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    link_text(e)
-}
-
-fn say(out: &mut impl Write, line: std::fmt::Arguments<'_>) {
-    let _ = out.write_fmt(line);
-    let _ = out.write_all(b"\n");
-    let _ = out.flush();
-}
-
 fn run(args: Args) -> Result<(), String> {
-    if let Some(fd) = args.evtchn_fd.filter(|fd| *fd <= 2) {
-        return Err(format!("--evtchn-fd {fd} is a standard stream"));
-    }
-    let mut xs = XenStore::open(&args.xenstore)
-        .map_err(|e| format!("XenStore {}: {}", args.xenstore.display(), chain(&e)))?;
-    let domid = xs
-        .read_u64("domid")
-        .ok()
-        .flatten()
-        .and_then(|d| u16::try_from(d).ok())
-        .unwrap_or(0);
+    program::refuse_standard_stream(args.evtchn_fd)?;
+    let (mut xs, domid) = program::open_xenstore(&args.xenstore)?;
     let paths = VifPaths::new(domid, args.frontend, args.handle);
-    let gntdev = Gntdev::open(&args.gntdev).map_err(|e| chain(&e))?;
     let inherited = args.evtchn_fd.is_some();
-    // The descriptor's number is kept: the idle loop sleeps on it (readable = an event is
-    // pending), without reading it (netback's `run_once` reads and unmasks).
-    let evtchn_fd = match args.evtchn_fd {
-        Some(fd) => fd,
-        None => std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/xen/evtchn")
-            .map_err(|e| format!("/dev/xen/evtchn: {e}"))?
-            .into_raw_fd(),
-    };
-    // SAFETY: `evtchn_fd` is an open /dev/xen/evtchn descriptor (the supervisor's, or opened
-    // just above) nothing else in this process owns (a standard stream was refused above);
-    // from here on the platform owns it and keeps it open as long as `platform` lives.
-    let evtchn = unsafe { Evtchn::from_fd(evtchn_fd) };
-    let memory = LocalMemory::open(&args.memory, frames_needed(1)).map_err(|e| chain(&e))?;
-    let platform = Arc::new(XenPlatform::new(
+    // The event-channel file's descriptor is kept: the idle loop sleeps on it (readable = an
+    // event is pending), without reading it (netback's `run_once` reads and unmasks).
+    let (platform, evtchn_fd) = program::open_platform(
         domid,
-        gntdev,
-        evtchn,
-        memory,
-        DEFAULT_MAX_PERSISTENT,
-    ));
+        &args.gntdev,
+        args.evtchn_fd,
+        &args.memory,
+        frames_needed(1),
+    )?;
     tapnic::make_persistent(&args.tap).map_err(|e| chain(&e))?;
 
     // 0. The toolstack's part, when asked and not done yet.
-    if args.create
-        && xs
-            .read(&format!("{}/state", paths.back))
-            .map_err(|e| chain(&e))?
-            .is_none()
-    {
+    program::create_if_missing(&mut xs, args.create, NAME, &paths.front, &paths.back, |xs| {
         vif::create(
-            &mut xs,
+            xs,
             &paths,
             domid,
             args.frontend,
             args.handle,
             &args.mac.to_string(),
         )
-        .map_err(|e| chain(&e))?;
-        eprintln!("xen-netback: created {} and {}", paths.front, paths.back);
-    }
+    })?;
     // 1. XenStore handshake (or find it done: a restart).
     let ours = vif::advertise(&mut xs, &paths).map_err(|e| chain(&e))?;
     eprintln!(
@@ -207,21 +161,7 @@ fn run(args: Args) -> Result<(), String> {
         args.tap,
         ours.name()
     );
-    let mut waited = Instant::now();
-    loop {
-        match vif::state(&mut xs, &paths.front).map_err(|e| chain(&e))? {
-            XenbusState::Initialised | XenbusState::Connected => break,
-            s if waited.elapsed() > Duration::from_secs(30) => {
-                eprintln!(
-                    "xen-netback: still waiting for the frontend (state {})",
-                    s.name()
-                );
-                waited = Instant::now();
-            }
-            _ => {}
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    program::wait_for_frontend(&mut xs, NAME, &paths.front)?;
     let rings = FrontendRings::read(&mut xs, &paths).map_err(|e| chain(&e))?;
 
     // 2. Attach (resuming from the journal when it belongs to these rings).
@@ -236,10 +176,20 @@ fn run(args: Args) -> Result<(), String> {
         nets: Vec::new(),
         journal_frame: journal_frame(0),
     };
+    let journal = JournalHeader {
+        frame: cfg.journal_frame,
+        magic: idd_net::journal::MAGIC,
+        channel: vec![
+            (J_TX_RING_REF, cfg.tx_ring_ref),
+            (J_RX_RING_REF, cfg.rx_ring_ref),
+            (J_REMOTE_PORT, cfg.remote_port),
+        ],
+        local_port: J_LOCAL_PORT,
+    };
     if !inherited {
-        rebind_journal_port(&platform, &cfg)?;
+        journal.rebind_port(&platform, cfg.guest, cfg.remote_port)?;
     }
-    let journaled = journal_count(&platform, &cfg)?;
+    let journaled = journal_count(&platform, &journal)?;
     // Before anything of this process is pinned: the previous process's pins and
     // self-grants (they died with it here, but the records must be cleared).
     netback::release_previous(&*platform, RECORD_FRAME, [cfg.journal_frame])
@@ -327,15 +277,7 @@ fn run(args: Args) -> Result<(), String> {
         }
         if last_state.elapsed() > Duration::from_secs(1) {
             last_state = Instant::now();
-            if matches!(
-                vif::state(&mut xs, &paths.front),
-                Ok(XenbusState::Closing | XenbusState::Closed)
-            ) {
-                eprintln!("xen-netback: the frontend is closing; closing");
-                let _ = xs.write(
-                    &format!("{}/state", paths.back),
-                    &XenbusState::Closed.to_xenstore(),
-                );
+            if program::frontend_closed(&mut xs, NAME, &paths.front, &paths.back) {
                 return Ok(());
             }
         }
@@ -391,59 +333,18 @@ fn cpu_ms() -> u64 {
     ms(ru.ru_utime) + ms(ru.ru_stime)
 }
 
-/// Whether the journal at `cfg.journal_frame` belongs to these rings.
-fn journal_header(p: &XenPlatform, cfg: &ChannelConfig) -> Result<Option<[u8; 24]>, String> {
-    let mut h = [0u8; 24];
-    p.read_local(cfg.journal_frame, 0, &mut h)
-        .map_err(|e| format!("journal: {e}"))?;
-    let u = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-    let ours = u(J_MAGIC) == idd_net::journal::MAGIC
-        && u(J_TX_RING_REF) == cfg.tx_ring_ref
-        && u(J_RX_RING_REF) == cfg.rx_ring_ref
-        && u(J_REMOTE_PORT) == cfg.remote_port;
-    Ok(ours.then_some(h))
-}
-
 /// Transmit slots the journal holds as consumed and unanswered (0 for a journal of other
 /// rings: the channel starts fresh).
-fn journal_count(p: &XenPlatform, cfg: &ChannelConfig) -> Result<u32, String> {
-    if journal_header(p, cfg)?.is_none() {
+fn journal_count(p: &XenPlatform, journal: &JournalHeader) -> Result<u32, String> {
+    if !journal.is_ours(p)? {
         return Ok(0);
     }
     let mut v = [0u8; 32];
-    p.read_local(cfg.journal_frame, J_VALID, &mut v)
+    p.read_local(journal.frame, J_VALID, &mut v)
         .map_err(|e| format!("journal: {e}"))?;
     Ok(v.iter().map(|b| b.count_ones()).sum())
 }
 
-/// Without a supervisor-held event-channel file the journal's port died with the previous
-/// process: bind the frontend's port again and record the new local port, so the journal
-/// resumes on a live port.
-fn rebind_journal_port(p: &XenPlatform, cfg: &ChannelConfig) -> Result<(), String> {
-    if journal_header(p, cfg)?.is_none() {
-        return Ok(());
-    }
-    let port = p
-        .evtchn_bind_interdomain(cfg.guest, cfg.remote_port)
-        .map_err(|e| format!("rebinding the frontend's port {}: {e}", cfg.remote_port))?;
-    p.write_local(cfg.journal_frame, J_LOCAL_PORT, &port.to_le_bytes())
-        .map_err(|e| format!("journal: {e}"))
-}
-
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xen-netback: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    program::main(NAME, || run(Args::parse()))
 }
