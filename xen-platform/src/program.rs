@@ -142,6 +142,25 @@ pub fn wait_for_frontend(xs: &mut XenStore, name: &str, front: &str) -> Result<(
     }
 }
 
+/// After attaching the channel on local `port`: unmask the port (a previous process may have
+/// died between taking an event and unmasking it) and, unless our state `ours` was Connected
+/// already (a restart, the frontend saw nothing), write Connected into our directory `back`.
+/// Returns whether this was a restart (`resumed` in the `ready` line).
+pub fn connected(
+    xs: &mut XenStore,
+    p: &XenPlatform,
+    port: Port,
+    ours: XenbusState,
+    back: &str,
+) -> Result<bool, String> {
+    let _ = p.evtchn_unmask(port);
+    let resumed = ours == XenbusState::Connected;
+    if !resumed {
+        handshake::set_state(xs, back, XenbusState::Connected).map_err(|e| chain(&e))?;
+    }
+    Ok(resumed)
+}
+
 /// Whether the frontend at `front` is closing or closed; if so, our state `back` is set to
 /// Closed (best effort) and it is said on stderr: the program then exits 0.
 pub fn frontend_closed(xs: &mut XenStore, name: &str, front: &str, back: &str) -> bool {
@@ -246,6 +265,61 @@ mod tests {
             Err(crate::xenstore::XenStoreError::Malformed("not asked"))
         })
         .unwrap();
+    }
+
+    /// A platform on `/dev/null` devices (every ioctl fails) and a memory file in `dir`.
+    fn offline(dir: &Path) -> Arc<XenPlatform> {
+        use std::os::fd::IntoRawFd;
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap()
+            .into_raw_fd();
+        let (p, got) =
+            open_platform(0, Path::new("/dev/null"), Some(fd), &dir.join("mem"), 4).unwrap();
+        assert_eq!(got, fd);
+        p
+    }
+
+    #[test]
+    fn the_journal_port_is_rebound_only_for_this_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = offline(dir.path());
+        let j = JournalHeader {
+            frame: 1,
+            magic: 0x1234_5678,
+            channel: vec![(8, 9), (12, 7)],
+            local_port: 16,
+        };
+        // A fresh (zero) journal, then one of another channel: nothing to rebind.
+        assert!(!j.is_ours(&p).unwrap());
+        j.rebind_port(&p, 3, 7).unwrap();
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+        h[8..12].copy_from_slice(&9u32.to_le_bytes());
+        h[12..16].copy_from_slice(&8u32.to_le_bytes());
+        p.write_local(1, 0, &h).unwrap();
+        assert!(!j.is_ours(&p).unwrap());
+        j.rebind_port(&p, 3, 7).unwrap();
+        // Ours: the rebind is tried (and fails here, on /dev/null, with the port named).
+        p.write_local(1, 12, &7u32.to_le_bytes()).unwrap();
+        assert!(j.is_ours(&p).unwrap());
+        let e = j.rebind_port(&p, 3, 7).unwrap_err();
+        assert!(e.starts_with("rebinding the frontend's port 7: "), "{e}");
+    }
+
+    #[test]
+    fn connected_leaves_a_resumed_backend_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = offline(dir.path());
+        let mut xs = crate::xenstore::testing::fake();
+        xs.write("/b/state", "2").unwrap();
+        assert!(!connected(&mut xs, &p, 5, XenbusState::InitWait, "/b").unwrap());
+        assert_eq!(xs.read("/b/state").unwrap().as_deref(), Some("4"));
+        xs.write("/c/state", "marker").unwrap();
+        assert!(connected(&mut xs, &p, 5, XenbusState::Connected, "/c").unwrap());
+        assert_eq!(xs.read("/c/state").unwrap().as_deref(), Some("marker"));
     }
 
     #[test]

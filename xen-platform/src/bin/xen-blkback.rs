@@ -41,7 +41,6 @@
 
 use clap::Parser;
 use devchan::platform::Platform;
-use devchan::xenbus::XenbusState;
 use idd_blk::blkback::{BackendConfig, Blkback, ChannelConfig, Region};
 use idd_blk::device::FileDevice;
 use idd_blk::layout::{JOURNAL_FIRST_FRAME, SCRATCH_FRAME};
@@ -193,12 +192,7 @@ fn run(args: Args) -> Result<(), String> {
         )
     })?;
     let port = back.port(0).unwrap_or(0);
-    // A previous process may have died between taking an event and unmasking the port.
-    let _ = platform.evtchn_unmask(port);
-    let resumed = ours == XenbusState::Connected;
-    if !resumed {
-        vbd::connect(&mut xs, &paths).map_err(|e| chain(&e))?;
-    }
+    let resumed = program::connected(&mut xs, &platform, port, ours, &paths.back)?;
     let mut out = std::io::stdout().lock();
     say(
         &mut out,

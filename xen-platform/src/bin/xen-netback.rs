@@ -61,7 +61,6 @@
 
 use clap::Parser;
 use devchan::platform::Platform;
-use devchan::xenbus::XenbusState;
 use idd_net::filter::Mac;
 use idd_net::layout::{
     frames_needed, journal_frame, HEADER_FIRST_FRAME, HEADER_FRAMES, RECORD_FRAME, RX_FIRST_FRAME,
@@ -221,12 +220,7 @@ fn run(args: Args) -> Result<(), String> {
         )
     })?;
     let port = back.port(0).unwrap_or(0);
-    // A previous process may have died between taking an event and unmasking the port.
-    let _ = platform.evtchn_unmask(port);
-    let resumed = ours == XenbusState::Connected;
-    if !resumed {
-        vif::connect(&mut xs, &paths).map_err(|e| chain(&e))?;
-    }
+    let resumed = program::connected(&mut xs, &platform, port, ours, &paths.back)?;
     let mut out = std::io::stdout().lock();
     say(
         &mut out,
