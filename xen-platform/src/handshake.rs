@@ -79,10 +79,18 @@ pub fn create<C>(
         (format!("{b}/frontend-id"), front.to_string()),
         (format!("{b}/online"), "1".into()),
     ];
-    keys.extend(back_keys.iter().map(|(k, v)| (format!("{b}/{k}"), v.clone())));
+    keys.extend(
+        back_keys
+            .iter()
+            .map(|(k, v)| (format!("{b}/{k}"), v.clone())),
+    );
     keys.push((format!("{b}/state"), XenbusState::InitWait.to_xenstore()));
     keys.push((format!("{f}/backend-id"), back.to_string()));
-    keys.extend(front_keys.iter().map(|(k, v)| (format!("{f}/{k}"), v.clone())));
+    keys.extend(
+        front_keys
+            .iter()
+            .map(|(k, v)| (format!("{f}/{k}"), v.clone())),
+    );
     keys.push((format!("{f}/backend"), b.clone()));
     keys.push((
         format!("{f}/state"),
@@ -223,18 +231,22 @@ mod tests {
             XenbusState::Unknown
         );
         set_state(&mut xs, &p.back, XenbusState::Connected).unwrap();
-        xs.write(&format!("{}/feature-x", p.back), "marker").unwrap();
+        xs.write(&format!("{}/feature-x", p.back), "marker")
+            .unwrap();
         assert_eq!(
             write_features(&mut xs, &p.back, &f).unwrap(),
             XenbusState::Connected
         );
         assert_eq!(
-            xs.read(&format!("{}/feature-x", p.back)).unwrap().as_deref(),
+            xs.read(&format!("{}/feature-x", p.back))
+                .unwrap()
+                .as_deref(),
             Some("marker")
         );
         xs.write(&format!("{}/k", p.front), "7").unwrap();
-        let got: Result<u64, XenStoreError> =
-            read_frontend(&mut xs, &p.front, |get| Ok(number(get("k").as_deref(), 9).unwrap()));
+        let got: Result<u64, XenStoreError> = read_frontend(&mut xs, &p.front, |get| {
+            Ok(number(get("k").as_deref(), 9).unwrap())
+        });
         assert_eq!(got.unwrap(), 7);
     }
 

@@ -133,7 +133,10 @@ pub fn wait_for_frontend(xs: &mut XenStore, name: &str, front: &str) -> Result<(
         match handshake::state(xs, front).map_err(|e| chain(&e))? {
             XenbusState::Initialised | XenbusState::Connected => return Ok(()),
             s if waited.elapsed() > Duration::from_secs(30) => {
-                eprintln!("{name}: still waiting for the frontend (state {})", s.name());
+                eprintln!(
+                    "{name}: still waiting for the frontend (state {})",
+                    s.name()
+                );
                 waited = Instant::now();
             }
             _ => {}
@@ -175,6 +178,62 @@ pub fn frontend_closed(xs: &mut XenStore, name: &str, front: &str, back: &str) -
     true
 }
 
+/// The serve loop's clock, started when the `ready` line is said: the `first-answer` line
+/// once, the frontend's state every second, the `stats` line every 10 s.
+pub struct ServeClock {
+    ready_at: Instant,
+    answered: bool,
+    last_state: Instant,
+    last_stats: Instant,
+}
+
+impl ServeClock {
+    /// Started now (just after `ready`).
+    pub fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            ready_at: now,
+            answered: false,
+            last_state: now,
+            last_stats: now,
+        }
+    }
+
+    /// The first time `answer` is something: it, with the milliseconds since ready (for the
+    /// `first-answer` line); `None` before and ever after.
+    pub fn first_answer<T>(&mut self, answer: Option<T>) -> Option<(u128, T)> {
+        let a = answer.filter(|_| !self.answered)?;
+        self.answered = true;
+        Some((self.ready_at.elapsed().as_millis(), a))
+    }
+
+    /// Whether to look at the frontend's state now (a second passed since the last look).
+    pub fn state_due(&mut self) -> bool {
+        due(&mut self.last_state, Duration::from_secs(1))
+    }
+
+    /// Whether to print `stats` now (10 s passed since the last time).
+    pub fn stats_due(&mut self) -> bool {
+        due(&mut self.last_stats, Duration::from_secs(10))
+    }
+}
+
+impl Default for ServeClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether more than `every` passed since `last`; if so, `last` is now.
+fn due(last: &mut Instant, every: Duration) -> bool {
+    if last.elapsed() > every {
+        *last = Instant::now();
+        true
+    } else {
+        false
+    }
+}
+
 /// Where a channel journal's header keeps what a port rebind needs (each IDD documents its
 /// layout): its magic, the fields naming the channel, the local port.
 pub struct JournalHeader {
@@ -191,7 +250,13 @@ pub struct JournalHeader {
 impl JournalHeader {
     /// Whether the journal belongs to this channel (magic and every field match).
     pub fn is_ours(&self, p: &XenPlatform) -> Result<bool, String> {
-        let len = self.channel.iter().map(|(o, _)| o + 4).max().unwrap_or(4).max(4);
+        let len = self
+            .channel
+            .iter()
+            .map(|(o, _)| o + 4)
+            .max()
+            .unwrap_or(4)
+            .max(4);
         let mut h = vec![0u8; len];
         p.read_local(self.frame, 0, &mut h)
             .map_err(|e| format!("journal: {e}"))?;
@@ -320,6 +385,19 @@ mod tests {
         xs.write("/c/state", "marker").unwrap();
         assert!(connected(&mut xs, &p, 5, XenbusState::Connected, "/c").unwrap());
         assert_eq!(xs.read("/c/state").unwrap().as_deref(), Some("marker"));
+    }
+
+    #[test]
+    fn the_first_answer_is_said_once() {
+        let mut c = ServeClock::new();
+        assert!(c.first_answer(None::<u32>).is_none());
+        assert_eq!(c.first_answer(Some(7)).map(|(_, a)| a), Some(7));
+        assert!(c.first_answer(Some(8)).is_none());
+        // Just started: neither the state look nor the stats are due yet.
+        assert!(!c.stats_due());
+        let mut last = Instant::now() - Duration::from_secs(2);
+        assert!(due(&mut last, Duration::from_secs(1)));
+        assert!(!due(&mut last, Duration::from_secs(1)));
     }
 
     #[test]

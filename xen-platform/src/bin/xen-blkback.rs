@@ -46,8 +46,8 @@ use idd_blk::device::FileDevice;
 use idd_blk::layout::{JOURNAL_FIRST_FRAME, SCRATCH_FRAME};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
-use xen_platform::program::{self, chain, say, JournalHeader};
+use std::time::Duration;
+use xen_platform::program::{self, chain, say, JournalHeader, ServeClock};
 use xen_platform::vbd::{self, VbdPaths};
 
 /// The program's name on stderr.
@@ -111,28 +111,21 @@ fn run(args: Args) -> Result<(), String> {
         .open(&args.image)
         .map_err(|e| format!("image {}: {e}", args.image.display()))?;
     let inherited = args.evtchn_fd.is_some();
-    let (platform, _) = program::open_platform(
-        domid,
-        &args.gntdev,
-        args.evtchn_fd,
-        &args.memory,
-        FRAMES,
-    )?;
+    let (platform, _) =
+        program::open_platform(domid, &args.gntdev, args.evtchn_fd, &args.memory, FRAMES)?;
     let device = FileDevice::new(image, platform.dma(), args.read_only)
         .map_err(|e| format!("image {}: {e}", args.image.display()))?;
     let sectors = idd_blk::device::BlockDevice::capacity(&device);
 
     // 0. The toolstack's part, when asked and not done yet.
-    program::create_if_missing(&mut xs, args.create, NAME, &paths.front, &paths.back, |xs| {
-        vbd::create(
-            xs,
-            &paths,
-            domid,
-            args.frontend,
-            args.devid,
-            args.read_only,
-        )
-    })?;
+    program::create_if_missing(
+        &mut xs,
+        args.create,
+        NAME,
+        &paths.front,
+        &paths.back,
+        |xs| vbd::create(xs, &paths, domid, args.frontend, args.devid, args.read_only),
+    )?;
     // 1. XenStore handshake (or find it done: a restart).
     // idd-blk records at most PINS_PER_SLOT pins per request (16).
     let max_indirect = args
@@ -204,34 +197,23 @@ fn run(args: Args) -> Result<(), String> {
     );
 
     // 3. Serve.
-    let (mut last_stats, mut last_state) = (Instant::now(), Instant::now());
-    let ready_at = Instant::now();
-    let mut first_answer = false;
+    let mut clock = ServeClock::new();
     loop {
         back.run_once(Duration::from_millis(20))
             .map_err(|e| format!("serving: {}", chain(&e)))?;
-        if let Some(s) = back.stats(0).filter(|s| !first_answer && s.answered > 0) {
-            first_answer = true;
+        if let Some((ms, s)) = clock.first_answer(back.stats(0).filter(|s| s.answered > 0)) {
             say(
                 &mut out,
-                format_args!(
-                    "first-answer ms_after_ready={} replayed={}",
-                    ready_at.elapsed().as_millis(),
-                    s.replayed
-                ),
+                format_args!("first-answer ms_after_ready={ms} replayed={}", s.replayed),
             );
         }
         if let Some((_, e)) = back.failed().first() {
             return Err(format!("the ring failed: {e}"));
         }
-        if last_state.elapsed() > Duration::from_secs(1) {
-            last_state = Instant::now();
-            if program::frontend_closed(&mut xs, NAME, &paths.front, &paths.back) {
-                return Ok(());
-            }
+        if clock.state_due() && program::frontend_closed(&mut xs, NAME, &paths.front, &paths.back) {
+            return Ok(());
         }
-        if last_stats.elapsed() > Duration::from_secs(10) {
-            last_stats = Instant::now();
+        if clock.stats_due() {
             if let Some(s) = back.stats(0) {
                 say(
                     &mut out,

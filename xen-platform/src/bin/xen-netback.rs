@@ -70,8 +70,8 @@ use idd_net::netback::{self, BackendConfig, ChannelConfig, Netback, SPARES};
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
-use xen_platform::program::{self, chain, say, JournalHeader};
+use std::time::Duration;
+use xen_platform::program::{self, chain, say, JournalHeader, ServeClock};
 use xen_platform::tapnic::{self, wait_readable, TapNic};
 use xen_platform::vif::{self, FrontendRings, VifPaths};
 use xen_platform::XenPlatform;
@@ -141,16 +141,23 @@ fn run(args: Args) -> Result<(), String> {
     tapnic::make_persistent(&args.tap).map_err(|e| chain(&e))?;
 
     // 0. The toolstack's part, when asked and not done yet.
-    program::create_if_missing(&mut xs, args.create, NAME, &paths.front, &paths.back, |xs| {
-        vif::create(
-            xs,
-            &paths,
-            domid,
-            args.frontend,
-            args.handle,
-            &args.mac.to_string(),
-        )
-    })?;
+    program::create_if_missing(
+        &mut xs,
+        args.create,
+        NAME,
+        &paths.front,
+        &paths.back,
+        |xs| {
+            vif::create(
+                xs,
+                &paths,
+                domid,
+                args.frontend,
+                args.handle,
+                &args.mac.to_string(),
+            )
+        },
+    )?;
     // 1. XenStore handshake (or find it done: a restart).
     let ours = vif::advertise(&mut xs, &paths).map_err(|e| chain(&e))?;
     eprintln!(
@@ -233,9 +240,7 @@ fn run(args: Args) -> Result<(), String> {
     );
 
     // 3. Serve.
-    let (mut last_stats, mut last_state) = (Instant::now(), Instant::now());
-    let ready_at = Instant::now();
-    let mut first_answer = false;
+    let mut clock = ServeClock::new();
     loop {
         let work = back
             .run_once(Duration::from_millis(20))
@@ -249,16 +254,14 @@ fn run(args: Args) -> Result<(), String> {
             wait_readable(&[ev, back.device().wake_fd()], IDLE_WAIT)
                 .map_err(|e| format!("waiting: {e}"))?;
         }
-        if let Some(s) = back
-            .stats(0)
-            .filter(|s| !first_answer && s.tx + s.rx + s.errors + s.spoof > 0)
-        {
-            first_answer = true;
+        if let Some((ms, s)) = clock.first_answer(
+            back.stats(0)
+                .filter(|s| s.tx + s.rx + s.errors + s.spoof > 0),
+        ) {
             say(
                 &mut out,
                 format_args!(
-                    "first-answer ms_after_ready={} tx={} rx={} replayed={} up={}",
-                    ready_at.elapsed().as_millis(),
+                    "first-answer ms_after_ready={ms} tx={} rx={} replayed={} up={}",
                     s.tx,
                     s.rx,
                     s.replayed,
@@ -269,14 +272,10 @@ fn run(args: Args) -> Result<(), String> {
         if let Some((_, e)) = back.failed().first() {
             return Err(format!("the rings failed: {e}"));
         }
-        if last_state.elapsed() > Duration::from_secs(1) {
-            last_state = Instant::now();
-            if program::frontend_closed(&mut xs, NAME, &paths.front, &paths.back) {
-                return Ok(());
-            }
+        if clock.state_due() && program::frontend_closed(&mut xs, NAME, &paths.front, &paths.back) {
+            return Ok(());
         }
-        if last_stats.elapsed() > Duration::from_secs(10) {
-            last_stats = Instant::now();
+        if clock.stats_due() {
             if let Some(s) = back.stats(0) {
                 say(
                     &mut out,
