@@ -9,7 +9,7 @@
 
 use crate::evtchn::Evtchn;
 use crate::gntdev::Gntdev;
-use crate::handshake;
+use crate::handshake::{self, DevicePaths};
 use crate::memory::LocalMemory;
 use crate::platform::{link_text, DEFAULT_MAX_PERSISTENT};
 use crate::xenstore::XenStore;
@@ -104,15 +104,15 @@ pub fn open_platform(
 }
 
 /// The toolstack's part, when asked (`--create`) and not done yet (no `state` in our
-/// directory `back`): `create` writes both directories. Says so on stderr as `name`.
-pub fn create_if_missing<E: std::error::Error>(
+/// directory): `create` writes both directories. Says so on stderr as `name`.
+pub fn create_if_missing<C, E: std::error::Error>(
     xs: &mut XenStore,
     asked: bool,
     name: &str,
-    front: &str,
-    back: &str,
+    paths: &DevicePaths<C>,
     create: impl FnOnce(&mut XenStore) -> Result<(), E>,
 ) -> Result<(), String> {
+    let (front, back) = (&paths.front, &paths.back);
     if asked
         && xs
             .read(&format!("{back}/state"))
@@ -316,17 +316,23 @@ mod tests {
 
     #[test]
     fn create_if_missing_creates_once() {
+        struct T;
+        impl handshake::DeviceClass for T {
+            const NAME: &'static str = "t";
+        }
         let mut xs = crate::xenstore::testing::fake();
+        let p = DevicePaths::<T>::new(0, 1, 2);
         let mut calls = 0;
         for _ in 0..2 {
-            create_if_missing(&mut xs, true, "t", "/f", "/b", |xs| {
+            create_if_missing(&mut xs, true, "t", &p, |xs| {
                 calls += 1;
-                xs.write("/b/state", "2")
+                handshake::set_state(xs, &p.back, XenbusState::InitWait)
             })
             .unwrap();
         }
         assert_eq!(calls, 1);
-        create_if_missing(&mut xs, false, "t", "/f", "/c", |_| {
+        let q = DevicePaths::<T>::new(0, 1, 3);
+        create_if_missing(&mut xs, false, "t", &q, |_| {
             Err(crate::xenstore::XenStoreError::Malformed("not asked"))
         })
         .unwrap();

@@ -118,14 +118,9 @@ fn run(args: Args) -> Result<(), String> {
     let sectors = idd_blk::device::BlockDevice::capacity(&device);
 
     // 0. The toolstack's part, when asked and not done yet.
-    program::create_if_missing(
-        &mut xs,
-        args.create,
-        NAME,
-        &paths.front,
-        &paths.back,
-        |xs| vbd::create(xs, &paths, domid, args.frontend, args.devid, args.read_only),
-    )?;
+    program::create_if_missing(&mut xs, args.create, NAME, &paths, |xs| {
+        vbd::create(xs, &paths, domid, args.frontend, args.devid, args.read_only)
+    })?;
     // 1. XenStore handshake (or find it done: a restart).
     // idd-blk records at most PINS_PER_SLOT pins per request (16).
     let max_indirect = args

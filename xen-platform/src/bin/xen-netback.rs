@@ -141,23 +141,16 @@ fn run(args: Args) -> Result<(), String> {
     tapnic::make_persistent(&args.tap).map_err(|e| chain(&e))?;
 
     // 0. The toolstack's part, when asked and not done yet.
-    program::create_if_missing(
-        &mut xs,
-        args.create,
-        NAME,
-        &paths.front,
-        &paths.back,
-        |xs| {
-            vif::create(
-                xs,
-                &paths,
-                domid,
-                args.frontend,
-                args.handle,
-                &args.mac.to_string(),
-            )
-        },
-    )?;
+    program::create_if_missing(&mut xs, args.create, NAME, &paths, |xs| {
+        vif::create(
+            xs,
+            &paths,
+            domid,
+            args.frontend,
+            args.handle,
+            &args.mac.to_string(),
+        )
+    })?;
     // 1. XenStore handshake (or find it done: a restart).
     let ours = vif::advertise(&mut xs, &paths).map_err(|e| chain(&e))?;
     eprintln!(
