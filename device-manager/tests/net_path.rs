@@ -218,8 +218,14 @@ fn a_spoofed_source_gets_nothing_out() {
     );
     let wire = far_side(&m);
     // Learn our address at the device (so it sends to us), then count what arrives.
+    // One answer is enough for the device to know us; on a loaded machine bob's flood may cost
+    // alice a receive buffer now and then (dropped by design), so not every ping must come back.
     let ping_report = ping(&mut m, wire.clone(), Ipv4Addr::new(10, 0, 0, 1), 5);
-    assert_eq!(ping_report.received, 5);
+    assert!(
+        ping_report.received >= 1,
+        "alice answered none of {} pings",
+        ping_report.sent
+    );
     let mut from_bob = 0u64;
     let mut buf = vec![0u8; 65536];
     let deadline = Instant::now() + Duration::from_secs(3);
