@@ -74,7 +74,7 @@
 
 use clap::Parser;
 use devchan::platform::Platform;
-use hypervisor::process::control::{answer, ControlError, ControlIn, Request};
+use hypervisor::process::control::{self, ControlError, ControlIn, Request};
 use hypervisor::process::report::Reporter;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
@@ -197,16 +197,8 @@ fn control<P: Platform, D: NetDevice>(
     back: &mut Netback<P, D>,
     line: Result<String, ControlError>,
 ) -> Option<String> {
-    let req = line.and_then(|l| Request::parse(&l));
-    let req = match req {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("idd-net: control: {e}");
-            return None;
-        }
-    };
-    let result = parse_control(&req).and_then(|c| {
-        let (chan, done) = match c {
+    control::serve("idd-net", line, |req| {
+        let (chan, done) = match parse_control(req)? {
             Control::Credit(chan, credit) => (chan, back.set_credit(chan, credit)),
             Control::Ips(chan, nets) => (chan, back.set_nets(chan, nets)),
             Control::Attach(spec) => {
@@ -227,13 +219,7 @@ fn control<P: Platform, D: NetDevice>(
         } else {
             Err(format!("no channel {chan}"))
         }
-    });
-    eprintln!(
-        "idd-net: control {} {}: {result:?}",
-        req.verb,
-        req.args.join(" ")
-    );
-    Some(answer(req.id, &result))
+    })
 }
 
 /// Parse one `--channel` SPEC; `i` is its index (which journal it uses).

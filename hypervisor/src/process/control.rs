@@ -92,6 +92,31 @@ pub fn answer(id: u64, result: &Result<(), String>) -> String {
     }
 }
 
+/// Serve one control line read by [`ControlIn`] (the IDD's side): parse it, `run` the
+/// request, say the outcome on stderr (prefixed with `program`) and return the answer line
+/// to print. `None` for a line that could not be read or has no id (said on stderr: no
+/// answer could be matched to it).
+pub fn serve(
+    program: &str,
+    line: Result<String, ControlError>,
+    run: impl FnOnce(&Request) -> Result<(), String>,
+) -> Option<String> {
+    let req = match line.and_then(|l| Request::parse(&l)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{program}: control: {e}");
+            return None;
+        }
+    };
+    let result = run(&req);
+    eprintln!(
+        "{program}: control {} {}: {result:?}",
+        req.verb,
+        req.args.join(" ")
+    );
+    Some(answer(req.id, &result))
+}
+
 /// Parse an answer line (the manager's side): `Some((id, result))` for `ctl ID ok|err ...`.
 /// The line comes from a driver domain: the reason is cut to 200 characters and stripped of
 /// control characters, whatever the IDD printed.
@@ -232,6 +257,30 @@ mod tests {
     use proptest::prelude::*;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn serve_answers_lines_with_an_id_only() {
+        let ok = |r: &Request| {
+            assert_eq!(
+                (r.verb.as_str(), r.args.as_slice()),
+                ("credit", &["1".to_owned()][..])
+            );
+            Ok(())
+        };
+        assert_eq!(
+            serve("t", Ok("5 credit 1".into()), ok),
+            Some("ctl 5 ok".into())
+        );
+        assert_eq!(
+            serve("t", Ok("6 x".into()), |_| Err("no".into())),
+            Some("ctl 6 err no".into())
+        );
+        assert_eq!(serve("t", Ok("credit 1".into()), |_| unreachable!()), None);
+        assert_eq!(
+            serve("t", Err(ControlError::TooLong), |_| unreachable!()),
+            None
+        );
+    }
 
     #[test]
     fn requests_and_answers() {
