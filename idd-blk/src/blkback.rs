@@ -362,6 +362,11 @@ impl<P: Platform, D: BlockDevice> Blkback<P, D> {
         Ok(())
     }
 
+    /// Channels attached (failed ones included): the next one gets this index.
+    pub fn channels(&self) -> usize {
+        self.channels.len()
+    }
+
     /// Our port of channel `chan`.
     pub fn port(&self, chan: usize) -> Option<Port> {
         self.channels.get(chan).map(|c| c.port)

@@ -54,7 +54,7 @@
 //! its ring grant and event-channel port, its region of the device in sectors, read-only).
 
 use clap::Parser;
-use hypervisor::process::control::{answer, ControlError, ControlIn, Request};
+use hypervisor::process::control::{self, ControlError, ControlIn, Request};
 use hypervisor::process::report::Reporter;
 use hypervisor::process::ProcessPlatform;
 use hypervisor::sandbox::SandboxConfig;
@@ -155,37 +155,22 @@ fn parse_control(r: &Request) -> Result<Control, String> {
 fn control<P: devchan::platform::Platform, D: idd_blk::device::BlockDevice>(
     back: &mut Blkback<P, D>,
     platform: &P,
-    nchan: &mut usize,
     line: Result<String, ControlError>,
 ) -> Option<String> {
-    let req = match line.and_then(|l| Request::parse(&l)) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("idd-blk: control: {e}");
-            return None;
-        }
-    };
-    let result = parse_control(&req).and_then(|c| match c {
+    control::serve("idd-blk", line, |req| match parse_control(req)? {
         Control::Region(chan, sectors) => back
             .grow_region(chan, sectors)
             .map_err(|e| format!("region: {}", chain(&e))),
         Control::Attach(spec) => {
-            let c = parse_channel(&spec, *nchan)?;
+            let c = parse_channel(&spec, back.channels())?;
             // A journal left by an earlier process of this domain in that slot is not ours.
             idd_blk::journal::release_stale_pins(platform, c.journal_frame)
                 .map_err(|e| format!("attach: journal: {}", chain(&e)))?;
             back.attach(c)
-                .map_err(|e| format!("attach: channel of domain {}: {}", c.guest, chain(&e)))?;
-            *nchan += 1;
-            Ok(())
+                .map(|_| ())
+                .map_err(|e| format!("attach: channel of domain {}: {}", c.guest, chain(&e)))
         }
-    });
-    eprintln!(
-        "idd-blk: control {} {}: {result:?}",
-        req.verb,
-        req.args.join(" ")
-    );
-    Some(answer(req.id, &result))
+    })
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -227,7 +212,6 @@ fn run(args: Args) -> Result<(), String> {
             scratch_frame: SCRATCH_FRAME,
         },
     );
-    let mut nchan = channels.len();
     for c in channels {
         back.attach(c)
             .map_err(|e| format!("channel of domain {}: {}", c.guest, chain(&e)))?;
@@ -258,11 +242,11 @@ fn run(args: Args) -> Result<(), String> {
             report.failed(chan, &e);
         }
         for line in ctl.poll_lines() {
-            if let Some(a) = control(&mut back, &*platform, &mut nchan, line) {
+            if let Some(a) = control(&mut back, &*platform, line) {
                 report.say(&a);
             }
         }
-        report.heartbeat(|n| heartbeat(n, &back, nchan));
+        report.heartbeat(|n| heartbeat(n, &back, back.channels()));
     }
 }
 
