@@ -159,7 +159,10 @@ impl Manager {
                     }
                     for n in &self.nets {
                         let more = g.net.iter().filter(|a| a.device == n.dev.name).count();
-                        ensure_room(more > 0, n.nics.len() + more - 1, super::net::MAX_NICS)
+                        // `- 1` saturates: with `more == 0` on a device without NICs yet
+                        // it would underflow (the count is unused then).
+                        let have = (n.nics.len() + more).saturating_sub(1);
+                        ensure_room(more > 0, have, super::net::MAX_NICS)
                             .map_err(|e| not_live(guest, format!("{}: {e}", n.dev.name)))?;
                     }
                     Action::AddGuest { guest }
