@@ -88,7 +88,7 @@ pub(crate) struct Idd {
     /// The last control command id used.
     ctl_seq: u64,
     /// Control answers read and not yet claimed: (id, result).
-    ctl_answers: Vec<(u64, Result<(), String>)>,
+    ctl_answers: VecDeque<(u64, Result<(), String>)>,
 }
 
 /// Why a control command did not take effect.
@@ -139,7 +139,7 @@ impl Idd {
             starts: 0,
             verbose,
             ctl_seq: 0,
-            ctl_answers: Vec::new(),
+            ctl_answers: VecDeque::new(),
         }
     }
 
@@ -236,9 +236,9 @@ impl Idd {
                     if let Some(a) = hypervisor::process::control::parse_answer(&l) {
                         // Bounded: answers nobody waits for any more are dropped first.
                         if self.ctl_answers.len() >= 64 {
-                            let _ = self.ctl_answers.remove(0);
+                            self.ctl_answers.pop_front();
                         }
-                        self.ctl_answers.push(a);
+                        self.ctl_answers.push_back(a);
                     }
                     if let Some(c) = l.strip_prefix("failed ") {
                         if let Ok(c) = c.parse::<usize>() {
@@ -305,8 +305,12 @@ impl Idd {
         loop {
             self.drain(Duration::from_millis(5), false)
                 .map_err(|e| unreached(format!("{e:#}")))?;
-            if let Some(i) = self.ctl_answers.iter().position(|(a, _)| *a == id) {
-                let (_, r) = self.ctl_answers.remove(i);
+            if let Some((_, r)) = self
+                .ctl_answers
+                .iter()
+                .position(|(a, _)| *a == id)
+                .and_then(|i| self.ctl_answers.remove(i))
+            {
                 return r.map_err(|reason| ControlError::Refused {
                     command: command.to_owned(),
                     reason,
