@@ -19,10 +19,25 @@ use devchan::platform::{Platform, Port};
 use devchan::xenbus::XenbusState;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The device arguments every backend program takes alike (`#[command(flatten)]` into its
+/// own, after `--memory`): the inherited event-channel file, XenStore and the grant device.
+#[derive(clap::Args, Debug)]
+pub struct DeviceArgs {
+    /// An open /dev/xen/evtchn inherited from the supervisor (ports survive the process).
+    #[arg(long)]
+    pub evtchn_fd: Option<i32>,
+    /// XenStore: xenstored's socket or the xenbus device.
+    #[arg(long, default_value = "/dev/xen/xenbus")]
+    pub xenstore: PathBuf,
+    /// The grant device.
+    #[arg(long, default_value = "/dev/xen/gntdev")]
+    pub gntdev: PathBuf,
+}
 
 /// `main` of a program named `name`: tracing to stderr (`RUST_LOG`, default `info`), then
 /// `run`; its error becomes one stderr line `name: error` and a failure status.
