@@ -71,17 +71,22 @@ pub fn say(out: &mut impl Write, line: std::fmt::Arguments<'_>) {
     let _ = out.flush();
 }
 
-/// Open XenStore at `path` and read our domain id (0 when XenStore does not say).
+/// Open XenStore at `path` and read our domain id ([`own_domid`]).
 pub fn open_xenstore(path: &Path) -> Result<(XenStore, DomId), String> {
     let mut xs =
         XenStore::open(path).map_err(|e| format!("XenStore {}: {}", path.display(), chain(&e)))?;
-    let domid = xs
-        .read_u64("domid")
+    let domid = own_domid(&mut xs);
+    Ok((xs, domid))
+}
+
+/// Our own domain id (`domid` relative to our home, as Xen writes it for every domain;
+/// 0 when missing or not a domain id, as for dom0 before `xen-init-dom0`).
+pub fn own_domid(xs: &mut XenStore) -> DomId {
+    xs.read_u64("domid")
         .ok()
         .flatten()
-        .and_then(|d| u16::try_from(d).ok())
-        .unwrap_or(0);
-    Ok((xs, domid))
+        .and_then(|d| DomId::try_from(d).ok())
+        .unwrap_or(0)
 }
 
 /// Refuse `--evtchn-fd` naming a standard stream (it is not the supervisor's file).
