@@ -5,6 +5,11 @@
 up() { cut -d' ' -f1 /proc/uptime; }
 # B - A, two decimals.
 dt() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+# A + B; the larger of A and B; S / N, two decimals (0 for N = 0). For the backend scripts'
+# kill-cycle figures.
+add() { awk -v a="$1" -v b="$2" 'BEGIN { print a + b }'; }
+max() { awk -v a="$1" -v b="$2" 'BEGIN { print (b > a ? b : a) }'; }
+mean() { awk -v s="$1" -v n="$2" 'BEGIN { printf "%.2f", n ? s / n : 0 }'; }
 # A result line the host parses: MARK|TIME|INFO|OBSERVE|PASS|FAIL ...
 say() { echo "TESTBED $*"; }
 

@@ -1,4 +1,4 @@
-//! The Xen backend supervisor with stand-in backends: real processes (small `sh` scripts),
+//! The Xen backend supervisor with stand-in backends: real processes (small `bash` scripts),
 //! real descriptors, real signals; no Xen needed.
 //!
 //! * every process of a backend inherits the *same open file* as `--evtchn-fd` (the shared
@@ -25,11 +25,13 @@ fn budget(max: u32) -> Budget {
     }
 }
 
-/// A backend running `script` under `sh -c` (its `$@` is `--evtchn-fd N`).
+/// A backend running `script` under `bash -c` (its `$@` is `--evtchn-fd N`). bash, not sh:
+/// dash refuses `>&N` for N >= 10 ("Bad fd number", exit 2), and the inherited descriptor's
+/// number depends on what the test process (its other tests) has open.
 fn spec(name: &str, script: &str, evtchn: &Path, memory: Option<PathBuf>, max: u32) -> BackendSpec {
     BackendSpec {
         name: name.into(),
-        program: "/bin/sh".into(),
+        program: "/bin/bash".into(),
         args: vec!["-c".into(), script.into(), "sh".into()],
         evtchn: evtchn.into(),
         memory,

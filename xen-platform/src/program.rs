@@ -19,10 +19,25 @@ use devchan::platform::{Platform, Port};
 use devchan::xenbus::XenbusState;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The device arguments every backend program takes alike (`#[command(flatten)]` into its
+/// own, after `--memory`): the inherited event-channel file, XenStore and the grant device.
+#[derive(clap::Args, Debug)]
+pub struct DeviceArgs {
+    /// An open /dev/xen/evtchn inherited from the supervisor (ports survive the process).
+    #[arg(long)]
+    pub evtchn_fd: Option<i32>,
+    /// XenStore: xenstored's socket or the xenbus device.
+    #[arg(long, default_value = "/dev/xen/xenbus")]
+    pub xenstore: PathBuf,
+    /// The grant device.
+    #[arg(long, default_value = "/dev/xen/gntdev")]
+    pub gntdev: PathBuf,
+}
 
 /// `main` of a program named `name`: tracing to stderr (`RUST_LOG`, default `info`), then
 /// `run`; its error becomes one stderr line `name: error` and a failure status.
@@ -56,17 +71,22 @@ pub fn say(out: &mut impl Write, line: std::fmt::Arguments<'_>) {
     let _ = out.flush();
 }
 
-/// Open XenStore at `path` and read our domain id (0 when XenStore does not say).
+/// Open XenStore at `path` and read our domain id ([`own_domid`]).
 pub fn open_xenstore(path: &Path) -> Result<(XenStore, DomId), String> {
     let mut xs =
         XenStore::open(path).map_err(|e| format!("XenStore {}: {}", path.display(), chain(&e)))?;
-    let domid = xs
-        .read_u64("domid")
+    let domid = own_domid(&mut xs);
+    Ok((xs, domid))
+}
+
+/// Our own domain id (`domid` relative to our home, as Xen writes it for every domain;
+/// 0 when missing or not a domain id, as for dom0 before `xen-init-dom0`).
+pub fn own_domid(xs: &mut XenStore) -> DomId {
+    xs.read_u64("domid")
         .ok()
         .flatten()
-        .and_then(|d| u16::try_from(d).ok())
-        .unwrap_or(0);
-    Ok((xs, domid))
+        .and_then(|d| DomId::try_from(d).ok())
+        .unwrap_or(0)
 }
 
 /// Refuse `--evtchn-fd` naming a standard stream (it is not the supervisor's file).

@@ -42,43 +42,39 @@ fn bad_arguments_are_refused_before_anything_is_opened() {
     let dir = tempfile::tempdir().unwrap();
     let mem = dir.path().join("vif.mem");
     let mem = mem.to_str().unwrap();
-    // A MAC that is not six hex pairs.
-    let (ok, err) = run(&[
-        "--frontend",
-        "1",
-        "--mac",
-        "00:16:3e:00:00",
-        "--tap",
-        "xnb9",
-        "--memory",
-        mem,
-    ]);
-    assert!(!ok);
-    assert!(err.contains("--mac"), "{err}");
-    // A domain id out of range.
-    let (ok, err) = run(&[
-        "--frontend",
-        "70000",
-        "--mac",
-        "00:16:3e:00:00:02",
-        "--tap",
-        "xnb9",
-        "--memory",
-        mem,
-    ]);
-    assert!(!ok);
-    assert!(err.contains("--frontend"), "{err}");
-    // A missing required flag.
-    let (ok, err) = run(&[
-        "--frontend",
-        "1",
-        "--mac",
-        "00:16:3e:00:00:02",
-        "--memory",
-        mem,
-    ]);
-    assert!(!ok);
-    assert!(err.contains("--tap"), "{err}");
+    let cases: [(&[&str], &str); 3] = [
+        // A MAC that is not six hex pairs.
+        (
+            &[
+                "--frontend",
+                "1",
+                "--mac",
+                "00:16:3e:00:00",
+                "--tap",
+                "xnb9",
+            ],
+            "--mac",
+        ),
+        // A domain id out of range.
+        (
+            &[
+                "--frontend",
+                "70000",
+                "--mac",
+                "00:16:3e:00:00:02",
+                "--tap",
+                "xnb9",
+            ],
+            "--frontend",
+        ),
+        // A missing required flag.
+        (&["--frontend", "1", "--mac", "00:16:3e:00:00:02"], "--tap"),
+    ];
+    for (args, flag) in cases {
+        let (ok, err) = run(&[args, &["--memory", mem]].concat());
+        assert!(!ok);
+        assert!(err.contains(flag), "{err}");
+    }
 }
 
 #[test]

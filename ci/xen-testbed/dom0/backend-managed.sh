@@ -123,10 +123,6 @@ backend_attach() {
   ) &
 }
 
-add() { awk -v a="$1" -v b="$2" 'BEGIN { print a + b }'; }
-max() { awk -v a="$1" -v b="$2" 'BEGIN { print (b > a ? b : a) }'; }
-mean() { awk -v s="$1" -v n="$2" 'BEGIN { printf "%.2f", n ? s / n : 0 }'; }
-
 # KILLS times: SIGKILL both backend processes while the guest runs verified disk I/O and a
 # 5 Hz ping through them; the manager restarts them. Per kill: kill -> both `restarted` lines
 # (this script's clock, polling at 0.1 s), the manager's own exit-to-ready, kill -> each new

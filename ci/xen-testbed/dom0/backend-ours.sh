@@ -147,11 +147,6 @@ backend_attach() {
   ) &
 }
 
-# awk: the larger / the sum of two numbers.
-max() { awk -v a="$1" -v b="$2" 'BEGIN { print (b > a ? b : a) }'; }
-add() { awk -v a="$1" -v b="$2" 'BEGIN { print a + b }'; }
-mean() { awk -v s="$1" -v n="$2" 'BEGIN { printf "%.2f", n ? s / n : 0 }'; }
-
 # KILLS times: SIGKILL both backends while the guest runs verified disk I/O and a 5 Hz ping
 # through them, start new processes at once, and measure per backend kill -> ready
 # (re-attached, journal replayed) and kill -> the first response the new process published

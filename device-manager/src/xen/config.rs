@@ -207,7 +207,9 @@ impl XlConfig {
             self.address
         );
         let title = match &self.name {
-            Some(n) => format!("# {} ({n})", self.address),
+            // The policy's free-text name: escaped, so a newline in it cannot end the comment
+            // and put a line of its own into the xl config.
+            Some(n) => format!("# {} ({})", self.address, n.escape_debug()),
             None => format!("# {}", self.address),
         };
         let mut out = format!(
@@ -362,6 +364,15 @@ mod tests {
             bars: out,
             capabilities: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_name_with_a_newline_stays_in_the_comment() {
+        let i = info(&[(0xfeb8_0000, 0x20000)], None);
+        let name = "nic\nirqs = [5]".to_owned();
+        let r = XlConfig::from_info("0000:00:03.0", Some(name), "host", &i).render();
+        assert!(r.starts_with("# 0000:00:03.0 (nic\\nirqs = [5]): "), "{r}");
+        assert!(!r.contains("irqs = [5]\n"), "{r}");
     }
 
     #[test]

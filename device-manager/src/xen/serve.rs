@@ -101,12 +101,13 @@ pub struct ServeOptions {
 /// Poll XenStore every 100 ms until `name` has a domain id, or `wait` is over.
 fn wait_for_domain(xs_path: &Path, name: &str, wait: Duration) -> Result<DomId, ServeError> {
     let mut c = toolstack::lookup_client(xs_path)?;
-    let end = Instant::now() + wait;
+    // A wait too long for an Instant (`--wait-domain` is any u64) is no limit, not a panic.
+    let end = Instant::now().checked_add(wait);
     loop {
         if let Some(id) = toolstack::find_domain(&mut c, name)? {
             return Ok(id);
         }
-        if Instant::now() >= end {
+        if end.is_some_and(|end| Instant::now() >= end) {
             return Err(ServeError::NoDomain {
                 name: name.to_owned(),
                 secs: wait.as_secs(),

@@ -758,9 +758,9 @@ fn read_lines(out: impl Read, slot: usize, gen: u64, tx: &Sender<Msg>) {
             Ok(_) => {}
         }
         if buf.last() != Some(&b'\n') {
-            // An over-long line: drop the rest of it.
-            let mut rest = Vec::new();
-            if r.read_until(b'\n', &mut rest).is_err() {
+            // An over-long line: drop the rest of it, without holding it (a backend printing
+            // without end must not grow our memory).
+            if r.skip_until(b'\n').is_err() {
                 return;
             }
         }

@@ -115,15 +115,8 @@ pub fn find_domain<T: Read + Write>(
     Ok(None)
 }
 
-/// Our own domain id (`domid` relative to our home, as Xen writes it for every domain;
-/// 0 when missing, as for dom0 before `xen-init-dom0`).
-pub fn own_domid(xs: &mut XenStore) -> DomId {
-    xs.read_u64("domid")
-        .ok()
-        .flatten()
-        .and_then(|d| DomId::try_from(d).ok())
-        .unwrap_or(0)
-}
+/// Our own domain id: the backend programs' own reading of it.
+pub use xen_platform::program::own_domid;
 
 /// Whether a backend directory exists already (its `state` is there).
 fn exists(xs: &mut XenStore, back: &str) -> Result<bool, XenStoreError> {

@@ -78,15 +78,8 @@ struct Args {
     /// The backend's memory file (journal), on tmpfs; kept across restarts.
     #[arg(long)]
     memory: PathBuf,
-    /// An open /dev/xen/evtchn inherited from the supervisor (ports survive the process).
-    #[arg(long)]
-    evtchn_fd: Option<i32>,
-    /// XenStore: xenstored's socket or the xenbus device.
-    #[arg(long, default_value = "/dev/xen/xenbus")]
-    xenstore: PathBuf,
-    /// The grant device.
-    #[arg(long, default_value = "/dev/xen/gntdev")]
-    gntdev: PathBuf,
+    #[command(flatten)]
+    dev: program::DeviceArgs,
     /// Also be the toolstack: create the frontend's and our directories if ours does not
     /// exist yet (`xen_platform::vbd::create`).
     #[arg(long)]
@@ -103,16 +96,21 @@ struct Args {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let (mut xs, domid) = program::open_xenstore(&args.xenstore)?;
+    let (mut xs, domid) = program::open_xenstore(&args.dev.xenstore)?;
     let paths = VbdPaths::new(domid, args.frontend, args.devid);
     let image = std::fs::OpenOptions::new()
         .read(true)
         .write(!args.read_only)
         .open(&args.image)
         .map_err(|e| format!("image {}: {e}", args.image.display()))?;
-    let inherited = args.evtchn_fd.is_some();
-    let (platform, _) =
-        program::open_platform(domid, &args.gntdev, args.evtchn_fd, &args.memory, FRAMES)?;
+    let inherited = args.dev.evtchn_fd.is_some();
+    let (platform, _) = program::open_platform(
+        domid,
+        &args.dev.gntdev,
+        args.dev.evtchn_fd,
+        &args.memory,
+        FRAMES,
+    )?;
     let device = FileDevice::new(image, platform.dma(), args.read_only)
         .map_err(|e| format!("image {}: {e}", args.image.display()))?;
     let sectors = idd_blk::device::BlockDevice::capacity(&device);

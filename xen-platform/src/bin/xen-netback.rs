@@ -107,15 +107,8 @@ struct Args {
     /// The backend's memory file (journal, pools), on tmpfs; kept across restarts.
     #[arg(long)]
     memory: PathBuf,
-    /// An open /dev/xen/evtchn inherited from the supervisor (ports survive the process).
-    #[arg(long)]
-    evtchn_fd: Option<i32>,
-    /// XenStore: xenstored's socket or the xenbus device.
-    #[arg(long, default_value = "/dev/xen/xenbus")]
-    xenstore: PathBuf,
-    /// The grant device.
-    #[arg(long, default_value = "/dev/xen/gntdev")]
-    gntdev: PathBuf,
+    #[command(flatten)]
+    dev: program::DeviceArgs,
     /// Also be the toolstack: create both vif directories if ours does not exist yet.
     #[arg(long)]
     create: bool,
@@ -125,16 +118,16 @@ struct Args {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    program::refuse_standard_stream(args.evtchn_fd)?;
-    let (mut xs, domid) = program::open_xenstore(&args.xenstore)?;
+    program::refuse_standard_stream(args.dev.evtchn_fd)?;
+    let (mut xs, domid) = program::open_xenstore(&args.dev.xenstore)?;
     let paths = VifPaths::new(domid, args.frontend, args.handle);
-    let inherited = args.evtchn_fd.is_some();
+    let inherited = args.dev.evtchn_fd.is_some();
     // The event-channel file's descriptor is kept: the idle loop sleeps on it (readable = an
     // event is pending), without reading it (netback's `run_once` reads and unmasks).
     let (platform, evtchn_fd) = program::open_platform(
         domid,
-        &args.gntdev,
-        args.evtchn_fd,
+        &args.dev.gntdev,
+        args.dev.evtchn_fd,
         &args.memory,
         frames_needed(1),
     )?;
