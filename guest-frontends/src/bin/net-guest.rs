@@ -62,10 +62,8 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -219,7 +217,7 @@ impl FrontStore for SharedStore {
         FrontStore::write(&mut *self.lock(), path, value)
     }
     fn write_all(&mut self, kvs: &[(String, Vec<u8>)]) -> std::result::Result<(), StoreError> {
-        self.lock().write_all(kvs)
+        FrontStore::write_all(&mut *self.lock(), kvs)
     }
 }
 
@@ -302,8 +300,6 @@ struct Report {
     connects: u64,
     drop: u64,
     echo: EchoStats,
-    /// `stats` lines printed.
-    stats_lines: u64,
 }
 
 impl Report {
@@ -322,7 +318,6 @@ impl Report {
             connects: f.stats().connects,
             drop: 0,
             echo: EchoStats::default(),
-            stats_lines: 0,
         })
     }
 
@@ -345,8 +340,9 @@ impl Report {
         )
     }
 
-    /// Print `reconnected` and the once-a-second `stats` line when due.
-    fn tick(&mut self, f: &Front) -> Result<()> {
+    /// Print `reconnected` and the once-a-second `stats` line when due; true if a `stats`
+    /// line was printed.
+    fn tick(&mut self, f: &Front) -> Result<bool> {
         let mut out = std::io::stdout().lock();
         let c = f.stats().connects;
         if c > self.connects {
@@ -356,11 +352,11 @@ impl Report {
         }
         if self.last.elapsed() >= Duration::from_secs(1) {
             self.last = Instant::now();
-            self.stats_lines += 1;
             writeln!(out, "stats {}", self.counters(f))?;
             out.flush()?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     fn summary(&self, f: &Front) -> Result<()> {
@@ -426,7 +422,6 @@ fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> 
     let mut resp = Responder::new(f.mac(), addr);
     let mut r = Report::new(&f)?;
     let end = deadline(secs);
-    let mut stats_seen = 0;
     while running(end) {
         match check.as_ref() {
             // One wait for either device's event (or the disk check's next step).
@@ -444,13 +439,10 @@ fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> 
             c.drive()?;
         }
         r.echo = resp.stats();
-        r.tick(&f)?;
-        if let Some(c) = check.as_ref() {
+        let stats_printed = r.tick(&f)?;
+        if let Some(c) = check.as_ref().filter(|_| stats_printed) {
             // After each `stats` line.
-            if r.stats_lines > stats_seen {
-                stats_seen = r.stats_lines;
-                println_flush(&c.line())?;
-            }
+            println_flush(&c.line())?;
         }
     }
     f.flush(Duration::from_secs(1))?;
