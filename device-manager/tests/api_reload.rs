@@ -21,12 +21,10 @@ mod common;
 
 use std::net::UdpSocket;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use device_manager::api::auth::Tokens;
 use device_manager::api::client::{Client, ClientError};
-use device_manager::api::{self, AppState, Listener};
 use device_manager::manager::ManagerConfig;
 use device_manager::service::{Service, ServiceConfig};
 use policy::Policy;
@@ -55,21 +53,7 @@ impl Drop for Running {
 fn serve(text: &str, cfg: ServiceConfig) -> Running {
     let policy = Policy::parse(text, "reload.toml").unwrap_or_else(|e| panic!("{}", e.render()));
     let svc = Service::start(policy, "reload.toml", text.to_owned(), cfg);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let state = AppState {
-        svc: svc.clone(),
-        sysfs: "/sys".into(),
-    };
-    let router = api::router(state, Arc::new(Tokens::none()), api::DEFAULT_BODY_LIMIT);
-    let l = Listener {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        tls: None,
-    };
-    let server = rt.block_on(api::spawn(router, &l)).unwrap();
+    let (rt, server) = common::serve_api(&svc);
     let url = server.url();
     let c = Client::new(&url, None, None).unwrap();
     std::mem::forget(server); // lives as long as the runtime
