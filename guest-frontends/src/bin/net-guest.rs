@@ -384,8 +384,17 @@ fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
     Ok((a.parse().with_context(|| format!("address {a}"))?, p))
 }
 
-fn deadline(secs: f64) -> Option<Instant> {
-    (secs > 0.0).then(|| Instant::now() + Duration::from_secs_f64(secs))
+/// When `--secs` end (`None`: never); an error if they are out of range.
+fn deadline(secs: f64) -> Result<Option<Instant>> {
+    if secs > 0.0 {
+        Duration::try_from_secs_f64(secs)
+            .ok()
+            .and_then(|d| Instant::now().checked_add(d))
+            .map(Some)
+            .with_context(|| format!("--secs {secs} out of range"))
+    } else {
+        Ok(None)
+    }
 }
 
 fn running(end: Option<Instant>) -> bool {
@@ -421,7 +430,7 @@ fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> 
     let mut f = connect_net(d, vif, mode, net_events)?;
     let mut resp = Responder::new(f.mac(), addr);
     let mut r = Report::new(&f)?;
-    let end = deadline(secs);
+    let end = deadline(secs)?;
     while running(end) {
         match check.as_ref() {
             // One wait for either device's event (or the disk check's next step).
@@ -486,7 +495,7 @@ fn tap(
     let mut tap = Tap::open_in_netns(netns, ifname, mac, ip).context("TAP")?;
     let mut f = connect(d, vif, mode, &[tap.as_fd().as_raw_fd()])?;
     let mut r = Report::new(&f)?;
-    let end = deadline(secs);
+    let end = deadline(secs)?;
     let mut buf = vec![0u8; 65536];
     while running(end) {
         // From the namespace's stack to the backend (a bounded batch per round).
@@ -527,7 +536,7 @@ fn flood(
         0x5a,
     )?;
     let mut r = Report::new(&f)?;
-    let end = deadline(secs.max(0.001));
+    let end = deadline(secs.max(0.001))?;
     while running(end) {
         match f.send(&frame) {
             Ok(()) => {}
