@@ -36,7 +36,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use device_manager::api::client::{Client, SseReader};
-use device_manager::api::{self, auth::Tokens, AppState, Listener};
 use device_manager::layout::MAX_CHANNELS;
 use device_manager::manager::{Manager, ManagerConfig};
 use device_manager::recovery::Percentiles;
@@ -321,21 +320,7 @@ fn api_stays_responsive_while_both_idds_are_crashed() {
     cfg.connect_timeout = Duration::from_secs(120);
     let t0 = Instant::now();
     let svc = Service::start(policy, "load.toml", text, cfg);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let state = AppState {
-        svc: svc.clone(),
-        sysfs: "/sys".into(),
-    };
-    let router = api::router(state, Arc::new(Tokens::none()), api::DEFAULT_BODY_LIMIT);
-    let l = Listener {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        tls: None,
-    };
-    let server = rt.block_on(api::spawn(router, &l)).unwrap();
+    let (rt, server) = common::serve_api(&svc);
     let url = server.url();
     let c = Client::new(&url, None, None).unwrap();
 

@@ -21,12 +21,10 @@ mod common;
 
 use std::net::UdpSocket;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use device_manager::api::auth::Tokens;
 use device_manager::api::client::{Client, ClientError};
-use device_manager::api::{self, AppState, Listener};
 use device_manager::manager::ManagerConfig;
 use device_manager::service::{Service, ServiceConfig};
 use policy::Policy;
@@ -55,21 +53,7 @@ impl Drop for Running {
 fn serve(text: &str, cfg: ServiceConfig) -> Running {
     let policy = Policy::parse(text, "reload.toml").unwrap_or_else(|e| panic!("{}", e.render()));
     let svc = Service::start(policy, "reload.toml", text.to_owned(), cfg);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let state = AppState {
-        svc: svc.clone(),
-        sysfs: "/sys".into(),
-    };
-    let router = api::router(state, Arc::new(Tokens::none()), api::DEFAULT_BODY_LIMIT);
-    let l = Listener {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        tls: None,
-    };
-    let server = rt.block_on(api::spawn(router, &l)).unwrap();
+    let (rt, server) = common::serve_api(&svc);
     let url = server.url();
     let c = Client::new(&url, None, None).unwrap();
     std::mem::forget(server); // lives as long as the runtime
@@ -173,6 +157,17 @@ fn split(c: &Client, secs: f64) -> (f64, f64) {
     panic!("the IDD kept restarting");
 }
 
+/// bob's send rate over alice's, measured over `secs` (see [`split`]); both rates are
+/// logged, `when` and the `configured` ratio with them.
+fn bob_to_alice(c: &Client, secs: f64, when: &str, configured: f64) -> f64 {
+    let (a, b) = split(c, secs);
+    let ratio = b / a;
+    eprintln!(
+        "{when}: alice {a:.0} B/s, bob {b:.0} B/s, ratio {ratio:.2} (configured {configured:.2})"
+    );
+    ratio
+}
+
 /// `text` with a third guest, carol, on net0.
 fn with_carol(text: &str) -> String {
     format!(
@@ -257,16 +252,8 @@ fn a_share_changes_live_and_survives_a_crash() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(1));
-    let (a, b) = split(c, 3.0);
-    eprintln!(
-        "before: alice {a:.0} B/s, bob {b:.0} B/s, ratio {:.2} (configured 1.00)",
-        b / a
-    );
-    assert!(
-        (b / a - 1.0).abs() <= 0.1,
-        "bob/alice = {:.2}, want 1",
-        b / a
-    );
+    let ratio = bob_to_alice(c, 3.0, "before", 1.0);
+    assert!((ratio - 1.0).abs() <= 0.1, "bob/alice = {ratio:.2}, want 1");
 
     let pid = idd(c, "idd-net0")["pid"].clone();
     let alice_before = channel(c, "net0", "alice");
@@ -308,9 +295,7 @@ fn a_share_changes_live_and_survives_a_crash() {
         );
     }
     std::thread::sleep(Duration::from_millis(500));
-    let (a, b) = split(c, 4.0);
-    let ratio = b / a;
-    eprintln!("after apply: alice {a:.0} B/s, bob {b:.0} B/s, ratio {ratio:.2} (configured 3.00)");
+    let ratio = bob_to_alice(c, 4.0, "after apply", 3.0);
     assert!(
         (ratio - 3.0).abs() <= 0.3,
         "bob/alice = {ratio:.2}, want 3 within 10 %"
@@ -350,15 +335,10 @@ fn a_share_changes_live_and_survives_a_crash() {
         "{i}"
     );
     let carol = |c: &Client| num(&channel(c, "net0", "carol"), "tx_bytes");
-    let (a, b) = split(c, 3.0);
-    eprintln!(
-        "with carol: alice {a:.0} B/s, bob {b:.0} B/s, ratio {:.2}",
-        b / a
-    );
+    let ratio = bob_to_alice(c, 3.0, "with carol", 3.0);
     assert!(
-        (b / a - 3.0).abs() <= 0.3,
-        "bob/alice = {:.2} with carol",
-        b / a
+        (ratio - 3.0).abs() <= 0.3,
+        "bob/alice = {ratio:.2} with carol"
     );
 
     // A crash of the IDD after the apply: the restarted process has the new share.
@@ -376,11 +356,7 @@ fn a_share_changes_live_and_survives_a_crash() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(1000));
-    let (a, b) = split(c, 4.0);
-    let ratio = b / a;
-    eprintln!(
-        "after a crash: alice {a:.0} B/s, bob {b:.0} B/s, ratio {ratio:.2} (configured 3.00)"
-    );
+    let ratio = bob_to_alice(c, 4.0, "after a crash", 3.0);
     assert!(
         (ratio - 3.0).abs() <= 0.3,
         "bob/alice = {ratio:.2} after the crash, want 3"

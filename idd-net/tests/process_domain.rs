@@ -135,6 +135,19 @@ fn nic() -> Nic {
     }
 }
 
+/// `front`'s channel as the IDD's `--channel` and `attach` take it, followed by `extra`
+/// (`,key=value` options).
+fn channel_spec(front: &Front, extra: &str) -> String {
+    format!(
+        "guest={},tx={},rx={},port={},mac={}{extra}",
+        front.plat.domid(),
+        front.tx_ref,
+        front.rx_ref,
+        front.port,
+        front.mac
+    )
+}
+
 #[test]
 fn idd_net_process_serves_two_guests_and_survives_kills() {
     let Nic {
@@ -154,16 +167,7 @@ fn idd_net_process_serves_two_guests_and_survives_kills() {
         .unwrap();
     let mut a = Front::new(&sys, idd, "guest-a", 1);
     let mut b = Front::new(&sys, idd, "guest-b", 2);
-    let spec = |g: &Front, copy: u8| {
-        format!(
-            "guest={},tx={},rx={},port={},mac={},rx-copy={copy},ips=10.0.0.0/24",
-            g.plat.domid(),
-            g.tx_ref,
-            g.rx_ref,
-            g.port,
-            g.mac
-        )
-    };
+    let spec = |g: &Front, copy: u8| channel_spec(g, &format!(",rx-copy={copy},ips=10.0.0.0/24"));
     let channels = [spec(&a, 1), spec(&b, 0)];
     // The journals are where the layout says.
     assert_eq!(
@@ -303,16 +307,7 @@ fn a_hot_standby_is_promoted_and_serves_the_reconnected_guests() {
         .unwrap()
     };
     let (primary_dom, standby_dom) = (mk("idd-net"), mk("idd-net-standby"));
-    let spec = |g: &Front| {
-        format!(
-            "guest={},tx={},rx={},port={},mac={}",
-            g.plat.domid(),
-            g.tx_ref,
-            g.rx_ref,
-            g.port,
-            g.mac
-        )
-    };
+    let spec = |g: &Front| channel_spec(g, "");
     let mut a = Front::new(&sys, primary_dom, "guest-a", 1);
     let mut primary = start(&sys, primary_dom, &socket, &[spec(&a)]);
     let out = frame_from(PEER, a.mac, [10, 0, 0, 1], 200, 1);
@@ -376,14 +371,7 @@ fn control_commands_change_a_channels_policy_while_serving() {
         })
         .unwrap();
     let mut a = Front::new(&sys, idd, "guest-a", 1);
-    let spec = format!(
-        "guest={},tx={},rx={},port={},mac={},ips=10.0.0.1/32",
-        a.plat.domid(),
-        a.tx_ref,
-        a.rx_ref,
-        a.port,
-        a.mac
-    );
+    let spec = channel_spec(&a, ",ips=10.0.0.1/32");
     let mut idd_run = start(&sys, idd, &socket, &[spec]);
     let mut ctl = idd_run.running.child_mut().stdin.take().unwrap();
     let mut say = |line: &str| {
@@ -443,12 +431,8 @@ fn control_commands_change_a_channels_policy_while_serving() {
     // A second guest attached while serving: channel 1, its own filter.
     let mut b = Front::new(&sys, idd, "guest-b", 2);
     say(&format!(
-        "10 attach guest={},tx={},rx={},port={},mac={},ips=10.0.0.2/32\n",
-        b.plat.domid(),
-        b.tx_ref,
-        b.rx_ref,
-        b.port,
-        b.mac
+        "10 attach {}\n",
+        channel_spec(&b, ",ips=10.0.0.2/32")
     ));
     assert_eq!(answer(&mut idd_run, 10), "ctl 10 ok");
     let from_b = frame_from(PEER, b.mac, [10, 0, 0, 2], 300, 4);

@@ -42,3 +42,34 @@ pub fn program(package: &str, bin: &str) -> PathBuf {
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
+
+/// Serve `svc`'s management API (no tokens, the default body limit) on a free local port:
+/// the runtime that runs it (two workers) and the server (its URL in [`Server::url`]).
+///
+/// [`Server::url`]: device_manager::api::Server::url
+#[allow(dead_code)]
+pub fn serve_api(
+    svc: &device_manager::service::Service,
+) -> (tokio::runtime::Runtime, device_manager::api::Server) {
+    use device_manager::api::{self, auth::Tokens, AppState, Listener};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let state = AppState {
+        svc: svc.clone(),
+        sysfs: "/sys".into(),
+    };
+    let router = api::router(
+        state,
+        std::sync::Arc::new(Tokens::none()),
+        api::DEFAULT_BODY_LIMIT,
+    );
+    let l = Listener {
+        addr: "127.0.0.1:0".parse().expect("address"),
+        tls: None,
+    };
+    let server = rt.block_on(api::spawn(router, &l)).expect("API server");
+    (rt, server)
+}

@@ -62,10 +62,8 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -219,7 +217,7 @@ impl FrontStore for SharedStore {
         FrontStore::write(&mut *self.lock(), path, value)
     }
     fn write_all(&mut self, kvs: &[(String, Vec<u8>)]) -> std::result::Result<(), StoreError> {
-        self.lock().write_all(kvs)
+        FrontStore::write_all(&mut *self.lock(), kvs)
     }
 }
 
@@ -302,8 +300,6 @@ struct Report {
     connects: u64,
     drop: u64,
     echo: EchoStats,
-    /// `stats` lines printed.
-    stats_lines: u64,
 }
 
 impl Report {
@@ -322,7 +318,6 @@ impl Report {
             connects: f.stats().connects,
             drop: 0,
             echo: EchoStats::default(),
-            stats_lines: 0,
         })
     }
 
@@ -345,8 +340,9 @@ impl Report {
         )
     }
 
-    /// Print `reconnected` and the once-a-second `stats` line when due.
-    fn tick(&mut self, f: &Front) -> Result<()> {
+    /// Print `reconnected` and the once-a-second `stats` line when due; true if a `stats`
+    /// line was printed.
+    fn tick(&mut self, f: &Front) -> Result<bool> {
         let mut out = std::io::stdout().lock();
         let c = f.stats().connects;
         if c > self.connects {
@@ -356,11 +352,11 @@ impl Report {
         }
         if self.last.elapsed() >= Duration::from_secs(1) {
             self.last = Instant::now();
-            self.stats_lines += 1;
             writeln!(out, "stats {}", self.counters(f))?;
             out.flush()?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     fn summary(&self, f: &Front) -> Result<()> {
@@ -388,8 +384,17 @@ fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8)> {
     Ok((a.parse().with_context(|| format!("address {a}"))?, p))
 }
 
-fn deadline(secs: f64) -> Option<Instant> {
-    (secs > 0.0).then(|| Instant::now() + Duration::from_secs_f64(secs))
+/// When `--secs` end (`None`: never); an error if they are out of range.
+fn deadline(secs: f64) -> Result<Option<Instant>> {
+    if secs > 0.0 {
+        Duration::try_from_secs_f64(secs)
+            .ok()
+            .and_then(|d| Instant::now().checked_add(d))
+            .map(Some)
+            .with_context(|| format!("--secs {secs} out of range"))
+    } else {
+        Ok(None)
+    }
 }
 
 fn running(end: Option<Instant>) -> bool {
@@ -425,8 +430,7 @@ fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> 
     let mut f = connect_net(d, vif, mode, net_events)?;
     let mut resp = Responder::new(f.mac(), addr);
     let mut r = Report::new(&f)?;
-    let end = deadline(secs);
-    let mut stats_seen = 0;
+    let end = deadline(secs)?;
     while running(end) {
         match check.as_ref() {
             // One wait for either device's event (or the disk check's next step).
@@ -444,13 +448,10 @@ fn echo(vif: u32, ip: &str, mode: RxMode, secs: f64, disk: Option<DiskSpec>) -> 
             c.drive()?;
         }
         r.echo = resp.stats();
-        r.tick(&f)?;
-        if let Some(c) = check.as_ref() {
+        let stats_printed = r.tick(&f)?;
+        if let Some(c) = check.as_ref().filter(|_| stats_printed) {
             // After each `stats` line.
-            if r.stats_lines > stats_seen {
-                stats_seen = r.stats_lines;
-                println_flush(&c.line())?;
-            }
+            println_flush(&c.line())?;
         }
     }
     f.flush(Duration::from_secs(1))?;
@@ -494,7 +495,7 @@ fn tap(
     let mut tap = Tap::open_in_netns(netns, ifname, mac, ip).context("TAP")?;
     let mut f = connect(d, vif, mode, &[tap.as_fd().as_raw_fd()])?;
     let mut r = Report::new(&f)?;
-    let end = deadline(secs);
+    let end = deadline(secs)?;
     let mut buf = vec![0u8; 65536];
     while running(end) {
         // From the namespace's stack to the backend (a bounded batch per round).
@@ -535,7 +536,7 @@ fn flood(
         0x5a,
     )?;
     let mut r = Report::new(&f)?;
-    let end = deadline(secs.max(0.001));
+    let end = deadline(secs.max(0.001))?;
     while running(end) {
         match f.send(&frame) {
             Ok(()) => {}

@@ -290,7 +290,10 @@ impl DiskCheck {
                     );
                     self.ops += 1;
                     self.max_wait = self.max_wait.max(since.elapsed());
-                    self.step = DiskStep::Idle(Instant::now() + self.spec.period);
+                    let next = Instant::now()
+                        .checked_add(self.spec.period)
+                        .context("disk: --disk-period-ms out of range")?;
+                    self.step = DiskStep::Idle(next);
                 }
             }
         }
