@@ -514,7 +514,7 @@ impl Manager {
                     .failed_channels
                     .iter()
                     .copied()
-                    .find(|c| !b.reset_done.contains(c))
+                    .find(|c| !b.reset_done.contains(c) && *c < b.chan_disk.len())
                 {
                     b.reset_done.push(chan);
                     let r = b.reset_channel(&mut self.d0, chan, Duration::from_secs(20), seq)?;

@@ -22,6 +22,8 @@ use iospace::iommu::Iommu;
 
 use crate::recovery::Cause;
 
+/// Most channels an IDD may report failed at once (more than any IDD serves).
+const MAX_FAILED_CHANNELS: usize = 256;
 /// A line a domain process printed, or its end.
 #[derive(Debug)]
 pub(crate) enum Line {
@@ -241,8 +243,12 @@ impl Idd {
                         self.ctl_answers.push_back(a);
                     }
                     if let Some(c) = l.strip_prefix("failed ") {
+                        // The IDD's word only: its slice checks the channel exists before
+                        // resetting it, and the list stays bounded whatever the IDD prints.
                         if let Ok(c) = c.parse::<usize>() {
-                            if !self.failed_channels.contains(&c) {
+                            if !self.failed_channels.contains(&c)
+                                && self.failed_channels.len() < MAX_FAILED_CHANNELS
+                            {
                                 self.failed_channels.push(c);
                             }
                         }
