@@ -24,6 +24,7 @@ use crate::recovery::Cause;
 
 /// Most channels an IDD may report failed at once (more than any IDD serves).
 const MAX_FAILED_CHANNELS: usize = 256;
+
 /// A line a domain process printed, or its end.
 #[derive(Debug)]
 pub(crate) enum Line {
